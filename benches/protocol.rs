@@ -1,0 +1,76 @@
+//! Protocol encode/decode of the hot frames: a 32-message add request and a
+//! 32-message poll response, 256-byte payloads.
+
+use capnp::message::ReaderOptions;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use queueber::ids::{LeaseId, MessageId};
+use queueber::names::QueueName;
+use queueber::protocol::{
+    decode_request, decode_response, encode_request, encode_response, Op, Reply, Request, Response,
+};
+use queueber::storage::{Delivery, Lease, NewMessage};
+
+fn add_request() -> Request {
+    Request {
+        id: 1,
+        op: Op::Add {
+            queue: QueueName::new("bench", "proto").unwrap(),
+            messages: (0..32).map(|_| NewMessage::new(vec![7u8; 256])).collect(),
+        },
+    }
+}
+
+fn poll_response() -> Response {
+    Response {
+        id: 2,
+        result: Ok(Reply::Polled(Some(Lease {
+            id: LeaseId([1; 16]),
+            expires_at_ms: 1,
+            messages: (0..32)
+                .map(|i| Delivery {
+                    id: MessageId([i as u8; 16]),
+                    payload: vec![7u8; 256],
+                    delivery_count: 1,
+                    enqueued_at_ms: 1,
+                })
+                .collect(),
+        }))),
+    }
+}
+
+fn protocol(c: &mut Criterion) {
+    let mut group = c.benchmark_group("protocol");
+    group.throughput(Throughput::Elements(32));
+    let req = add_request();
+    group.bench_function("encode_add_32", |b| {
+        b.iter(|| capnp::serialize::write_message_to_words(&encode_request(&req)))
+    });
+    let bytes = capnp::serialize::write_message_to_words(&encode_request(&req));
+    group.bench_function("decode_add_32", |b| {
+        b.iter(|| {
+            let reader =
+                capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();
+            decode_request(&reader).unwrap()
+        })
+    });
+    let resp = poll_response();
+    group.bench_function("encode_poll_32", |b| {
+        b.iter(|| capnp::serialize::write_message_to_words(&encode_response(&resp)))
+    });
+    let bytes = capnp::serialize::write_message_to_words(&encode_response(&resp));
+    group.bench_function("decode_poll_32", |b| {
+        b.iter(|| {
+            let reader =
+                capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();
+            decode_response(&reader).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
+    targets = protocol
+}
+criterion_main!(benches);

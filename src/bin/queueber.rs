@@ -1,0 +1,389 @@
+//! queueber: the command-line client. One subcommand per operation; human
+//! output by default, one JSON document with `--json`.
+
+use std::io::{BufRead, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use queueber::client::{code_name, Client, ClientError};
+use queueber::ids::{LeaseId, MessageId};
+use queueber::names::QueueName;
+use queueber::storage::{Lease, NewMessage};
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "queueber",
+    version,
+    about = "Command-line client for a queueber server"
+)]
+struct Cli {
+    /// Server address.
+    #[arg(
+        long,
+        env = "QUEUEBER_ADDR",
+        default_value = "127.0.0.1:7420",
+        global = true
+    )]
+    addr: SocketAddr,
+    /// Tenant of the queue.
+    #[arg(
+        long,
+        env = "QUEUEBER_TENANT",
+        default_value = "default",
+        global = true
+    )]
+    tenant: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the server's version, shard count and limits.
+    Hello,
+    /// Add messages: the arguments, each --file, or else one per line of stdin.
+    Add {
+        queue: String,
+        messages: Vec<String>,
+        /// A file whose whole content is one message (repeatable; "-" is stdin).
+        #[arg(long)]
+        file: Vec<PathBuf>,
+        /// Milliseconds before the messages become visible.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Lease visible messages.
+    Poll {
+        queue: String,
+        /// Most messages to lease.
+        #[arg(short = 'n', long, default_value_t = 1)]
+        max: u32,
+        /// Lease duration.
+        #[arg(long, default_value_t = 30_000)]
+        lease_ms: u64,
+        /// How long to wait for a message (long poll).
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+    },
+    /// Acknowledge messages of a lease.
+    Remove {
+        queue: String,
+        lease: String,
+        ids: Vec<String>,
+    },
+    /// Extend a lease to now + --lease-ms.
+    Extend {
+        queue: String,
+        lease: String,
+        #[arg(long, default_value_t = 30_000)]
+        lease_ms: u64,
+    },
+    /// Hand a leased message back (visible again after --delay-ms).
+    Release {
+        queue: String,
+        lease: String,
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Visible, delayed and in-flight counts of a queue.
+    Stats { queue: String },
+    /// List every queue.
+    Queues,
+    /// Drop every message of a queue.
+    Purge { queue: String },
+    /// Delete a queue and its messages.
+    Delete { queue: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn payload_text(p: &[u8]) -> Value {
+    match std::str::from_utf8(p) {
+        Ok(s) => json!(s),
+        Err(_) => json!({ "hex": p.iter().map(|b| format!("{b:02x}")).collect::<String>() }),
+    }
+}
+
+fn lease_json(lease: &Option<Lease>) -> Value {
+    match lease {
+        None => json!({ "lease": null, "messages": [] }),
+        Some(l) => json!({
+            "lease": l.id.to_string(),
+            "expires_at_ms": l.expires_at_ms,
+            "messages": l.messages.iter().map(|m| json!({
+                "id": m.id.to_string(),
+                "delivery_count": m.delivery_count,
+                "enqueued_at_ms": m.enqueued_at_ms,
+                "payload": payload_text(&m.payload),
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+fn parse_lease(s: &str) -> Result<LeaseId, CliError> {
+    LeaseId::parse(s).ok_or_else(|| CliError::Usage(format!("{s:?} is not a lease id (UUID)")))
+}
+
+fn parse_id(s: &str) -> Result<MessageId, CliError> {
+    MessageId::parse(s).ok_or_else(|| CliError::Usage(format!("{s:?} is not a message id (UUID)")))
+}
+
+fn read_messages(
+    messages: Vec<String>,
+    files: Vec<PathBuf>,
+    delay_ms: u64,
+) -> Result<Vec<NewMessage>, CliError> {
+    let mut out: Vec<NewMessage> = messages
+        .into_iter()
+        .map(|m| NewMessage::delayed(m.into_bytes(), delay_ms))
+        .collect();
+    for f in &files {
+        let mut data = Vec::new();
+        if f.as_os_str() == "-" {
+            std::io::stdin().read_to_end(&mut data)?;
+        } else {
+            data = std::fs::read(f)?;
+        }
+        out.push(NewMessage::delayed(data, delay_ms));
+    }
+    if out.is_empty() {
+        for line in std::io::stdin().lock().lines() {
+            out.push(NewMessage::delayed(line?.into_bytes(), delay_ms));
+        }
+    }
+    if out.is_empty() {
+        return Err(CliError::Usage(
+            "nothing to add: give messages, --file, or lines on stdin".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Runs one command; returns (human text, JSON).
+async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String, Value), CliError> {
+    let queue =
+        |name: &str| QueueName::from_wire(tenant, name).map_err(|e| CliError::Usage(e.to_string()));
+    Ok(match command {
+        Command::Hello => {
+            let info = client.hello().await?;
+            let l = &info.limits;
+            (
+                format!(
+                    "queueber {} with {} shards\nmax frame {} B, payload {} B, {} messages per add, {} items per poll, wait {} ms, {} in flight per connection, {} connections",
+                    info.version, info.shards, l.max_frame_bytes, l.max_payload_bytes, l.max_messages_per_add,
+                    l.max_items_per_poll, l.max_wait_ms, l.max_in_flight_per_connection, l.max_connections
+                ),
+                json!({ "version": info.version, "shards": info.shards, "limits": {
+                    "max_frame_bytes": l.max_frame_bytes, "max_payload_bytes": l.max_payload_bytes,
+                    "max_messages_per_add": l.max_messages_per_add, "max_items_per_poll": l.max_items_per_poll,
+                    "max_wait_ms": l.max_wait_ms, "max_in_flight_per_connection": l.max_in_flight_per_connection,
+                    "max_connections": l.max_connections, "max_duration_ms": l.max_duration_ms }}),
+            )
+        }
+        Command::Add {
+            queue: name,
+            messages,
+            file,
+            delay_ms,
+        } => {
+            let q = queue(&name)?;
+            let ids = client
+                .add(&q, read_messages(messages, file, delay_ms)?)
+                .await?;
+            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            (
+                ids.join("\n"),
+                json!({ "queue": q.to_string(), "ids": ids }),
+            )
+        }
+        Command::Poll {
+            queue: name,
+            max,
+            lease_ms,
+            wait_ms,
+        } => {
+            let lease = client.poll(&queue(&name)?, max, lease_ms, wait_ms).await?;
+            let text = match &lease {
+                None => "no messages".to_string(),
+                Some(l) => {
+                    let mut s = format!("lease {} (expires at {} ms)", l.id, l.expires_at_ms);
+                    for m in &l.messages {
+                        s.push_str(&format!(
+                            "\n{} (delivery {}) {}",
+                            m.id,
+                            m.delivery_count,
+                            String::from_utf8_lossy(&m.payload)
+                        ));
+                    }
+                    s
+                }
+            };
+            (text, lease_json(&lease))
+        }
+        Command::Remove {
+            queue: name,
+            lease,
+            ids,
+        } => {
+            if ids.is_empty() {
+                return Err(CliError::Usage("give at least one message id".into()));
+            }
+            let parsed = ids
+                .iter()
+                .map(|s| parse_id(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let flags = client
+                .remove(&queue(&name)?, parse_lease(&lease)?, parsed)
+                .await?;
+            let text = ids
+                .iter()
+                .zip(&flags)
+                .map(|(id, ok)| {
+                    format!(
+                        "{id} {}",
+                        if *ok {
+                            "removed"
+                        } else {
+                            "not held by this lease"
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            (
+                text,
+                json!({ "removed": ids.iter().zip(&flags).map(|(id, ok)| json!({"id": id, "removed": ok})).collect::<Vec<_>>() }),
+            )
+        }
+        Command::Extend {
+            queue: name,
+            lease,
+            lease_ms,
+        } => match client
+            .extend(&queue(&name)?, parse_lease(&lease)?, lease_ms)
+            .await?
+        {
+            Some(at) => (
+                format!("extended to {at} ms"),
+                json!({ "extended": true, "expires_at_ms": at }),
+            ),
+            None => (
+                "lease unknown or expired".into(),
+                json!({ "extended": false }),
+            ),
+        },
+        Command::Release {
+            queue: name,
+            lease,
+            id,
+            delay_ms,
+        } => {
+            let ok = client
+                .release(
+                    &queue(&name)?,
+                    parse_lease(&lease)?,
+                    parse_id(&id)?,
+                    delay_ms,
+                )
+                .await?;
+            (
+                if ok {
+                    "released"
+                } else {
+                    "not held by this lease"
+                }
+                .into(),
+                json!({ "released": ok }),
+            )
+        }
+        Command::Stats { queue: name } => {
+            let s = client.stats(&queue(&name)?).await?;
+            (
+                format!(
+                    "visible {}\ndelayed {}\nin flight {}\noldest visible age {}",
+                    s.visible,
+                    s.delayed,
+                    s.in_flight,
+                    s.oldest_visible_age_ms
+                        .map_or("-".into(), |a| format!("{a} ms"))
+                ),
+                json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "oldest_visible_age_ms": s.oldest_visible_age_ms }),
+            )
+        }
+        Command::Queues => {
+            let names = client.list_queues().await?;
+            let names: Vec<String> = names.iter().map(ToString::to_string).collect();
+            (names.join("\n"), json!({ "queues": names }))
+        }
+        Command::Purge { queue: name } => {
+            let n = client.purge(&queue(&name)?).await?;
+            (format!("purged {n} messages"), json!({ "purged": n }))
+        }
+        Command::Delete { queue: name } => {
+            client.delete(&queue(&name)?).await?;
+            ("deleted".into(), json!({ "deleted": true }))
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cli {
+        addr,
+        tenant,
+        json,
+        command,
+    } = cli;
+    let outcome =
+        queueber::runtime::executor("queueber-cli", None, 256 << 10).spawn(move || async move {
+            let stream = glommio::net::TcpStream::connect(addr).await.map_err(|e| {
+                CliError::Io(std::io::Error::other(format!("connecting to {addr}: {e}")))
+            })?;
+            let (client, driver) = Client::new(stream);
+            glommio::spawn_local(driver).detach();
+            run(&client, &tenant, command).await
+        });
+    let result = match outcome.map(|h| h.join()) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(CliError::Usage(format!("executor: {e}"))),
+        Err(e) => Err(CliError::Usage(format!("cannot start the runtime: {e}"))),
+    };
+    match result {
+        Ok((text, value)) => {
+            if json {
+                println!("{value}");
+            } else if !text.is_empty() {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                let code = match &e {
+                    CliError::Client(c) => c.code().map(code_name).unwrap_or("client"),
+                    CliError::Usage(_) => "usage",
+                    CliError::Io(_) => "io",
+                };
+                println!("{}", json!({ "error": code, "message": e.to_string() }));
+            } else {
+                eprintln!("queueber: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

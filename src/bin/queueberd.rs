@@ -1,0 +1,172 @@
+//! queueberd: the queueber server daemon. `queueberd --help` lists every flag;
+//! each can also be set through the environment variable it names.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use queueber::server::{self, ServerConfig, ServerLimits};
+use queueber::storage::Durability;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DurabilityMode {
+    /// Acknowledge an add only after its WAL record is fsynced (group commit).
+    Fsync,
+    /// Fsync the WAL in the background every --sync-interval-ms.
+    Periodic,
+    /// Write the WAL without fsync: survives a crash of the process, not of the host.
+    Wal,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "queueberd",
+    version,
+    about = "The queueber durable work-queue server"
+)]
+struct Args {
+    /// Address to listen on (every shard binds it with SO_REUSEPORT).
+    #[arg(long, env = "QUEUEBER_LISTEN", default_value = "127.0.0.1:7420")]
+    listen: SocketAddr,
+
+    /// Where the RocksDB data lives.
+    #[arg(long, env = "QUEUEBER_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+
+    /// Number of shards (executors, one per core); default: the CPUs this process may use.
+    #[arg(long, env = "QUEUEBER_SHARDS")]
+    shards: Option<usize>,
+
+    /// Do not pin shard executors to CPUs.
+    #[arg(long, env = "QUEUEBER_NO_PIN")]
+    no_pin: bool,
+
+    /// When an acknowledged write is on stable storage.
+    #[arg(long, env = "QUEUEBER_DURABILITY", value_enum, default_value_t = DurabilityMode::Fsync)]
+    durability: DurabilityMode,
+
+    /// WAL fsync interval of --durability periodic.
+    #[arg(long, env = "QUEUEBER_SYNC_INTERVAL_MS", default_value_t = 50)]
+    sync_interval_ms: u64,
+
+    /// Largest request frame, in bytes.
+    #[arg(long, env = "QUEUEBER_MAX_FRAME_BYTES", default_value_t = ServerLimits::default().max_frame_bytes)]
+    max_frame_bytes: usize,
+
+    /// Most messages in one add (and ids in one remove).
+    #[arg(long, env = "QUEUEBER_MAX_MESSAGES_PER_ADD", default_value_t = ServerLimits::default().max_messages_per_add)]
+    max_messages_per_add: usize,
+
+    /// Largest message payload, in bytes.
+    #[arg(long, env = "QUEUEBER_MAX_PAYLOAD_BYTES", default_value_t = ServerLimits::default().max_payload_bytes)]
+    max_payload_bytes: usize,
+
+    /// Most messages one poll returns.
+    #[arg(long, env = "QUEUEBER_MAX_ITEMS_PER_POLL", default_value_t = ServerLimits::default().max_items_per_poll)]
+    max_items_per_poll: u32,
+
+    /// Longest long-poll wait, in milliseconds.
+    #[arg(long, env = "QUEUEBER_MAX_WAIT_MS", default_value_t = ServerLimits::default().max_wait_ms)]
+    max_wait_ms: u64,
+
+    /// Most pipelined requests in flight on one connection.
+    #[arg(long, env = "QUEUEBER_MAX_IN_FLIGHT", default_value_t = ServerLimits::default().max_in_flight_per_connection)]
+    max_in_flight: usize,
+
+    /// Most open connections.
+    #[arg(long, env = "QUEUEBER_MAX_CONNECTIONS", default_value_t = ServerLimits::default().max_connections)]
+    max_connections: usize,
+
+    /// RocksDB block cache, in MiB.
+    #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
+    block_cache_mib: usize,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. "info" or "queueber=debug").
+    #[arg(long, env = "QUEUEBER_LOG", default_value = "info")]
+    log: String,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "QUEUEBER_LOG_JSON")]
+    log_json: bool,
+}
+
+fn default_data_dir() -> PathBuf {
+    // XDG data home, so a user-run server keeps its data across reboots.
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join("queueber")
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+
+    let mut config = ServerConfig::new(args.listen, &args.data_dir);
+    if let Some(shards) = args.shards {
+        config.shards = shards.max(1);
+    }
+    config.pin = !args.no_pin;
+    config.durability = match args.durability {
+        DurabilityMode::Fsync => Durability::Fsync,
+        DurabilityMode::Periodic => {
+            Durability::Periodic(Duration::from_millis(args.sync_interval_ms.max(1)))
+        }
+        DurabilityMode::Wal => Durability::Wal,
+    };
+    config.block_cache_bytes = args.block_cache_mib << 20;
+    config.limits = ServerLimits {
+        max_frame_bytes: args.max_frame_bytes,
+        max_messages_per_add: args.max_messages_per_add,
+        max_payload_bytes: args.max_payload_bytes,
+        max_items_per_poll: args.max_items_per_poll,
+        max_wait_ms: args.max_wait_ms,
+        max_in_flight_per_connection: args.max_in_flight,
+        max_connections: args.max_connections,
+    };
+    if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+        tracing::error!(dir = %config.data_dir.display(), error = %e, "cannot create the data directory");
+        return ExitCode::FAILURE;
+    }
+
+    let handle = match server::start(config) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to start");
+            return ExitCode::FAILURE;
+        }
+    };
+    // First SIGINT/SIGTERM: graceful shutdown. A second one while shutting
+    // down: exit at once.
+    let stop = handle.stop_flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let registered = signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, stop.clone()));
+        if let Err(e) = registered {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    }
+    match handle.wait() {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}

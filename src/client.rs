@@ -1,0 +1,383 @@
+//! An async client for any `futures` byte stream.
+//!
+//! [`Client::new`] splits a stream into a cheap, cloneable [`Client`] and a
+//! driver future that owns the socket. Spawn the driver on whatever executor
+//! you use; every call pipelines one request and awaits its response, matched
+//! by id, so many calls can be in flight on one connection at once.
+//!
+//! On glommio:
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use queueber::client::Client;
+//! use queueber::names::QueueName;
+//! use queueber::storage::NewMessage;
+//!
+//! glommio::LocalExecutorBuilder::default().spawn(|| async {
+//!     let stream = glommio::net::TcpStream::connect("127.0.0.1:7420").await.unwrap();
+//!     let (client, driver) = Client::new(stream);
+//!     glommio::spawn_local(driver).detach();
+//!     let queue = QueueName::new("acme", "emails").unwrap();
+//!     client.add(&queue, vec![NewMessage::new(b"hello".to_vec())]).await.unwrap();
+//!     if let Some(lease) = client.poll(&queue, 10, 30_000, 1_000).await.unwrap() {
+//!         let ids: Vec<_> = lease.messages.iter().map(|m| m.id).collect();
+//!         client.remove(&queue, lease.id, ids).await.unwrap();
+//!     }
+//! })?.join()?;
+//! # Ok(()) }
+//! ```
+//!
+//! From a tokio application, through tokio-util's compat layer:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use tokio_util::compat::TokioAsyncReadCompatExt;
+//! use queueber::client::Client;
+//!
+//! let stream = tokio::net::TcpStream::connect("127.0.0.1:7420").await?;
+//! let (client, driver) = Client::new(stream.compat());
+//! tokio::spawn(driver);
+//! let info = client.hello().await?;
+//! println!("queueber {} with {} shards", info.version, info.shards);
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use capnp::message::ReaderOptions;
+use futures::channel::{mpsc, oneshot};
+use futures::future::{select, Either};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use futures::StreamExt;
+
+use crate::ids::{LeaseId, MessageId};
+use crate::names::QueueName;
+use crate::protocol::{
+    decode_response, encode_request, ErrorCode, ErrorReply, Op, Reply, Request,
+    ResponseDecodeError, ServerInfo,
+};
+use crate::storage::{Lease, NewMessage, QueueStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with a typed error.
+    #[error("server error {}: {}", code_name(.0.code), .0.message)]
+    Server(ErrorReply),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ResponseDecodeError),
+    #[error("the connection is closed")]
+    Closed,
+    #[error("unexpected reply to {op}: {reply:?}")]
+    UnexpectedReply { op: &'static str, reply: Box<Reply> },
+}
+
+impl ClientError {
+    /// The server's error code, when this is a server error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// The snake_case name of an error code, as docs and the CLI show it.
+pub fn code_name(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Internal => "internal",
+        ErrorCode::InvalidArgument => "invalid_argument",
+        ErrorCode::InvalidName => "invalid_name",
+        ErrorCode::UnknownQueue => "unknown_queue",
+        ErrorCode::PayloadTooLarge => "payload_too_large",
+        ErrorCode::TooManyMessages => "too_many_messages",
+        ErrorCode::FrameTooLarge => "frame_too_large",
+        ErrorCode::MalformedFrame => "malformed_frame",
+        ErrorCode::UnknownOperation => "unknown_operation",
+        ErrorCode::TooManyInFlight => "too_many_in_flight",
+        ErrorCode::ShuttingDown => "shutting_down",
+        ErrorCode::Unavailable => "unavailable",
+    }
+}
+
+type Waiting = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Reply, ErrorReply>>>>>>;
+
+/// A handle for making requests; clone it freely.
+#[derive(Clone)]
+pub struct Client {
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    waiting: Waiting,
+    next_id: Arc<AtomicU64>,
+}
+
+/// Responses larger than this are refused (a server never sends one: its own
+/// frame limit is smaller, but a poll reply may exceed it).
+const MAX_RESPONSE_WORDS: usize = 512 << 20 >> 3;
+
+impl Client {
+    /// Wraps a connected stream. The returned future drives the connection
+    /// and must be spawned; it ends when the connection closes or every
+    /// `Client` clone is dropped.
+    pub fn new<S>(stream: S) -> (Client, impl Future<Output = Result<(), ClientError>>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (frames, outgoing) = mpsc::unbounded();
+        let waiting: Waiting = Arc::new(Mutex::new(Some(HashMap::new())));
+        let client = Client {
+            frames,
+            waiting: waiting.clone(),
+            // Id 0 is what the server uses for errors about the connection.
+            next_id: Arc::new(AtomicU64::new(1)),
+        };
+        (client, drive(stream, outgoing, waiting))
+    }
+
+    /// Sends one request and waits for its response.
+    pub async fn call(&self, op: Op) -> Result<Reply, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = capnp::serialize::write_message_to_words(&encode_request(&Request { id, op }));
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut waiting = self.waiting.lock().map_err(|_| ClientError::Closed)?;
+            waiting
+                .as_mut()
+                .ok_or(ClientError::Closed)?
+                .insert(id, reply);
+        }
+        if self.frames.unbounded_send(frame).is_err() {
+            if let Ok(mut w) = self.waiting.lock() {
+                w.as_mut().map(|w| w.remove(&id));
+            }
+            return Err(ClientError::Closed);
+        }
+        answer
+            .await
+            .map_err(|_| ClientError::Closed)?
+            .map_err(ClientError::Server)
+    }
+
+    pub async fn hello(&self) -> Result<ServerInfo, ClientError> {
+        match self.call(Op::Hello).await? {
+            Reply::Hello(info) => Ok(info),
+            other => unexpected("hello", other),
+        }
+    }
+
+    pub async fn add(
+        &self,
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>, ClientError> {
+        match self
+            .call(Op::Add {
+                queue: queue.clone(),
+                messages,
+            })
+            .await?
+        {
+            Reply::Added(ids) => Ok(ids),
+            other => unexpected("add", other),
+        }
+    }
+
+    /// Leases up to `max_items` visible messages for `lease_ms`, waiting up to
+    /// `wait_ms` for one to appear. `None` when nothing came.
+    pub async fn poll(
+        &self,
+        queue: &QueueName,
+        max_items: u32,
+        lease_ms: u64,
+        wait_ms: u64,
+    ) -> Result<Option<Lease>, ClientError> {
+        match self
+            .call(Op::Poll {
+                queue: queue.clone(),
+                max_items,
+                lease_ms,
+                wait_ms,
+            })
+            .await?
+        {
+            Reply::Polled(lease) => Ok(lease),
+            other => unexpected("poll", other),
+        }
+    }
+
+    /// Acknowledges messages of a lease; one flag per id, false when the id
+    /// is not (or no longer) held by that lease.
+    pub async fn remove(
+        &self,
+        queue: &QueueName,
+        lease: LeaseId,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<bool>, ClientError> {
+        match self
+            .call(Op::Remove {
+                queue: queue.clone(),
+                lease,
+                ids,
+            })
+            .await?
+        {
+            Reply::Removed(flags) => Ok(flags),
+            other => unexpected("remove", other),
+        }
+    }
+
+    /// The lease's new expiry (epoch ms), or `None` if it had expired or is unknown.
+    pub async fn extend(
+        &self,
+        queue: &QueueName,
+        lease: LeaseId,
+        lease_ms: u64,
+    ) -> Result<Option<u64>, ClientError> {
+        match self
+            .call(Op::Extend {
+                queue: queue.clone(),
+                lease,
+                lease_ms,
+            })
+            .await?
+        {
+            Reply::Extended(at) => Ok(at),
+            other => unexpected("extend", other),
+        }
+    }
+
+    pub async fn release(
+        &self,
+        queue: &QueueName,
+        lease: LeaseId,
+        id: MessageId,
+        delay_ms: u64,
+    ) -> Result<bool, ClientError> {
+        match self
+            .call(Op::Release {
+                queue: queue.clone(),
+                lease,
+                id,
+                delay_ms,
+            })
+            .await?
+        {
+            Reply::Released(ok) => Ok(ok),
+            other => unexpected("release", other),
+        }
+    }
+
+    pub async fn stats(&self, queue: &QueueName) -> Result<QueueStats, ClientError> {
+        match self
+            .call(Op::Stats {
+                queue: queue.clone(),
+            })
+            .await?
+        {
+            Reply::Stats(s) => Ok(s),
+            other => unexpected("stats", other),
+        }
+    }
+
+    pub async fn list_queues(&self) -> Result<Vec<QueueName>, ClientError> {
+        match self.call(Op::ListQueues).await? {
+            Reply::Queues(q) => Ok(q),
+            other => unexpected("list queues", other),
+        }
+    }
+
+    pub async fn purge(&self, queue: &QueueName) -> Result<u64, ClientError> {
+        match self
+            .call(Op::Purge {
+                queue: queue.clone(),
+            })
+            .await?
+        {
+            Reply::Purged(n) => Ok(n),
+            other => unexpected("purge", other),
+        }
+    }
+
+    pub async fn delete(&self, queue: &QueueName) -> Result<(), ClientError> {
+        match self
+            .call(Op::Delete {
+                queue: queue.clone(),
+            })
+            .await?
+        {
+            Reply::Deleted => Ok(()),
+            other => unexpected("delete", other),
+        }
+    }
+}
+
+fn unexpected<T>(op: &'static str, reply: Reply) -> Result<T, ClientError> {
+    Err(ClientError::UnexpectedReply {
+        op,
+        reply: Box::new(reply),
+    })
+}
+
+async fn drive<S>(
+    stream: S,
+    mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    waiting: Waiting,
+) -> Result<(), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (reader, writer) = stream.split();
+    let mut reader = BufReader::with_capacity(64 << 10, reader);
+    let mut writer = BufWriter::with_capacity(64 << 10, writer);
+    let write = async {
+        while let Some(frame) = outgoing.next().await {
+            writer.write_all(&frame).await?;
+            while let Ok(frame) = outgoing.try_recv() {
+                writer.write_all(&frame).await?;
+            }
+            writer.flush().await?;
+        }
+        Ok::<(), ClientError>(())
+    };
+    let read = async {
+        let mut options = ReaderOptions::new();
+        options.traversal_limit_in_words(Some(MAX_RESPONSE_WORDS));
+        loop {
+            let Some(message) = capnp_futures::serialize::try_read_message(&mut reader, options)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+            else {
+                return Ok::<(), ClientError>(());
+            };
+            let response = decode_response(&message)?;
+            let reply = waiting
+                .lock()
+                .ok()
+                .and_then(|mut w| w.as_mut()?.remove(&response.id));
+            match reply {
+                Some(reply) => {
+                    let _ = reply.send(response.result);
+                }
+                None if response.id == 0 => {
+                    // An error about the connection itself: the server closes next.
+                    if let Err(e) = response.result {
+                        return Err(ClientError::Server(e));
+                    }
+                }
+                None => {}
+            }
+        }
+    };
+    let result = match select(Box::pin(write), Box::pin(read)).await {
+        Either::Left((result, _)) | Either::Right((result, _)) => result,
+    };
+    // Whatever still waits will never be answered: dropping the senders
+    // makes those calls fail with `Closed`.
+    if let Ok(mut w) = waiting.lock() {
+        w.take();
+    }
+    result
+}

@@ -1,0 +1,34 @@
+//! # queueber
+//!
+//! A durable, leased work-queue server: clients add messages to named queues,
+//! poll them under a lease, and remove (acknowledge) them with that lease; an
+//! expired lease makes its messages visible again. Map of the crate:
+//!
+//! * [`names`], [`ids`], [`clock`]: queue names and the stable shard hash,
+//!   message and lease ids (UUIDv7), the injectable millisecond clock.
+//! * [`storage`]: durable queue state in one shared RocksDB behind the narrow
+//!   [`storage::QueueStore`] trait: the RocksDB store of one shard, and an
+//!   in-memory model with the same semantics for tests.
+//! * [`protocol`]: requests and responses as Rust types and their Cap'n Proto
+//!   encoding ([`queueber_capnp`], generated from `queueber.capnp`).
+//! * [`server`]: the daemon: one glommio executor per core, each owning a
+//!   shard of queues with its own coalescer, long-poll waiters and sweeper;
+//!   requests routed between shards over cross-core channels.
+//! * [`runtime`]: the small helpers the server leans on (blocking offload,
+//!   CPU placement, locked memory, timeouts).
+//! * [`client`]: an async, pipelining client over any `futures` stream.
+
+pub mod client;
+pub mod clock;
+pub mod ids;
+pub mod names;
+pub mod protocol;
+pub mod runtime;
+pub mod server;
+pub mod storage;
+
+/// Generated Cap'n Proto bindings of `queueber.capnp`.
+#[allow(clippy::all, clippy::pedantic, unused, missing_docs)]
+pub mod queueber_capnp {
+    include!(concat!(env!("OUT_DIR"), "/queueber_capnp.rs"));
+}

@@ -1,0 +1,128 @@
+//! Small runtime helpers the server leans on (in the spirit of Redpanda's
+//! `ssx`): blocking offload, CPU placement, locked-memory limits, executor
+//! construction and a timeout.
+
+use std::future::Future;
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+/// Runs blocking work (RocksDB) on the executor's blocking-offload thread so
+/// the executor keeps serving while it runs.
+pub async fn offload<F, R>(work: F) -> R
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    glommio::executor().spawn_blocking(work).await
+}
+
+/// Awaits `fut` for at most `limit`; `None` on timeout.
+pub async fn within<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    glommio::timer::timeout(limit, async { Ok(fut.await) })
+        .await
+        .ok()
+}
+
+/// The CPUs this process may run on (respecting taskset/cgroups), sorted.
+pub fn allowed_cpus() -> Vec<usize> {
+    let mut cpus: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    cpus.sort_unstable();
+    cpus.dedup();
+    cpus
+}
+
+/// An executor pinned to `cpu` (or floating when `None`). Its blocking-offload
+/// thread is pinned to the same CPU: the executor waits while RocksDB works,
+/// so the two share the core instead of piling onto CPU 0.
+pub fn executor(name: &str, cpu: Option<usize>, io_memory: usize) -> LocalExecutorBuilder {
+    let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
+    let pool = glommio::PoolPlacement::from(placement.clone());
+    LocalExecutorBuilder::new(placement)
+        .name(name)
+        .io_memory(io_memory)
+        .blocking_thread_pool_placement(pool)
+}
+
+/// glommio refuses to start below this much locked memory.
+pub const MIN_MEMLOCK_BYTES: u64 = 512 << 10;
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "RLIMIT_MEMLOCK is {have} bytes but io_uring needs at least {need}; raise it \
+     (`ulimit -l {kib}` in the shell, LimitMEMLOCK={need} in a systemd unit, or \
+     --ulimit memlock={need} for a container)"
+)]
+pub struct MemlockError {
+    pub have: u64,
+    pub need: u64,
+    pub kib: u64,
+}
+
+/// Raises the locked-memory limit to `want` bytes where permitted (the soft
+/// limit up to the hard one; both when privileged) and fails with advice when
+/// the result is below `need`.
+pub fn raise_memlock(need: u64, want: u64) -> Result<u64, MemlockError> {
+    use rlimit::Resource;
+    let (soft, hard) = Resource::MEMLOCK.get().unwrap_or((0, 0));
+    if soft < want {
+        // Privileged: raise both. Otherwise: soft up to hard.
+        if Resource::MEMLOCK.set(want, want.max(hard)).is_err() {
+            let _ = Resource::MEMLOCK.set(want.min(hard), hard);
+        }
+    }
+    let (soft, _) = Resource::MEMLOCK.get().unwrap_or((soft, hard));
+    if soft < need {
+        return Err(MemlockError {
+            have: soft,
+            need,
+            kib: need.div_ceil(1024),
+        });
+    }
+    Ok(soft)
+}
+
+/// Raises the open-file limit toward `want` (connections are files).
+pub fn raise_nofile(want: u64) -> u64 {
+    rlimit::increase_nofile_limit(want).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_cpus_are_not_empty() {
+        assert!(!allowed_cpus().is_empty());
+    }
+
+    #[test]
+    fn memlock_reports_what_to_set() {
+        let err = raise_memlock(u64::MAX, 0).unwrap_err();
+        assert_eq!(err.need, u64::MAX);
+        assert!(err.to_string().contains("ulimit -l"));
+        assert!(raise_memlock(0, 0).is_ok());
+    }
+
+    #[test]
+    fn offload_and_within_work_on_an_executor() {
+        let out = executor("t", None, 1 << 20)
+            .spawn(|| async {
+                let v = offload(|| 21 * 2).await;
+                let late = within(
+                    Duration::from_millis(5),
+                    glommio::timer::sleep(Duration::from_secs(5)),
+                )
+                .await;
+                (v, late.is_none())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(out, (42, true));
+    }
+}

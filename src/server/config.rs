@@ -1,0 +1,283 @@
+//! Server configuration and the request limits it enforces.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::protocol::{ErrorCode, ErrorReply, Limits, Op};
+use crate::storage::{Durability, MAX_DURATION_MS};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Executors (shards), each pinned to one allowed CPU.
+    pub shards: usize,
+    /// Pin executors to CPUs (off in tests that run many servers at once).
+    pub pin: bool,
+    pub durability: Durability,
+    pub limits: ServerLimits,
+    /// Memory glommio registers with io_uring per executor. queueber does no
+    /// direct file I/O through glommio, so it can stay small.
+    pub io_memory: usize,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but where to listen and store.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen,
+            data_dir: data_dir.into(),
+            shards: crate::runtime::allowed_cpus().len().max(1),
+            pin: true,
+            durability: Durability::Fsync,
+            limits: ServerLimits::default(),
+            io_memory: 512 << 10,
+            block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    pub max_frame_bytes: usize,
+    pub max_messages_per_add: usize,
+    pub max_payload_bytes: usize,
+    pub max_items_per_poll: u32,
+    pub max_wait_ms: u64,
+    pub max_in_flight_per_connection: usize,
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 16 << 20,
+            max_messages_per_add: 4096,
+            max_payload_bytes: crate::storage::DEFAULT_MAX_PAYLOAD_BYTES,
+            max_items_per_poll: 4096,
+            max_wait_ms: 30_000,
+            max_in_flight_per_connection: 4096,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl ServerLimits {
+    pub fn announce(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes as u64,
+            max_messages_per_add: self.max_messages_per_add as u32,
+            max_payload_bytes: self.max_payload_bytes as u64,
+            max_items_per_poll: self.max_items_per_poll,
+            max_wait_ms: self.max_wait_ms,
+            max_in_flight_per_connection: self.max_in_flight_per_connection as u32,
+            max_connections: self.max_connections as u32,
+            max_duration_ms: MAX_DURATION_MS,
+        }
+    }
+
+    /// Checks an operation against the limits and normalises what the
+    /// protocol defines as defaulted or capped (maxItems 0 means 1, waits
+    /// over the limit are capped, durations over [`MAX_DURATION_MS`] are
+    /// clamped).
+    pub fn admit(&self, op: Op) -> Result<Op, ErrorReply> {
+        let invalid = |m: String| Err(ErrorReply::new(ErrorCode::InvalidArgument, m));
+        let clamp = |ms: u64| ms.min(MAX_DURATION_MS);
+        Ok(match op {
+            Op::Add {
+                queue,
+                mut messages,
+            } => {
+                if messages.is_empty() {
+                    return invalid("add needs at least one message".into());
+                }
+                if messages.len() > self.max_messages_per_add {
+                    return Err(ErrorReply::new(
+                        ErrorCode::TooManyMessages,
+                        format!(
+                            "add of {} messages exceeds max-messages-per-add {}",
+                            messages.len(),
+                            self.max_messages_per_add
+                        ),
+                    ));
+                }
+                if let Some(m) = messages
+                    .iter()
+                    .find(|m| m.payload.len() > self.max_payload_bytes)
+                {
+                    return Err(ErrorReply::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!(
+                            "payload of {} bytes exceeds max-payload-bytes {}",
+                            m.payload.len(),
+                            self.max_payload_bytes
+                        ),
+                    ));
+                }
+                for m in &mut messages {
+                    m.delay_ms = clamp(m.delay_ms);
+                }
+                Op::Add { queue, messages }
+            }
+            Op::Poll {
+                queue,
+                max_items,
+                lease_ms,
+                wait_ms,
+            } => {
+                if lease_ms == 0 {
+                    return invalid("poll leaseMs must be greater than 0".into());
+                }
+                Op::Poll {
+                    queue,
+                    max_items: max_items.clamp(1, self.max_items_per_poll.max(1)),
+                    lease_ms: clamp(lease_ms),
+                    wait_ms: wait_ms.min(self.max_wait_ms),
+                }
+            }
+            Op::Remove { queue, lease, ids } => {
+                if ids.is_empty() {
+                    return invalid("remove needs at least one id".into());
+                }
+                if ids.len() > self.max_messages_per_add {
+                    return Err(ErrorReply::new(
+                        ErrorCode::TooManyMessages,
+                        format!(
+                            "remove of {} ids exceeds max-messages-per-add {}",
+                            ids.len(),
+                            self.max_messages_per_add
+                        ),
+                    ));
+                }
+                Op::Remove { queue, lease, ids }
+            }
+            Op::Extend {
+                queue,
+                lease,
+                lease_ms,
+            } => {
+                if lease_ms == 0 {
+                    return invalid("extend leaseMs must be greater than 0".into());
+                }
+                Op::Extend {
+                    queue,
+                    lease,
+                    lease_ms: clamp(lease_ms),
+                }
+            }
+            Op::Release {
+                queue,
+                lease,
+                id,
+                delay_ms,
+            } => Op::Release {
+                queue,
+                lease,
+                id,
+                delay_ms: clamp(delay_ms),
+            },
+            other => other,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{LeaseId, MessageId};
+    use crate::names::QueueName;
+    use crate::storage::NewMessage;
+
+    fn q() -> QueueName {
+        QueueName::new("t", "q").unwrap()
+    }
+
+    fn code(r: Result<Op, ErrorReply>) -> ErrorCode {
+        r.unwrap_err().code
+    }
+
+    #[test]
+    fn polls_are_normalised() {
+        let limits = ServerLimits {
+            max_items_per_poll: 10,
+            max_wait_ms: 100,
+            ..ServerLimits::default()
+        };
+        let poll = |max_items, lease_ms, wait_ms| Op::Poll {
+            queue: q(),
+            max_items,
+            lease_ms,
+            wait_ms,
+        };
+        assert_eq!(limits.admit(poll(0, 5, 0)).unwrap(), poll(1, 5, 0));
+        assert_eq!(
+            limits.admit(poll(99, u64::MAX, 1000)).unwrap(),
+            poll(10, MAX_DURATION_MS, 100)
+        );
+        assert_eq!(
+            code(limits.admit(poll(1, 0, 0))),
+            ErrorCode::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn adds_are_checked_against_limits() {
+        let limits = ServerLimits {
+            max_messages_per_add: 2,
+            max_payload_bytes: 4,
+            ..ServerLimits::default()
+        };
+        let add = |messages: Vec<NewMessage>| Op::Add {
+            queue: q(),
+            messages,
+        };
+        assert_eq!(code(limits.admit(add(vec![]))), ErrorCode::InvalidArgument);
+        let three = vec![NewMessage::new(vec![]); 3];
+        let err = limits.admit(add(three)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooManyMessages);
+        assert!(err.message.contains("max-messages-per-add 2"));
+        let err = limits
+            .admit(add(vec![NewMessage::new(vec![0; 5])]))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::PayloadTooLarge);
+        assert!(err.message.contains("max-payload-bytes 4"));
+        assert_eq!(
+            limits
+                .admit(add(vec![NewMessage::delayed(vec![1], u64::MAX)]))
+                .unwrap(),
+            add(vec![NewMessage::delayed(vec![1], MAX_DURATION_MS)])
+        );
+    }
+
+    #[test]
+    fn removes_and_extends_are_checked() {
+        let limits = ServerLimits::default();
+        let lease = LeaseId([1; 16]);
+        assert_eq!(
+            code(limits.admit(Op::Remove {
+                queue: q(),
+                lease,
+                ids: vec![]
+            })),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(limits.admit(Op::Extend {
+                queue: q(),
+                lease,
+                lease_ms: 0
+            })),
+            ErrorCode::InvalidArgument
+        );
+        let ok = Op::Release {
+            queue: q(),
+            lease,
+            id: MessageId([2; 16]),
+            delay_ms: 3,
+        };
+        assert_eq!(limits.admit(ok.clone()).unwrap(), ok);
+    }
+}

@@ -1,0 +1,263 @@
+//! One client connection: read frames, run requests concurrently, write
+//! responses as they complete.
+//!
+//! Reading never waits for a request to finish, so a client can pipeline
+//! thousands of requests and a long poll does not hold up the ones behind it.
+//! Responses go through one writer task that buffers them and flushes only
+//! when no further response is ready, so a burst leaves in few syscalls.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+use futures::channel::mpsc;
+use futures::future::{select, Either};
+use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use futures::StreamExt;
+use glommio::net::TcpStream;
+
+use super::config::ServerLimits;
+use super::router::Router;
+use crate::protocol::{
+    decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response,
+    ServerInfo,
+};
+
+const IO_BUFFER: usize = 64 << 10;
+
+/// Fired once when the server begins to shut down.
+#[derive(Default)]
+pub(crate) struct ShutdownSignal {
+    fired: Cell<bool>,
+    event: event_listener::Event,
+}
+
+impl ShutdownSignal {
+    pub(crate) fn fire(&self) {
+        self.fired.set(true);
+        self.event.notify(usize::MAX);
+    }
+
+    pub(crate) fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    pub(crate) async fn wait(&self) {
+        while !self.fired.get() {
+            let listener = self.event.listen();
+            if self.fired.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// What every connection of a shard shares.
+pub(crate) struct ShardContext {
+    pub router: Rc<Router>,
+    pub limits: ServerLimits,
+    pub info: ServerInfo,
+    pub shutdown: ShutdownSignal,
+    /// Open connections across all shards (the connection limit is global).
+    pub connections: Arc<AtomicUsize>,
+}
+
+/// Counts a connection for as long as it lives.
+pub(crate) struct ConnectionGuard(Arc<AtomicUsize>);
+
+impl ConnectionGuard {
+    /// Admits a connection if the global limit allows.
+    pub(crate) fn admit(counter: &Arc<AtomicUsize>, limit: usize) -> Option<ConnectionGuard> {
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnectionGuard(counter.clone());
+        (before < limit).then_some(guard)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type Outgoing = mpsc::UnboundedSender<Builder<HeapAllocator>>;
+
+fn send(out: &Outgoing, id: u64, result: Result<Reply, ErrorReply>) {
+    // A closed channel means the writer saw the socket fail: nobody to tell.
+    let _ = out.unbounded_send(encode_response(&Response { id, result }));
+}
+
+/// Requests in flight on one connection, and a way to wait until none are.
+#[derive(Default)]
+struct InFlight {
+    count: Cell<usize>,
+    idle: event_listener::Event,
+}
+
+impl InFlight {
+    fn done(&self) {
+        self.count.set(self.count.get() - 1);
+        if self.count.get() == 0 {
+            self.idle.notify(usize::MAX);
+        }
+    }
+
+    async fn wait_idle(&self) {
+        while self.count.get() > 0 {
+            let listener = self.idle.listen();
+            if self.count.get() == 0 {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// Classifies a frame the framing layer rejected.
+fn frame_error(e: &capnp::Error, limits: &ServerLimits) -> Option<ErrorReply> {
+    match e.kind {
+        capnp::ErrorKind::Disconnected => None,
+        _ if e.extra.contains("too large") => Some(ErrorReply::new(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "frame exceeds max-frame-bytes {}: {}",
+                limits.max_frame_bytes, e.extra
+            ),
+        )),
+        capnp::ErrorKind::PrematureEndOfFile => None,
+        _ => Some(ErrorReply::new(
+            ErrorCode::MalformedFrame,
+            format!("malformed frame: {e}"),
+        )),
+    }
+}
+
+pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: ConnectionGuard) {
+    let _ = stream.set_nodelay(true);
+    let (reader, writer) = stream.split();
+    let mut reader = BufReader::with_capacity(IO_BUFFER, reader);
+    let (out, outgoing) = mpsc::unbounded();
+    let writer = glommio::spawn_local(write_loop(
+        BufWriter::with_capacity(IO_BUFFER, writer),
+        outgoing,
+    ))
+    .detach();
+    let in_flight = Rc::new(InFlight::default());
+    let mut options = ReaderOptions::new();
+    options.traversal_limit_in_words(Some(ctx.limits.max_frame_bytes / 8));
+
+    loop {
+        let read = capnp_futures::serialize::try_read_message(&mut reader, options);
+        let frame = match select(Box::pin(read), Box::pin(ctx.shutdown.wait())).await {
+            Either::Left((frame, _)) => frame,
+            Either::Right(_) => break,
+        };
+        let message = match frame {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(e) => {
+                if let Some(error) = frame_error(&e, &ctx.limits) {
+                    // Framing is lost: answer (id 0 = about the connection) and close.
+                    send(&out, 0, Err(error));
+                }
+                break;
+            }
+        };
+        let request = match decode_request(&message) {
+            Ok(request) => request,
+            Err(e) => {
+                let fatal = e.error.code == ErrorCode::MalformedFrame;
+                send(&out, e.id.unwrap_or(0), Err(e.error));
+                if fatal {
+                    break;
+                }
+                continue;
+            }
+        };
+        if in_flight.count.get() >= ctx.limits.max_in_flight_per_connection {
+            send(
+                &out,
+                request.id,
+                Err(ErrorReply::new(
+                    ErrorCode::TooManyInFlight,
+                    format!(
+                        "more than max-in-flight-per-connection {} requests in flight",
+                        ctx.limits.max_in_flight_per_connection
+                    ),
+                )),
+            );
+            continue;
+        }
+        in_flight.count.set(in_flight.count.get() + 1);
+        glommio::spawn_local(handle(request, ctx.clone(), out.clone(), in_flight.clone())).detach();
+    }
+    // Answer everything already accepted before closing.
+    in_flight.wait_idle().await;
+    drop(out);
+    writer.await;
+    drop(guard);
+}
+
+async fn handle(request: Request, ctx: Rc<ShardContext>, out: Outgoing, in_flight: Rc<InFlight>) {
+    let result = match ctx.limits.admit(request.op) {
+        Err(e) => Err(e),
+        Ok(Op::Hello) => Ok(Reply::Hello(ctx.info.clone())),
+        Ok(_) if ctx.shutdown.is_fired() => Err(ErrorReply::new(
+            ErrorCode::ShuttingDown,
+            "server is shutting down",
+        )),
+        Ok(op) => ctx.router.call(op).await,
+    };
+    send(&out, request.id, result);
+    in_flight.done();
+}
+
+async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
+    mut writer: BufWriter<W>,
+    mut outgoing: mpsc::UnboundedReceiver<Builder<HeapAllocator>>,
+) {
+    while let Some(message) = outgoing.next().await {
+        if capnp_futures::serialize::write_message(&mut writer, &message)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // Coalesce whatever else is ready into the same flush.
+        while let Ok(message) = outgoing.try_recv() {
+            if capnp_futures::serialize::write_message(&mut writer, &message)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.close().await;
+}
+
+/// Tells a client over the connection limit why it is being closed.
+pub(crate) async fn refuse(stream: TcpStream, limit: usize) {
+    let mut writer = BufWriter::new(stream);
+    let error = ErrorReply::new(
+        ErrorCode::Unavailable,
+        format!("max-connections {limit} reached; try again later"),
+    );
+    let message = encode_response(&Response {
+        id: 0,
+        result: Err(error),
+    });
+    if capnp_futures::serialize::write_message(&mut writer, &message)
+        .await
+        .is_ok()
+    {
+        let _ = writer.flush().await;
+    }
+    let _ = writer.close().await;
+}

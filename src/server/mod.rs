@@ -1,0 +1,280 @@
+//! The queueber daemon: thread-per-core shards on glommio.
+//!
+//! [`start`] opens the shared RocksDB, then starts one executor per shard,
+//! each pinned to its own CPU. Every shard:
+//!
+//! * binds the listen address with SO_REUSEPORT and accepts its own
+//!   connections ([`connection`]);
+//! * owns the queues whose stable hash maps to it, through its own
+//!   [`ShardStore`] driven by its [`core`] (coalescer, long-poll waiters,
+//!   sweeper) on its blocking-offload thread;
+//! * routes requests for other shards' queues over cross-core channels
+//!   ([`router`]).
+//!
+//! Shutdown (SIGINT/SIGTERM or [`ServerHandle::shutdown`]): stop accepting,
+//! answer parked long polls empty, finish every request already read, then
+//! stop the cores and sync the WAL.
+
+pub mod config;
+mod connection;
+mod core;
+mod router;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::{select, Either};
+use glommio::net::TcpListener;
+
+pub use config::{ServerConfig, ServerLimits};
+use connection::{ConnectionGuard, ShardContext, ShutdownSignal};
+use router::{Mesh, Router, ShardLinks};
+
+use crate::clock::{Clock, SystemClock};
+use crate::names::QueueName;
+use crate::protocol::ServerInfo;
+use crate::runtime;
+use crate::storage::{Engine, EngineOptions, QueueStore, ShardStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+    #[error(transparent)]
+    Memlock(#[from] runtime::MemlockError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shard executor: {0}")]
+    Executor(String),
+}
+
+/// How long shutdown waits for open connections to finish their requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a shard looks at the process-wide stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// A running server.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    shards: Vec<glommio::ExecutorJoinHandle<Result<(), ServerError>>>,
+    engine: Arc<Engine>,
+}
+
+impl ServerHandle {
+    /// The address clients connect to (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The flag that stops the server when set (signal handlers set it).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Stops the server gracefully and waits until it has.
+    pub fn shutdown(self) -> Result<(), ServerError> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wait()
+    }
+
+    /// Waits until the server stops (after its stop flag is set).
+    pub fn wait(self) -> Result<(), ServerError> {
+        let mut first_error = None;
+        for shard in self.shards {
+            let result = shard
+                .join()
+                .map_err(|e| ServerError::Executor(e.to_string()))
+                .and_then(|r| r);
+            if let Err(e) = result {
+                tracing::error!(error = %e, "shard stopped with an error");
+                first_error.get_or_insert(e);
+            }
+        }
+        self.engine.sync_wal()?;
+        drop(self.engine);
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Starts a server with the system clock.
+pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    start_with_clock(config, Arc::new(SystemClock))
+}
+
+/// Starts a server; returns once every shard is accepting connections.
+pub fn start_with_clock(
+    config: ServerConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<ServerHandle, ServerError> {
+    let shards = config.shards.max(1);
+    let locked = runtime::raise_memlock(
+        runtime::MIN_MEMLOCK_BYTES + (config.io_memory * shards) as u64,
+        (config.io_memory as u64 + (8 << 20)) * shards as u64,
+    )?;
+    runtime::raise_nofile(config.limits.max_connections as u64 + 1024);
+    tracing::debug!(locked, "RLIMIT_MEMLOCK");
+    let engine = Engine::open(
+        &config.data_dir,
+        EngineOptions {
+            durability: config.durability,
+            max_payload_bytes: config.limits.max_payload_bytes,
+            block_cache_bytes: config.block_cache_bytes,
+            write_buffer_bytes: config.write_buffer_bytes,
+        },
+        clock,
+    )?;
+    let cpus = runtime::allowed_cpus();
+    let info = ServerInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        shards: shards as u32,
+        limits: config.limits.announce(),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut mesh = Mesh::new(shards);
+    let (bound_tx, bound_rx) = crossbeam_channel::bounded(shards);
+    let mut addr = config.listen;
+    let mut handles = Vec::with_capacity(shards);
+    for index in 0..shards {
+        let owns = Arc::new(move |q: &QueueName| q.shard(shards) == index);
+        let store = ShardStore::open(engine.clone(), owns)?;
+        let shard = Shard {
+            index,
+            shards,
+            store: Box::new(store),
+            listen: addr,
+            links: mesh.take(index),
+            limits: config.limits.clone(),
+            info: info.clone(),
+            stop: stop.clone(),
+            connections: connections.clone(),
+            bound: bound_tx.clone(),
+        };
+        let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+        let handle = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory)
+            .spawn(move || shard.run())
+            .map_err(|e| ServerError::Executor(e.to_string()))?;
+        handles.push(handle);
+        // The first shard picks the port (when 0 was asked); the others
+        // join it through SO_REUSEPORT.
+        match bound_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(bound)) => addr = bound,
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+            Err(_) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(ServerError::Executor(format!(
+                    "shard {index} did not start"
+                )));
+            }
+        }
+    }
+    tracing::info!(%addr, shards, durability = ?config.durability, data_dir = %config.data_dir.display(), "queueber listening");
+    Ok(ServerHandle {
+        addr,
+        stop,
+        shards: handles,
+        engine,
+    })
+}
+
+/// Everything one shard's executor needs, moved onto its thread.
+struct Shard {
+    index: usize,
+    shards: usize,
+    store: Box<dyn QueueStore>,
+    listen: SocketAddr,
+    links: ShardLinks,
+    limits: ServerLimits,
+    info: ServerInfo,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+    bound: crossbeam_channel::Sender<Result<SocketAddr, ServerError>>,
+}
+
+impl Shard {
+    async fn run(self) -> Result<(), ServerError> {
+        let listen = self.listen;
+        let listener = match TcpListener::bind(listen).and_then(|l| Ok((l.local_addr()?, l))) {
+            Ok((addr, l)) => {
+                let _ = self.bound.send(Ok(addr));
+                l
+            }
+            Err(e) => {
+                let error = ServerError::Io {
+                    context: format!("binding {listen}"),
+                    source: std::io::Error::other(e.to_string()),
+                };
+                let _ = self.bound.send(Err(ServerError::Io {
+                    context: format!("binding {listen}"),
+                    source: std::io::Error::other(e.to_string()),
+                }));
+                return Err(error);
+            }
+        };
+        let (core, core_task) = core::spawn(self.store);
+        let router = Router::connect(self.index, self.shards, core.clone(), self.links).await;
+        let ctx = Rc::new(ShardContext {
+            router: router.clone(),
+            limits: self.limits,
+            info: self.info,
+            shutdown: ShutdownSignal::default(),
+            connections: self.connections.clone(),
+        });
+        let acceptor = glommio::spawn_local(accept_loop(listener, ctx.clone())).detach();
+
+        while !self.stop.load(Ordering::SeqCst) {
+            glommio::timer::sleep(STOP_POLL).await;
+        }
+        tracing::info!(shard = self.index, "shutting down");
+        ctx.shutdown.fire();
+        core.drain();
+        acceptor.await;
+        // Requests routed here from other shards' connections may still be
+        // running: wait until no connection anywhere is open.
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        core.stop();
+        let store = core_task.await;
+        router.close();
+        drop(store);
+        Ok(())
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
+    loop {
+        let stream = match select(Box::pin(listener.accept()), Box::pin(ctx.shutdown.wait())).await
+        {
+            Either::Left((Ok(stream), _)) => stream,
+            Either::Left((Err(e), _)) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Either::Right(_) => return,
+        };
+        match ConnectionGuard::admit(&ctx.connections, ctx.limits.max_connections) {
+            Some(guard) => {
+                glommio::spawn_local(connection::serve(stream, ctx.clone(), guard)).detach();
+            }
+            None => {
+                glommio::spawn_local(connection::refuse(stream, ctx.limits.max_connections))
+                    .detach();
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The shared RocksDB: column families, their tuning, and durability.
+//!
+//! One [`Engine`] per process, shared by every shard's [`ShardStore`]
+//! (`Arc<Engine>`). It owns what is global: the database handle, the queue-id
+//! allocator and the background WAL syncer of `periodic` durability.
+//!
+//! [`ShardStore`]: super::ShardStore
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, SliceTransform, WriteBatch, WriteOptions, DB,
+};
+
+use super::keys::{self, QueueId};
+use super::StoreError;
+use crate::clock::Clock;
+use crate::names::QueueName;
+
+pub const CF_READY: &str = "ready";
+pub const CF_LEASES: &str = "leases";
+pub const CF_REGISTRY: &str = "registry";
+
+/// When an acknowledged write reaches stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// A batch holding an add, purge or delete is acknowledged only after its
+    /// WAL record is fsynced. Concurrent batches share one sync (RocksDB group
+    /// commit), and each shard's coalescer batches whatever arrived during the
+    /// previous sync, so throughput grows with load.
+    Fsync,
+    /// The WAL is written at once and fsynced by a background thread every
+    /// interval: a power cut loses at most about one interval of writes.
+    Periodic(Duration),
+    /// The WAL is written but never fsynced by us: survives a killed process,
+    /// not a power cut or kernel crash.
+    Wal,
+}
+
+impl Durability {
+    pub const DEFAULT_PERIOD: Duration = Duration::from_millis(50);
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub durability: Durability,
+    pub max_payload_bytes: usize,
+    /// Shared block cache for all column families.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Fsync,
+            max_payload_bytes: super::DEFAULT_MAX_PAYLOAD_BYTES,
+            block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+pub struct Engine {
+    db: Arc<DB>,
+    options: EngineOptions,
+    clock: Arc<dyn Clock>,
+    next_qid: AtomicU32,
+    syncer: Option<Syncer>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("path", &self.path)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Deletions dominate the `ready` and `leases` families (every message is
+/// consumed), so files are marked for compaction when a window of entries is
+/// mostly tombstones: reads then stop paying for history.
+fn add_tombstone_compaction(opts: &mut Options) {
+    opts.add_compact_on_deletion_collector_factory(128, 64, 0.5);
+}
+
+fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_format_version(6);
+    let mut opts = Options::default();
+    opts.set_write_buffer_size(write_buffer);
+    opts.set_level_compaction_dynamic_level_bytes(true);
+    match name {
+        CF_READY => {
+            // Scanned in order from a known position within one queue: prefix
+            // blooms keep seeks off files without that queue; payloads make
+            // the values large, so larger blocks with light compression.
+            table.set_block_size(16 << 10);
+            table.set_bloom_filter(10.0, false);
+            table.set_whole_key_filtering(false);
+            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
+            opts.set_memtable_prefix_bloom_ratio(0.05);
+            opts.set_compression_type(DBCompressionType::Lz4);
+            opts.set_bottommost_compression_type(DBCompressionType::Zstd);
+            add_tombstone_compaction(&mut opts);
+        }
+        CF_LEASES => {
+            // Short-lived: most entries die in the memtable. Small blocks, no
+            // compression on the hot levels, point and prefix blooms.
+            table.set_block_size(4 << 10);
+            table.set_bloom_filter(10.0, false);
+            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
+            opts.set_memtable_prefix_bloom_ratio(0.05);
+            opts.set_compression_type(DBCompressionType::None);
+            opts.set_bottommost_compression_type(DBCompressionType::Lz4);
+            add_tombstone_compaction(&mut opts);
+        }
+        _ => {
+            // Registry: tiny, read at open and on queue creation.
+            table.set_block_size(4 << 10);
+            table.set_bloom_filter(10.0, false);
+            opts.set_compression_type(DBCompressionType::None);
+            opts.set_write_buffer_size(write_buffer.min(4 << 20));
+        }
+    }
+    opts.set_block_based_table_factory(&table);
+    opts
+}
+
+impl Engine {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(
+        path: impl AsRef<Path>,
+        options: EngineOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Engine>, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(cpus);
+        db_opts.set_max_background_jobs((2 * cpus).max(2));
+        db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_wal_bytes_per_sync(1 << 20);
+        db_opts.set_max_total_wal_size(512 << 20);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_log_file_size(32 << 20);
+        // Recover every acknowledged write; stop at a torn tail record.
+        db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let cfs = [CF_READY, CF_LEASES, CF_REGISTRY].map(|name| {
+            ColumnFamilyDescriptor::new(name, cf_options(name, &cache, options.write_buffer_bytes))
+        });
+        let db = Arc::new(
+            DB::open_cf_descriptors(&db_opts, &path, cfs)
+                .map_err(StoreError::rocks("open the database"))?,
+        );
+
+        let mut max_qid = 0;
+        for queue in list_registry(&db)? {
+            max_qid = max_qid.max(queue.1);
+        }
+        let syncer = match options.durability {
+            Durability::Periodic(every) => Some(Syncer::start(db.clone(), every)),
+            _ => None,
+        };
+        Ok(Arc::new(Engine {
+            db,
+            options,
+            clock,
+            next_qid: AtomicU32::new(max_qid + 1),
+            syncer,
+            path,
+        }))
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
+        self.db.cf_handle(name).ok_or(StoreError::Corrupt {
+            cf: name,
+            detail: "column family missing".into(),
+        })
+    }
+
+    /// A fresh queue id. Ids are never handed out twice in one process; after a
+    /// restart the allocator resumes above the largest registered id, so the
+    /// id of a deleted queue may return, which is safe because deleting a
+    /// queue range-deletes all its records in the same batch.
+    pub(crate) fn allocate_qid(&self) -> Result<QueueId, StoreError> {
+        let qid = self.next_qid.fetch_add(1, Ordering::Relaxed);
+        if qid >= u32::MAX - 1 {
+            return Err(StoreError::QueueIdsExhausted);
+        }
+        Ok(qid)
+    }
+
+    /// Writes one batch with the sync policy of the durability mode.
+    pub(crate) fn commit(&self, batch: WriteBatch, needs_sync: bool) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(needs_sync && self.options.durability == Durability::Fsync);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(StoreError::rocks("write a batch"))
+    }
+
+    /// Every registered queue with its id, sorted by name.
+    pub fn registry(&self) -> Result<Vec<(QueueName, QueueId)>, StoreError> {
+        list_registry(&self.db)
+    }
+
+    /// Fsyncs the WAL: what was acknowledged so far survives a power cut.
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_wal(true)
+            .map_err(StoreError::rocks("sync the WAL"))
+    }
+
+    /// Compacts one column family fully (used by benchmarks and tools to
+    /// measure or force tombstone collection).
+    pub fn compact(&self, cf: &'static str) -> Result<(), StoreError> {
+        let handle = self.cf(cf)?;
+        self.db.compact_range_cf::<&[u8], &[u8]>(handle, None, None);
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(syncer) = self.syncer.take() {
+            syncer.stop();
+        }
+        // Whatever mode we ran in, a clean shutdown leaves nothing unsynced.
+        if let Err(e) = self.db.flush_wal(true) {
+            tracing::warn!(error = %e, "final WAL sync failed");
+        }
+    }
+}
+
+fn list_registry(db: &DB) -> Result<Vec<(QueueName, QueueId)>, StoreError> {
+    let cf = db.cf_handle(CF_REGISTRY).ok_or(StoreError::Corrupt {
+        cf: CF_REGISTRY,
+        detail: "column family missing".into(),
+    })?;
+    let mut out = Vec::new();
+    let start = [keys::REGISTRY_NAME_TAG];
+    for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+        let (k, v) = item.map_err(StoreError::rocks("scan the registry"))?;
+        if k.first() != Some(&keys::REGISTRY_NAME_TAG) {
+            break;
+        }
+        let name = keys::parse_name_key(&k).ok_or_else(|| StoreError::Corrupt {
+            cf: CF_REGISTRY,
+            detail: format!("unparseable queue name key {k:?}"),
+        })?;
+        let qid =
+            v.as_ref()
+                .try_into()
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    cf: CF_REGISTRY,
+                    detail: format!("queue id of {name} is {} bytes", v.len()),
+                })?;
+        out.push((name, qid));
+    }
+    Ok(out)
+}
+
+/// Background WAL fsync for `periodic` durability.
+struct Syncer {
+    stop: crossbeam_channel::Sender<()>,
+    handle: JoinHandle<()>,
+}
+
+impl Syncer {
+    fn start(db: Arc<DB>, every: Duration) -> Syncer {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let handle = std::thread::Builder::new()
+            .name("queueber-wal-sync".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(every) {
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = db.flush_wal(true) {
+                            tracing::error!(error = %e, "periodic WAL sync failed");
+                        }
+                    }
+                    _ => return,
+                }
+            })
+            .expect("spawning the WAL sync thread");
+        Syncer { stop, handle }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.handle.join();
+    }
+}

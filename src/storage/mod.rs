@@ -1,0 +1,383 @@
+//! Durable queue state.
+//!
+//! The storage layer is synchronous and blocking: it is meant to run on a
+//! blocking-offload thread, never on an executor. Its contract:
+//!
+//! * **One writer per queue.** A queue is owned by exactly one [`QueueStore`]
+//!   at a time (the server gives each shard its own store and routes every
+//!   request for a queue to its owner). The store keeps the hot parts of its
+//!   queues' state in memory (lease table, counters, scan position), so no
+//!   optimistic transactions, conflicts or retry loops are needed. Different
+//!   stores write concurrently into the same RocksDB.
+//! * **One atomic batch per call.** [`QueueStore::execute`] applies a list of
+//!   commands as one RocksDB `WriteBatch`: either all of them reach disk or none.
+//! * **Time comes from a [`Clock`](crate::clock::Clock)**, read once per batch.
+//!   Leases and delays are decided by that clock, never by when a sweep runs:
+//!   a lease whose expiry has passed is invalid even if nothing has swept it
+//!   yet, and its messages become visible *at* the expiry time.
+//!
+//! Layout: [`keys`] (byte encodings), [`engine`] (RocksDB, column families,
+//! durability), [`shard`] (the RocksDB-backed store), [`model`] (a plain
+//! in-memory store with the same semantics, the oracle for property tests).
+
+pub mod engine;
+pub mod keys;
+pub mod model;
+pub mod shard;
+
+use crate::ids::{LeaseId, MessageId};
+use crate::names::{NameError, QueueName};
+
+pub use engine::{Durability, Engine, EngineOptions};
+pub use model::ModelStore;
+pub use shard::ShardStore;
+
+/// Default per-message payload limit (256 KiB).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// Longest delay, lease or extension the store accepts: about 10 years. Larger
+/// values are clamped to it so that `now + duration` can never overflow.
+pub const MAX_DURATION_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// One message to add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub payload: Vec<u8>,
+    /// Milliseconds before the message becomes visible (0 = at once).
+    pub delay_ms: u64,
+}
+
+impl NewMessage {
+    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            payload: payload.into(),
+            delay_ms: 0,
+        }
+    }
+
+    pub fn delayed(payload: impl Into<Vec<u8>>, delay_ms: u64) -> Self {
+        Self {
+            payload: payload.into(),
+            delay_ms,
+        }
+    }
+}
+
+/// A message handed out by a poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: MessageId,
+    pub payload: Vec<u8>,
+    /// How many times this message has been leased, this time included.
+    pub delivery_count: u32,
+    pub enqueued_at_ms: u64,
+}
+
+/// What a successful poll hands out: a fresh lease over some messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub expires_at_ms: u64,
+    pub messages: Vec<Delivery>,
+}
+
+/// Cheap counters of one queue (no scan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    pub visible: u64,
+    pub delayed: u64,
+    pub in_flight: u64,
+    /// How long the next message in line has been in the queue; `None` when
+    /// nothing is visible.
+    pub oldest_visible_age_ms: Option<u64>,
+}
+
+/// One operation on one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Add {
+        queue: QueueName,
+        messages: Vec<NewMessage>,
+    },
+    Poll {
+        queue: QueueName,
+        max_items: u32,
+        lease_ms: u64,
+    },
+    Remove {
+        queue: QueueName,
+        id: MessageId,
+        lease: LeaseId,
+    },
+    Extend {
+        queue: QueueName,
+        lease: LeaseId,
+        lease_ms: u64,
+    },
+    Release {
+        queue: QueueName,
+        id: MessageId,
+        lease: LeaseId,
+        delay_ms: u64,
+    },
+    Stats {
+        queue: QueueName,
+    },
+    Purge {
+        queue: QueueName,
+    },
+    Delete {
+        queue: QueueName,
+    },
+}
+
+impl Command {
+    pub fn queue(&self) -> &QueueName {
+        match self {
+            Command::Add { queue, .. }
+            | Command::Poll { queue, .. }
+            | Command::Remove { queue, .. }
+            | Command::Extend { queue, .. }
+            | Command::Release { queue, .. }
+            | Command::Stats { queue }
+            | Command::Purge { queue }
+            | Command::Delete { queue } => queue,
+        }
+    }
+
+    /// Whether losing this command's effect in a power cut would lose or
+    /// resurrect data, so `fsync` durability must sync it before answering.
+    /// A lost poll, remove, extend or release only causes a redelivery.
+    pub fn needs_sync(&self) -> bool {
+        matches!(
+            self,
+            Command::Add { .. } | Command::Purge { .. } | Command::Delete { .. }
+        )
+    }
+}
+
+/// The result of one [`Command`], in the same order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Added(Vec<MessageId>),
+    Polled(Option<Lease>),
+    Removed(bool),
+    /// The new expiry, or `None` for an unknown or expired lease.
+    Extended(Option<u64>),
+    Released(bool),
+    Stats(QueueStats),
+    /// How many messages (visible, delayed and in flight) were dropped.
+    Purged(u64),
+    Deleted,
+}
+
+/// What one call to [`QueueStore::execute`] did.
+#[derive(Debug, Default)]
+pub struct Executed {
+    pub outcomes: Vec<Result<Outcome, StoreError>>,
+    /// Queues where messages became visible during the batch (adds, releases,
+    /// expired leases, delays coming due), with how many: the server wakes as
+    /// many long-polls. A hint: the model store reports none.
+    pub woken: Vec<(QueueName, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("queue {0} does not exist")]
+    UnknownQueue(QueueName),
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("queue {0} belongs to another shard")]
+    WrongShard(QueueName),
+    #[error("poll max_items must be at least 1")]
+    ZeroItems,
+    #[error("RocksDB failed to {context}: {source}")]
+    Rocks {
+        context: &'static str,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("corrupt record in column family {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+    #[error("no queue ids left (2^32 - 1 queues were created)")]
+    QueueIdsExhausted,
+    #[error("storage failed earlier and this shard is unavailable until restart: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    pub(crate) fn rocks(context: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError {
+        move |source| StoreError::Rocks { context, source }
+    }
+
+    /// A copy for fanning one batch-wide failure out to every command in it
+    /// (`rocksdb::Error` is not `Clone`).
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::InvalidName(e) => StoreError::InvalidName(e.clone()),
+            StoreError::UnknownQueue(q) => StoreError::UnknownQueue(q.clone()),
+            StoreError::WrongShard(q) => StoreError::WrongShard(q.clone()),
+            StoreError::PayloadTooLarge { size, limit } => StoreError::PayloadTooLarge {
+                size: *size,
+                limit: *limit,
+            },
+            StoreError::ZeroItems => StoreError::ZeroItems,
+            StoreError::QueueIdsExhausted => StoreError::QueueIdsExhausted,
+            StoreError::Corrupt { cf, detail } => StoreError::Corrupt {
+                cf,
+                detail: detail.clone(),
+            },
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// The narrow storage interface the server is written against. Implemented by
+/// [`ShardStore`] (RocksDB) and [`ModelStore`] (memory).
+pub trait QueueStore: Send {
+    /// Applies `commands` in order as one atomic batch. Leases that expired and
+    /// delays that came due by the clock's `now` are settled first.
+    fn execute(&mut self, commands: Vec<Command>) -> Executed;
+
+    /// The earliest future time at which a lease expires or a delayed message
+    /// becomes visible in a queue this store owns.
+    fn next_deadline(&self) -> Option<u64>;
+
+    /// Every queue in the database (all shards), sorted.
+    fn list_queues(&self) -> Result<Vec<QueueName>, StoreError>;
+
+    // Single-command conveniences, for tests, benches and tools.
+
+    fn add(
+        &mut self,
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        match self.execute_one(Command::Add {
+            queue: queue.clone(),
+            messages,
+        })? {
+            Outcome::Added(ids) => Ok(ids),
+            other => unreachable_outcome("add", other),
+        }
+    }
+
+    fn poll(
+        &mut self,
+        queue: &QueueName,
+        max_items: u32,
+        lease_ms: u64,
+    ) -> Result<Option<Lease>, StoreError> {
+        match self.execute_one(Command::Poll {
+            queue: queue.clone(),
+            max_items,
+            lease_ms,
+        })? {
+            Outcome::Polled(lease) => Ok(lease),
+            other => unreachable_outcome("poll", other),
+        }
+    }
+
+    fn remove(
+        &mut self,
+        queue: &QueueName,
+        id: MessageId,
+        lease: LeaseId,
+    ) -> Result<bool, StoreError> {
+        match self.execute_one(Command::Remove {
+            queue: queue.clone(),
+            id,
+            lease,
+        })? {
+            Outcome::Removed(ok) => Ok(ok),
+            other => unreachable_outcome("remove", other),
+        }
+    }
+
+    fn extend(
+        &mut self,
+        queue: &QueueName,
+        lease: LeaseId,
+        lease_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        match self.execute_one(Command::Extend {
+            queue: queue.clone(),
+            lease,
+            lease_ms,
+        })? {
+            Outcome::Extended(at) => Ok(at),
+            other => unreachable_outcome("extend", other),
+        }
+    }
+
+    fn release(
+        &mut self,
+        queue: &QueueName,
+        id: MessageId,
+        lease: LeaseId,
+        delay_ms: u64,
+    ) -> Result<bool, StoreError> {
+        match self.execute_one(Command::Release {
+            queue: queue.clone(),
+            id,
+            lease,
+            delay_ms,
+        })? {
+            Outcome::Released(ok) => Ok(ok),
+            other => unreachable_outcome("release", other),
+        }
+    }
+
+    fn stats(&mut self, queue: &QueueName) -> Result<QueueStats, StoreError> {
+        match self.execute_one(Command::Stats {
+            queue: queue.clone(),
+        })? {
+            Outcome::Stats(s) => Ok(s),
+            other => unreachable_outcome("stats", other),
+        }
+    }
+
+    fn purge(&mut self, queue: &QueueName) -> Result<u64, StoreError> {
+        match self.execute_one(Command::Purge {
+            queue: queue.clone(),
+        })? {
+            Outcome::Purged(n) => Ok(n),
+            other => unreachable_outcome("purge", other),
+        }
+    }
+
+    fn delete(&mut self, queue: &QueueName) -> Result<(), StoreError> {
+        match self.execute_one(Command::Delete {
+            queue: queue.clone(),
+        })? {
+            Outcome::Deleted => Ok(()),
+            other => unreachable_outcome("delete", other),
+        }
+    }
+
+    /// Settles every lease and delay that is due; returns what became visible.
+    fn expire_due(&mut self) -> Vec<(QueueName, u64)> {
+        self.execute(Vec::new()).woken
+    }
+
+    #[doc(hidden)]
+    fn execute_one(&mut self, command: Command) -> Result<Outcome, StoreError> {
+        self.execute(vec![command])
+            .outcomes
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Unavailable("store returned no outcome".into())))
+    }
+}
+
+fn unreachable_outcome<T>(op: &str, outcome: Outcome) -> Result<T, StoreError> {
+    Err(StoreError::Unavailable(format!(
+        "store answered {op} with {outcome:?}"
+    )))
+}
+
+/// `now + ms`, with `ms` clamped to [`MAX_DURATION_MS`].
+pub fn deadline(now_ms: u64, ms: u64) -> u64 {
+    now_ms.saturating_add(ms.min(MAX_DURATION_MS))
+}

@@ -1,0 +1,280 @@
+//! [`ModelStore`]: the queue semantics in the plainest possible form.
+//!
+//! Everything is recomputed from a list of messages on every call: slow,
+//! obviously right, and the oracle that property tests hold
+//! [`ShardStore`](super::ShardStore) against. Leases are judged by the clock
+//! alone, exactly as the contract in [`super`] says.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::{
+    deadline, Command, Delivery, Executed, Lease, Outcome, QueueStats, QueueStore, StoreError,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+};
+use crate::clock::Clock;
+use crate::ids::{IdGenerator, LeaseId, MessageId};
+use crate::names::QueueName;
+
+#[derive(Debug, Clone)]
+struct Message {
+    payload: Vec<u8>,
+    enqueued_at: u64,
+    visible_at: u64,
+    delivery_count: u32,
+    lease: Option<LeaseId>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    messages: BTreeMap<MessageId, Message>,
+    leases: HashMap<LeaseId, u64>,
+}
+
+impl Queue {
+    /// Returns the messages of expired leases, visible from the expiry time.
+    fn settle(&mut self, now: u64) {
+        for m in self.messages.values_mut() {
+            if let Some(lease) = m.lease {
+                let expiry = self.leases.get(&lease).copied().unwrap_or(0);
+                if expiry <= now {
+                    m.lease = None;
+                    m.visible_at = expiry;
+                }
+            }
+        }
+        let held: std::collections::HashSet<LeaseId> =
+            self.messages.values().filter_map(|m| m.lease).collect();
+        self.leases.retain(|l, _| held.contains(l));
+    }
+
+    fn visible_in_order(&self, now: u64) -> Vec<MessageId> {
+        let mut ids: Vec<_> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.lease.is_none() && m.visible_at <= now)
+            .map(|(id, m)| (m.visible_at, *id))
+            .collect();
+        ids.sort();
+        ids.into_iter().map(|(_, id)| id).collect()
+    }
+
+    fn holds(&self, id: &MessageId, lease: &LeaseId, now: u64) -> bool {
+        self.messages
+            .get(id)
+            .is_some_and(|m| m.lease == Some(*lease))
+            && self.leases.get(lease).is_some_and(|&e| e > now)
+    }
+}
+
+pub struct ModelStore {
+    clock: Arc<dyn Clock>,
+    ids: IdGenerator,
+    queues: BTreeMap<QueueName, Queue>,
+    max_payload_bytes: usize,
+    last_now: u64,
+}
+
+impl ModelStore {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            ids: IdGenerator::new(),
+            queues: BTreeMap::new(),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            last_now: 0,
+        }
+    }
+
+    pub fn with_max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
+    fn queue(&mut self, name: &QueueName) -> Result<&mut Queue, StoreError> {
+        self.queues
+            .get_mut(name)
+            .ok_or_else(|| StoreError::UnknownQueue(name.clone()))
+    }
+
+    fn apply(&mut self, command: Command, now: u64) -> Result<Outcome, StoreError> {
+        match command {
+            Command::Add { queue, messages } => {
+                if let Some(m) = messages
+                    .iter()
+                    .find(|m| m.payload.len() > self.max_payload_bytes)
+                {
+                    return Err(StoreError::PayloadTooLarge {
+                        size: m.payload.len(),
+                        limit: self.max_payload_bytes,
+                    });
+                }
+                let mut ids = Vec::new();
+                for m in messages {
+                    let id = self.ids.message_id(now);
+                    self.queues
+                        .entry(queue.clone())
+                        .or_default()
+                        .messages
+                        .insert(
+                            id,
+                            Message {
+                                payload: m.payload,
+                                enqueued_at: now,
+                                visible_at: deadline(now, m.delay_ms),
+                                delivery_count: 0,
+                                lease: None,
+                            },
+                        );
+                    ids.push(id);
+                }
+                // An add of nothing still creates the queue, as in ShardStore.
+                self.queues.entry(queue).or_default();
+                Ok(Outcome::Added(ids))
+            }
+            Command::Poll {
+                queue,
+                max_items,
+                lease_ms,
+            } => {
+                if max_items == 0 {
+                    return Err(StoreError::ZeroItems);
+                }
+                let lease = self.ids.lease_id(now);
+                let q = self.queue(&queue)?;
+                let ids: Vec<_> = q
+                    .visible_in_order(now)
+                    .into_iter()
+                    .take(max_items as usize)
+                    .collect();
+                if ids.is_empty() {
+                    return Ok(Outcome::Polled(None));
+                }
+                let expires_at = deadline(now, lease_ms);
+                q.leases.insert(lease, expires_at);
+                let mut messages = Vec::new();
+                for id in ids {
+                    if let Some(m) = q.messages.get_mut(&id) {
+                        m.delivery_count += 1;
+                        m.lease = Some(lease);
+                        messages.push(Delivery {
+                            id,
+                            payload: m.payload.clone(),
+                            delivery_count: m.delivery_count,
+                            enqueued_at_ms: m.enqueued_at,
+                        });
+                    }
+                }
+                Ok(Outcome::Polled(Some(Lease {
+                    id: lease,
+                    expires_at_ms: expires_at,
+                    messages,
+                })))
+            }
+            Command::Remove { queue, id, lease } => {
+                let q = self.queue(&queue)?;
+                if !q.holds(&id, &lease, now) {
+                    return Ok(Outcome::Removed(false));
+                }
+                q.messages.remove(&id);
+                q.settle(now);
+                Ok(Outcome::Removed(true))
+            }
+            Command::Extend {
+                queue,
+                lease,
+                lease_ms,
+            } => {
+                let q = self.queue(&queue)?;
+                match q.leases.get_mut(&lease) {
+                    Some(expiry) if *expiry > now => {
+                        *expiry = deadline(now, lease_ms);
+                        Ok(Outcome::Extended(Some(*expiry)))
+                    }
+                    _ => Ok(Outcome::Extended(None)),
+                }
+            }
+            Command::Release {
+                queue,
+                id,
+                lease,
+                delay_ms,
+            } => {
+                let q = self.queue(&queue)?;
+                if !q.holds(&id, &lease, now) {
+                    return Ok(Outcome::Released(false));
+                }
+                if let Some(m) = q.messages.get_mut(&id) {
+                    m.lease = None;
+                    m.visible_at = deadline(now, delay_ms);
+                }
+                q.settle(now);
+                Ok(Outcome::Released(true))
+            }
+            Command::Stats { queue } => {
+                let q = self.queue(&queue)?;
+                let mut stats = QueueStats::default();
+                for m in q.messages.values() {
+                    match (m.lease, m.visible_at <= now) {
+                        (Some(_), _) => stats.in_flight += 1,
+                        (None, true) => stats.visible += 1,
+                        (None, false) => stats.delayed += 1,
+                    }
+                }
+                stats.oldest_visible_age_ms = q
+                    .visible_in_order(now)
+                    .first()
+                    .and_then(|id| q.messages.get(id))
+                    .map(|m| now.saturating_sub(m.enqueued_at));
+                Ok(Outcome::Stats(stats))
+            }
+            Command::Purge { queue } => {
+                let q = self.queue(&queue)?;
+                let n = q.messages.len() as u64;
+                *q = Queue::default();
+                Ok(Outcome::Purged(n))
+            }
+            Command::Delete { queue } => {
+                self.queues
+                    .remove(&queue)
+                    .ok_or(StoreError::UnknownQueue(queue))?;
+                Ok(Outcome::Deleted)
+            }
+        }
+    }
+}
+
+impl QueueStore for ModelStore {
+    fn execute(&mut self, commands: Vec<Command>) -> Executed {
+        self.last_now = self.last_now.max(self.clock.now_ms());
+        let now = self.last_now;
+        for q in self.queues.values_mut() {
+            q.settle(now);
+        }
+        let outcomes = commands.into_iter().map(|c| self.apply(c, now)).collect();
+        Executed {
+            outcomes,
+            woken: Vec::new(),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<u64> {
+        let now = self.last_now;
+        self.queues
+            .values()
+            .flat_map(|q| {
+                q.leases.values().copied().chain(
+                    q.messages
+                        .values()
+                        .filter(|m| m.lease.is_none())
+                        .map(|m| m.visible_at),
+                )
+            })
+            .filter(|&t| t > now)
+            .min()
+    }
+
+    fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
+        Ok(self.queues.keys().cloned().collect())
+    }
+}
