@@ -104,8 +104,11 @@ fn error_kind(e: &StoreError) -> String {
         .to_string()
 }
 
-/// A poll's result with ids replaced by payloads, comparable across stores.
-fn shape(lease: &Option<Lease>) -> Option<(u64, Vec<(Vec<u8>, u32, u64)>)> {
+/// A poll's result with ids replaced by payloads, comparable across stores:
+/// (expiry, [(payload, delivery count, enqueue time)]).
+type PollShape = Option<(u64, Vec<(Vec<u8>, u32, u64)>)>;
+
+fn shape(lease: &Option<Lease>) -> PollShape {
     lease.as_ref().map(|l| {
         (
             l.expires_at_ms,

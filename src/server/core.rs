@@ -459,7 +459,7 @@ mod tests {
         f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
     ) -> T {
         crate::runtime::executor("core-test", None, 1 << 20)
-            .spawn(move || f())
+            .spawn(f)
             .expect("executor")
             .join()
             .expect("join")

@@ -217,9 +217,9 @@ mod tests {
     #[test]
     fn visible_end_includes_now_and_excludes_later() {
         let end = ready_visible_end(3, 100);
-        assert!(&ready_key(3, 100, &mid(255))[..] < &end[..]);
-        assert!(&ready_key(3, 101, &mid(0))[..] >= &end[..]);
-        assert!(&end[..] < &queue_end(3)[..]);
+        assert!(ready_key(3, 100, &mid(255))[..] < end[..]);
+        assert!(ready_key(3, 101, &mid(0))[..] >= end[..]);
+        assert!(end[..] < queue_end(3)[..]);
     }
 
     #[test]

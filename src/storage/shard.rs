@@ -779,7 +779,7 @@ impl QueueStore for ShardStore {
         let mut fatal = self.settle_due(now, &mut batch).err();
         // Settled leases are committed on their own first, so that polls in
         // this batch can already see the messages that came back.
-        if fatal.is_none() && batch.writes.len() > 0 {
+        if fatal.is_none() && !batch.writes.is_empty() {
             fatal = self
                 .persist_counters(&mut batch)
                 .and_then(|()| self.engine.commit(std::mem::take(&mut batch.writes), false))
@@ -801,7 +801,7 @@ impl QueueStore for ShardStore {
         if fatal.is_none() {
             fatal = self.persist_counters(&mut batch).err();
         }
-        if fatal.is_none() && batch.writes.len() > 0 {
+        if fatal.is_none() && !batch.writes.is_empty() {
             fatal = self.engine.commit(batch.writes, batch.needs_sync).err();
         }
         if let Some(error) = fatal {
