@@ -314,8 +314,10 @@ impl ShardStore {
         let mut returned = 0;
         batch.touched.push(qid);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            batch.writes.delete_cf(leases_cf, k);
             if let Some(LeaseEntry::Member(_, id)) = keys::parse_lease_entry(k) {
+                // Members are written once and deleted once: SingleDelete
+                // lets flushes drop the pair instead of keeping a tombstone.
+                batch.writes.single_delete_cf(leases_cf, k);
                 if q.holders.get(&id) == Some(&lease) {
                     q.holders.remove(&id);
                     let key = keys::ready_key(qid, expired_at, &id);
@@ -323,6 +325,9 @@ impl ShardStore {
                     q.note_ready_insert(&key);
                     returned += 1;
                 }
+            } else {
+                // The header is rewritten by extends: a plain delete.
+                batch.writes.delete_cf(leases_cf, k);
             }
             it.next();
         }
@@ -517,7 +522,7 @@ impl ShardStore {
                 })?;
             header.delivery_count = header.delivery_count.saturating_add(1);
             keys::encode_record(&mut batch.record, header, payload);
-            batch.writes.delete_cf(ready_cf, k);
+            batch.writes.single_delete_cf(ready_cf, k);
             batch
                 .writes
                 .put_cf(leases_cf, keys::member_key(qid, &lease, &id), &batch.record);
@@ -583,7 +588,7 @@ impl ShardStore {
         q.holders.remove(&id);
         batch
             .writes
-            .delete_cf(leases_cf, keys::member_key(qid, &lease, &id));
+            .single_delete_cf(leases_cf, keys::member_key(qid, &lease, &id));
         if let Some(state) = q.leases.get_mut(&lease) {
             state.live = state.live.saturating_sub(1);
             if state.live == 0 {
