@@ -48,8 +48,7 @@ fn protocol(c: &mut Criterion) {
     let bytes = capnp::serialize::write_message_to_words(&encode_request(&req));
     group.bench_function("decode_add_32", |b| {
         b.iter(|| {
-            let reader =
-                capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();
+            let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();
             decode_request(&reader).unwrap()
         })
     });
@@ -60,8 +59,7 @@ fn protocol(c: &mut Criterion) {
     let bytes = capnp::serialize::write_message_to_words(&encode_response(&resp));
     group.bench_function("decode_poll_32", |b| {
         b.iter(|| {
-            let reader =
-                capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();
+            let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();
             decode_response(&reader).unwrap()
         })
     });

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use queueber::clock::SystemClock;
 use queueber::names::QueueName;
-use queueber::storage::{Durability, Engine, EngineOptions, NewMessage, QueueStore, ShardStore};
+use queueber::storage::{Command, Durability, Engine, EngineOptions, NewMessage, Outcome, QueueStore, ShardStore};
 
 const PAYLOAD: usize = 256;
 
@@ -22,9 +22,7 @@ fn open(dir: &std::path::Path) -> ShardStore {
 }
 
 fn batch(n: usize) -> Vec<NewMessage> {
-    (0..n)
-        .map(|_| NewMessage::new(vec![7u8; PAYLOAD]))
-        .collect()
+    (0..n).map(|_| NewMessage::new(vec![7u8; PAYLOAD])).collect()
 }
 
 fn add_batches(c: &mut Criterion) {
@@ -35,26 +33,28 @@ fn add_batches(c: &mut Criterion) {
     for n in [1usize, 32, 256] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
-            b.iter_batched(
-                || batch(n),
-                |m| store.add(&queue, m).unwrap(),
-                BatchSize::SmallInput,
-            )
+            b.iter_batched(|| batch(n), |m| store.add(&queue, m).unwrap(), BatchSize::SmallInput)
         });
     }
     group.finish();
 }
 
-/// add B, poll B, remove B: one message's whole life, B at a time.
+/// add B, poll B, remove B: one message's whole life, B at a time, each
+/// step one storage batch as the server's coalescer issues it.
 fn cycle(store: &mut ShardStore, queue: &QueueName, n: usize) {
     store.add(queue, batch(n)).unwrap();
-    let lease = store
-        .poll(queue, n as u32, 30_000)
-        .unwrap()
-        .expect("messages");
-    for m in &lease.messages {
-        assert!(store.remove(queue, m.id, lease.id).unwrap());
-    }
+    let lease = store.poll(queue, n as u32, 30_000).unwrap().expect("messages");
+    let removes = lease
+        .messages
+        .iter()
+        .map(|m| Command::Remove {
+            queue: queue.clone(),
+            id: m.id,
+            lease: lease.id,
+        })
+        .collect();
+    let done = store.execute(removes);
+    assert!(done.outcomes.iter().all(|o| matches!(o, Ok(Outcome::Removed(true)))));
 }
 
 fn poll_remove_cycles(c: &mut Criterion) {
@@ -96,9 +96,7 @@ fn tombstones(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let lease = store.poll(&queue, 1, 30_000).unwrap().expect("message");
-                store
-                    .remove(&queue, lease.messages[0].id, lease.id)
-                    .unwrap();
+                store.remove(&queue, lease.messages[0].id, lease.id).unwrap();
                 store.add(&queue, batch(1)).unwrap();
             })
         });

@@ -56,8 +56,7 @@ use futures::StreamExt;
 use crate::ids::{LeaseId, MessageId};
 use crate::names::QueueName;
 use crate::protocol::{
-    decode_response, encode_request, ErrorCode, ErrorReply, Op, Reply, Request,
-    ResponseDecodeError, ServerInfo,
+    decode_response, encode_request, ErrorCode, ErrorReply, Op, Reply, Request, ResponseDecodeError, ServerInfo,
 };
 use crate::storage::{Lease, NewMessage, QueueStats};
 
@@ -114,9 +113,9 @@ pub struct Client {
     next_id: Arc<AtomicU64>,
 }
 
-/// Responses larger than this are refused (a server never sends one: its own
-/// frame limit is smaller, but a poll reply may exceed it).
-const MAX_RESPONSE_WORDS: usize = 512 << 20 >> 3;
+/// Responses larger than this (1 GiB) are refused. Servers bound a poll reply
+/// by their frame limit (16 MiB by default), so this only stops garbage.
+const MAX_RESPONSE_WORDS: usize = (1 << 30) / 8;
 
 impl Client {
     /// Wraps a connected stream. The returned future drives the connection
@@ -144,10 +143,7 @@ impl Client {
         let (reply, answer) = oneshot::channel();
         {
             let mut waiting = self.waiting.lock().map_err(|_| ClientError::Closed)?;
-            waiting
-                .as_mut()
-                .ok_or(ClientError::Closed)?
-                .insert(id, reply);
+            waiting.as_mut().ok_or(ClientError::Closed)?.insert(id, reply);
         }
         if self.frames.unbounded_send(frame).is_err() {
             if let Ok(mut w) = self.waiting.lock() {
@@ -168,11 +164,7 @@ impl Client {
         }
     }
 
-    pub async fn add(
-        &self,
-        queue: &QueueName,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, ClientError> {
+    pub async fn add(&self, queue: &QueueName, messages: Vec<NewMessage>) -> Result<Vec<MessageId>, ClientError> {
         match self
             .call(Op::Add {
                 queue: queue.clone(),
@@ -230,12 +222,7 @@ impl Client {
     }
 
     /// The lease's new expiry (epoch ms), or `None` if it had expired or is unknown.
-    pub async fn extend(
-        &self,
-        queue: &QueueName,
-        lease: LeaseId,
-        lease_ms: u64,
-    ) -> Result<Option<u64>, ClientError> {
+    pub async fn extend(&self, queue: &QueueName, lease: LeaseId, lease_ms: u64) -> Result<Option<u64>, ClientError> {
         match self
             .call(Op::Extend {
                 queue: queue.clone(),
@@ -271,12 +258,7 @@ impl Client {
     }
 
     pub async fn stats(&self, queue: &QueueName) -> Result<QueueStats, ClientError> {
-        match self
-            .call(Op::Stats {
-                queue: queue.clone(),
-            })
-            .await?
-        {
+        match self.call(Op::Stats { queue: queue.clone() }).await? {
             Reply::Stats(s) => Ok(s),
             other => unexpected("stats", other),
         }
@@ -290,24 +272,14 @@ impl Client {
     }
 
     pub async fn purge(&self, queue: &QueueName) -> Result<u64, ClientError> {
-        match self
-            .call(Op::Purge {
-                queue: queue.clone(),
-            })
-            .await?
-        {
+        match self.call(Op::Purge { queue: queue.clone() }).await? {
             Reply::Purged(n) => Ok(n),
             other => unexpected("purge", other),
         }
     }
 
     pub async fn delete(&self, queue: &QueueName) -> Result<(), ClientError> {
-        match self
-            .call(Op::Delete {
-                queue: queue.clone(),
-            })
-            .await?
-        {
+        match self.call(Op::Delete { queue: queue.clone() }).await? {
             Reply::Deleted => Ok(()),
             other => unexpected("delete", other),
         }
@@ -352,11 +324,25 @@ where
             else {
                 return Ok::<(), ClientError>(());
             };
-            let response = decode_response(&message)?;
-            let reply = waiting
-                .lock()
-                .ok()
-                .and_then(|mut w| w.as_mut()?.remove(&response.id));
+            let response = match decode_response(&message) {
+                Ok(response) => response,
+                Err(e) => {
+                    // A reply this client cannot read (a newer server's
+                    // addition, say) fails its own call, not the connection.
+                    let id = message
+                        .get_root::<crate::queueber_capnp::response::Reader<'_>>()
+                        .map(|r| r.get_id())
+                        .map_err(ResponseDecodeError::from)?;
+                    if let Some(reply) = waiting.lock().ok().and_then(|mut w| w.as_mut()?.remove(&id)) {
+                        let _ = reply.send(Err(ErrorReply::new(
+                            ErrorCode::Internal,
+                            format!("unreadable reply: {e}"),
+                        )));
+                    }
+                    continue;
+                }
+            };
+            let reply = waiting.lock().ok().and_then(|mut w| w.as_mut()?.remove(&response.id));
             match reply {
                 Some(reply) => {
                     let _ = reply.send(response.result);

@@ -64,11 +64,7 @@ impl IdGenerator {
     }
 
     fn next(&self, now_ms: u64) -> [u8; 16] {
-        let ts = Timestamp::from_unix(
-            &self.context,
-            now_ms / 1000,
-            ((now_ms % 1000) * 1_000_000) as u32,
-        );
+        let ts = Timestamp::from_unix(&self.context, now_ms / 1000, ((now_ms % 1000) * 1_000_000) as u32);
         *Uuid::new_v7(ts).as_bytes()
     }
 

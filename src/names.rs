@@ -118,10 +118,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_names_with_the_reason() {
-        assert_eq!(
-            QueueName::new("", "q"),
-            Err(NameError::Empty { part: "tenant" })
-        );
+        assert_eq!(QueueName::new("", "q"), Err(NameError::Empty { part: "tenant" }));
         assert_eq!(
             QueueName::new("t", "a".repeat(129)),
             Err(NameError::TooLong {

@@ -154,34 +154,29 @@ fn malformed(e: capnp::Error) -> ErrorReply {
     ErrorReply::new(ErrorCode::MalformedFrame, format!("malformed request: {e}"))
 }
 
-fn read_queue(
-    r: capnp::Result<crate::queueber_capnp::queue_ref::Reader<'_>>,
-) -> Result<QueueName, ErrorReply> {
+fn read_queue(r: capnp::Result<crate::queueber_capnp::queue_ref::Reader<'_>>) -> Result<QueueName, ErrorReply> {
     let r = r.map_err(malformed)?;
     let tenant = r
         .get_tenant()
         .map_err(malformed)?
         .to_str()
-        .map_err(|e| invalid(format!("tenant is not UTF-8: {e}")))?;
+        .map_err(|e| ErrorReply::new(ErrorCode::InvalidName, format!("tenant is not UTF-8: {e}")))?;
     let queue = r
         .get_queue()
         .map_err(malformed)?
         .to_str()
-        .map_err(|e| invalid(format!("queue is not UTF-8: {e}")))?;
-    QueueName::from_wire(tenant, queue)
-        .map_err(|e| ErrorReply::new(ErrorCode::InvalidName, e.to_string()))
+        .map_err(|e| ErrorReply::new(ErrorCode::InvalidName, format!("queue is not UTF-8: {e}")))?;
+    QueueName::from_wire(tenant, queue).map_err(|e| ErrorReply::new(ErrorCode::InvalidName, e.to_string()))
 }
 
 fn read_lease(bytes: capnp::Result<&[u8]>) -> Result<LeaseId, ErrorReply> {
     let bytes = bytes.map_err(malformed)?;
-    LeaseId::from_slice(bytes)
-        .ok_or_else(|| invalid(format!("lease id must be 16 bytes, got {}", bytes.len())))
+    LeaseId::from_slice(bytes).ok_or_else(|| invalid(format!("lease id must be 16 bytes, got {}", bytes.len())))
 }
 
 fn read_message_id(bytes: capnp::Result<&[u8]>) -> Result<MessageId, ErrorReply> {
     let bytes = bytes.map_err(malformed)?;
-    MessageId::from_slice(bytes)
-        .ok_or_else(|| invalid(format!("message id must be 16 bytes, got {}", bytes.len())))
+    MessageId::from_slice(bytes).ok_or_else(|| invalid(format!("message id must be 16 bytes, got {}", bytes.len())))
 }
 
 /// Decodes one request frame.
@@ -193,20 +188,14 @@ pub fn decode_request<S: ReaderSegments>(message: &Reader<S>) -> Result<Request,
     let id = root.get_id();
     decode_op(root)
         .map(|op| Request { id, op })
-        .map_err(|error| DecodeError {
-            id: Some(id),
-            error,
-        })
+        .map_err(|error| DecodeError { id: Some(id), error })
 }
 
 fn decode_op(root: request::Reader<'_>) -> Result<Op, ErrorReply> {
     use request::Which;
-    let which = root.which().map_err(|e| {
-        ErrorReply::new(
-            ErrorCode::UnknownOperation,
-            format!("unknown operation {}", e.0),
-        )
-    })?;
+    let which = root
+        .which()
+        .map_err(|e| ErrorReply::new(ErrorCode::UnknownOperation, format!("unknown operation {}", e.0)))?;
     Ok(match which {
         Which::Hello(()) => Op::Hello,
         Which::ListQueues(()) => Op::ListQueues,
@@ -264,15 +253,9 @@ fn decode_op(root: request::Reader<'_>) -> Result<Op, ErrorReply> {
                 delay_ms: r.get_delay_ms(),
             }
         }
-        Which::Stats(r) => Op::Stats {
-            queue: read_queue(r)?,
-        },
-        Which::Purge(r) => Op::Purge {
-            queue: read_queue(r)?,
-        },
-        Which::Delete(r) => Op::Delete {
-            queue: read_queue(r)?,
-        },
+        Which::Stats(r) => Op::Stats { queue: read_queue(r)? },
+        Which::Purge(r) => Op::Purge { queue: read_queue(r)? },
+        Which::Delete(r) => Op::Delete { queue: read_queue(r)? },
     })
 }
 
@@ -320,11 +303,7 @@ pub fn encode_request(req: &Request) -> Builder<HeapAllocator> {
                 list.set(i as u32, id.as_bytes());
             }
         }
-        Op::Extend {
-            queue,
-            lease,
-            lease_ms,
-        } => {
+        Op::Extend { queue, lease, lease_ms } => {
             let mut b = root.init_extend();
             set_queue(b.reborrow().init_queue(), queue);
             b.set_lease(lease.as_bytes());
@@ -349,7 +328,7 @@ pub fn encode_request(req: &Request) -> Builder<HeapAllocator> {
     message
 }
 
-/// Encodes a response into `message` (cleared first, so callers can reuse it).
+/// Encodes a response into a fresh message.
 pub fn encode_response(resp: &Response) -> Builder<HeapAllocator> {
     let mut message = Builder::new_default();
     let mut root = message.init_root::<response::Builder<'_>>();
@@ -449,21 +428,15 @@ fn bad(what: &'static str, detail: impl Into<String>) -> ResponseDecodeError {
 }
 
 /// Decodes one response frame.
-pub fn decode_response<S: ReaderSegments>(
-    message: &Reader<S>,
-) -> Result<Response, ResponseDecodeError> {
+pub fn decode_response<S: ReaderSegments>(message: &Reader<S>) -> Result<Response, ResponseDecodeError> {
     use response::Which;
     let root: response::Reader<'_> = message.get_root()?;
     let id = root.get_id();
-    let which = root
-        .which()
-        .map_err(|e| ResponseDecodeError::UnknownKind(e.0))?;
+    let which = root.which().map_err(|e| ResponseDecodeError::UnknownKind(e.0))?;
     let result = match which {
         Which::Error(e) => {
             let e = e?;
-            let code = e
-                .get_code()
-                .map_err(|e| ResponseDecodeError::UnknownCode(e.0))?;
+            let code = e.get_code().map_err(|e| ResponseDecodeError::UnknownCode(e.0))?;
             Err(ErrorReply::new(
                 code,
                 e.get_message()?
@@ -496,10 +469,7 @@ pub fn decode_response<S: ReaderSegments>(
             let mut ids = Vec::new();
             for id in a?.get_ids()?.iter() {
                 let id = id?;
-                ids.push(
-                    MessageId::from_slice(id)
-                        .ok_or_else(|| bad("message id", format!("{} bytes", id.len())))?,
-                );
+                ids.push(MessageId::from_slice(id).ok_or_else(|| bad("message id", format!("{} bytes", id.len())))?);
             }
             Ok(Reply::Added(ids))
         }
@@ -509,8 +479,8 @@ pub fn decode_response<S: ReaderSegments>(
             if lease.is_empty() {
                 Ok(Reply::Polled(None))
             } else {
-                let lease_id = LeaseId::from_slice(lease)
-                    .ok_or_else(|| bad("lease id", format!("{} bytes", lease.len())))?;
+                let lease_id =
+                    LeaseId::from_slice(lease).ok_or_else(|| bad("lease id", format!("{} bytes", lease.len())))?;
                 let mut messages = Vec::new();
                 for m in p.get_messages()?.iter() {
                     let id = m.get_id()?;
@@ -532,9 +502,7 @@ pub fn decode_response<S: ReaderSegments>(
         Which::Remove(r) => Ok(Reply::Removed(r?.get_removed()?.iter().collect())),
         Which::Extend(e) => {
             let e = e?;
-            Ok(Reply::Extended(
-                e.get_extended().then(|| e.get_expires_at_ms()),
-            ))
+            Ok(Reply::Extended(e.get_extended().then(|| e.get_expires_at_ms())))
         }
         Which::Release(r) => Ok(Reply::Released(r?.get_released())),
         Which::Stats(s) => {
@@ -549,14 +517,8 @@ pub fn decode_response<S: ReaderSegments>(
         Which::ListQueues(list) => {
             let mut names = Vec::new();
             for q in list?.iter() {
-                let t = q
-                    .get_tenant()?
-                    .to_str()
-                    .map_err(|e| bad("tenant", e.to_string()))?;
-                let n = q
-                    .get_queue()?
-                    .to_str()
-                    .map_err(|e| bad("queue", e.to_string()))?;
+                let t = q.get_tenant()?.to_str().map_err(|e| bad("tenant", e.to_string()))?;
+                let n = q.get_queue()?.to_str().map_err(|e| bad("queue", e.to_string()))?;
                 names.push(QueueName::new(t, n).map_err(|e| bad("queue name", e.to_string()))?);
             }
             Ok(Reply::Queues(names))
@@ -613,10 +575,7 @@ mod tests {
             Op::ListQueues,
             Op::Add {
                 queue: q("a"),
-                messages: vec![
-                    NewMessage::new(b"x".to_vec()),
-                    NewMessage::delayed(vec![], 5),
-                ],
+                messages: vec![NewMessage::new(b"x".to_vec()), NewMessage::delayed(vec![], 5)],
             },
             Op::Poll {
                 queue: q("a"),
@@ -699,10 +658,7 @@ mod tests {
             Ok(Reply::Deleted),
         ];
         for (i, result) in results.into_iter().enumerate() {
-            let resp = Response {
-                id: i as u64,
-                result,
-            };
+            let resp = Response { id: i as u64, result };
             assert_eq!(round_trip_response(&resp), resp);
         }
         for code in ERROR_CODES {
@@ -739,11 +695,7 @@ mod tests {
         let err = decode_request(&message.into_reader()).unwrap_err();
         assert_eq!(err.id, Some(42));
         assert_eq!(err.error.code, ErrorCode::InvalidArgument);
-        assert!(
-            err.error.message.contains("16 bytes"),
-            "{}",
-            err.error.message
-        );
+        assert!(err.error.message.contains("16 bytes"), "{}", err.error.message);
 
         let mut message = Builder::new_default();
         let mut root = message.init_root::<request::Builder<'_>>();

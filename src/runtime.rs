@@ -19,9 +19,7 @@ where
 
 /// Awaits `fut` for at most `limit`; `None` on timeout.
 pub async fn within<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
-    glommio::timer::timeout(limit, async { Ok(fut.await) })
-        .await
-        .ok()
+    glommio::timer::timeout(limit, async { Ok(fut.await) }).await.ok()
 }
 
 /// The CPUs this process may run on (respecting taskset/cgroups), sorted.
@@ -113,11 +111,7 @@ mod tests {
         let out = executor("t", None, 1 << 20)
             .spawn(|| async {
                 let v = offload(|| 21 * 2).await;
-                let late = within(
-                    Duration::from_millis(5),
-                    glommio::timer::sleep(Duration::from_secs(5)),
-                )
-                .await;
+                let late = within(Duration::from_millis(5), glommio::timer::sleep(Duration::from_secs(5))).await;
                 (v, late.is_none())
             })
             .unwrap()

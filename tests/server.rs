@@ -60,21 +60,14 @@ fn every_operation_and_error_path() {
             .await
             .unwrap();
         assert_eq!(flags, vec![true, false, false]);
-        assert_eq!(
-            c.remove(&a, LeaseId([1; 16]), vec![ids[1]]).await.unwrap(),
-            vec![false]
-        );
+        assert_eq!(c.remove(&a, LeaseId([1; 16]), vec![ids[1]]).await.unwrap(), vec![false]);
         let extended = c.extend(&a, lease.id, 60_000).await.unwrap();
         assert!(extended.unwrap() > lease.expires_at_ms);
         assert_eq!(c.extend(&a, LeaseId([1; 16]), 1_000).await.unwrap(), None);
         assert!(!c.release(&a, LeaseId([1; 16]), ids[1], 0).await.unwrap());
         assert!(c.release(&a, lease.id, ids[1], 0).await.unwrap());
         let again = c.poll(&a, 10, 30_000, 0).await.unwrap().unwrap();
-        let got: Vec<_> = again
-            .messages
-            .iter()
-            .map(|m| (m.id, m.delivery_count))
-            .collect();
+        let got: Vec<_> = again.messages.iter().map(|m| (m.id, m.delivery_count)).collect();
         // The released message is visible from the release time, after m2.
         assert_eq!(got, vec![(ids[2], 1), (ids[1], 2)]);
 
@@ -86,29 +79,17 @@ fn every_operation_and_error_path() {
 
         // Error paths, each a typed error on a connection that keeps working.
         assert_eq!(code(c.stats(&a).await), ErrorCode::UnknownQueue);
-        assert_eq!(
-            code(c.poll(&q("nope"), 1, 1_000, 0).await),
-            ErrorCode::UnknownQueue
-        );
+        assert_eq!(code(c.poll(&q("nope"), 1, 1_000, 0).await), ErrorCode::UnknownQueue);
         assert_eq!(code(c.delete(&q("nope")).await), ErrorCode::UnknownQueue);
         assert_eq!(code(c.poll(&a, 1, 0, 0).await), ErrorCode::InvalidArgument);
-        assert_eq!(
-            code(c.extend(&a, lease.id, 0).await),
-            ErrorCode::InvalidArgument
-        );
+        assert_eq!(code(c.extend(&a, lease.id, 0).await), ErrorCode::InvalidArgument);
         assert_eq!(code(c.add(&a, vec![]).await), ErrorCode::InvalidArgument);
-        assert_eq!(
-            code(c.remove(&a, lease.id, vec![]).await),
-            ErrorCode::InvalidArgument
-        );
+        assert_eq!(code(c.remove(&a, lease.id, vec![]).await), ErrorCode::InvalidArgument);
         let big = vec![NewMessage::new(vec![0u8; 256 * 1024 + 1])];
         let err = c.add(&a, big).await.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::PayloadTooLarge));
         assert!(err.to_string().contains("max-payload-bytes"), "{err}");
-        assert_eq!(
-            code(c.add(&a, msgs(4097, "x")).await),
-            ErrorCode::TooManyMessages
-        );
+        assert_eq!(code(c.add(&a, msgs(4097, "x")).await), ErrorCode::TooManyMessages);
         // Out-of-range durations are clamped, never overflowed.
         c.add(&a, vec![NewMessage::delayed(b"far".to_vec(), u64::MAX)])
             .await
@@ -147,17 +128,9 @@ fn one_connection_reaches_queues_on_every_shard() {
                 .iter()
                 .map(|m| String::from_utf8(m.payload.clone()).unwrap())
                 .collect();
-            assert_eq!(
-                payloads,
-                (0..5).map(|n| format!("s{i}-{n}")).collect::<Vec<_>>()
-            );
+            assert_eq!(payloads, (0..5).map(|n| format!("s{i}-{n}")).collect::<Vec<_>>());
             let ids = lease.messages.iter().map(|m| m.id).collect();
-            assert!(c
-                .remove(queue, lease.id, ids)
-                .await
-                .unwrap()
-                .into_iter()
-                .all(|ok| ok));
+            assert!(c.remove(queue, lease.id, ids).await.unwrap().into_iter().all(|ok| ok));
             assert_eq!(c.stats(queue).await.unwrap().in_flight, 0);
         }
         let mut listed = c.list_queues().await.unwrap();
@@ -176,43 +149,29 @@ fn concurrent_consumers_never_share_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), 2);
     let queue = q("contended");
-    let delivered = with_clients(
-        server.local_addr(),
-        CONSUMERS + 1,
-        move |clients| async move {
-            let producer = clients[0].clone();
-            for chunk in 0..(MESSAGES / 100) {
-                producer
-                    .add(&queue, msgs(100, &format!("c{chunk}-")))
-                    .await
-                    .unwrap();
-            }
-            let consumers = clients[1..].iter().cloned().map(|c| {
-                let queue = queue.clone();
-                async move {
-                    let mut seen = Vec::new();
-                    while let Some(lease) = c.poll(&queue, 7, 60_000, 0).await.unwrap() {
-                        let ids: Vec<_> = lease.messages.iter().map(|m| m.id).collect();
-                        let flags = c.remove(&queue, lease.id, ids.clone()).await.unwrap();
-                        assert!(
-                            flags.iter().all(|&ok| ok),
-                            "a fresh lease must hold its messages"
-                        );
-                        seen.extend(ids);
-                    }
-                    seen
+    let delivered = with_clients(server.local_addr(), CONSUMERS + 1, move |clients| async move {
+        let producer = clients[0].clone();
+        for chunk in 0..(MESSAGES / 100) {
+            producer.add(&queue, msgs(100, &format!("c{chunk}-"))).await.unwrap();
+        }
+        let consumers = clients[1..].iter().cloned().map(|c| {
+            let queue = queue.clone();
+            async move {
+                let mut seen = Vec::new();
+                while let Some(lease) = c.poll(&queue, 7, 60_000, 0).await.unwrap() {
+                    let ids: Vec<_> = lease.messages.iter().map(|m| m.id).collect();
+                    let flags = c.remove(&queue, lease.id, ids.clone()).await.unwrap();
+                    assert!(flags.iter().all(|&ok| ok), "a fresh lease must hold its messages");
+                    seen.extend(ids);
                 }
-            });
-            futures::future::join_all(consumers).await
-        },
-    );
+                seen
+            }
+        });
+        futures::future::join_all(consumers).await
+    });
     let all: Vec<_> = delivered.into_iter().flatten().collect();
     let unique: HashSet<_> = all.iter().collect();
-    assert_eq!(
-        unique.len(),
-        all.len(),
-        "a message was delivered to two leases"
-    );
+    assert_eq!(unique.len(), all.len(), "a message was delivered to two leases");
     assert_eq!(all.len(), MESSAGES);
     server.shutdown().unwrap();
 }
@@ -228,10 +187,7 @@ fn long_polls_wake_on_add_and_on_due_delays_but_not_for_other_queues() {
         for queue in [&a, &b] {
             producer.add(queue, msgs(1, "seed")).await.unwrap();
             let l = producer.poll(queue, 1, 60_000, 0).await.unwrap().unwrap();
-            producer
-                .remove(queue, l.id, vec![l.messages[0].id])
-                .await
-                .unwrap();
+            producer.remove(queue, l.id, vec![l.messages[0].id]).await.unwrap();
         }
 
         // 1. An add wakes a waiting poll promptly.
@@ -293,18 +249,9 @@ fn one_add_wakes_as_many_waiters_as_messages() {
     let queue = q("fanout");
     with_clients(server.local_addr(), 4, move |clients| async move {
         clients[0].add(&queue, msgs(1, "s")).await.unwrap();
-        let l = clients[0]
-            .poll(&queue, 1, 60_000, 0)
-            .await
-            .unwrap()
-            .unwrap();
-        clients[0]
-            .remove(&queue, l.id, vec![l.messages[0].id])
-            .await
-            .unwrap();
-        let waits = clients[1..]
-            .iter()
-            .map(|c| c.poll(&queue, 1, 60_000, 1_500));
+        let l = clients[0].poll(&queue, 1, 60_000, 0).await.unwrap().unwrap();
+        clients[0].remove(&queue, l.id, vec![l.messages[0].id]).await.unwrap();
+        let waits = clients[1..].iter().map(|c| c.poll(&queue, 1, 60_000, 1_500));
         let add = async {
             glommio::timer::sleep(Duration::from_millis(100)).await;
             clients[0].add(&queue, msgs(2, "w")).await.unwrap();
@@ -330,10 +277,7 @@ fn expiry_redelivers_extend_prevents_release_returns() {
         glommio::timer::sleep(Duration::from_millis(500)).await;
         let back = c.poll(&queue, 5, 300, 0).await.unwrap().unwrap();
         assert_eq!(back.messages.len(), 1, "extended message must stay leased");
-        assert_eq!(
-            (back.messages[0].id, back.messages[0].delivery_count),
-            (ids[1], 2)
-        );
+        assert_eq!((back.messages[0].id, back.messages[0].delivery_count), (ids[1], 2));
         // Let this one expire: it comes back, same id, delivery count 3, and
         // a long poll is woken by the expiry.
         let started = Instant::now();
@@ -343,18 +287,9 @@ fn expiry_redelivers_extend_prevents_release_returns() {
             .unwrap()
             .expect("redelivered after expiry");
         assert!(started.elapsed() >= Duration::from_millis(200));
-        assert_eq!(
-            (again.messages[0].id, again.messages[0].delivery_count),
-            (ids[1], 3)
-        );
-        assert_eq!(
-            c.remove(&queue, back.id, vec![ids[1]]).await.unwrap(),
-            vec![false]
-        );
-        assert_eq!(
-            c.remove(&queue, first.id, vec![ids[0]]).await.unwrap(),
-            vec![true]
-        );
+        assert_eq!((again.messages[0].id, again.messages[0].delivery_count), (ids[1], 3));
+        assert_eq!(c.remove(&queue, back.id, vec![ids[1]]).await.unwrap(), vec![false]);
+        assert_eq!(c.remove(&queue, first.id, vec![ids[0]]).await.unwrap(), vec![true]);
     });
     server.shutdown().unwrap();
 }
@@ -384,10 +319,7 @@ fn restart_keeps_messages_and_leases() {
             let s = c.stats(queue).await.unwrap();
             assert_eq!((s.visible, s.delayed, s.in_flight), (3, 1, 2), "{queue}");
             let ids = lease.messages.iter().map(|m| m.id).collect();
-            assert_eq!(
-                c.remove(queue, lease.id, ids).await.unwrap(),
-                vec![true, true]
-            );
+            assert_eq!(c.remove(queue, lease.id, ids).await.unwrap(), vec![true, true]);
             let rest = c.poll(queue, 10, 1_000, 0).await.unwrap().unwrap();
             assert_eq!(rest.messages.len(), 3);
         }
@@ -455,11 +387,46 @@ fn in_flight_limit_is_enforced_with_a_typed_error() {
         let err = r3.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::TooManyInFlight));
         assert!(err.to_string().contains("max-in-flight-per-connection 2"));
-        assert!(
-            c.stats(&queue).await.is_ok(),
-            "the connection keeps working"
-        );
+        assert!(c.stats(&queue).await.is_ok(), "the connection keeps working");
     });
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_client_that_does_not_read_gets_every_answer_later() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let limits = ServerLimits {
+        max_in_flight_per_connection: 8,
+        ..ServerLimits::default()
+    };
+    let server = start_with_limits(dir.path(), 2, limits);
+    let addr = server.local_addr();
+    // 64 pipelined requests, nothing read until all are sent.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for id in 1..=64 {
+        s.write_all(&raw::stats_frame(id, "q")).unwrap();
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let mut ids = Vec::new();
+    let mut rest = &buf[..];
+    while !rest.is_empty() {
+        let reader = capnp::serialize::read_message(&mut rest, capnp::message::ReaderOptions::new()).unwrap();
+        let resp = queueber::protocol::decode_response(&reader).unwrap();
+        let code = resp.result.unwrap_err().code;
+        assert!(
+            matches!(code, ErrorCode::UnknownQueue | ErrorCode::TooManyInFlight),
+            "{code:?}"
+        );
+        ids.push(resp.id);
+    }
+    ids.sort();
+    assert_eq!(ids, (1..=64).collect::<Vec<_>>(), "one answer per request");
+    // Everyone else is served throughout.
+    with_client(addr, |c| async move { c.hello().await.unwrap() });
     server.shutdown().unwrap();
 }
 
@@ -526,10 +493,7 @@ fn bad_input_never_disturbs_other_clients() {
         assert!(
             matches!(
                 noise,
-                None | Some((
-                    0,
-                    Some(ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge)
-                ))
+                None | Some((0, Some(ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge)))
             ),
             "{noise:?}"
         );
@@ -551,9 +515,7 @@ fn shutdown_answers_long_polls_and_stops_promptly() {
     with_client(addr, move |c| async move {
         c.add(&setup, msgs(1, "x")).await.unwrap();
         let l = c.poll(&setup, 1, 60_000, 0).await.unwrap().unwrap();
-        c.remove(&setup, l.id, vec![l.messages[0].id])
-            .await
-            .unwrap();
+        c.remove(&setup, l.id, vec![l.messages[0].id]).await.unwrap();
     });
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
@@ -565,15 +527,8 @@ fn shutdown_answers_long_polls_and_stops_promptly() {
         let started = Instant::now();
         (c.poll(&queue, 1, 1_000, 20_000).await, started.elapsed())
     });
-    assert_eq!(
-        polled.unwrap(),
-        None,
-        "a parked long poll is answered empty"
-    );
-    assert!(
-        waited < Duration::from_secs(5),
-        "long poll held for {waited:?}"
-    );
+    assert_eq!(polled.unwrap(), None, "a parked long poll is answered empty");
+    assert!(waited < Duration::from_secs(5), "long poll held for {waited:?}");
     let took = stopper.join().unwrap();
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
 }

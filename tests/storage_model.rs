@@ -11,8 +11,8 @@ use queueber::clock::{Clock, ManualClock};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::storage::{
-    Command, Durability, Engine, EngineOptions, Lease, ModelStore, NewMessage, Outcome, QueueStore,
-    ShardStore, StoreError,
+    Command, Durability, Engine, EngineOptions, Lease, ModelStore, NewMessage, Outcome, QueueStore, ShardStore,
+    StoreError,
 };
 
 const QUEUES: usize = 2;
@@ -146,37 +146,17 @@ impl Harness {
         self.real.as_mut().expect("store is open")
     }
 
-    fn both(
-        &mut self,
-        real: Command,
-        model: Command,
-    ) -> (Result<Outcome, StoreError>, Result<Outcome, StoreError>) {
-        let r = self
-            .real()
-            .execute(vec![real])
-            .outcomes
-            .pop()
-            .expect("one outcome");
-        let m = self
-            .model
-            .execute(vec![model])
-            .outcomes
-            .pop()
-            .expect("one outcome");
+    fn both(&mut self, real: Command, model: Command) -> (Result<Outcome, StoreError>, Result<Outcome, StoreError>) {
+        let r = self.real().execute(vec![real]).outcomes.pop().expect("one outcome");
+        let m = self.model.execute(vec![model]).outcomes.pop().expect("one outcome");
         (r, m)
     }
 
-    fn same(
-        &mut self,
-        command: Command,
-    ) -> (Result<Outcome, StoreError>, Result<Outcome, StoreError>) {
+    fn same(&mut self, command: Command) -> (Result<Outcome, StoreError>, Result<Outcome, StoreError>) {
         self.both(command.clone(), command)
     }
 
-    fn assert_errors_match(
-        r: &Result<Outcome, StoreError>,
-        m: &Result<Outcome, StoreError>,
-    ) -> bool {
+    fn assert_errors_match(r: &Result<Outcome, StoreError>, m: &Result<Outcome, StoreError>) -> bool {
         match (r, m) {
             (Err(a), Err(b)) => {
                 assert_eq!(error_kind(a), error_kind(b), "real {a:?} vs model {b:?}");
@@ -248,8 +228,7 @@ impl Harness {
                                 rm.payload
                             );
                         }
-                        self.held
-                            .insert(rm.payload.clone(), (slot, r.expires_at_ms));
+                        self.held.insert(rm.payload.clone(), (slot, r.expires_at_ms));
                         self.delivered.push(Delivered {
                             lease: slot,
                             real: rm.id,
@@ -259,9 +238,7 @@ impl Harness {
                     }
                 }
             }
-            Op::Remove { pick } | Op::RemoveWithWrongLease { pick, .. }
-                if self.delivered.is_empty() =>
-            {
+            Op::Remove { pick } | Op::RemoveWithWrongLease { pick, .. } if self.delivered.is_empty() => {
                 let _ = pick;
             }
             Op::Remove { pick } => {
@@ -283,9 +260,7 @@ impl Harness {
                 if Self::assert_errors_match(&r, &m) {
                     return;
                 }
-                let (Ok(r), Ok(m)) = (r, m) else {
-                    unreachable!()
-                };
+                let (Ok(r), Ok(m)) = (r, m) else { unreachable!() };
                 assert_eq!(r, m, "remove");
                 if r == Outcome::Removed(true) {
                     self.held.remove(&d.payload);
@@ -317,9 +292,7 @@ impl Harness {
                 }
                 // "Wrong" unless that lease has since been handed this very
                 // message after the first one expired; both stores must agree.
-                let (Ok(r), Ok(m)) = (r, m) else {
-                    unreachable!()
-                };
+                let (Ok(r), Ok(m)) = (r, m) else { unreachable!() };
                 assert_eq!(r, m, "remove with another lease");
                 if r == Outcome::Removed(true) {
                     self.held.remove(&d.payload);
@@ -346,9 +319,7 @@ impl Harness {
                 if Self::assert_errors_match(&r, &m) {
                     return;
                 }
-                let (Ok(r), Ok(m)) = (r, m) else {
-                    unreachable!()
-                };
+                let (Ok(r), Ok(m)) = (r, m) else { unreachable!() };
                 assert_eq!(r, m, "extend");
                 if let Outcome::Extended(Some(expiry)) = r {
                     for (_, held) in self.held.iter_mut() {
@@ -379,9 +350,7 @@ impl Harness {
                 if Self::assert_errors_match(&r, &m) {
                     return;
                 }
-                let (Ok(r), Ok(m)) = (r, m) else {
-                    unreachable!()
-                };
+                let (Ok(r), Ok(m)) = (r, m) else { unreachable!() };
                 assert_eq!(r, m, "release");
                 if r == Outcome::Released(true) {
                     self.held.remove(&d.payload);
@@ -405,9 +374,7 @@ impl Harness {
                 }
                 assert_eq!(r.ok(), m.ok(), "purge");
                 self.live.retain(|_, owner| *owner != q);
-                let gone: BTreeSet<usize> = (0..self.leases.len())
-                    .filter(|&s| self.leases[s].q == q)
-                    .collect();
+                let gone: BTreeSet<usize> = (0..self.leases.len()).filter(|&s| self.leases[s].q == q).collect();
                 self.held.retain(|_, (slot, _)| !gone.contains(slot));
             }
             Op::Expire => {
@@ -439,10 +406,7 @@ impl Harness {
                 match self.real().poll(&name, 1000, 1_000_000) {
                     Ok(Some(lease)) => {
                         for m in lease.messages {
-                            assert!(
-                                found.insert(m.payload, q).is_none(),
-                                "delivered twice in the drain"
-                            );
+                            assert!(found.insert(m.payload, q).is_none(), "delivered twice in the drain");
                         }
                     }
                     Ok(None) | Err(StoreError::UnknownQueue(_)) => break,
@@ -473,16 +437,8 @@ fn model_and_store_agree_on_a_known_sequence() {
     // when the random cases miss it.
     let mut h = Harness::new();
     for op in [
-        Op::Add {
-            q: 0,
-            n: 3,
-            delay: 0,
-        },
-        Op::Add {
-            q: 0,
-            n: 1,
-            delay: 20,
-        },
+        Op::Add { q: 0, n: 3, delay: 0 },
+        Op::Add { q: 0, n: 1, delay: 20 },
         Op::Poll {
             q: 0,
             max: 2,
@@ -498,10 +454,7 @@ fn model_and_store_agree_on_a_known_sequence() {
             max: 3,
             lease_ms: 30,
         },
-        Op::Extend {
-            pick: 2,
-            lease_ms: 40,
-        },
+        Op::Extend { pick: 2, lease_ms: 40 },
         Op::Reopen,
         Op::Advance { ms: 25 },
         Op::Poll {
@@ -511,11 +464,7 @@ fn model_and_store_agree_on_a_known_sequence() {
         },
         Op::Stats { q: 1 },
         Op::Purge { q: 0 },
-        Op::Add {
-            q: 1,
-            n: 2,
-            delay: 0,
-        },
+        Op::Add { q: 1, n: 2, delay: 0 },
     ] {
         h.step(op);
     }

@@ -14,27 +14,13 @@ use queueber::storage::{Lease, NewMessage};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "queueber",
-    version,
-    about = "Command-line client for a queueber server"
-)]
+#[command(name = "queueber", version, about = "Command-line client for a queueber server")]
 struct Cli {
     /// Server address.
-    #[arg(
-        long,
-        env = "QUEUEBER_ADDR",
-        default_value = "127.0.0.1:7420",
-        global = true
-    )]
+    #[arg(long, env = "QUEUEBER_ADDR", default_value = "127.0.0.1:7420", global = true)]
     addr: SocketAddr,
     /// Tenant of the queue.
-    #[arg(
-        long,
-        env = "QUEUEBER_TENANT",
-        default_value = "default",
-        global = true
-    )]
+    #[arg(long, env = "QUEUEBER_TENANT", default_value = "default", global = true)]
     tenant: String,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
@@ -143,11 +129,7 @@ fn parse_id(s: &str) -> Result<MessageId, CliError> {
     MessageId::parse(s).ok_or_else(|| CliError::Usage(format!("{s:?} is not a message id (UUID)")))
 }
 
-fn read_messages(
-    messages: Vec<String>,
-    files: Vec<PathBuf>,
-    delay_ms: u64,
-) -> Result<Vec<NewMessage>, CliError> {
+fn read_messages(messages: Vec<String>, files: Vec<PathBuf>, delay_ms: u64) -> Result<Vec<NewMessage>, CliError> {
     let mut out: Vec<NewMessage> = messages
         .into_iter()
         .map(|m| NewMessage::delayed(m.into_bytes(), delay_ms))
@@ -176,8 +158,7 @@ fn read_messages(
 
 /// Runs one command; returns (human text, JSON).
 async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String, Value), CliError> {
-    let queue =
-        |name: &str| QueueName::from_wire(tenant, name).map_err(|e| CliError::Usage(e.to_string()));
+    let queue = |name: &str| QueueName::from_wire(tenant, name).map_err(|e| CliError::Usage(e.to_string()));
     Ok(match command {
         Command::Hello => {
             let info = client.hello().await?;
@@ -202,14 +183,9 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             delay_ms,
         } => {
             let q = queue(&name)?;
-            let ids = client
-                .add(&q, read_messages(messages, file, delay_ms)?)
-                .await?;
+            let ids = client.add(&q, read_messages(messages, file, delay_ms)?).await?;
             let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-            (
-                ids.join("\n"),
-                json!({ "queue": q.to_string(), "ids": ids }),
-            )
+            (ids.join("\n"), json!({ "queue": q.to_string(), "ids": ids }))
         }
         Command::Poll {
             queue: name,
@@ -243,26 +219,12 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             if ids.is_empty() {
                 return Err(CliError::Usage("give at least one message id".into()));
             }
-            let parsed = ids
-                .iter()
-                .map(|s| parse_id(s))
-                .collect::<Result<Vec<_>, _>>()?;
-            let flags = client
-                .remove(&queue(&name)?, parse_lease(&lease)?, parsed)
-                .await?;
+            let parsed = ids.iter().map(|s| parse_id(s)).collect::<Result<Vec<_>, _>>()?;
+            let flags = client.remove(&queue(&name)?, parse_lease(&lease)?, parsed).await?;
             let text = ids
                 .iter()
                 .zip(&flags)
-                .map(|(id, ok)| {
-                    format!(
-                        "{id} {}",
-                        if *ok {
-                            "removed"
-                        } else {
-                            "not held by this lease"
-                        }
-                    )
-                })
+                .map(|(id, ok)| format!("{id} {}", if *ok { "removed" } else { "not held by this lease" }))
                 .collect::<Vec<_>>()
                 .join("\n");
             (
@@ -274,18 +236,12 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             queue: name,
             lease,
             lease_ms,
-        } => match client
-            .extend(&queue(&name)?, parse_lease(&lease)?, lease_ms)
-            .await?
-        {
+        } => match client.extend(&queue(&name)?, parse_lease(&lease)?, lease_ms).await? {
             Some(at) => (
                 format!("extended to {at} ms"),
                 json!({ "extended": true, "expires_at_ms": at }),
             ),
-            None => (
-                "lease unknown or expired".into(),
-                json!({ "extended": false }),
-            ),
+            None => ("lease unknown or expired".into(), json!({ "extended": false })),
         },
         Command::Release {
             queue: name,
@@ -294,20 +250,10 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             delay_ms,
         } => {
             let ok = client
-                .release(
-                    &queue(&name)?,
-                    parse_lease(&lease)?,
-                    parse_id(&id)?,
-                    delay_ms,
-                )
+                .release(&queue(&name)?, parse_lease(&lease)?, parse_id(&id)?, delay_ms)
                 .await?;
             (
-                if ok {
-                    "released"
-                } else {
-                    "not held by this lease"
-                }
-                .into(),
+                if ok { "released" } else { "not held by this lease" }.into(),
                 json!({ "released": ok }),
             )
         }
@@ -319,8 +265,7 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
                     s.visible,
                     s.delayed,
                     s.in_flight,
-                    s.oldest_visible_age_ms
-                        .map_or("-".into(), |a| format!("{a} ms"))
+                    s.oldest_visible_age_ms.map_or("-".into(), |a| format!("{a} ms"))
                 ),
                 json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "oldest_visible_age_ms": s.oldest_visible_age_ms }),
             )
@@ -349,15 +294,14 @@ fn main() -> ExitCode {
         json,
         command,
     } = cli;
-    let outcome =
-        queueber::runtime::executor("queueber-cli", None, 256 << 10).spawn(move || async move {
-            let stream = glommio::net::TcpStream::connect(addr).await.map_err(|e| {
-                CliError::Io(std::io::Error::other(format!("connecting to {addr}: {e}")))
-            })?;
-            let (client, driver) = Client::new(stream);
-            glommio::spawn_local(driver).detach();
-            run(&client, &tenant, command).await
-        });
+    let outcome = queueber::runtime::executor("queueber-cli", None, 256 << 10).spawn(move || async move {
+        let stream = glommio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| CliError::Io(std::io::Error::other(format!("connecting to {addr}: {e}"))))?;
+        let (client, driver) = Client::new(stream);
+        glommio::spawn_local(driver).detach();
+        run(&client, &tenant, command).await
+    });
     let result = match outcome.map(|h| h.join()) {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(CliError::Usage(format!("executor: {e}"))),

@@ -21,11 +21,7 @@ enum DurabilityMode {
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "queueberd",
-    version,
-    about = "The queueber durable work-queue server"
-)]
+#[command(name = "queueberd", version, about = "The queueber durable work-queue server")]
 struct Args {
     /// Address to listen on (every shard binds it with SO_REUSEPORT).
     #[arg(long, env = "QUEUEBER_LISTEN", default_value = "127.0.0.1:7420")]
@@ -121,9 +117,7 @@ fn main() -> ExitCode {
     config.pin = !args.no_pin;
     config.durability = match args.durability {
         DurabilityMode::Fsync => Durability::Fsync,
-        DurabilityMode::Periodic => {
-            Durability::Periodic(Duration::from_millis(args.sync_interval_ms.max(1)))
-        }
+        DurabilityMode::Periodic => Durability::Periodic(Duration::from_millis(args.sync_interval_ms.max(1))),
         DurabilityMode::Wal => Durability::Wal,
     };
     config.block_cache_bytes = args.block_cache_mib << 20;

@@ -65,16 +65,30 @@ impl Default for ServerLimits {
     }
 }
 
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl ServerLimits {
+    /// The limits with nonsensical zeros raised to the smallest working value.
+    pub fn normalized(mut self) -> Self {
+        self.max_frame_bytes = self.max_frame_bytes.max(4096);
+        self.max_messages_per_add = self.max_messages_per_add.max(1);
+        self.max_items_per_poll = self.max_items_per_poll.max(1);
+        self.max_in_flight_per_connection = self.max_in_flight_per_connection.max(1);
+        self.max_connections = self.max_connections.max(1);
+        self
+    }
+
     pub fn announce(&self) -> Limits {
         Limits {
             max_frame_bytes: self.max_frame_bytes as u64,
-            max_messages_per_add: self.max_messages_per_add as u32,
+            max_messages_per_add: saturate(self.max_messages_per_add),
             max_payload_bytes: self.max_payload_bytes as u64,
             max_items_per_poll: self.max_items_per_poll,
             max_wait_ms: self.max_wait_ms,
-            max_in_flight_per_connection: self.max_in_flight_per_connection as u32,
-            max_connections: self.max_connections as u32,
+            max_in_flight_per_connection: saturate(self.max_in_flight_per_connection),
+            max_connections: saturate(self.max_connections),
             max_duration_ms: MAX_DURATION_MS,
         }
     }
@@ -87,10 +101,7 @@ impl ServerLimits {
         let invalid = |m: String| Err(ErrorReply::new(ErrorCode::InvalidArgument, m));
         let clamp = |ms: u64| ms.min(MAX_DURATION_MS);
         Ok(match op {
-            Op::Add {
-                queue,
-                mut messages,
-            } => {
+            Op::Add { queue, mut messages } => {
                 if messages.is_empty() {
                     return invalid("add needs at least one message".into());
                 }
@@ -104,10 +115,7 @@ impl ServerLimits {
                         ),
                     ));
                 }
-                if let Some(m) = messages
-                    .iter()
-                    .find(|m| m.payload.len() > self.max_payload_bytes)
-                {
+                if let Some(m) = messages.iter().find(|m| m.payload.len() > self.max_payload_bytes) {
                     return Err(ErrorReply::new(
                         ErrorCode::PayloadTooLarge,
                         format!(
@@ -154,11 +162,7 @@ impl ServerLimits {
                 }
                 Op::Remove { queue, lease, ids }
             }
-            Op::Extend {
-                queue,
-                lease,
-                lease_ms,
-            } => {
+            Op::Extend { queue, lease, lease_ms } => {
                 if lease_ms == 0 {
                     return invalid("extend leaseMs must be greater than 0".into());
                 }
@@ -217,10 +221,7 @@ mod tests {
             limits.admit(poll(99, u64::MAX, 1000)).unwrap(),
             poll(10, MAX_DURATION_MS, 100)
         );
-        assert_eq!(
-            code(limits.admit(poll(1, 0, 0))),
-            ErrorCode::InvalidArgument
-        );
+        assert_eq!(code(limits.admit(poll(1, 0, 0))), ErrorCode::InvalidArgument);
     }
 
     #[test]
@@ -230,24 +231,17 @@ mod tests {
             max_payload_bytes: 4,
             ..ServerLimits::default()
         };
-        let add = |messages: Vec<NewMessage>| Op::Add {
-            queue: q(),
-            messages,
-        };
+        let add = |messages: Vec<NewMessage>| Op::Add { queue: q(), messages };
         assert_eq!(code(limits.admit(add(vec![]))), ErrorCode::InvalidArgument);
         let three = vec![NewMessage::new(vec![]); 3];
         let err = limits.admit(add(three)).unwrap_err();
         assert_eq!(err.code, ErrorCode::TooManyMessages);
         assert!(err.message.contains("max-messages-per-add 2"));
-        let err = limits
-            .admit(add(vec![NewMessage::new(vec![0; 5])]))
-            .unwrap_err();
+        let err = limits.admit(add(vec![NewMessage::new(vec![0; 5])])).unwrap_err();
         assert_eq!(err.code, ErrorCode::PayloadTooLarge);
         assert!(err.message.contains("max-payload-bytes 4"));
         assert_eq!(
-            limits
-                .admit(add(vec![NewMessage::delayed(vec![1], u64::MAX)]))
-                .unwrap(),
+            limits.admit(add(vec![NewMessage::delayed(vec![1], u64::MAX)])).unwrap(),
             add(vec![NewMessage::delayed(vec![1], MAX_DURATION_MS)])
         );
     }

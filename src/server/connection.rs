@@ -21,8 +21,7 @@ use glommio::net::TcpStream;
 use super::config::ServerLimits;
 use super::router::Router;
 use crate::protocol::{
-    decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response,
-    ServerInfo,
+    decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
 };
 
 const IO_BUFFER: usize = 64 << 10;
@@ -83,32 +82,67 @@ impl Drop for ConnectionGuard {
     }
 }
 
-type Outgoing = mpsc::UnboundedSender<Builder<HeapAllocator>>;
-
-fn send(out: &Outgoing, id: u64, result: Result<Reply, ErrorReply>) {
-    // A closed channel means the writer saw the socket fail: nobody to tell.
-    let _ = out.unbounded_send(encode_response(&Response { id, result }));
+/// The responses of one connection on their way to its writer task.
+///
+/// `pending` counts requests accepted and not yet answered on the socket
+/// (running, or answered but not yet written). The in-flight limit is
+/// checked against it, so a client that pipelines without reading cannot
+/// make the server buffer without bound.
+struct Responses {
+    out: mpsc::UnboundedSender<Builder<HeapAllocator>>,
+    pending: Cell<usize>,
+    changed: event_listener::Event,
+    /// The writer hit a socket error: nothing more will be written.
+    broken: Cell<bool>,
 }
 
-/// Requests in flight on one connection, and a way to wait until none are.
-#[derive(Default)]
-struct InFlight {
-    count: Cell<usize>,
-    idle: event_listener::Event,
-}
-
-impl InFlight {
-    fn done(&self) {
-        self.count.set(self.count.get() - 1);
-        if self.count.get() == 0 {
-            self.idle.notify(usize::MAX);
+impl Responses {
+    fn new(out: mpsc::UnboundedSender<Builder<HeapAllocator>>) -> Self {
+        Self {
+            out,
+            pending: Cell::new(0),
+            changed: event_listener::Event::new(),
+            broken: Cell::new(false),
         }
     }
 
-    async fn wait_idle(&self) {
-        while self.count.get() > 0 {
-            let listener = self.idle.listen();
-            if self.count.get() == 0 {
+    /// Counts a request (or an error answer) that will produce one response.
+    fn reserve(&self) {
+        self.pending.set(self.pending.get() + 1);
+    }
+
+    /// Queues the response of a reserved request.
+    fn send(&self, id: u64, result: Result<Reply, ErrorReply>) {
+        if self
+            .out
+            .unbounded_send(encode_response(&Response { id, result }))
+            .is_err()
+        {
+            self.written();
+        }
+    }
+
+    /// Reserves and queues at once (answers the reader gives itself).
+    fn answer(&self, id: u64, result: Result<Reply, ErrorReply>) {
+        self.reserve();
+        self.send(id, result);
+    }
+
+    fn written(&self) {
+        self.pending.set(self.pending.get().saturating_sub(1));
+        self.changed.notify(usize::MAX);
+    }
+
+    fn fail(&self) {
+        self.broken.set(true);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Waits until fewer than `n` responses are pending (or the socket broke).
+    async fn wait_below(&self, n: usize) {
+        while self.pending.get() >= n && !self.broken.get() {
+            let listener = self.changed.listen();
+            if self.pending.get() < n || self.broken.get() {
                 return;
             }
             listener.await;
@@ -122,10 +156,7 @@ fn frame_error(e: &capnp::Error, limits: &ServerLimits) -> Option<ErrorReply> {
         capnp::ErrorKind::Disconnected => None,
         _ if e.extra.contains("too large") => Some(ErrorReply::new(
             ErrorCode::FrameTooLarge,
-            format!(
-                "frame exceeds max-frame-bytes {}: {}",
-                limits.max_frame_bytes, e.extra
-            ),
+            format!("frame exceeds max-frame-bytes {}: {}", limits.max_frame_bytes, e.extra),
         )),
         capnp::ErrorKind::PrematureEndOfFile => None,
         _ => Some(ErrorReply::new(
@@ -140,16 +171,26 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
     let (reader, writer) = stream.split();
     let mut reader = BufReader::with_capacity(IO_BUFFER, reader);
     let (out, outgoing) = mpsc::unbounded();
+    let responses = Rc::new(Responses::new(out));
     let writer = glommio::spawn_local(write_loop(
         BufWriter::with_capacity(IO_BUFFER, writer),
         outgoing,
+        responses.clone(),
     ))
     .detach();
-    let in_flight = Rc::new(InFlight::default());
+    let limit = ctx.limits.max_in_flight_per_connection;
     let mut options = ReaderOptions::new();
     options.traversal_limit_in_words(Some(ctx.limits.max_frame_bytes / 8));
 
     loop {
+        // A client far over its limit (pipelining without reading even the
+        // errors) is not read from until its answers drain.
+        if responses.pending.get() >= 2 * limit {
+            responses.wait_below(limit).await;
+        }
+        if responses.broken.get() {
+            break;
+        }
         let read = capnp_futures::serialize::try_read_message(&mut reader, options);
         let frame = match select(Box::pin(read), Box::pin(ctx.shutdown.wait())).await {
             Either::Left((frame, _)) => frame,
@@ -161,7 +202,7 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
             Err(e) => {
                 if let Some(error) = frame_error(&e, &ctx.limits) {
                     // Framing is lost: answer (id 0 = about the connection) and close.
-                    send(&out, 0, Err(error));
+                    responses.answer(0, Err(error));
                 }
                 break;
             }
@@ -170,72 +211,66 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
             Ok(request) => request,
             Err(e) => {
                 let fatal = e.error.code == ErrorCode::MalformedFrame;
-                send(&out, e.id.unwrap_or(0), Err(e.error));
+                responses.answer(e.id.unwrap_or(0), Err(e.error));
                 if fatal {
                     break;
                 }
                 continue;
             }
         };
-        if in_flight.count.get() >= ctx.limits.max_in_flight_per_connection {
-            send(
-                &out,
-                request.id,
-                Err(ErrorReply::new(
-                    ErrorCode::TooManyInFlight,
-                    format!(
-                        "more than max-in-flight-per-connection {} requests in flight",
-                        ctx.limits.max_in_flight_per_connection
-                    ),
-                )),
+        if responses.pending.get() >= limit {
+            let error = ErrorReply::new(
+                ErrorCode::TooManyInFlight,
+                format!("more than max-in-flight-per-connection {limit} requests in flight"),
             );
+            responses.answer(request.id, Err(error));
             continue;
         }
-        in_flight.count.set(in_flight.count.get() + 1);
-        glommio::spawn_local(handle(request, ctx.clone(), out.clone(), in_flight.clone())).detach();
+        responses.reserve();
+        glommio::spawn_local(handle(request, ctx.clone(), responses.clone())).detach();
     }
     // Answer everything already accepted before closing.
-    in_flight.wait_idle().await;
-    drop(out);
+    responses.wait_below(1).await;
+    // The writer holds the responses too: end its stream explicitly.
+    responses.out.close_channel();
     writer.await;
     drop(guard);
 }
 
-async fn handle(request: Request, ctx: Rc<ShardContext>, out: Outgoing, in_flight: Rc<InFlight>) {
+async fn handle(request: Request, ctx: Rc<ShardContext>, responses: Rc<Responses>) {
     let result = match ctx.limits.admit(request.op) {
         Err(e) => Err(e),
         Ok(Op::Hello) => Ok(Reply::Hello(ctx.info.clone())),
-        Ok(_) if ctx.shutdown.is_fired() => Err(ErrorReply::new(
-            ErrorCode::ShuttingDown,
-            "server is shutting down",
-        )),
+        Ok(_) if ctx.shutdown.is_fired() => Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")),
         Ok(op) => ctx.router.call(op).await,
     };
-    send(&out, request.id, result);
-    in_flight.done();
+    responses.send(request.id, result);
 }
 
 async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
     mut writer: BufWriter<W>,
     mut outgoing: mpsc::UnboundedReceiver<Builder<HeapAllocator>>,
+    responses: Rc<Responses>,
 ) {
     while let Some(message) = outgoing.next().await {
-        if capnp_futures::serialize::write_message(&mut writer, &message)
-            .await
-            .is_err()
-        {
-            return;
-        }
+        let mut batch = vec![message];
         // Coalesce whatever else is ready into the same flush.
         while let Ok(message) = outgoing.try_recv() {
-            if capnp_futures::serialize::write_message(&mut writer, &message)
-                .await
-                .is_err()
-            {
-                return;
-            }
+            batch.push(message);
         }
-        if writer.flush().await.is_err() {
+        let mut ok = true;
+        for message in &batch {
+            ok = ok
+                && capnp_futures::serialize::write_message(&mut writer, message)
+                    .await
+                    .is_ok();
+        }
+        ok = ok && writer.flush().await.is_ok();
+        for _ in &batch {
+            responses.written();
+        }
+        if !ok {
+            responses.fail();
             return;
         }
     }

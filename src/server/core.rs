@@ -41,6 +41,7 @@ impl From<&StoreError> for ErrorReply {
             StoreError::ZeroItems => ErrorCode::InvalidArgument,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::WrongShard(_)
+            | StoreError::Failed(_)
             | StoreError::Rocks { .. }
             | StoreError::Corrupt { .. }
             | StoreError::QueueIdsExhausted => ErrorCode::Internal,
@@ -77,9 +78,7 @@ impl CoreHandle {
         self.jobs
             .unbounded_send(Job::Call { op, reply })
             .map_err(|_| unavailable("is stopping"))?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(unavailable("dropped the request")))
+        answer.await.unwrap_or_else(|_| Err(unavailable("dropped the request")))
     }
 
     pub(crate) fn drain(&self) {
@@ -120,8 +119,7 @@ impl Waiters {
     fn park(&mut self, parked: Parked) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.deadlines
-            .insert((parked.deadline, seq), parked.queue.clone());
+        self.deadlines.insert((parked.deadline, seq), parked.queue.clone());
         self.by_queue
             .entry(parked.queue.clone())
             .or_default()
@@ -178,9 +176,7 @@ impl Waiters {
 
 /// Spawns the core of one shard on the current executor. The returned task
 /// yields the store back when the core is stopped.
-pub(crate) fn spawn(
-    store: Box<dyn QueueStore>,
-) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
+pub(crate) fn spawn(store: Box<dyn QueueStore>) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
     let (jobs, incoming) = mpsc::unbounded();
     let task = glommio::spawn_local(run(store, incoming)).detach();
     (CoreHandle { jobs }, task)
@@ -192,32 +188,21 @@ fn store_deadline(deadline_ms: Option<u64>) -> Option<Instant> {
     deadline_ms.map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(now_ms)))
 }
 
-async fn run(
-    store: Box<dyn QueueStore>,
-    mut incoming: mpsc::UnboundedReceiver<Job>,
-) -> Box<dyn QueueStore> {
+async fn run(store: Box<dyn QueueStore>, mut incoming: mpsc::UnboundedReceiver<Job>) -> Box<dyn QueueStore> {
     let mut store = Some(store);
     let mut waiters = Waiters::default();
     let mut retry: Vec<Parked> = Vec::new();
     let mut store_due = store_deadline(store.as_ref().and_then(|s| s.next_deadline()));
     let mut draining = false;
     let mut stopping = false;
+    let (mut batches, mut commands_run) = (0u64, 0u64);
     loop {
         // Wait for work unless some is ready (woken waiters, due timers).
         let mut jobs = Vec::new();
         if retry.is_empty() && !stopping {
-            let wake_at = [waiters.next_deadline(), store_due]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake_at = [waiters.next_deadline(), store_due].into_iter().flatten().min();
             let next = match wake_at {
-                Some(at) => {
-                    within(
-                        at.saturating_duration_since(Instant::now()),
-                        incoming.next(),
-                    )
-                    .await
-                }
+                Some(at) => within(at.saturating_duration_since(Instant::now()), incoming.next()).await,
                 None => Some(incoming.next().await),
             };
             match next {
@@ -256,37 +241,30 @@ async fn run(
                 break;
             };
             let list_queues = finishes.iter().any(|f| matches!(f, Finish::ListQueues(_)));
-            let (owned, executed, queues, next) = offload(move || {
+            batches += 1;
+            commands_run += commands.len() as u64;
+            let work = move || {
                 let executed = owned.execute(commands);
                 let queues = list_queues.then(|| owned.list_queues());
                 let next = owned.next_deadline();
                 (owned, executed, queues, next)
-            })
-            .await;
+            };
+            let (owned, executed, queues, next) = offload(work).await;
             store = Some(owned);
             store_due = store_deadline(next);
-            finish(
-                executed,
-                queues,
-                finishes,
-                &mut waiters,
-                &mut retry,
-                draining,
-            );
+            finish(executed, queues, finishes, &mut waiters, &mut retry, draining);
         }
         if stopping && retry.is_empty() {
             break;
         }
     }
+    tracing::info!(batches, commands = commands_run, "shard core stopped");
     waiters.expire(None);
     // Jobs that raced with the stop get a clear answer rather than silence.
     incoming.close();
     while let Ok(job) = incoming.try_recv() {
         if let Job::Call { reply, .. } = job {
-            let _ = reply.send(Err(ErrorReply::new(
-                ErrorCode::ShuttingDown,
-                "server is shutting down",
-            )));
+            let _ = reply.send(Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")));
         }
     }
     match store {
@@ -329,15 +307,7 @@ fn plan(op: Op, reply: ReplyTx, commands: &mut Vec<Command>, finishes: &mut Vec<
             finishes.push(Finish::Remove(reply, n));
             return;
         }
-        Op::Extend {
-            queue,
-            lease,
-            lease_ms,
-        } => Command::Extend {
-            queue,
-            lease,
-            lease_ms,
-        },
+        Op::Extend { queue, lease, lease_ms } => Command::Extend { queue, lease, lease_ms },
         Op::Release {
             queue,
             lease,
@@ -391,11 +361,7 @@ fn finish(
     draining: bool,
 ) {
     let mut outcomes = executed.outcomes.into_iter();
-    let missing = || {
-        Err(StoreError::Unavailable(
-            "store returned too few outcomes".into(),
-        ))
-    };
+    let missing = || Err(StoreError::Unavailable("store returned too few outcomes".into()));
     let now = Instant::now();
     for f in finishes {
         match f {
@@ -403,9 +369,7 @@ fn finish(
                 let _ = reply.send(to_reply(outcomes.next().unwrap_or_else(missing)));
             }
             Finish::Poll(parked) => match outcomes.next().unwrap_or_else(missing) {
-                Ok(Outcome::Polled(None))
-                    if !draining && parked.deadline > now && !parked.reply.is_canceled() =>
-                {
+                Ok(Outcome::Polled(None)) if !draining && parked.deadline > now && !parked.reply.is_canceled() => {
                     waiters.park(parked)
                 }
                 other => {
@@ -419,10 +383,7 @@ fn finish(
                     match outcomes.next().unwrap_or_else(missing) {
                         Ok(Outcome::Removed(ok)) => flags.push(ok),
                         Ok(other) => {
-                            error = Some(ErrorReply::new(
-                                ErrorCode::Internal,
-                                format!("remove got {other:?}"),
-                            ))
+                            error = Some(ErrorReply::new(ErrorCode::Internal, format!("remove got {other:?}")))
                         }
                         Err(e) => error = Some(ErrorReply::from(&e)),
                     }
@@ -473,14 +434,9 @@ mod tests {
                 let (core, task) = spawn(Box::new(store));
                 let add = core.call(Op::Add {
                     queue: q("a"),
-                    messages: vec![
-                        NewMessage::new(b"1".to_vec()),
-                        NewMessage::new(b"2".to_vec()),
-                    ],
+                    messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
                 });
-                let stats = core.call(Op::Stats {
-                    queue: q("missing"),
-                });
+                let stats = core.call(Op::Stats { queue: q("missing") });
                 let (added, stats) = futures::join!(add, stats);
                 let Ok(Reply::Added(ids)) = added else {
                     panic!("{added:?}")

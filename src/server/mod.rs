@@ -110,10 +110,8 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
 }
 
 /// Starts a server; returns once every shard is accepting connections.
-pub fn start_with_clock(
-    config: ServerConfig,
-    clock: Arc<dyn Clock>,
-) -> Result<ServerHandle, ServerError> {
+pub fn start_with_clock(mut config: ServerConfig, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServerError> {
+    config.limits = config.limits.normalized();
     let shards = config.shards.max(1);
     let locked = runtime::raise_memlock(
         runtime::MIN_MEMLOCK_BYTES + (config.io_memory * shards) as u64,
@@ -126,6 +124,12 @@ pub fn start_with_clock(
         EngineOptions {
             durability: config.durability,
             max_payload_bytes: config.limits.max_payload_bytes,
+            // A poll reply must fit the frames clients are told about.
+            max_poll_bytes: config
+                .limits
+                .max_frame_bytes
+                .saturating_sub(64 << 10)
+                .max(config.limits.max_payload_bytes),
             block_cache_bytes: config.block_cache_bytes,
             write_buffer_bytes: config.write_buffer_bytes,
         },
@@ -173,9 +177,7 @@ pub fn start_with_clock(
             }
             Err(_) => {
                 stop.store(true, Ordering::SeqCst);
-                return Err(ServerError::Executor(format!(
-                    "shard {index} did not start"
-                )));
+                return Err(ServerError::Executor(format!("shard {index} did not start")));
             }
         }
     }
@@ -256,8 +258,7 @@ impl Shard {
 
 async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
     loop {
-        let stream = match select(Box::pin(listener.accept()), Box::pin(ctx.shutdown.wait())).await
-        {
+        let stream = match select(Box::pin(listener.accept()), Box::pin(ctx.shutdown.wait())).await {
             Either::Left((Ok(stream), _)) => stream,
             Either::Left((Err(e), _)) => {
                 // Typically EMFILE: back off instead of spinning.
@@ -272,8 +273,7 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
                 glommio::spawn_local(connection::serve(stream, ctx.clone(), guard)).detach();
             }
             None => {
-                glommio::spawn_local(connection::refuse(stream, ctx.limits.max_connections))
-                    .detach();
+                glommio::spawn_local(connection::refuse(stream, ctx.limits.max_connections)).detach();
             }
         }
     }

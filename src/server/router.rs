@@ -14,9 +14,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use futures::channel::oneshot;
-use glommio::channels::shared_channel::{
-    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
-};
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
 use super::core::{CoreHandle, ReplyResult, ReplyTx};
 use crate::protocol::{ErrorCode, ErrorReply, Op};
@@ -81,22 +79,14 @@ pub(crate) struct Router {
 }
 
 fn unavailable(shard: usize) -> ErrorReply {
-    ErrorReply::new(
-        ErrorCode::Unavailable,
-        format!("shard {shard} is not reachable"),
-    )
+    ErrorReply::new(ErrorCode::Unavailable, format!("shard {shard} is not reachable"))
 }
 
 impl Router {
     /// Connects this shard's channel ends (every peer does the same at the
     /// same time; connecting waits for the other side) and starts one task
     /// per incoming channel.
-    pub(crate) async fn connect(
-        index: usize,
-        shards: usize,
-        core: CoreHandle,
-        links: ShardLinks,
-    ) -> Rc<Router> {
+    pub(crate) async fn connect(index: usize, shards: usize, core: CoreHandle, links: ShardLinks) -> Rc<Router> {
         let senders = futures::future::join_all(links.senders.into_iter().map(|s| async move {
             if let Some(s) = s {
                 Some(s.connect().await)
@@ -104,14 +94,13 @@ impl Router {
                 None
             }
         }));
-        let receivers =
-            futures::future::join_all(links.receivers.into_iter().map(|r| async move {
-                if let Some(r) = r {
-                    Some(r.connect().await)
-                } else {
-                    None
-                }
-            }));
+        let receivers = futures::future::join_all(links.receivers.into_iter().map(|r| async move {
+            if let Some(r) = r {
+                Some(r.connect().await)
+            } else {
+                None
+            }
+        }));
         let (peers, receivers) = futures::join!(senders, receivers);
         let router = Rc::new(Router {
             index,

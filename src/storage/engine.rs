@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    IteratorMode, Options, SliceTransform, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    Options, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
 use super::keys::{self, QueueId};
@@ -50,6 +50,9 @@ impl Durability {
 pub struct EngineOptions {
     pub durability: Durability,
     pub max_payload_bytes: usize,
+    /// A poll stops adding messages once their payloads would exceed this
+    /// (it always returns at least one), so a reply stays a sane size.
+    pub max_poll_bytes: usize,
     /// Shared block cache for all column families.
     pub block_cache_bytes: usize,
     /// Memtable size per column family.
@@ -61,6 +64,7 @@ impl Default for EngineOptions {
         Self {
             durability: Durability::Fsync,
             max_payload_bytes: super::DEFAULT_MAX_PAYLOAD_BYTES,
+            max_poll_bytes: super::DEFAULT_MAX_POLL_BYTES,
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 64 << 20,
         }
@@ -160,13 +164,10 @@ impl Engine {
         // Recover every acknowledged write; stop at a torn tail record.
         db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
-        let cfs = [CF_READY, CF_LEASES, CF_REGISTRY].map(|name| {
-            ColumnFamilyDescriptor::new(name, cf_options(name, &cache, options.write_buffer_bytes))
-        });
-        let db = Arc::new(
-            DB::open_cf_descriptors(&db_opts, &path, cfs)
-                .map_err(StoreError::rocks("open the database"))?,
-        );
+        let cfs = [CF_READY, CF_LEASES, CF_REGISTRY]
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name, &cache, options.write_buffer_bytes)));
+        let db =
+            Arc::new(DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(StoreError::rocks("open the database"))?);
 
         let mut max_qid = 0;
         for queue in list_registry(&db)? {
@@ -237,9 +238,7 @@ impl Engine {
 
     /// Fsyncs the WAL: what was acknowledged so far survives a power cut.
     pub fn sync_wal(&self) -> Result<(), StoreError> {
-        self.db
-            .flush_wal(true)
-            .map_err(StoreError::rocks("sync the WAL"))
+        self.db.flush_wal(true).map_err(StoreError::rocks("sync the WAL"))
     }
 
     /// Compacts one column family fully (used by benchmarks and tools to
@@ -279,16 +278,18 @@ fn list_registry(db: &DB) -> Result<Vec<(QueueName, QueueId)>, StoreError> {
             cf: CF_REGISTRY,
             detail: format!("unparseable queue name key {k:?}"),
         })?;
-        let qid =
-            v.as_ref()
-                .try_into()
-                .map(u32::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    cf: CF_REGISTRY,
-                    detail: format!("queue id of {name} is {} bytes", v.len()),
-                })?;
+        let qid = v
+            .as_ref()
+            .try_into()
+            .map(u32::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                cf: CF_REGISTRY,
+                detail: format!("queue id of {name} is {} bytes", v.len()),
+            })?;
         out.push((name, qid));
     }
+    // Key order is (tenant length, tenant, queue); callers want names sorted.
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 

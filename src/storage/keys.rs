@@ -96,10 +96,7 @@ pub fn parse_lease_entry(k: &[u8]) -> Option<LeaseEntry> {
     let lease = LeaseId::from_slice(k.get(QID_LEN..LEASE_KEY_LEN)?)?;
     match k.len() {
         LEASE_KEY_LEN => Some(LeaseEntry::Header(lease)),
-        MEMBER_KEY_LEN => Some(LeaseEntry::Member(
-            lease,
-            MessageId::from_slice(&k[LEASE_KEY_LEN..])?,
-        )),
+        MEMBER_KEY_LEN => Some(LeaseEntry::Member(lease, MessageId::from_slice(&k[LEASE_KEY_LEN..])?)),
         _ => None,
     }
 }

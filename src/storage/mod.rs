@@ -35,6 +35,9 @@ pub use shard::ShardStore;
 /// Default per-message payload limit (256 KiB).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
+/// Default payload budget of one poll (16 MiB).
+pub const DEFAULT_MAX_POLL_BYTES: usize = 16 << 20;
+
 /// Longest delay, lease or extension the store accepts: about 10 years. Larger
 /// values are clamped to it so that `now + duration` can never overflow.
 pub const MAX_DURATION_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
@@ -205,6 +208,9 @@ pub enum StoreError {
     QueueIdsExhausted,
     #[error("storage failed earlier and this shard is unavailable until restart: {0}")]
     Unavailable(String),
+    /// A batch-wide storage failure, fanned out to every command of the batch.
+    #[error("storage failed: {0}")]
+    Failed(String),
 }
 
 impl StoreError {
@@ -229,7 +235,9 @@ impl StoreError {
                 cf,
                 detail: detail.clone(),
             },
-            other => StoreError::Unavailable(other.to_string()),
+            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+            StoreError::Failed(why) => StoreError::Failed(why.clone()),
+            other => StoreError::Failed(other.to_string()),
         }
     }
 }
@@ -250,11 +258,7 @@ pub trait QueueStore: Send {
 
     // Single-command conveniences, for tests, benches and tools.
 
-    fn add(
-        &mut self,
-        queue: &QueueName,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, StoreError> {
+    fn add(&mut self, queue: &QueueName, messages: Vec<NewMessage>) -> Result<Vec<MessageId>, StoreError> {
         match self.execute_one(Command::Add {
             queue: queue.clone(),
             messages,
@@ -264,12 +268,7 @@ pub trait QueueStore: Send {
         }
     }
 
-    fn poll(
-        &mut self,
-        queue: &QueueName,
-        max_items: u32,
-        lease_ms: u64,
-    ) -> Result<Option<Lease>, StoreError> {
+    fn poll(&mut self, queue: &QueueName, max_items: u32, lease_ms: u64) -> Result<Option<Lease>, StoreError> {
         match self.execute_one(Command::Poll {
             queue: queue.clone(),
             max_items,
@@ -280,12 +279,7 @@ pub trait QueueStore: Send {
         }
     }
 
-    fn remove(
-        &mut self,
-        queue: &QueueName,
-        id: MessageId,
-        lease: LeaseId,
-    ) -> Result<bool, StoreError> {
+    fn remove(&mut self, queue: &QueueName, id: MessageId, lease: LeaseId) -> Result<bool, StoreError> {
         match self.execute_one(Command::Remove {
             queue: queue.clone(),
             id,
@@ -296,12 +290,7 @@ pub trait QueueStore: Send {
         }
     }
 
-    fn extend(
-        &mut self,
-        queue: &QueueName,
-        lease: LeaseId,
-        lease_ms: u64,
-    ) -> Result<Option<u64>, StoreError> {
+    fn extend(&mut self, queue: &QueueName, lease: LeaseId, lease_ms: u64) -> Result<Option<u64>, StoreError> {
         match self.execute_one(Command::Extend {
             queue: queue.clone(),
             lease,
@@ -312,13 +301,7 @@ pub trait QueueStore: Send {
         }
     }
 
-    fn release(
-        &mut self,
-        queue: &QueueName,
-        id: MessageId,
-        lease: LeaseId,
-        delay_ms: u64,
-    ) -> Result<bool, StoreError> {
+    fn release(&mut self, queue: &QueueName, id: MessageId, lease: LeaseId, delay_ms: u64) -> Result<bool, StoreError> {
         match self.execute_one(Command::Release {
             queue: queue.clone(),
             id,
@@ -331,27 +314,21 @@ pub trait QueueStore: Send {
     }
 
     fn stats(&mut self, queue: &QueueName) -> Result<QueueStats, StoreError> {
-        match self.execute_one(Command::Stats {
-            queue: queue.clone(),
-        })? {
+        match self.execute_one(Command::Stats { queue: queue.clone() })? {
             Outcome::Stats(s) => Ok(s),
             other => unreachable_outcome("stats", other),
         }
     }
 
     fn purge(&mut self, queue: &QueueName) -> Result<u64, StoreError> {
-        match self.execute_one(Command::Purge {
-            queue: queue.clone(),
-        })? {
+        match self.execute_one(Command::Purge { queue: queue.clone() })? {
             Outcome::Purged(n) => Ok(n),
             other => unreachable_outcome("purge", other),
         }
     }
 
     fn delete(&mut self, queue: &QueueName) -> Result<(), StoreError> {
-        match self.execute_one(Command::Delete {
-            queue: queue.clone(),
-        })? {
+        match self.execute_one(Command::Delete { queue: queue.clone() })? {
             Outcome::Deleted => Ok(()),
             other => unreachable_outcome("delete", other),
         }
@@ -372,9 +349,7 @@ pub trait QueueStore: Send {
 }
 
 fn unreachable_outcome<T>(op: &str, outcome: Outcome) -> Result<T, StoreError> {
-    Err(StoreError::Unavailable(format!(
-        "store answered {op} with {outcome:?}"
-    )))
+    Err(StoreError::Unavailable(format!("store answered {op} with {outcome:?}")))
 }
 
 /// `now + ms`, with `ms` clamped to [`MAX_DURATION_MS`].

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::{
     deadline, Command, Delivery, Executed, Lease, Outcome, QueueStats, QueueStore, StoreError,
-    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES,
 };
 use crate::clock::Clock;
 use crate::ids::{IdGenerator, LeaseId, MessageId};
@@ -43,8 +43,7 @@ impl Queue {
                 }
             }
         }
-        let held: std::collections::HashSet<LeaseId> =
-            self.messages.values().filter_map(|m| m.lease).collect();
+        let held: std::collections::HashSet<LeaseId> = self.messages.values().filter_map(|m| m.lease).collect();
         self.leases.retain(|l, _| held.contains(l));
     }
 
@@ -60,9 +59,7 @@ impl Queue {
     }
 
     fn holds(&self, id: &MessageId, lease: &LeaseId, now: u64) -> bool {
-        self.messages
-            .get(id)
-            .is_some_and(|m| m.lease == Some(*lease))
+        self.messages.get(id).is_some_and(|m| m.lease == Some(*lease))
             && self.leases.get(lease).is_some_and(|&e| e > now)
     }
 }
@@ -72,6 +69,7 @@ pub struct ModelStore {
     ids: IdGenerator,
     queues: BTreeMap<QueueName, Queue>,
     max_payload_bytes: usize,
+    max_poll_bytes: usize,
     last_now: u64,
 }
 
@@ -82,6 +80,7 @@ impl ModelStore {
             ids: IdGenerator::new(),
             queues: BTreeMap::new(),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_poll_bytes: DEFAULT_MAX_POLL_BYTES,
             last_now: 0,
         }
     }
@@ -100,10 +99,7 @@ impl ModelStore {
     fn apply(&mut self, command: Command, now: u64) -> Result<Outcome, StoreError> {
         match command {
             Command::Add { queue, messages } => {
-                if let Some(m) = messages
-                    .iter()
-                    .find(|m| m.payload.len() > self.max_payload_bytes)
-                {
+                if let Some(m) = messages.iter().find(|m| m.payload.len() > self.max_payload_bytes) {
                     return Err(StoreError::PayloadTooLarge {
                         size: m.payload.len(),
                         limit: self.max_payload_bytes,
@@ -112,20 +108,16 @@ impl ModelStore {
                 let mut ids = Vec::new();
                 for m in messages {
                     let id = self.ids.message_id(now);
-                    self.queues
-                        .entry(queue.clone())
-                        .or_default()
-                        .messages
-                        .insert(
-                            id,
-                            Message {
-                                payload: m.payload,
-                                enqueued_at: now,
-                                visible_at: deadline(now, m.delay_ms),
-                                delivery_count: 0,
-                                lease: None,
-                            },
-                        );
+                    self.queues.entry(queue.clone()).or_default().messages.insert(
+                        id,
+                        Message {
+                            payload: m.payload,
+                            enqueued_at: now,
+                            visible_at: deadline(now, m.delay_ms),
+                            delivery_count: 0,
+                            lease: None,
+                        },
+                    );
                     ids.push(id);
                 }
                 // An add of nothing still creates the queue, as in ShardStore.
@@ -141,11 +133,19 @@ impl ModelStore {
                     return Err(StoreError::ZeroItems);
                 }
                 let lease = self.ids.lease_id(now);
+                let budget = self.max_poll_bytes;
                 let q = self.queue(&queue)?;
+                let mut bytes = 0;
                 let ids: Vec<_> = q
                     .visible_in_order(now)
                     .into_iter()
                     .take(max_items as usize)
+                    .enumerate()
+                    .take_while(|(i, id)| {
+                        bytes += q.messages.get(id).map_or(0, |m| m.payload.len());
+                        *i == 0 || bytes <= budget
+                    })
+                    .map(|(_, id)| id)
                     .collect();
                 if ids.is_empty() {
                     return Ok(Outcome::Polled(None));
@@ -180,11 +180,7 @@ impl ModelStore {
                 q.settle(now);
                 Ok(Outcome::Removed(true))
             }
-            Command::Extend {
-                queue,
-                lease,
-                lease_ms,
-            } => {
+            Command::Extend { queue, lease, lease_ms } => {
                 let q = self.queue(&queue)?;
                 match q.leases.get_mut(&lease) {
                     Some(expiry) if *expiry > now => {
@@ -235,9 +231,7 @@ impl ModelStore {
                 Ok(Outcome::Purged(n))
             }
             Command::Delete { queue } => {
-                self.queues
-                    .remove(&queue)
-                    .ok_or(StoreError::UnknownQueue(queue))?;
+                self.queues.remove(&queue).ok_or(StoreError::UnknownQueue(queue))?;
                 Ok(Outcome::Deleted)
             }
         }
@@ -263,12 +257,10 @@ impl QueueStore for ModelStore {
         self.queues
             .values()
             .flat_map(|q| {
-                q.leases.values().copied().chain(
-                    q.messages
-                        .values()
-                        .filter(|m| m.lease.is_none())
-                        .map(|m| m.visible_at),
-                )
+                q.leases
+                    .values()
+                    .copied()
+                    .chain(q.messages.values().filter(|m| m.lease.is_none()).map(|m| m.visible_at))
             })
             .filter(|&t| t > now)
             .min()

@@ -22,10 +22,7 @@ use rocksdb::{ReadOptions, WriteBatch};
 
 use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
-use super::{
-    deadline, Command, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore,
-    StoreError,
-};
+use super::{deadline, Command, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore, StoreError};
 use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
@@ -125,7 +122,7 @@ impl std::fmt::Debug for ShardStore {
 fn is_fatal(e: &StoreError) -> bool {
     matches!(
         e,
-        StoreError::Rocks { .. } | StoreError::Corrupt { .. } | StoreError::Unavailable(_)
+        StoreError::Rocks { .. } | StoreError::Corrupt { .. } | StoreError::Unavailable(_) | StoreError::Failed(_)
     )
 }
 
@@ -202,20 +199,11 @@ impl ShardStore {
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match keys::parse_lease_entry(k) {
                 Some(LeaseEntry::Header(lease)) => {
-                    let expires_at =
-                        v.try_into()
-                            .map(u64::from_be_bytes)
-                            .map_err(|_| StoreError::Corrupt {
-                                cf: CF_LEASES,
-                                detail: format!("lease header of {name} is {} bytes", v.len()),
-                            })?;
-                    q.leases.insert(
-                        lease,
-                        LeaseState {
-                            expires_at,
-                            live: 0,
-                        },
-                    );
+                    let expires_at = v.try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt {
+                        cf: CF_LEASES,
+                        detail: format!("lease header of {name} is {} bytes", v.len()),
+                    })?;
+                    q.leases.insert(lease, LeaseState { expires_at, live: 0 });
                 }
                 Some(LeaseEntry::Member(lease, id)) => {
                     // A member without a header cannot happen (they are written
@@ -223,10 +211,7 @@ impl ShardStore {
                     // rather than hold the message forever.
                     q.leases
                         .entry(lease)
-                        .or_insert(LeaseState {
-                            expires_at: 0,
-                            live: 0,
-                        })
+                        .or_insert(LeaseState { expires_at: 0, live: 0 })
                         .live += 1;
                     q.holders.insert(id, lease);
                 }
@@ -260,8 +245,7 @@ impl ShardStore {
             q.delayed += 1;
             it.next();
         }
-        it.status()
-            .map_err(StoreError::rocks("scan delayed messages"))?;
+        it.status().map_err(StoreError::rocks("scan delayed messages"))?;
 
         self.names.insert(name, qid);
         self.queues.insert(qid, q);
@@ -331,8 +315,7 @@ impl ShardStore {
             }
             it.next();
         }
-        it.status()
-            .map_err(StoreError::rocks("scan an expired lease"))?;
+        it.status().map_err(StoreError::rocks("scan an expired lease"))?;
         if returned > 0 {
             *batch.woken.entry(qid).or_default() += returned;
         }
@@ -346,16 +329,9 @@ impl ShardStore {
             .ok_or_else(|| StoreError::UnknownQueue(name.clone()))
     }
 
-    fn apply(
-        &mut self,
-        command: Command,
-        now: u64,
-        batch: &mut Batch,
-    ) -> Result<Outcome, StoreError> {
+    fn apply(&mut self, command: Command, now: u64, batch: &mut Batch) -> Result<Outcome, StoreError> {
         match command {
-            Command::Add { queue, messages } => self
-                .apply_add(queue, messages, now, batch)
-                .map(Outcome::Added),
+            Command::Add { queue, messages } => self.apply_add(queue, messages, now, batch).map(Outcome::Added),
             Command::Poll {
                 queue,
                 max_items,
@@ -363,14 +339,10 @@ impl ShardStore {
             } => self
                 .apply_poll(&queue, max_items, lease_ms, now, batch)
                 .map(Outcome::Polled),
-            Command::Remove { queue, id, lease } => self
-                .apply_remove(&queue, id, lease, now, batch)
-                .map(Outcome::Removed),
-            Command::Extend {
-                queue,
-                lease,
-                lease_ms,
-            } => self
+            Command::Remove { queue, id, lease } => {
+                self.apply_remove(&queue, id, lease, now, batch).map(Outcome::Removed)
+            }
+            Command::Extend { queue, lease, lease_ms } => self
                 .apply_extend(&queue, lease, lease_ms, now, batch)
                 .map(Outcome::Extended),
             Command::Release {
@@ -424,11 +396,9 @@ impl ShardStore {
                     return Err(StoreError::WrongShard(queue));
                 }
                 let qid = engine.allocate_qid()?;
-                batch.writes.put_cf(
-                    engine.cf(CF_REGISTRY)?,
-                    keys::name_key(&queue),
-                    qid.to_be_bytes(),
-                );
+                batch
+                    .writes
+                    .put_cf(engine.cf(CF_REGISTRY)?, keys::name_key(&queue), qid.to_be_bytes());
                 self.names.insert(queue.clone(), qid);
                 let mut state = QueueState::new(queue, qid, Counters::default());
                 state.dirty = true;
@@ -507,19 +477,24 @@ impl ShardStore {
         let expires_at = deadline(now, lease_ms);
         let mut messages = Vec::with_capacity(want as usize);
         let mut last_key = None;
+        let budget = engine.options().max_poll_bytes;
+        let mut bytes = 0;
         while (messages.len() as u64) < want {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
+            bytes += v.len().saturating_sub(keys::RECORD_HEADER_LEN);
+            if !messages.is_empty() && bytes > budget {
+                break;
+            }
             let (_, id) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
                 cf: CF_READY,
                 detail: format!("unparseable key {k:?} in {queue}"),
             })?;
-            let (mut header, payload) =
-                keys::parse_record(v).ok_or_else(|| StoreError::Corrupt {
-                    cf: CF_READY,
-                    detail: format!("record of {id} in {queue} is {} bytes", v.len()),
-                })?;
+            let (mut header, payload) = keys::parse_record(v).ok_or_else(|| StoreError::Corrupt {
+                cf: CF_READY,
+                detail: format!("record of {id} in {queue} is {} bytes", v.len()),
+            })?;
             header.delivery_count = header.delivery_count.saturating_add(1);
             keys::encode_record(&mut batch.record, header, payload);
             batch.writes.single_delete_cf(ready_cf, k);
@@ -535,8 +510,7 @@ impl ShardStore {
             last_key = Some(k.to_vec());
             it.next();
         }
-        it.status()
-            .map_err(StoreError::rocks("scan the ready index"))?;
+        it.status().map_err(StoreError::rocks("scan the ready index"))?;
         let Some(mut floor) = last_key else {
             return Ok(None);
         };
@@ -560,11 +534,9 @@ impl ShardStore {
             },
         );
         self.lease_deadlines.insert((expires_at, qid, lease));
-        batch.writes.put_cf(
-            leases_cf,
-            keys::lease_key(qid, &lease),
-            expires_at.to_be_bytes(),
-        );
+        batch
+            .writes
+            .put_cf(leases_cf, keys::lease_key(qid, &lease), expires_at.to_be_bytes());
         Ok(Some(Lease {
             id: lease,
             expires_at_ms: expires_at,
@@ -595,9 +567,7 @@ impl ShardStore {
                 let expires_at = state.expires_at;
                 q.leases.remove(&lease);
                 self.lease_deadlines.remove(&(expires_at, qid, lease));
-                batch
-                    .writes
-                    .delete_cf(leases_cf, keys::lease_key(qid, &lease));
+                batch.writes.delete_cf(leases_cf, keys::lease_key(qid, &lease));
             }
         }
         Ok(())
@@ -635,11 +605,7 @@ impl ShardStore {
     ) -> Result<Option<u64>, StoreError> {
         let qid = self.queue_id(queue)?;
         let leases_cf = self.engine.cf(CF_LEASES)?;
-        let Some(state) = self
-            .queues
-            .get_mut(&qid)
-            .and_then(|q| q.leases.get_mut(&lease))
-        else {
+        let Some(state) = self.queues.get_mut(&qid).and_then(|q| q.leases.get_mut(&lease)) else {
             return Ok(None);
         };
         if state.expires_at <= now {
@@ -649,11 +615,9 @@ impl ShardStore {
         self.lease_deadlines.remove(&(state.expires_at, qid, lease));
         self.lease_deadlines.insert((new_expiry, qid, lease));
         state.expires_at = new_expiry;
-        batch.writes.put_cf(
-            leases_cf,
-            keys::lease_key(qid, &lease),
-            new_expiry.to_be_bytes(),
-        );
+        batch
+            .writes
+            .put_cf(leases_cf, keys::lease_key(qid, &lease), new_expiry.to_be_bytes());
         Ok(Some(new_expiry))
     }
 
@@ -727,8 +691,7 @@ impl ShardStore {
                     stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));
                 }
             }
-            it.status()
-                .map_err(StoreError::rocks("read the head of a queue"))?;
+            it.status().map_err(StoreError::rocks("read the head of a queue"))?;
         }
         Ok(stats)
     }
@@ -742,12 +705,8 @@ impl ShardStore {
         batch.touched.push(qid);
         let (start, end) = (keys::queue_prefix(qid), keys::queue_end(qid));
         // Range tombstones: O(1) to write, and later scans skip the range whole.
-        batch
-            .writes
-            .delete_range_cf(engine.cf(CF_READY)?, start, end);
-        batch
-            .writes
-            .delete_range_cf(engine.cf(CF_LEASES)?, start, end);
+        batch.writes.delete_range_cf(engine.cf(CF_READY)?, start, end);
+        batch.writes.delete_range_cf(engine.cf(CF_LEASES)?, start, end);
         q.counters = Counters::default();
         q.delayed = 0;
         q.leases.clear();
@@ -839,12 +798,7 @@ impl QueueStore for ShardStore {
     }
 
     fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
-        Ok(self
-            .engine
-            .registry()?
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect())
+        Ok(self.engine.registry()?.into_iter().map(|(name, _)| name).collect())
     }
 }
 
@@ -857,11 +811,9 @@ impl ShardStore {
             };
             q.batch_low = None;
             if std::mem::take(&mut q.dirty) {
-                batch.writes.put_cf(
-                    registry,
-                    keys::counters_key(q.qid),
-                    keys::encode_counters(&q.counters),
-                );
+                batch
+                    .writes
+                    .put_cf(registry, keys::counters_key(q.qid), keys::encode_counters(&q.counters));
             }
         }
         Ok(())
@@ -917,10 +869,7 @@ mod tests {
     }
 
     fn msgs(items: &[&str]) -> Vec<NewMessage> {
-        items
-            .iter()
-            .map(|s| NewMessage::new(s.as_bytes().to_vec()))
-            .collect()
+        items.iter().map(|s| NewMessage::new(s.as_bytes().to_vec())).collect()
     }
 
     #[test]
@@ -945,18 +894,10 @@ mod tests {
         let ids = f.store.add(&q("a"), msgs(&["1", "2"])).unwrap();
         let lease = f.store.poll(&q("a"), 1, 100).unwrap().unwrap();
         let id = lease.messages[0].id;
+        assert!(!f.store.remove(&q("a"), id, LeaseId([0; 16])).unwrap(), "wrong lease");
+        assert!(!f.store.remove(&q("a"), ids[1], lease.id).unwrap(), "id not in lease");
         assert!(
-            !f.store.remove(&q("a"), id, LeaseId([0; 16])).unwrap(),
-            "wrong lease"
-        );
-        assert!(
-            !f.store.remove(&q("a"), ids[1], lease.id).unwrap(),
-            "id not in lease"
-        );
-        assert!(
-            !f.store
-                .remove(&q("a"), MessageId([9; 16]), lease.id)
-                .unwrap(),
+            !f.store.remove(&q("a"), MessageId([9; 16]), lease.id).unwrap(),
             "unknown id"
         );
         assert!(matches!(
@@ -964,10 +905,7 @@ mod tests {
             Err(StoreError::UnknownQueue(_))
         ));
         assert!(f.store.remove(&q("a"), id, lease.id).unwrap());
-        assert!(
-            !f.store.remove(&q("a"), id, lease.id).unwrap(),
-            "already removed"
-        );
+        assert!(!f.store.remove(&q("a"), id, lease.id).unwrap(), "already removed");
     }
 
     #[test]
@@ -976,10 +914,7 @@ mod tests {
         f.store.add(&q("a"), msgs(&["1"])).unwrap();
         let lease = f.store.poll(&q("a"), 1, 100).unwrap().unwrap();
         f.clock.advance(100);
-        assert!(!f
-            .store
-            .remove(&q("a"), lease.messages[0].id, lease.id)
-            .unwrap());
+        assert!(!f.store.remove(&q("a"), lease.messages[0].id, lease.id).unwrap());
         assert_eq!(f.store.extend(&q("a"), lease.id, 100).unwrap(), None);
         let again = f.store.poll(&q("a"), 1, 100).unwrap().unwrap();
         assert_eq!(again.messages[0].id, lease.messages[0].id);
@@ -993,23 +928,13 @@ mod tests {
         f.store.add(&q("a"), msgs(&["1"])).unwrap();
         let lease = f.store.poll(&q("a"), 1, 100).unwrap().unwrap();
         f.clock.advance(90);
-        assert_eq!(
-            f.store.extend(&q("a"), lease.id, 100).unwrap(),
-            Some(T0 + 190)
-        );
+        assert_eq!(f.store.extend(&q("a"), lease.id, 100).unwrap(), Some(T0 + 190));
         f.clock.advance(50);
         assert!(f.store.expire_due().is_empty());
         assert_eq!(f.store.poll(&q("a"), 1, 100).unwrap(), None);
         assert_eq!(f.store.next_deadline(), Some(T0 + 190));
-        assert!(f
-            .store
-            .remove(&q("a"), lease.messages[0].id, lease.id)
-            .unwrap());
-        assert_eq!(
-            f.store.next_deadline(),
-            None,
-            "the last remove drops the lease"
-        );
+        assert!(f.store.remove(&q("a"), lease.messages[0].id, lease.id).unwrap());
+        assert_eq!(f.store.next_deadline(), None, "the last remove drops the lease");
         assert_eq!(f.store.extend(&q("a"), lease.id, 100).unwrap(), None);
     }
 
@@ -1019,15 +944,9 @@ mod tests {
         f.store.add(&q("a"), msgs(&["1", "2"])).unwrap();
         let lease = f.store.poll(&q("a"), 2, 1000).unwrap().unwrap();
         let first = lease.messages[0].id;
-        assert!(!f
-            .store
-            .release(&q("a"), first, LeaseId([1; 16]), 0)
-            .unwrap());
+        assert!(!f.store.release(&q("a"), first, LeaseId([1; 16]), 0).unwrap());
         assert!(f.store.release(&q("a"), first, lease.id, 50).unwrap());
-        assert!(
-            !f.store.release(&q("a"), first, lease.id, 0).unwrap(),
-            "no longer held"
-        );
+        assert!(!f.store.release(&q("a"), first, lease.id, 0).unwrap(), "no longer held");
         let s = f.store.stats(&q("a")).unwrap();
         assert_eq!((s.visible, s.delayed, s.in_flight), (0, 1, 1));
         assert_eq!(f.store.poll(&q("a"), 1, 10).unwrap(), None);
@@ -1035,15 +954,9 @@ mod tests {
         let woken = f.store.expire_due();
         assert_eq!(woken, vec![(q("a"), 1)]);
         let again = f.store.poll(&q("a"), 1, 10).unwrap().unwrap();
-        assert_eq!(
-            (again.messages[0].id, again.messages[0].delivery_count),
-            (first, 2)
-        );
+        assert_eq!((again.messages[0].id, again.messages[0].delivery_count), (first, 2));
         // The other message of the first lease is still held by it.
-        assert!(f
-            .store
-            .remove(&q("a"), lease.messages[1].id, lease.id)
-            .unwrap());
+        assert!(f.store.remove(&q("a"), lease.messages[1].id, lease.id).unwrap());
     }
 
     #[test]
@@ -1089,10 +1002,7 @@ mod tests {
         f.store
             .add(
                 &q("a"),
-                vec![
-                    NewMessage::new(b"a".to_vec()),
-                    NewMessage::delayed(b"d".to_vec(), 20),
-                ],
+                vec![NewMessage::new(b"a".to_vec()), NewMessage::delayed(b"d".to_vec(), 20)],
             )
             .unwrap();
         let lease = f.store.poll(&q("a"), 1, 15).unwrap().unwrap();
@@ -1131,6 +1041,24 @@ mod tests {
         }
         let got = f.store.poll(&q("a"), 5, 1000).unwrap().unwrap();
         assert_eq!(payloads(&got), vec![b"y"]);
+    }
+
+    #[test]
+    fn a_poll_stops_at_its_byte_budget_but_returns_at_least_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EngineOptions {
+            max_poll_bytes: 10,
+            ..options()
+        };
+        let engine = Engine::open(dir.path(), options, Arc::new(ManualClock::new(T0))).unwrap();
+        let mut store = ShardStore::open_all(engine).unwrap();
+        store.add(&q("a"), msgs(&["aaaa", "bbbb", "cccc"])).unwrap();
+        assert_eq!(
+            payloads(&store.poll(&q("a"), 5, 100).unwrap().unwrap()),
+            vec![b"aaaa", b"bbbb"]
+        );
+        store.add(&q("b"), vec![NewMessage::new(vec![1u8; 100])]).unwrap();
+        assert_eq!(store.poll(&q("b"), 5, 100).unwrap().unwrap().messages.len(), 1);
     }
 
     #[test]
@@ -1173,34 +1101,18 @@ mod tests {
         let mut f = fixture();
         let big = NewMessage::new(vec![0u8; 1025]);
         assert!(matches!(
-            f.store
-                .add(&q("a"), vec![NewMessage::new(b"ok".to_vec()), big]),
+            f.store.add(&q("a"), vec![NewMessage::new(b"ok".to_vec()), big]),
             Err(StoreError::PayloadTooLarge {
                 size: 1025,
                 limit: 1024
             })
         ));
-        assert!(matches!(
-            f.store.stats(&q("a")),
-            Err(StoreError::UnknownQueue(_))
-        ));
+        assert!(matches!(f.store.stats(&q("a")), Err(StoreError::UnknownQueue(_))));
         f.store.add(&q("a"), msgs(&["1"])).unwrap();
-        assert!(matches!(
-            f.store.poll(&q("a"), 0, 10),
-            Err(StoreError::ZeroItems)
-        ));
-        assert!(matches!(
-            f.store.poll(&q("b"), 1, 10),
-            Err(StoreError::UnknownQueue(_))
-        ));
-        assert!(matches!(
-            f.store.purge(&q("b")),
-            Err(StoreError::UnknownQueue(_))
-        ));
-        assert!(matches!(
-            f.store.delete(&q("b")),
-            Err(StoreError::UnknownQueue(_))
-        ));
+        assert!(matches!(f.store.poll(&q("a"), 0, 10), Err(StoreError::ZeroItems)));
+        assert!(matches!(f.store.poll(&q("b"), 1, 10), Err(StoreError::UnknownQueue(_))));
+        assert!(matches!(f.store.purge(&q("b")), Err(StoreError::UnknownQueue(_))));
+        assert!(matches!(f.store.delete(&q("b")), Err(StoreError::UnknownQueue(_))));
         assert_eq!(f.store.stats(&q("a")).unwrap().visible, 1);
     }
 
@@ -1210,10 +1122,7 @@ mod tests {
         f.store
             .add(&q("a"), vec![NewMessage::delayed(b"x".to_vec(), u64::MAX)])
             .unwrap();
-        assert_eq!(
-            f.store.next_deadline(),
-            Some(T0 + crate::storage::MAX_DURATION_MS)
-        );
+        assert_eq!(f.store.next_deadline(), Some(T0 + crate::storage::MAX_DURATION_MS));
         f.store.add(&q("a"), msgs(&["y"])).unwrap();
         let lease = f.store.poll(&q("a"), 1, u64::MAX).unwrap().unwrap();
         assert_eq!(lease.expires_at_ms, T0 + crate::storage::MAX_DURATION_MS);
@@ -1230,23 +1139,14 @@ mod tests {
         f.store.add(&q("b"), msgs(&["keep"])).unwrap();
         assert_eq!(f.store.purge(&q("a")).unwrap(), 4);
         assert_eq!(f.store.stats(&q("a")).unwrap(), QueueStats::default());
-        assert!(!f
-            .store
-            .remove(&q("a"), lease.messages[0].id, lease.id)
-            .unwrap());
+        assert!(!f.store.remove(&q("a"), lease.messages[0].id, lease.id).unwrap());
         assert_eq!(f.store.next_deadline(), None);
         f.store.add(&q("a"), msgs(&["5"])).unwrap();
-        assert_eq!(
-            payloads(&f.store.poll(&q("a"), 9, 100).unwrap().unwrap()),
-            vec![b"5"]
-        );
+        assert_eq!(payloads(&f.store.poll(&q("a"), 9, 100).unwrap().unwrap()), vec![b"5"]);
 
         f.store.delete(&q("a")).unwrap();
         assert_eq!(f.store.list_queues().unwrap(), vec![q("b")]);
-        assert!(matches!(
-            f.store.stats(&q("a")),
-            Err(StoreError::UnknownQueue(_))
-        ));
+        assert!(matches!(f.store.stats(&q("a")), Err(StoreError::UnknownQueue(_))));
         let mut f = f.reopen();
         assert_eq!(f.store.list_queues().unwrap(), vec![q("b")]);
         f.store.add(&q("a"), msgs(&["fresh"])).unwrap();
@@ -1267,10 +1167,7 @@ mod tests {
         let mut f = f.reopen();
         assert_eq!(f.store.stats(&q("a")).unwrap(), before);
         assert_eq!(f.store.next_deadline(), Some(T0 + 100));
-        assert!(f
-            .store
-            .remove(&q("a"), long.messages[0].id, long.id)
-            .unwrap());
+        assert!(f.store.remove(&q("a"), long.messages[0].id, long.id).unwrap());
         // While "down", the short lease expired: it is redelivered.
         let f2 = f.reopen();
         f2.clock.advance(200);
@@ -1290,16 +1187,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0);
         let engine = Engine::open(dir.path(), options(), Arc::new(clock)).unwrap();
-        let only =
-            |name: &'static str| -> Ownership { Arc::new(move |q: &QueueName| q.queue() == name) };
+        let only = |name: &'static str| -> Ownership { Arc::new(move |q: &QueueName| q.queue() == name) };
         let mut a = ShardStore::open(engine.clone(), only("a")).unwrap();
         let mut b = ShardStore::open(engine.clone(), only("b")).unwrap();
         a.add(&q("a"), msgs(&["1"])).unwrap();
         b.add(&q("b"), msgs(&["2"])).unwrap();
-        assert!(matches!(
-            a.add(&q("b"), msgs(&["x"])),
-            Err(StoreError::WrongShard(_))
-        ));
+        assert!(matches!(a.add(&q("b"), msgs(&["x"])), Err(StoreError::WrongShard(_))));
         assert_eq!(a.list_queues().unwrap(), vec![q("a"), q("b")]);
         drop((a, b));
         let mut a = ShardStore::open(engine.clone(), only("a")).unwrap();
@@ -1319,16 +1212,7 @@ mod tests {
             }
         }
         f.store.add(&q("a"), msgs(&["last"])).unwrap();
-        let floor = f
-            .store
-            .queues
-            .values()
-            .next()
-            .unwrap()
-            .counters
-            .floor
-            .clone()
-            .unwrap();
+        let floor = f.store.queues.values().next().unwrap().counters.floor.clone().unwrap();
         let mut f = f.reopen();
         let q_state = f.store.queues.values().next().unwrap();
         assert_eq!(
@@ -1336,9 +1220,6 @@ mod tests {
             Some(&floor),
             "the floor survives a restart"
         );
-        assert_eq!(
-            payloads(&f.store.poll(&q("a"), 5, 10).unwrap().unwrap()),
-            vec![b"last"]
-        );
+        assert_eq!(payloads(&f.store.poll(&q("a"), 5, 10).unwrap().unwrap()), vec![b"last"]);
     }
 }

@@ -50,9 +50,7 @@ where
         .spawn(move || async move {
             let mut clients = Vec::new();
             for _ in 0..connections {
-                let stream = glommio::net::TcpStream::connect(addr)
-                    .await
-                    .expect("connect");
+                let stream = glommio::net::TcpStream::connect(addr).await.expect("connect");
                 let (client, driver) = Client::new(stream);
                 glommio::spawn_local(driver).detach();
                 clients.push(client);

@@ -92,10 +92,7 @@ impl Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.payload < workload::HEADER_BYTES {
-        eprintln!(
-            "loadgen: --payload must be at least {} bytes",
-            workload::HEADER_BYTES
-        );
+        eprintln!("loadgen: --payload must be at least {} bytes", workload::HEADER_BYTES);
         return ExitCode::FAILURE;
     }
     let run = queueber::runtime::executor("loadgen", None, 256 << 10).spawn({

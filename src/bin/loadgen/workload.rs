@@ -143,14 +143,7 @@ fn parse(p: &[u8]) -> Option<(u32, u64, u64)> {
 }
 
 /// One producer task feeding one queue.
-async fn produce(
-    state: Rc<State>,
-    client: Client,
-    producer: u32,
-    queue: usize,
-    tasks: usize,
-    preload: u64,
-) {
+async fn produce(state: Rc<State>, client: Client, producer: u32, queue: usize, tasks: usize, preload: u64) {
     let b = state.args.batch;
     let mut seq: u64 = 0;
     // Open loop: this task's share of the rate, one batch per interval.
@@ -180,9 +173,7 @@ async fn produce(
             None => {
                 if preload == 0 {
                     // Closed loop: wait for room under the unacked bound.
-                    while state.unacked.get() + b > state.args.max_unacked.max(b)
-                        && state.producing.get()
-                    {
+                    while state.unacked.get() + b > state.args.max_unacked.max(b) && state.producing.get() {
                         let listener = state.room.listen();
                         if state.unacked.get() + b <= state.args.max_unacked.max(b) {
                             break;
@@ -211,10 +202,7 @@ async fn produce(
             Ok(_) => {
                 let done = Instant::now();
                 if state.measuring.get() {
-                    record(
-                        &mut state.histograms.borrow_mut().add,
-                        done.duration_since(intended),
-                    );
+                    record(&mut state.histograms.borrow_mut().add, done.duration_since(intended));
                     state.counts.borrow_mut().added[state.shard_of[queue]] += n as u64;
                 }
                 let mut fates = state.fates.borrow_mut();
@@ -300,9 +288,7 @@ async fn consume(state: Rc<State>, client: Client, queue: usize) {
                     state.counts.borrow_mut().removed[shard] += removed;
                 }
                 state.total_removed.set(state.total_removed.get() + removed);
-                state
-                    .unacked
-                    .set(state.unacked.get().saturating_sub(removed as usize));
+                state.unacked.set(state.unacked.get().saturating_sub(removed as usize));
                 state.room.notify(usize::MAX);
             }
             Err(e) => state.error("remove", e),
@@ -358,15 +344,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
         for (p, client) in producers.iter().enumerate() {
             for queue in 0..q {
                 tasks.push(
-                    glommio::spawn_local(produce(
-                        state.clone(),
-                        client.clone(),
-                        p as u32,
-                        queue,
-                        1,
-                        per_task,
-                    ))
-                    .detach(),
+                    glommio::spawn_local(produce(state.clone(), client.clone(), p as u32, queue, 1, per_task)).detach(),
                 );
             }
         }
@@ -401,8 +379,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
     }
     for (c, client) in consumers.iter().enumerate() {
         for queue in assignment(c, args.consumers, q) {
-            running
-                .push(glommio::spawn_local(consume(state.clone(), client.clone(), queue)).detach());
+            running.push(glommio::spawn_local(consume(state.clone(), client.clone(), queue)).detach());
         }
     }
 
@@ -415,9 +392,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
     let measure_start = Instant::now();
     if args.preload > 0 {
         // Measure until drained or out of time.
-        while state.total_removed.get() < state.total_added.get()
-            && measure_start.elapsed() < args.duration()
-        {
+        while state.total_removed.get() < state.total_added.get() && measure_start.elapsed() < args.duration() {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
     } else {
@@ -438,12 +413,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
     for t in running {
         t.await;
     }
-    let lost = state
-        .fates
-        .borrow()
-        .values()
-        .filter(|&&f| f != Fate::Removed)
-        .count() as u64;
+    let lost = state.fates.borrow().values().filter(|&&f| f != Fate::Removed).count() as u64;
 
     let h = state.histograms.borrow();
     let counts = state.counts.borrow().clone();
@@ -500,9 +470,7 @@ mod tests {
     #[test]
     fn every_queue_is_served() {
         for (workers, queues) in [(2, 1), (2, 64), (3, 4)] {
-            let mut served: Vec<usize> = (0..workers)
-                .flat_map(|w| assignment(w, workers, queues))
-                .collect();
+            let mut served: Vec<usize> = (0..workers).flat_map(|w| assignment(w, workers, queues)).collect();
             served.sort();
             served.dedup();
             assert_eq!(served, (0..queues).collect::<Vec<_>>());
