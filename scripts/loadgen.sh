@@ -3,6 +3,7 @@
 # count, and prints a results table (plus every run's JSON line).
 #
 #   scripts/loadgen.sh [--shards "1 2"] [--durability periodic] [--runs 3]
+#                      [--server-args "extra queueberd flags"]
 #                      [--addr HOST:PORT (use a running server instead)]
 #                      [-- loadgen flags...]
 #
@@ -16,6 +17,7 @@ shard_counts="1 2"
 durability="periodic"
 runs=1
 addr=""
+server_args=""
 port=17500
 out_dir="${LOADGEN_OUT:-$(mktemp -d /tmp/queueber-loadgen.XXXXXX)}"
 while [ $# -gt 0 ]; do
@@ -24,6 +26,7 @@ while [ $# -gt 0 ]; do
     --durability) durability="$2"; shift 2 ;;
     --runs) runs="$2"; shift 2 ;;
     --addr) addr="$2"; shift 2 ;;
+    --server-args) server_args="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --) shift; break ;;
     *) break ;;
@@ -57,7 +60,7 @@ run_one() {  # shards run label
     local data="$out_dir/data-$shards-$run"
     rm -rf "$data"
     "$bin/queueberd" --listen "127.0.0.1:$port" --data-dir "$data" --shards "$shards" \
-      --durability "$durability" --log warn > "$out_dir/server-$shards-$run.log" 2>&1 &
+      --durability "$durability" --log warn $server_args > "$out_dir/server-$shards-$run.log" 2>&1 &
     server_pid=$!
     target="127.0.0.1:$port"
     for _ in $(seq 1 100); do

@@ -163,7 +163,11 @@ pub fn start_with_clock(mut config: ServerConfig, clock: Arc<dyn Clock>) -> Resu
             bound: bound_tx.clone(),
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-        let handle = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory)
+        let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);
+        if let Some(spin) = config.spin_before_park {
+            builder = builder.spin_before_park(spin);
+        }
+        let handle = builder
             .spawn(move || shard.run())
             .map_err(|e| ServerError::Executor(e.to_string()))?;
         handles.push(handle);

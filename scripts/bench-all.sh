@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs every load-test scenario of docs/benchmarks.md (each against fresh
+# servers, 1 and 2 shards, --runs times) and prints Markdown tables of medians.
+# Bounded: every run has a fixed duration; about 15 minutes in all.
+#
+#   scripts/bench-all.sh [--runs 3] [--duration 5]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=3
+duration=5
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) runs="$2"; shift 2 ;;
+    --duration) duration="$2"; shift 2 ;;
+    *) echo "unknown flag $1" >&2; exit 2 ;;
+  esac
+done
+out="${BENCH_OUT:-$(mktemp -d /tmp/queueber-bench.XXXXXX)}"
+echo "results in $out" >&2
+common=(--duration "$duration" --warmup 1)
+
+scenario() {  # name durability loadgen-args...
+  local name="$1" durability="$2"; shift 2
+  LOADGEN_OUT="$out/$name" bash scripts/loadgen.sh --shards "1 2" --runs "$runs" --durability "$durability" \
+    -- "$@" > "$out/$name.table" 2> "$out/$name.log" || echo "scenario $name failed (see $out/$name.log)" >&2
+}
+mkdir -p "$out"
+for b in 1 32; do
+  scenario "one-queue-b$b" periodic -B "$b" -P 2 -C 2 -Q 1 "${common[@]}"
+  scenario "64-queues-b$b" periodic -B "$b" -P 2 -C 2 -Q 64 --per-shard "${common[@]}"
+done
+scenario open-loop-5000 periodic -B 1 -P 2 -C 2 -Q 1 --rate 5000 "${common[@]}"
+for d in fsync periodic wal; do
+  scenario "durability-$d" "$d" -B 32 -P 2 -C 2 -Q 1 "${common[@]}"
+done
+scenario deep-queue-1m periodic -B 32 -P 2 -C 2 -Q 1 --preload 1000000 --duration 60 --warmup 0
+
+python3 - "$out" <<'PY'
+import json, os, statistics, sys
+out = sys.argv[1]
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+def fmt(v, nd=0):
+    return "-" if v is None else (f"{v:,.{nd}f}")
+for name in sorted(os.listdir(out)):
+    path = os.path.join(out, name, "results.jsonl")
+    if not os.path.isfile(path):
+        continue
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    print(f"\n### {name}\n")
+    print("| shards | runs | removed msg/s | e2e p50 µs | e2e p99 µs | e2e p99.9 µs | add p50 µs | poll p50 µs | server CPU µs/msg | peak RSS MiB | dup | lost | err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    by = {}
+    for r in rows:
+        by.setdefault(r["shards"], []).append(r)
+    for shards, rs in sorted(by.items()):
+        print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            shards, len(rs),
+            fmt(med([r["removed_per_s"] for r in rs])),
+            fmt(med([r["end_to_end"]["p50_us"] for r in rs])),
+            fmt(med([r["end_to_end"]["p99_us"] for r in rs])),
+            fmt(med([r["end_to_end"]["p999_us"] for r in rs])),
+            fmt(med([r["add"]["p50_us"] for r in rs])),
+            fmt(med([r["poll"]["p50_us"] for r in rs])),
+            fmt(med([r["server_cpu_us_per_msg"] for r in rs]), 1),
+            fmt(med([(r["server_peak_rss_kib"] or 0) / 1024 for r in rs])),
+            sum(r["duplicates"] for r in rs), sum(r["lost"] for r in rs), sum(r["errors"] for r in rs)))
+PY
