@@ -20,6 +20,7 @@ addr=""
 server_args=""
 port=17500
 out_dir="${LOADGEN_OUT:-$(mktemp -d /tmp/queueber-loadgen.XXXXXX)}"
+mkdir -p "$out_dir"
 while [ $# -gt 0 ]; do
   case "$1" in
     --shards) shard_counts="$2"; shift 2 ;;

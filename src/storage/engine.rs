@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
-    Options, SliceTransform, WriteBatch, WriteOptions, DB,
+    Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
 use super::keys::{self, QueueId};
@@ -220,6 +220,24 @@ impl Engine {
             return Err(StoreError::QueueIdsExhausted);
         }
         Ok(qid)
+    }
+
+    /// An iterator over `[lower, upper)` of one queue's keys in `cf`,
+    /// positioned at `lower`. Both bounds are set so RocksDB never steps past
+    /// them, and the prefix (queue id) lets it use the prefix Bloom filters.
+    pub(crate) fn scan(
+        &self,
+        cf: &'static str,
+        lower: &[u8],
+        upper: Vec<u8>,
+    ) -> Result<rocksdb::DBRawIterator<'_>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.to_vec());
+        ro.set_iterate_upper_bound(upper);
+        ro.set_prefix_same_as_start(true);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
+        it.seek(lower);
+        Ok(it)
     }
 
     /// Writes one batch with the sync policy of the durability mode.

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use rocksdb::{ReadOptions, WriteBatch};
+use rocksdb::WriteBatch;
 
 use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
@@ -80,6 +80,15 @@ impl QueueState {
             self.batch_low = Some(*key);
         }
         self.dirty = true;
+    }
+
+    /// Where a scan of the ready index starts: the floor, or the queue's
+    /// first possible key.
+    fn scan_start(&self) -> Vec<u8> {
+        self.counters
+            .floor
+            .clone()
+            .unwrap_or_else(|| keys::queue_prefix(self.qid).to_vec())
     }
 
     fn lease_valid(&self, lease: &LeaseId, now: u64) -> bool {
@@ -191,11 +200,7 @@ impl ShardStore {
         let mut q = QueueState::new(name.clone(), qid, counters);
 
         // Leases: a header (expiry) followed by its members, in key order.
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(keys::queue_end(qid).to_vec());
-        ro.set_prefix_same_as_start(true);
-        let mut it = db.raw_iterator_cf_opt(engine.cf(CF_LEASES)?, ro);
-        it.seek(keys::queue_prefix(qid));
+        let mut it = engine.scan(CF_LEASES, &keys::queue_prefix(qid), keys::queue_end(qid).to_vec())?;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match keys::parse_lease_entry(k) {
                 Some(LeaseEntry::Header(lease)) => {
@@ -231,11 +236,7 @@ impl ShardStore {
         }
 
         // Delayed records: everything above `now` in the ready index.
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(keys::queue_end(qid).to_vec());
-        ro.set_prefix_same_as_start(true);
-        let mut it = db.raw_iterator_cf_opt(engine.cf(CF_READY)?, ro);
-        it.seek(keys::ready_visible_end(qid, now));
+        let mut it = engine.scan(CF_READY, &keys::ready_visible_end(qid, now), keys::queue_end(qid).to_vec())?;
         while let Some(k) = it.key() {
             let (at, _) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
                 cf: CF_READY,
@@ -290,11 +291,7 @@ impl ShardStore {
             return Ok(());
         }
         let (ready_cf, leases_cf) = (engine.cf(CF_READY)?, engine.cf(CF_LEASES)?);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(keys::lease_end(qid, &lease));
-        ro.set_prefix_same_as_start(true);
-        let mut it = engine.db().raw_iterator_cf_opt(leases_cf, ro);
-        it.seek(keys::lease_key(qid, &lease));
+        let mut it = engine.scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
         let mut returned = 0;
         batch.touched.push(qid);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -461,17 +458,7 @@ impl ShardStore {
             return Ok(None);
         }
         batch.touched.push(qid);
-        let lower = q
-            .counters
-            .floor
-            .clone()
-            .unwrap_or_else(|| keys::queue_prefix(qid).to_vec());
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(lower.clone());
-        ro.set_iterate_upper_bound(keys::ready_visible_end(qid, now).to_vec());
-        ro.set_prefix_same_as_start(true);
-        let mut it = engine.db().raw_iterator_cf_opt(ready_cf, ro);
-        it.seek(&lower);
+        let mut it = engine.scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
 
         let lease = self.ids.lease_id(now);
         let expires_at = deadline(now, lease_ms);
@@ -675,17 +662,7 @@ impl ShardStore {
         };
         if stats.visible > 0 {
             // One seek to the head of the line (the floor keeps it cheap).
-            let lower = q
-                .counters
-                .floor
-                .clone()
-                .unwrap_or_else(|| keys::queue_prefix(qid).to_vec());
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_lower_bound(lower.clone());
-            ro.set_iterate_upper_bound(keys::ready_visible_end(qid, now).to_vec());
-            ro.set_prefix_same_as_start(true);
-            let mut it = engine.db().raw_iterator_cf_opt(engine.cf(CF_READY)?, ro);
-            it.seek(&lower);
+            let it = engine.scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
             if let Some(v) = it.value() {
                 if let Some((header, _)) = keys::parse_record(v) {
                     stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));

@@ -62,6 +62,11 @@ pub struct Args {
     /// Closed loop: most messages added but not yet removed.
     #[arg(long, default_value_t = 1024)]
     pub max_unacked: usize,
+    /// Requests each producer and consumer keeps in flight per queue it
+    /// serves (pipelined on its connection). Default: enough to fill
+    /// --max-unacked, at most 64.
+    #[arg(long)]
+    pub depth: Option<usize>,
     /// Open loop: total messages per second across producers (instead of the closed loop).
     #[arg(long)]
     pub rate: Option<f64>,

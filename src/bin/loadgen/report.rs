@@ -65,6 +65,8 @@ pub struct Report {
     pub args: Args,
     pub shards: usize,
     pub queues: usize,
+    /// Requests in flight per producer/consumer and queue.
+    pub depth: usize,
     pub seconds: f64,
     pub counts: ShardCounts,
     pub end_to_end: Latency,
@@ -93,7 +95,7 @@ impl Report {
         let a = &self.args;
         let total = |v: &[u64]| v.iter().sum::<u64>();
         let mut s = format!(
-            "queueber loadgen{}: P={} C={} B={} S={} Q={} shards={} {} over {:.1}s\n",
+            "queueber loadgen{}: P={} C={} B={} S={} Q={} depth={} shards={} {} over {:.1}s\n",
             if self.label.is_empty() {
                 String::new()
             } else {
@@ -104,6 +106,7 @@ impl Report {
             a.batch,
             a.payload,
             self.queues,
+            self.depth,
             self.shards,
             match a.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
@@ -155,7 +158,7 @@ impl Report {
         json!({
             "label": self.label,
             "producers": a.producers, "consumers": a.consumers, "batch": a.batch, "payload": a.payload,
-            "queues": self.queues, "shards": self.shards, "rate": a.rate, "max_unacked": a.max_unacked,
+            "queues": self.queues, "depth": self.depth, "shards": self.shards, "rate": a.rate, "max_unacked": a.max_unacked,
             "seconds": self.seconds,
             "added_per_s": self.rate(total(&self.counts.added)),
             "delivered_per_s": self.rate(total(&self.counts.delivered)),

@@ -142,7 +142,7 @@ fn parse(p: &[u8]) -> Option<(u32, u64, u64)> {
     ))
 }
 
-/// One producer task feeding one queue.
+/// One producer task feeding one queue; `producer` names its sequence stream.
 async fn produce(state: Rc<State>, client: Client, producer: u32, queue: usize, tasks: usize, preload: u64) {
     let b = state.args.batch;
     let mut seq: u64 = 0;
@@ -151,7 +151,9 @@ async fn produce(state: Rc<State>, client: Client, producer: u32, queue: usize, 
         .args
         .rate
         .map(|r| Duration::from_secs_f64(b as f64 * tasks as f64 / r.max(1.0)));
-    let began = Instant::now();
+    // Tasks start staggered across one interval, so together they send at an
+    // even rate instead of in bursts of one batch per task.
+    let began = Instant::now() + interval.map_or(Duration::ZERO, |every| every.mul_f64(f64::from(producer) / tasks as f64));
     let mut sent_batches: u32 = 0;
     loop {
         if preload > 0 {
@@ -341,10 +343,11 @@ pub async fn run(args: Args) -> Result<Report, String> {
         let began = Instant::now();
         let per_task = args.preload.div_ceil((args.producers.max(1) * q) as u64);
         let mut tasks = Vec::new();
-        for (p, client) in producers.iter().enumerate() {
+        for client in &producers {
             for queue in 0..q {
+                let stream = tasks.len() as u32;
                 tasks.push(
-                    glommio::spawn_local(produce(state.clone(), client.clone(), p as u32, queue, 1, per_task)).detach(),
+                    glommio::spawn_local(produce(state.clone(), client.clone(), stream, queue, 1, per_task)).detach(),
                 );
             }
         }
@@ -356,18 +359,28 @@ pub async fn run(args: Args) -> Result<Report, String> {
         state.producing.set(false);
     }
 
-    let producer_tasks: usize = (0..args.producers)
+    let assignments: usize = (0..args.producers)
         .map(|p| assignment(p, args.producers, q).len())
         .sum();
+    // Closed loop: keep enough adds in flight to fill the unacked window
+    // (a producer is one connection, pipelining); the window, not the
+    // request round trip, bounds what is outstanding.
+    let depth = args
+        .depth
+        .unwrap_or_else(|| (args.max_unacked / (args.batch.max(1) * assignments.max(1))).clamp(1, 64));
+    let producer_tasks = assignments * depth;
     let mut running = Vec::new();
     if args.preload == 0 {
         for (p, client) in producers.iter().enumerate() {
-            for queue in assignment(p, args.producers, q) {
+            for queue in assignment(p, args.producers, q).into_iter().flat_map(|q| std::iter::repeat_n(q, depth)) {
+                // Every producer task numbers its own messages: it is its
+                // own stream of (stream, sequence) keys.
+                let stream = running.len() as u32;
                 running.push(
                     glommio::spawn_local(produce(
                         state.clone(),
                         client.clone(),
-                        p as u32,
+                        stream,
                         queue,
                         producer_tasks.max(1),
                         0,
@@ -378,7 +391,10 @@ pub async fn run(args: Args) -> Result<Report, String> {
         }
     }
     for (c, client) in consumers.iter().enumerate() {
-        for queue in assignment(c, args.consumers, q) {
+        for queue in assignment(c, args.consumers, q)
+            .into_iter()
+            .flat_map(|q| std::iter::repeat_n(q, depth))
+        {
             running.push(glommio::spawn_local(consume(state.clone(), client.clone(), queue)).detach());
         }
     }
@@ -427,6 +443,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
         args: args.clone(),
         shards: state.shards,
         queues: state.queues.len(),
+        depth,
         seconds: elapsed.as_secs_f64(),
         counts,
         end_to_end: Latency::from(&h.end_to_end),
