@@ -104,6 +104,18 @@ fn every_operation_and_error_path() {
 }
 
 #[test]
+fn a_second_server_cannot_take_a_busy_port() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let server = start(a.path(), 1);
+    let mut config = common::config(b.path(), 1);
+    config.listen = server.local_addr();
+    let err = queueber::server::start(config).err().expect("the port is taken");
+    assert!(err.to_string().contains("already in use"), "{err}");
+    with_client(server.local_addr(), |c| async move { c.hello().await.unwrap() });
+    server.shutdown().unwrap();
+}
+
+#[test]
 fn invalid_names_are_rejected_on_the_wire() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), 1);

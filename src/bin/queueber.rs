@@ -294,6 +294,11 @@ fn main() -> ExitCode {
         json,
         command,
     } = cli;
+    // io_uring needs a little locked memory; raise the limit where allowed.
+    if let Err(e) = queueber::runtime::raise_memlock(queueber::runtime::MIN_MEMLOCK_BYTES * 2, 4 << 20) {
+        eprintln!("queueber: {e}");
+        return ExitCode::FAILURE;
+    }
     let outcome = queueber::runtime::executor("queueber-cli", None, 256 << 10).spawn(move || async move {
         let stream = glommio::net::TcpStream::connect(addr)
             .await

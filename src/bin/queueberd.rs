@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use clap::{Parser, ValueEnum};
+use queueber::clock::SystemClock;
 use queueber::server::{self, ServerConfig, ServerLimits};
 use queueber::storage::Durability;
 
@@ -104,8 +108,13 @@ fn default_data_dir() -> PathBuf {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("queueberd: invalid --log filter {:?}: {e}", args.log);
+            return ExitCode::FAILURE;
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -141,16 +150,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let handle = match server::start(config) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(error = %e, "failed to start");
-            return ExitCode::FAILURE;
-        }
-    };
-    // First SIGINT/SIGTERM: graceful shutdown. A second one while shutting
-    // down: exit at once.
-    let stop = handle.stop_flag();
+    // Signals first, so a SIGTERM during a long recovery still stops the
+    // server gracefully once it is up. A second signal exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let registered = signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
             .and_then(|_| signal_hook::flag::register(signal, stop.clone()));
@@ -159,6 +161,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let handle = match server::start_with_stop(config, Arc::new(SystemClock), stop) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to start");
+            return ExitCode::FAILURE;
+        }
+    };
     match handle.wait() {
         Ok(()) => {
             tracing::info!("stopped");

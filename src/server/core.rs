@@ -176,9 +176,12 @@ impl Waiters {
 
 /// Spawns the core of one shard on the current executor. The returned task
 /// yields the store back when the core is stopped.
-pub(crate) fn spawn(store: Box<dyn QueueStore>) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
+pub(crate) fn spawn(
+    shard: usize,
+    store: Box<dyn QueueStore>,
+) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
     let (jobs, incoming) = mpsc::unbounded();
-    let task = glommio::spawn_local(run(store, incoming)).detach();
+    let task = glommio::spawn_local(run(shard, store, incoming)).detach();
     (CoreHandle { jobs }, task)
 }
 
@@ -188,7 +191,13 @@ fn store_deadline(deadline_ms: Option<u64>) -> Option<Instant> {
     deadline_ms.map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(now_ms)))
 }
 
-async fn run(store: Box<dyn QueueStore>, mut incoming: mpsc::UnboundedReceiver<Job>) -> Box<dyn QueueStore> {
+async fn run(
+    shard: usize,
+    store: Box<dyn QueueStore>,
+    mut incoming: mpsc::UnboundedReceiver<Job>,
+) -> Box<dyn QueueStore> {
+    // Storage logs come from the offload thread: label them with the shard.
+    let span = tracing::info_span!("shard", index = shard);
     let mut store = Some(store);
     let mut waiters = Waiters::default();
     let mut retry: Vec<Parked> = Vec::new();
@@ -243,7 +252,9 @@ async fn run(store: Box<dyn QueueStore>, mut incoming: mpsc::UnboundedReceiver<J
             let list_queues = finishes.iter().any(|f| matches!(f, Finish::ListQueues(_)));
             batches += 1;
             commands_run += commands.len() as u64;
+            let span = span.clone();
             let work = move || {
+                let _in_shard = span.enter();
                 let executed = owned.execute(commands);
                 let queues = list_queues.then(|| owned.list_queues());
                 let next = owned.next_deadline();
@@ -258,7 +269,7 @@ async fn run(store: Box<dyn QueueStore>, mut incoming: mpsc::UnboundedReceiver<J
             break;
         }
     }
-    tracing::info!(batches, commands = commands_run, "shard core stopped");
+    tracing::info!(shard, batches, commands = commands_run, "shard core stopped");
     waiters.expire(None);
     // Jobs that raced with the stop get a clear answer rather than silence.
     incoming.close();
@@ -431,7 +442,7 @@ mod tests {
         let out = run_on_executor(|| {
             Box::pin(async {
                 let store = ModelStore::new(Arc::new(ManualClock::new(1_000)));
-                let (core, task) = spawn(Box::new(store));
+                let (core, task) = spawn(0, Box::new(store));
                 let add = core.call(Op::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
@@ -476,7 +487,7 @@ mod tests {
         let (timed_out, drained) = run_on_executor(|| {
             Box::pin(async {
                 let store = ModelStore::new(Arc::new(ManualClock::new(1_000)));
-                let (core, task) = spawn(Box::new(store));
+                let (core, task) = spawn(0, Box::new(store));
                 core.call(Op::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::delayed(b"later".to_vec(), 1_000_000)],

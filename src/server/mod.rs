@@ -110,7 +110,33 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
 }
 
 /// Starts a server; returns once every shard is accepting connections.
-pub fn start_with_clock(mut config: ServerConfig, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServerError> {
+pub fn start_with_clock(config: ServerConfig, clock: Arc<dyn Clock>) -> Result<ServerHandle, ServerError> {
+    start_with_stop(config, clock, Arc::new(AtomicBool::new(false)))
+}
+
+/// Refuses a listen address that something else already holds. Shards bind
+/// with SO_REUSEPORT, which would otherwise let two servers share a port and
+/// split its connections between them.
+fn check_port_free(addr: SocketAddr) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|e| ServerError::Io {
+            context: format!("{addr} is already in use (another queueberd?)"),
+            source: e,
+        })
+}
+
+/// Starts a server that stops when `stop` is set (signal handlers may set it
+/// before the server is up; it then stops right after starting).
+pub fn start_with_stop(
+    mut config: ServerConfig,
+    clock: Arc<dyn Clock>,
+    stop: Arc<AtomicBool>,
+) -> Result<ServerHandle, ServerError> {
+    check_port_free(config.listen)?;
     config.limits = config.limits.normalized();
     let shards = config.shards.max(1);
     let locked = runtime::raise_memlock(
@@ -125,6 +151,7 @@ pub fn start_with_clock(mut config: ServerConfig, clock: Arc<dyn Clock>) -> Resu
             durability: config.durability,
             max_payload_bytes: config.limits.max_payload_bytes,
             // A poll reply must fit the frames clients are told about.
+            // Headroom for the framing of each message in the reply.
             max_poll_bytes: config
                 .limits
                 .max_frame_bytes
@@ -141,7 +168,6 @@ pub fn start_with_clock(mut config: ServerConfig, clock: Arc<dyn Clock>) -> Resu
         shards: shards as u32,
         limits: config.limits.announce(),
     };
-    let stop = Arc::new(AtomicBool::new(false));
     let connections = Arc::new(AtomicUsize::new(0));
     let mut mesh = Mesh::new(shards);
     let (bound_tx, bound_rx) = crossbeam_channel::bounded(shards);
@@ -228,7 +254,7 @@ impl Shard {
                 return Err(error);
             }
         };
-        let (core, core_task) = core::spawn(self.store);
+        let (core, core_task) = core::spawn(self.index, self.store);
         let router = Router::connect(self.index, self.shards, core.clone(), self.links).await;
         let ctx = Rc::new(ShardContext {
             router: router.clone(),

@@ -38,6 +38,10 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 /// Default payload budget of one poll (16 MiB).
 pub const DEFAULT_MAX_POLL_BYTES: usize = 16 << 20;
 
+/// What a poll counts per message on top of its payload against the budget:
+/// the reply's per-message framing (id, counters, pointers) with room to spare.
+pub const POLL_MESSAGE_OVERHEAD: usize = 64;
+
 /// Longest delay, lease or extension the store accepts: about 10 years. Larger
 /// values are clamped to it so that `now + duration` can never overflow.
 pub const MAX_DURATION_MS: u64 = 10 * 365 * 24 * 3600 * 1000;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::{
     deadline, Command, Delivery, Executed, Lease, Outcome, QueueStats, QueueStore, StoreError,
-    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES,
+    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES, POLL_MESSAGE_OVERHEAD,
 };
 use crate::clock::Clock;
 use crate::ids::{IdGenerator, LeaseId, MessageId};
@@ -142,7 +142,7 @@ impl ModelStore {
                     .take(max_items as usize)
                     .enumerate()
                     .take_while(|(i, id)| {
-                        bytes += q.messages.get(id).map_or(0, |m| m.payload.len());
+                        bytes += q.messages.get(id).map_or(0, |m| m.payload.len()) + POLL_MESSAGE_OVERHEAD;
                         *i == 0 || bytes <= budget
                     })
                     .map(|(_, id)| id)

@@ -236,7 +236,11 @@ impl ShardStore {
         }
 
         // Delayed records: everything above `now` in the ready index.
-        let mut it = engine.scan(CF_READY, &keys::ready_visible_end(qid, now), keys::queue_end(qid).to_vec())?;
+        let mut it = engine.scan(
+            CF_READY,
+            &keys::ready_visible_end(qid, now),
+            keys::queue_end(qid).to_vec(),
+        )?;
         while let Some(k) = it.key() {
             let (at, _) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
                 cf: CF_READY,
@@ -470,7 +474,7 @@ impl ShardStore {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            bytes += v.len().saturating_sub(keys::RECORD_HEADER_LEN);
+            bytes += v.len().saturating_sub(keys::RECORD_HEADER_LEN) + super::POLL_MESSAGE_OVERHEAD;
             if !messages.is_empty() && bytes > budget {
                 break;
             }
@@ -750,6 +754,7 @@ impl QueueStore for ShardStore {
             // was committed. If even that fails, stop serving.
             tracing::error!(%error, "storage batch failed; reloading shard state");
             if let Err(reload) = self.load_all() {
+                tracing::error!(%reload, "rebuilding shard state failed; the shard is unavailable until restart");
                 self.failed = Some(format!("{error}; reload failed: {reload}"));
             }
             return Executed {
@@ -1024,7 +1029,7 @@ mod tests {
     fn a_poll_stops_at_its_byte_budget_but_returns_at_least_one() {
         let dir = tempfile::tempdir().unwrap();
         let options = EngineOptions {
-            max_poll_bytes: 10,
+            max_poll_bytes: 2 * (4 + crate::storage::POLL_MESSAGE_OVERHEAD) + 1,
             ..options()
         };
         let engine = Engine::open(dir.path(), options, Arc::new(ManualClock::new(T0))).unwrap();

@@ -153,7 +153,10 @@ async fn produce(state: Rc<State>, client: Client, producer: u32, queue: usize, 
         .map(|r| Duration::from_secs_f64(b as f64 * tasks as f64 / r.max(1.0)));
     // Tasks start staggered across one interval, so together they send at an
     // even rate instead of in bursts of one batch per task.
-    let began = Instant::now() + interval.map_or(Duration::ZERO, |every| every.mul_f64(f64::from(producer) / tasks as f64));
+    let began = Instant::now()
+        + interval.map_or(Duration::ZERO, |every| {
+            every.mul_f64(f64::from(producer) / tasks as f64)
+        });
     let mut sent_batches: u32 = 0;
     loop {
         if preload > 0 {
@@ -372,7 +375,10 @@ pub async fn run(args: Args) -> Result<Report, String> {
     let mut running = Vec::new();
     if args.preload == 0 {
         for (p, client) in producers.iter().enumerate() {
-            for queue in assignment(p, args.producers, q).into_iter().flat_map(|q| std::iter::repeat_n(q, depth)) {
+            for queue in assignment(p, args.producers, q)
+                .into_iter()
+                .flat_map(|q| std::iter::repeat_n(q, depth))
+            {
                 // Every producer task numbers its own messages: it is its
                 // own stream of (stream, sequence) keys.
                 let stream = running.len() as u32;
