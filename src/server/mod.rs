@@ -114,19 +114,22 @@ pub fn start_with_clock(config: ServerConfig, clock: Arc<dyn Clock>) -> Result<S
     start_with_stop(config, clock, Arc::new(AtomicBool::new(false)))
 }
 
-/// Refuses a listen address that something else already holds. Shards bind
+/// Refuses a listen address where a server is already listening. Shards bind
 /// with SO_REUSEPORT, which would otherwise let two servers share a port and
-/// split its connections between them.
+/// split its connections between them. A test bind cannot tell: it also
+/// fails on the TIME_WAIT leftovers of a previous run. A connect can.
 fn check_port_free(addr: SocketAddr) -> Result<(), ServerError> {
     if addr.port() == 0 {
         return Ok(());
     }
-    std::net::TcpListener::bind(addr)
-        .map(drop)
-        .map_err(|e| ServerError::Io {
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(_) => Err(ServerError::Io {
             context: format!("{addr} is already in use (another queueberd?)"),
-            source: e,
-        })
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        }),
+        // Refused (or unreachable): nobody listens; binding will tell the rest.
+        Err(_) => Ok(()),
+    }
 }
 
 /// Starts a server that stops when `stop` is set (signal handlers may set it

@@ -259,6 +259,14 @@ impl Engine {
         self.db.flush_wal(true).map_err(StoreError::rocks("sync the WAL"))
     }
 
+    /// Waits until background flushes and compactions are done (benchmarks
+    /// use it to measure a settled database, not one busy compacting).
+    pub fn wait_for_compactions(&self) -> Result<(), StoreError> {
+        self.db
+            .wait_for_compact(&rocksdb::WaitForCompactOptions::default())
+            .map_err(StoreError::rocks("wait for compactions"))
+    }
+
     /// Compacts one column family fully (used by benchmarks and tools to
     /// measure or force tombstone collection).
     pub fn compact(&self, cf: &'static str) -> Result<(), StoreError> {
