@@ -35,35 +35,4 @@ for d in fsync periodic wal; do
 done
 scenario deep-queue-1m periodic -B 32 -P 2 -C 2 -Q 1 --preload 1000000 --duration 60 --warmup 0
 
-python3 - "$out" <<'PY'
-import json, os, statistics, sys
-out = sys.argv[1]
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
-def fmt(v, nd=0):
-    return "-" if v is None else (f"{v:,.{nd}f}")
-for name in sorted(os.listdir(out)):
-    path = os.path.join(out, name, "results.jsonl")
-    if not os.path.isfile(path):
-        continue
-    rows = [json.loads(l) for l in open(path) if l.strip()]
-    print(f"\n### {name}\n")
-    print("| shards | runs | removed msg/s | e2e p50 µs | e2e p99 µs | e2e p99.9 µs | add p50 µs | poll p50 µs | server CPU µs/msg | peak RSS MiB | dup | lost | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    by = {}
-    for r in rows:
-        by.setdefault(r["shards"], []).append(r)
-    for shards, rs in sorted(by.items()):
-        print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            shards, len(rs),
-            fmt(med([r["removed_per_s"] for r in rs])),
-            fmt(med([r["end_to_end"]["p50_us"] for r in rs])),
-            fmt(med([r["end_to_end"]["p99_us"] for r in rs])),
-            fmt(med([r["end_to_end"]["p999_us"] for r in rs])),
-            fmt(med([r["add"]["p50_us"] for r in rs])),
-            fmt(med([r["poll"]["p50_us"] for r in rs])),
-            fmt(med([r["server_cpu_us_per_msg"] for r in rs]), 1),
-            fmt(med([(r["server_peak_rss_kib"] or 0) / 1024 for r in rs])),
-            sum(r["duplicates"] for r in rs), sum(r["lost"] for r in rs), sum(r["errors"] for r in rs)))
-PY
+python3 scripts/bench_tables.py "$out"

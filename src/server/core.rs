@@ -130,21 +130,24 @@ impl Waiters {
         self.deadlines.first_key_value().map(|(k, _)| k.0)
     }
 
-    /// Takes up to `n` live waiters of `queue`, oldest first.
+    /// Takes live waiters of `queue`, oldest first, enough to take `n` messages.
     fn wake(&mut self, queue: &QueueName, n: u64, into: &mut Vec<Parked>) {
         let Some(list) = self.by_queue.get_mut(queue) else {
             return;
         };
-        let mut woken = 0;
-        while woken < n {
+        // Wake waiters until they can take all `n` messages between them:
+        // one waiter per message when each polls for one, fewer when they
+        // poll for many (waking more would only re-park the surplus).
+        let mut capacity = 0;
+        while capacity < n {
             let Some((seq, parked)) = list.pop_front() else {
                 break;
             };
             self.deadlines.remove(&(parked.deadline, seq));
             // A waiter whose connection went away is skipped, not counted.
             if !parked.reply.is_canceled() {
+                capacity += u64::from(parked.max_items.max(1));
                 into.push(parked);
-                woken += 1;
             }
         }
         if list.is_empty() {
