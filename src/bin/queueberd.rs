@@ -48,7 +48,7 @@ struct Args {
     durability: DurabilityMode,
 
     /// WAL fsync interval of --durability periodic.
-    #[arg(long, env = "QUEUEBER_SYNC_INTERVAL_MS", default_value_t = 50)]
+    #[arg(long, env = "QUEUEBER_SYNC_INTERVAL_MS", default_value_t = Durability::DEFAULT_PERIOD.as_millis() as u64)]
     sync_interval_ms: u64,
 
     /// Largest request frame, in bytes.

@@ -8,8 +8,9 @@
 //!   once, a busy one batches more.
 //! * **Long-poll waiters.** A poll that finds nothing and may wait is parked
 //!   on its queue. When a batch reports messages becoming visible on a queue
-//!   (add, release, expired lease, delay come due) as many parked polls are
-//!   retried in the next batch; the rest keep waiting until their deadline.
+//!   (add, release, expired lease, delay come due), enough parked polls to
+//!   take those messages are retried in the next batch; the rest keep
+//!   waiting until their deadline.
 //! * **Sweeper.** The loop sleeps until the earliest of: new work, a waiter's
 //!   deadline, or the store's next lease expiry / delay deadline, and runs an
 //!   (empty) batch then, which settles what is due and wakes waiters.

@@ -74,11 +74,6 @@ impl ServerHandle {
         self.addr
     }
 
-    /// The flag that stops the server when set (signal handlers set it).
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
     /// Stops the server gracefully and waits until it has.
     pub fn shutdown(self) -> Result<(), ServerError> {
         self.stop.store(true, Ordering::SeqCst);

@@ -195,10 +195,6 @@ impl Engine {
         &self.clock
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub(crate) fn db(&self) -> &DB {
         &self.db
     }
@@ -265,14 +261,6 @@ impl Engine {
         self.db
             .wait_for_compact(&rocksdb::WaitForCompactOptions::default())
             .map_err(StoreError::rocks("wait for compactions"))
-    }
-
-    /// Compacts one column family fully (used by benchmarks and tools to
-    /// measure or force tombstone collection).
-    pub fn compact(&self, cf: &'static str) -> Result<(), StoreError> {
-        let handle = self.cf(cf)?;
-        self.db.compact_range_cf::<&[u8], &[u8]>(handle, None, None);
-        Ok(())
     }
 }
 

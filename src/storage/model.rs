@@ -85,11 +85,6 @@ impl ModelStore {
         }
     }
 
-    pub fn with_max_payload(mut self, bytes: usize) -> Self {
-        self.max_payload_bytes = bytes;
-        self
-    }
-
     fn queue(&mut self, name: &QueueName) -> Result<&mut Queue, StoreError> {
         self.queues
             .get_mut(name)
