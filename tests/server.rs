@@ -100,7 +100,7 @@ fn every_operation_and_error_path() {
         assert_eq!(l.messages.len(), 1, "maxItems 0 means 1");
         assert!(c.hello().await.is_ok());
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -112,7 +112,7 @@ fn a_second_server_cannot_take_a_busy_port() {
     let err = queueber::server::start(config).err().expect("the port is taken");
     assert!(err.to_string().contains("already in use"), "{err}");
     with_client(server.local_addr(), |c| async move { c.hello().await.unwrap() });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -121,7 +121,7 @@ fn invalid_names_are_rejected_on_the_wire() {
     let server = start(dir.path(), 1);
     let reply = raw::exchange(server.local_addr(), &raw::stats_frame(7, "bad name"));
     assert_eq!(reply, Some((7, Some(ErrorCode::InvalidName))));
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -151,7 +151,7 @@ fn one_connection_reaches_queues_on_every_shard() {
         want.sort();
         assert_eq!(listed, want);
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -185,7 +185,7 @@ fn concurrent_consumers_never_share_a_message() {
     let unique: HashSet<_> = all.iter().collect();
     assert_eq!(unique.len(), all.len(), "a message was delivered to two leases");
     assert_eq!(all.len(), MESSAGES);
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -251,7 +251,7 @@ fn long_polls_wake_on_add_and_on_due_delays_but_not_for_other_queues() {
             started.elapsed()
         );
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -272,7 +272,7 @@ fn one_add_wakes_as_many_waiters_as_messages() {
         let got: Vec<_> = results.into_iter().map(|r| r.unwrap().is_some()).collect();
         assert_eq!(got.iter().filter(|&&g| g).count(), 2, "{got:?}");
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -303,7 +303,7 @@ fn expiry_redelivers_extend_prevents_release_returns() {
         assert_eq!(c.remove(&queue, back.id, vec![ids[1]]).await.unwrap(), vec![false]);
         assert_eq!(c.remove(&queue, first.id, vec![ids[0]]).await.unwrap(), vec![true]);
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -323,7 +323,7 @@ fn restart_keeps_messages_and_leases() {
         }
         leases
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 
     let server = start(dir.path(), 2);
     with_client(server.local_addr(), move |c| async move {
@@ -336,7 +336,7 @@ fn restart_keeps_messages_and_leases() {
             assert_eq!(rest.messages.len(), 3);
         }
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -371,7 +371,7 @@ fn thousands_of_pipelined_requests_on_one_connection() {
             .collect();
         assert_eq!(firsts, (0..10).map(|i| i * 2).collect::<Vec<_>>());
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -401,7 +401,7 @@ fn in_flight_limit_is_enforced_with_a_typed_error() {
         assert!(err.to_string().contains("max-in-flight-per-connection 2"));
         assert!(c.stats(&queue).await.is_ok(), "the connection keeps working");
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -439,7 +439,7 @@ fn a_client_that_does_not_read_gets_every_answer_later() {
     assert_eq!(ids, (1..=64).collect::<Vec<_>>(), "one answer per request");
     // Everyone else is served throughout.
     with_client(addr, |c| async move { c.hello().await.unwrap() });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -459,7 +459,7 @@ fn connection_limit_refuses_with_an_error() {
         assert_eq!(reply, Some((0, Some(ErrorCode::Unavailable))));
         c.hello().await.unwrap();
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -514,7 +514,7 @@ fn bad_input_never_disturbs_other_clients() {
         assert_eq!(wrong, Some((9, Some(ErrorCode::UnknownOperation))));
         assert_eq!(c.stats(&queue).await.unwrap().visible, 51);
     });
-    server.shutdown().unwrap();
+    common::stop(server);
 }
 
 #[test]
@@ -532,7 +532,7 @@ fn shutdown_answers_long_polls_and_stops_promptly() {
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();
-        server.shutdown().unwrap();
+        common::stop(server);
         started.elapsed()
     });
     let (polled, waited) = with_client(addr, move |c| async move {

@@ -73,6 +73,19 @@ where
     with_clients(addr, 1, |mut clients| scenario(clients.remove(0)))
 }
 
+/// Shuts a server down gracefully, failing the test (instead of hanging the
+/// suite) if that takes longer than [`SCENARIO_TIMEOUT`].
+pub fn stop(server: ServerHandle) {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(server.shutdown());
+    });
+    match finished.recv_timeout(SCENARIO_TIMEOUT) {
+        Ok(result) => result.expect("clean shutdown"),
+        Err(_) => panic!("server shutdown hung for {SCENARIO_TIMEOUT:?}"),
+    }
+}
+
 /// A queue name owned by `shard` of `shards`.
 pub fn queue_on_shard(prefix: &str, shard: usize, shards: usize) -> QueueName {
     (0..)
