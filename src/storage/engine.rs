@@ -174,7 +174,10 @@ impl Engine {
             max_qid = max_qid.max(queue.1);
         }
         let syncer = match options.durability {
-            Durability::Periodic(every) => Some(Syncer::start(db.clone(), every)),
+            Durability::Periodic(every) => Some(
+                Syncer::start(db.clone(), every)
+                    .map_err(|e| StoreError::Failed(format!("spawning the WAL sync thread: {e}")))?,
+            ),
             _ => None,
         };
         Ok(Arc::new(Engine {
@@ -314,7 +317,7 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(db: Arc<DB>, every: Duration) -> Syncer {
+    fn start(db: Arc<DB>, every: Duration) -> std::io::Result<Syncer> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
         let handle = std::thread::Builder::new()
             .name("queueber-wal-sync".into())
@@ -327,9 +330,8 @@ impl Syncer {
                     }
                     _ => return,
                 }
-            })
-            .expect("spawning the WAL sync thread");
-        Syncer { stop, handle }
+            })?;
+        Ok(Syncer { stop, handle })
     }
 
     fn stop(self) {
