@@ -113,19 +113,36 @@ pub fn start_with_clock(config: ServerConfig, clock: Arc<dyn Clock>) -> Result<S
 /// with SO_REUSEPORT, which would otherwise let two servers share a port and
 /// split its connections between them. A test bind cannot tell: it also
 /// fails on the TIME_WAIT leftovers of a previous run. A connect can.
+///
+/// A server that was just killed may still be listening for a moment: its
+/// io_uring holds the socket until the kernel tears the ring down. So a busy
+/// port is retried for [`PORT_RELEASE_WAIT`] before it counts as taken;
+/// binding next to such a leftover would hand it some of our connections.
 fn check_port_free(addr: SocketAddr) -> Result<(), ServerError> {
     if addr.port() == 0 {
         return Ok(());
     }
-    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Ok(_) => Err(ServerError::Io {
-            context: format!("{addr} is already in use (another queueberd?)"),
-            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
-        }),
-        // Refused (or unreachable): nobody listens; binding will tell the rest.
-        Err(_) => Ok(()),
+    let listening = || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            // A connect to an unused port in the ephemeral range can connect
+            // the socket to itself (TCP simultaneous open): not a listener.
+            .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+    };
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
+    while listening() {
+        if Instant::now() >= deadline {
+            return Err(ServerError::Io {
+                context: format!("{addr} is already in use (another queueberd?)"),
+                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
 }
+
+/// How long a busy listen port may take to be released by a dead server.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts a server that stops when `stop` is set (signal handlers may set it
 /// before the server is up; it then stops right after starting).
