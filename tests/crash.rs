@@ -20,6 +20,16 @@ fn free_port() -> u16 {
         .expect("an ephemeral port")
 }
 
+impl Drop for Daemon {
+    /// A failing test must not leave a server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Whether something accepts connections at `addr`. (A connect to an unused
 /// ephemeral port can connect the socket to itself; that does not count.)
 fn listening(addr: SocketAddr) -> bool {
@@ -60,7 +70,7 @@ impl Daemon {
     }
 
     /// SIGKILL: no shutdown path runs, nothing is flushed by us.
-    fn kill(mut self) {
+    fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reaped");
         // The dead process's io_uring keeps its listening sockets alive for
@@ -73,7 +83,7 @@ impl Daemon {
     }
 
     /// SIGTERM, and the exit status of a graceful stop.
-    fn terminate(mut self) {
+    fn terminate(&mut self) {
         // SAFETY: kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         assert_eq!(rc, 0);
@@ -96,7 +106,7 @@ fn acknowledged_adds_and_leases_survive_sigkill_in_every_mode() {
         let port = free_port();
         let queues = [queue_on_shard("crash", 0, 2), queue_on_shard("crash", 1, 2)];
 
-        let daemon = Daemon::start(dir.path(), port, durability);
+        let mut daemon = Daemon::start(dir.path(), port, durability);
         let qs = queues.clone();
         let (added, leased) = with_client(daemon.addr, move |c| async move {
             let mut added = BTreeSet::new();
@@ -113,7 +123,7 @@ fn acknowledged_adds_and_leases_survive_sigkill_in_every_mode() {
         });
         daemon.kill();
 
-        let daemon = Daemon::start(dir.path(), port, durability);
+        let mut daemon = Daemon::start(dir.path(), port, durability);
         let found = with_client(daemon.addr, move |c| async move {
             let mut found = BTreeSet::new();
             // The lease taken before the crash still holds its messages.
