@@ -258,15 +258,14 @@ impl Shard {
                 l
             }
             Err(e) => {
-                let error = ServerError::Io {
+                let error = |e: &glommio::GlommioError<()>| ServerError::Io {
                     context: format!("binding {listen}"),
                     source: std::io::Error::other(e.to_string()),
                 };
-                let _ = self.bound.send(Err(ServerError::Io {
-                    context: format!("binding {listen}"),
-                    source: std::io::Error::other(e.to_string()),
-                }));
-                return Err(error);
+                // Both the starter (waiting for the bind) and the shard's
+                // own result report it.
+                let _ = self.bound.send(Err(error(&e)));
+                return Err(error(&e));
             }
         };
         let (core, core_task) = core::spawn(self.index, self.store);
