@@ -406,7 +406,6 @@ fn in_flight_limit_is_enforced_with_a_typed_error() {
 
 #[test]
 fn a_client_that_does_not_read_gets_every_answer_later() {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let limits = ServerLimits {
         max_in_flight_per_connection: 8,
@@ -415,26 +414,15 @@ fn a_client_that_does_not_read_gets_every_answer_later() {
     let server = start_with_limits(dir.path(), 2, limits);
     let addr = server.local_addr();
     // 64 pipelined requests, nothing read until all are sent.
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    for id in 1..=64 {
-        s.write_all(&raw::stats_frame(id, "q")).unwrap();
-    }
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let mut ids = Vec::new();
-    let mut rest = &buf[..];
-    while !rest.is_empty() {
-        let reader = capnp::serialize::read_message(&mut rest, capnp::message::ReaderOptions::new()).unwrap();
-        let resp = queueber::protocol::decode_response(&reader).unwrap();
-        let code = resp.result.unwrap_err().code;
+    let frames: Vec<u8> = (1..=64).flat_map(|id| raw::stats_frame(id, "q")).collect();
+    let answers = raw::exchange_all(addr, &frames);
+    for (_, code) in &answers {
         assert!(
-            matches!(code, ErrorCode::UnknownQueue | ErrorCode::TooManyInFlight),
+            matches!(code, Some(ErrorCode::UnknownQueue | ErrorCode::TooManyInFlight)),
             "{code:?}"
         );
-        ids.push(resp.id);
     }
+    let mut ids: Vec<u64> = answers.iter().map(|(id, _)| *id).collect();
     ids.sort();
     assert_eq!(ids, (1..=64).collect::<Vec<_>>(), "one answer per request");
     // Everyone else is served throughout.
@@ -574,17 +562,24 @@ mod raw {
     /// Sends `bytes`, half-closes, and reads the first response, if any:
     /// (response id, error code if it is an error).
     pub fn exchange(addr: SocketAddr, bytes: &[u8]) -> Option<(u64, Option<ErrorCode>)> {
+        exchange_all(addr, bytes).into_iter().next()
+    }
+
+    /// Sends `bytes`, half-closes, and reads every response until the server
+    /// closes: (response id, error code if it is an error) each.
+    pub fn exchange_all(addr: SocketAddr, bytes: &[u8]) -> Vec<(u64, Option<ErrorCode>)> {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let _ = s.write_all(bytes);
         let _ = s.shutdown(std::net::Shutdown::Write);
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
-        if buf.is_empty() {
-            return None;
+        let mut answers = Vec::new();
+        let mut rest = &buf[..];
+        while let Ok(reader) = capnp::serialize::read_message(&mut rest, ReaderOptions::new()) {
+            let Ok(resp) = decode_response(&reader) else { break };
+            answers.push((resp.id, resp.result.err().map(|e| e.code)));
         }
-        let reader = capnp::serialize::read_message(&mut &buf[..], ReaderOptions::new()).ok()?;
-        let resp = decode_response(&reader).ok()?;
-        Some((resp.id, resp.result.err().map(|e| e.code)))
+        answers
     }
 }

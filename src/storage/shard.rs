@@ -467,7 +467,7 @@ impl ShardStore {
         let lease = self.ids.lease_id(now);
         let expires_at = deadline(now, lease_ms);
         let mut messages = Vec::with_capacity(want as usize);
-        let mut last_key = None;
+        let mut last_key: Option<ReadyKey> = None;
         let budget = engine.options().max_poll_bytes;
         let mut bytes = 0;
         while (messages.len() as u64) < want {
@@ -498,15 +498,18 @@ impl ShardStore {
                 delivery_count: header.delivery_count,
                 enqueued_at_ms: header.enqueued_at,
             });
-            last_key = Some(k.to_vec());
+            // parse_ready_key checked the length; a fixed array, no allocation.
+            last_key = k.try_into().ok();
             it.next();
         }
         it.status().map_err(StoreError::rocks("scan the ready index"))?;
-        let Some(mut floor) = last_key else {
+        let Some(last) = last_key else {
             return Ok(None);
         };
         // Just above the last consumed key, but never above a record this
         // batch wrote and the iterator could not see.
+        let mut floor = Vec::with_capacity(last.len() + 1);
+        floor.extend_from_slice(&last);
         floor.push(0);
         if let Some(low) = q.batch_low.filter(|low| low[..] < floor[..]) {
             floor = low.to_vec();
