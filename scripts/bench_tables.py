@@ -17,20 +17,25 @@ for name in sorted(os.listdir(out)):
     if not os.path.isfile(path):
         continue
     rows = [json.loads(l) for l in open(path) if l.strip()]
+    # Open-loop runs also report how late the generator itself sent.
+    open_loop = any(r.get("send_lag") for r in rows)
+    lag_head, lag_rule = (" send lag p50 µs |", "---|") if open_loop else ("", "")
     print(f"\n### {name}\n")
-    print("| shards | runs | removed msg/s | e2e p50 µs | e2e p99 µs | e2e p99.9 µs | add p50 µs | poll p50 µs | server CPU µs/msg | peak RSS MiB | dup | lost | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| shards | runs | removed msg/s | e2e p50 µs | e2e p99 µs | e2e p99.9 µs | add p50 µs |{lag_head} poll p50 µs | server CPU µs/msg | peak RSS MiB | dup | lost | err |")
+    print(f"|---|---|---|---|---|---|---|{lag_rule}---|---|---|---|---|---|")
     by = {}
     for r in rows:
         by.setdefault(r["shards"], []).append(r)
     for shards, rs in sorted(by.items()):
-        print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        lag = " {} |".format(fmt(med([(r.get("send_lag") or {}).get("p50_us") for r in rs]))) if open_loop else ""
+        print("| {} | {} | {} | {} | {} | {} | {} |{} {} | {} | {} | {} | {} | {} |".format(
             shards, len(rs),
             fmt(med([r["removed_per_s"] for r in rs])),
             fmt(med([r["end_to_end"]["p50_us"] for r in rs])),
             fmt(med([r["end_to_end"]["p99_us"] for r in rs])),
             fmt(med([r["end_to_end"]["p999_us"] for r in rs])),
             fmt(med([r["add"]["p50_us"] for r in rs])),
+            lag,
             fmt(med([r["poll"]["p50_us"] for r in rs])),
             fmt(med([r["server_cpu_us_per_msg"] for r in rs]), 1),
             fmt(med([(r["server_peak_rss_kib"] or 0) / 1024 for r in rs])),

@@ -71,6 +71,8 @@ pub struct Report {
     pub counts: ShardCounts,
     pub end_to_end: Latency,
     pub add: Latency,
+    /// Open loop only: actual minus intended send time of adds.
+    pub send_lag: Option<Latency>,
     pub poll: Latency,
     pub remove: Latency,
     pub errors: u64,
@@ -132,6 +134,10 @@ impl Report {
         s += "\n";
         s += &self.add.line("add rpc");
         s += "\n";
+        if let Some(lag) = &self.send_lag {
+            s += &lag.line("send lag");
+            s += "\n";
+        }
         s += &self.poll.line("poll rpc");
         s += "\n";
         s += &self.remove.line("remove rpc");
@@ -165,7 +171,7 @@ impl Report {
             "removed_per_s": self.rate(total(&self.counts.removed)),
             "removed_per_s_by_shard": self.counts.removed.iter().map(|&n| self.rate(n)).collect::<Vec<_>>(),
             "end_to_end": self.end_to_end.json(),
-            "add": self.add.json(), "poll": self.poll.json(), "remove": self.remove.json(),
+            "add": self.add.json(), "send_lag": self.send_lag.as_ref().map(Latency::json), "poll": self.poll.json(), "remove": self.remove.json(),
             "errors": self.errors, "duplicates": self.duplicates, "lost": self.lost,
             "server_cpu_us_per_msg": self.server_cpu_us_per_msg,
             "server_peak_rss_kib": self.server_peak_rss_kib,

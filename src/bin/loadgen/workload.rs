@@ -31,6 +31,10 @@ enum Fate {
 struct Histograms {
     end_to_end: Histogram<u64>,
     add: Histogram<u64>,
+    /// Open loop: how late the generator itself sent each add (actual minus
+    /// intended send time). If this is large, the generator, not the
+    /// server, is the bottleneck.
+    send_lag: Histogram<u64>,
     poll: Histogram<u64>,
     remove: Histogram<u64>,
 }
@@ -41,6 +45,7 @@ impl Histograms {
         Self {
             end_to_end: h(),
             add: h(),
+            send_lag: h(),
             poll: h(),
             remove: h(),
         }
@@ -203,6 +208,12 @@ async fn produce(state: Rc<State>, client: Client, producer: u32, queue: usize, 
             .map(|i| NewMessage::new(payload(&state, producer, seq + i, sent_at)))
             .collect();
         state.unacked.set(state.unacked.get() + n);
+        if interval.is_some() && state.measuring.get() {
+            record(
+                &mut state.histograms.borrow_mut().send_lag,
+                Instant::now().duration_since(intended),
+            );
+        }
         match client.add(&state.queues[queue], messages).await {
             Ok(_) => {
                 let done = Instant::now();
@@ -454,6 +465,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
         counts,
         end_to_end: Latency::from(&h.end_to_end),
         add: Latency::from(&h.add),
+        send_lag: args.rate.is_some().then(|| Latency::from(&h.send_lag)),
         poll: Latency::from(&h.poll),
         remove: Latency::from(&h.remove),
         errors: state.errors.get() - errors_before,
