@@ -118,7 +118,7 @@ impl Responses {
             .unbounded_send(encode_response(&Response { id, result }))
             .is_err()
         {
-            self.written();
+            self.written(1);
         }
     }
 
@@ -128,8 +128,9 @@ impl Responses {
         self.send(id, result);
     }
 
-    fn written(&self) {
-        self.pending.set(self.pending.get().saturating_sub(1));
+    /// `n` responses reached the socket (or can never reach it).
+    fn written(&self, n: usize) {
+        self.pending.set(self.pending.get().saturating_sub(n));
         self.changed.notify(usize::MAX);
     }
 
@@ -252,27 +253,29 @@ async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
     mut outgoing: mpsc::UnboundedReceiver<Builder<HeapAllocator>>,
     responses: Rc<Responses>,
 ) {
-    while let Some(message) = outgoing.next().await {
-        let mut batch = vec![message];
+    while let Some(first) = outgoing.next().await {
+        let mut ok = capnp_futures::serialize::write_message(&mut writer, &first)
+            .await
+            .is_ok();
+        let mut count = 1;
         // Coalesce whatever else is ready into the same flush.
-        while let Ok(message) = outgoing.try_recv() {
-            batch.push(message);
-        }
-        let mut ok = true;
-        for message in &batch {
-            ok = ok
-                && capnp_futures::serialize::write_message(&mut writer, message)
-                    .await
-                    .is_ok();
+        while ok {
+            let Ok(message) = outgoing.try_recv() else {
+                break;
+            };
+            ok = capnp_futures::serialize::write_message(&mut writer, &message)
+                .await
+                .is_ok();
+            count += 1;
         }
         ok = ok && writer.flush().await.is_ok();
-        for _ in &batch {
-            responses.written();
-        }
         if !ok {
             responses.fail();
             return;
         }
+        // Only now are they on the socket: until then they count against
+        // the connection's in-flight limit.
+        responses.written(count);
     }
     let _ = writer.close().await;
 }

@@ -84,11 +84,11 @@ impl QueueState {
 
     /// Where a scan of the ready index starts: the floor, or the queue's
     /// first possible key.
-    fn scan_start(&self) -> Vec<u8> {
-        self.counters
-            .floor
-            .clone()
-            .unwrap_or_else(|| keys::queue_prefix(self.qid).to_vec())
+    fn scan_start(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.counters.floor {
+            Some(floor) => std::borrow::Cow::Borrowed(floor),
+            None => std::borrow::Cow::Owned(keys::queue_prefix(self.qid).to_vec()),
+        }
     }
 
     fn lease_valid(&self, lease: &LeaseId, now: u64) -> bool {
