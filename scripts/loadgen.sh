@@ -5,7 +5,12 @@
 #   scripts/loadgen.sh [--shards "1 2"] [--durability periodic] [--runs 3]
 #                      [--server-args "extra queueberd flags"]
 #                      [--addr HOST:PORT (use a running server instead)]
+#                      [--backend queueber|redis]
 #                      [-- loadgen flags...]
+#
+# --backend redis runs the same workload against a fresh redis-server (the
+# baseline in docs/benchmarks.md): its AOF is the WAL, with appendfsync
+# always / everysec / no standing in for --durability fsync / periodic / wal.
 #
 # Every server it starts listens on 127.0.0.1 with a fresh data directory and
 # is stopped by PID when its run ends; every run is bounded by --duration.
@@ -18,6 +23,7 @@ durability="periodic"
 runs=1
 addr=""
 server_args=""
+backend="queueber"
 port=17500
 out_dir="${LOADGEN_OUT:-$(mktemp -d /tmp/queueber-loadgen.XXXXXX)}"
 mkdir -p "$out_dir"
@@ -28,12 +34,32 @@ while [ $# -gt 0 ]; do
     --runs) runs="$2"; shift 2 ;;
     --addr) addr="$2"; shift 2 ;;
     --server-args) server_args="$2"; shift 2 ;;
+    --backend) backend="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --) shift; break ;;
     *) break ;;
   esac
 done
 loadgen_args=("$@")
+
+case "$backend" in
+  queueber) ;;
+  redis)
+    if ! command -v redis-server >/dev/null 2>&1; then
+      echo "installing: redis-server" >&2
+      sudo_cmd=()
+      [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+      DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq redis-server >/dev/null
+    fi
+    case "$durability" in
+      fsync) appendfsync=always ;;
+      periodic) appendfsync=everysec ;;
+      wal) appendfsync=no ;;
+      *) echo "unknown durability $durability" >&2; exit 2 ;;
+    esac
+    ;;
+  *) echo "unknown backend $backend (queueber or redis)" >&2; exit 2 ;;
+esac
 
 cargo build --release --bin queueberd --bin loadgen >&2
 bin="$CARGO_TARGET_DIR/release"
@@ -58,10 +84,18 @@ run_one() {  # shards run label
   if [ -n "$addr" ]; then
     target="$addr"
   else
-    local data="$out_dir/data-$shards-$run"
+    local data="$out_dir/data-$backend-$shards-$run"
     rm -rf "$data"
-    "$bin/queueberd" --listen "127.0.0.1:$port" --data-dir "$data" --shards "$shards" \
-      --durability "$durability" --log warn $server_args > "$out_dir/server-$shards-$run.log" 2>&1 &
+    if [ "$backend" = redis ]; then
+      # Redis has one event loop: it runs as "1 shard" whatever --shards says.
+      mkdir -p "$data"
+      redis-server --bind 127.0.0.1 --port "$port" --dir "$data" --save "" \
+        --appendonly yes --appendfsync "$appendfsync" $server_args \
+        > "$out_dir/server-$backend-$shards-$run.log" 2>&1 &
+    else
+      "$bin/queueberd" --listen "127.0.0.1:$port" --data-dir "$data" --shards "$shards" \
+        --durability "$durability" --log warn $server_args > "$out_dir/server-$backend-$shards-$run.log" 2>&1 &
+    fi
     server_pid=$!
     target="127.0.0.1:$port"
     for _ in $(seq 1 100); do
@@ -70,10 +104,10 @@ run_one() {  # shards run label
     done
     pid_args=(--server-pid "$server_pid")
   fi
-  timeout 600 "$bin/loadgen" --addr "$target" "${pid_args[@]}" \
-    --label "shards=$shards durability=$durability run=$run" "${loadgen_args[@]}" \
-    | tee "$out_dir/loadgen-$shards-$run.txt" >&2
-  tail -n 1 "$out_dir/loadgen-$shards-$run.txt" >> "$results"
+  timeout 600 "$bin/loadgen" --backend "$backend" --addr "$target" "${pid_args[@]}" \
+    --label "backend=$backend shards=$shards durability=$durability run=$run" "${loadgen_args[@]}" \
+    | tee "$out_dir/loadgen-$backend-$shards-$run.txt" >&2
+  tail -n 1 "$out_dir/loadgen-$backend-$shards-$run.txt" >> "$results"
   stop_server
 }
 

@@ -38,9 +38,17 @@ fn json_line(out: &Output) -> Value {
 fn run_against_server(extra: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), 2);
-    let mut args: Vec<String> = [
+    let run = successful_run(&short_run(server.local_addr(), extra));
+    common::stop(server);
+    run
+}
+
+/// Arguments of a one-second run against `addr` (this process stands in for
+/// the server's PID), then `extra`.
+fn short_run(addr: std::net::SocketAddr, extra: &[&str]) -> Vec<String> {
+    let common = [
         "--addr",
-        &server.local_addr().to_string(),
+        &addr.to_string(),
         "--server-pid",
         &std::process::id().to_string(),
         "--duration",
@@ -50,12 +58,13 @@ fn run_against_server(extra: &[&str]) -> Value {
         "-S",
         "64",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let out = loadgen(&args, Duration::from_secs(60));
-    common::stop(server);
+    .map(String::from);
+    common.into_iter().chain(extra.iter().map(|s| s.to_string())).collect()
+}
+
+/// Runs `loadgen`, requires it to succeed, and returns its JSON line.
+fn successful_run(args: &[String]) -> Value {
+    let out = loadgen(args, Duration::from_secs(60));
     assert!(
         out.status.success(),
         "loadgen failed: {}\n{}",
@@ -107,4 +116,162 @@ fn an_unreachable_server_fails_the_run() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loadgen:"));
+}
+
+/// A stand-in for Redis speaking the four commands the baseline sends, so the
+/// generator's Redis path is tested without installing Redis: lists live in a
+/// map, `BLMOVE` waits on a condition variable up to its timeout.
+mod fake_redis {
+    use std::collections::{HashMap, VecDeque};
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    #[derive(Default)]
+    pub struct Lists {
+        pub lists: HashMap<Vec<u8>, VecDeque<Vec<u8>>>,
+        pub calls: HashMap<String, u64>,
+    }
+
+    pub type Shared = Arc<(Mutex<Lists>, Condvar)>;
+
+    pub fn start() -> (SocketAddr, Shared) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shared: Shared = Arc::default();
+        let state = shared.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let state = state.clone();
+                std::thread::spawn(move || serve(conn, state));
+            }
+        });
+        (addr, shared)
+    }
+
+    fn read_command(r: &mut BufReader<TcpStream>) -> Option<Vec<Vec<u8>>> {
+        let mut line = String::new();
+        r.read_line(&mut line).ok()?;
+        let n: usize = line.trim_end().strip_prefix('*')?.parse().ok()?;
+        let mut args = Vec::with_capacity(n);
+        for _ in 0..n {
+            line.clear();
+            r.read_line(&mut line).ok()?;
+            let len: usize = line.trim_end().strip_prefix('$')?.parse().ok()?;
+            let mut arg = vec![0u8; len + 2];
+            r.read_exact(&mut arg).ok()?;
+            arg.truncate(len);
+            args.push(arg);
+        }
+        Some(args)
+    }
+
+    fn serve(conn: TcpStream, state: Shared) {
+        let mut writer = conn.try_clone().expect("clone");
+        let mut reader = BufReader::new(conn);
+        while let Some(args) = read_command(&mut reader) {
+            let reply = answer(&args, &state);
+            if writer.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn bulk(v: &[u8]) -> Vec<u8> {
+        let mut out = format!("${}\r\n", v.len()).into_bytes();
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    fn answer(args: &[Vec<u8>], state: &Shared) -> Vec<u8> {
+        let (lock, cond) = &**state;
+        let name = String::from_utf8_lossy(&args[0]).to_uppercase();
+        let mut s = lock.lock().expect("lock");
+        *s.calls.entry(name.clone()).or_default() += 1;
+        match (name.as_str(), args.len()) {
+            ("PING", 1) => b"+PONG\r\n".to_vec(),
+            ("LPUSH", n) if n >= 3 => {
+                let list = s.lists.entry(args[1].clone()).or_default();
+                for v in &args[2..] {
+                    list.push_front(v.clone());
+                }
+                let len = list.len();
+                cond.notify_all();
+                format!(":{len}\r\n").into_bytes()
+            }
+            ("BLMOVE", 6) => {
+                let secs: f64 = String::from_utf8_lossy(&args[5]).parse().unwrap_or(0.0);
+                let deadline = Instant::now() + Duration::from_secs_f64(secs);
+                loop {
+                    if let Some(v) = s.lists.get_mut(&args[1]).and_then(|l| l.pop_back()) {
+                        s.lists.entry(args[2].clone()).or_default().push_front(v.clone());
+                        return bulk(&v);
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return b"*-1\r\n".to_vec();
+                    }
+                    s = cond.wait_timeout(s, deadline - now).expect("wait").0;
+                }
+            }
+            ("LREM", 4) => {
+                let list = s.lists.entry(args[1].clone()).or_default();
+                match list.iter().position(|v| *v == args[3]) {
+                    Some(i) => {
+                        list.remove(i);
+                        b":1\r\n".to_vec()
+                    }
+                    None => b":0\r\n".to_vec(),
+                }
+            }
+            _ => format!("-ERR unknown command {name}\r\n").into_bytes(),
+        }
+    }
+}
+
+#[test]
+fn the_redis_baseline_moves_every_message_through_lpush_blmove_lrem() {
+    let (addr, state) = fake_redis::start();
+    let args = short_run(
+        addr,
+        &[
+            "--backend",
+            "redis",
+            "-B",
+            "1",
+            "-P",
+            "2",
+            "-C",
+            "2",
+            "--depth",
+            "2",
+            "--rate",
+            "400",
+            "--wait-ms",
+            "200",
+        ],
+    );
+    let run = successful_run(&args);
+    assert_clean(&run);
+    assert_eq!(run["backend"], "redis", "{run}");
+    let s = state.0.lock().expect("lock");
+    let calls = |c: &str| s.calls.get(c).copied().unwrap_or(0);
+    let total_added = calls("LPUSH");
+    assert!(total_added > 0, "no LPUSH reached the server");
+    // Every add was moved to the in-flight list and acknowledged from it.
+    assert!(calls("BLMOVE") >= total_added);
+    assert_eq!(calls("LREM"), total_added);
+    assert!(s.lists.values().all(|l| l.is_empty()), "messages left behind");
+}
+
+#[test]
+fn the_redis_baseline_refuses_batches() {
+    let out = loadgen(
+        &["--backend".into(), "redis".into(), "-B".into(), "4".into()],
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-B 1"));
 }

@@ -7,6 +7,7 @@
 //! be sent: in open-loop mode (`--rate`) a stalled server cannot hide behind
 //! a stalled generator (no coordinated omission).
 
+mod backend;
 mod procstat;
 mod report;
 mod workload;
@@ -23,6 +24,10 @@ pub struct Args {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:7420")]
     pub addr: SocketAddr,
+    /// What runs at --addr: queueber, or a Redis server as a baseline
+    /// (LPUSH / BLMOVE / LREM, -B 1 only; see docs/benchmarks.md).
+    #[arg(long, value_enum, default_value_t = backend::Kind::Queueber)]
+    pub backend: backend::Kind,
     /// Producer connections.
     #[arg(short = 'P', long, default_value_t = 2)]
     pub producers: usize,
@@ -98,6 +103,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if args.payload < workload::HEADER_BYTES {
         eprintln!("loadgen: --payload must be at least {} bytes", workload::HEADER_BYTES);
+        return ExitCode::FAILURE;
+    }
+    if args.backend == backend::Kind::Redis && args.batch != 1 {
+        eprintln!("loadgen: --backend redis moves one message per poll; use -B 1");
         return ExitCode::FAILURE;
     }
     let run = queueber::runtime::executor("loadgen", None, 256 << 10).spawn({

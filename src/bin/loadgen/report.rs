@@ -97,7 +97,8 @@ impl Report {
         let a = &self.args;
         let total = |v: &[u64]| v.iter().sum::<u64>();
         let mut s = format!(
-            "queueber loadgen{}: P={} C={} B={} S={} Q={} depth={} shards={} {} over {:.1}s\n",
+            "loadgen against {}{}: P={} C={} B={} S={} Q={} depth={} shards={} {} over {:.1}s\n",
+            format!("{:?}", a.backend).to_lowercase(),
             if self.label.is_empty() {
                 String::new()
             } else {
@@ -163,6 +164,7 @@ impl Report {
         let total = |v: &[u64]| v.iter().sum::<u64>();
         json!({
             "label": self.label,
+            "backend": format!("{:?}", a.backend).to_lowercase(),
             "producers": a.producers, "consumers": a.consumers, "batch": a.batch, "payload": a.payload,
             "queues": self.queues, "depth": self.depth, "shards": self.shards, "rate": a.rate, "max_unacked": a.max_unacked,
             "seconds": self.seconds,

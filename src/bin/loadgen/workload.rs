@@ -10,10 +10,10 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use queueber::client::Client;
 use queueber::names::QueueName;
 use queueber::storage::NewMessage;
 
+use super::backend::Conn;
 use super::procstat;
 use super::report::{Latency, Report, ShardCounts};
 use super::Args;
@@ -122,13 +122,18 @@ fn assignment(w: usize, workers: usize, queues: usize) -> Vec<usize> {
     }
 }
 
-async fn connect(addr: std::net::SocketAddr) -> Result<Client, String> {
-    let stream = glommio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let (client, driver) = Client::new(stream);
-    glommio::spawn_local(driver).detach();
-    Ok(client)
+async fn connect(args: &Args) -> Result<Conn, String> {
+    Conn::connect(args.backend, args.addr).await
+}
+
+/// The connection a new task uses: the worker's own when it can be shared,
+/// a fresh one otherwise.
+async fn task_conn(args: &Args, worker: &Conn) -> Result<Conn, String> {
+    if Conn::shareable(args.backend) {
+        Ok(worker.clone())
+    } else {
+        connect(args).await
+    }
 }
 
 fn payload(state: &State, producer: u32, seq: u64, sent_at_ns: u64) -> Vec<u8> {
@@ -148,7 +153,7 @@ fn parse(p: &[u8]) -> Option<(u32, u64, u64)> {
 }
 
 /// One producer task feeding one queue; `producer` names its sequence stream.
-async fn produce(state: Rc<State>, client: Client, producer: u32, queue: usize, tasks: usize, preload: u64) {
+async fn produce(state: Rc<State>, client: Conn, producer: u32, queue: usize, tasks: usize, preload: u64) {
     let b = state.args.batch;
     let mut seq: u64 = 0;
     // Open loop: this task's share of the rate, one batch per interval.
@@ -239,7 +244,7 @@ async fn produce(state: Rc<State>, client: Client, producer: u32, queue: usize, 
 }
 
 /// One consumer task draining one queue.
-async fn consume(state: Rc<State>, client: Client, queue: usize) {
+async fn consume(state: Rc<State>, client: Conn, queue: usize) {
     let a = &state.args;
     while state.consuming.get() {
         let asked = Instant::now();
@@ -281,9 +286,8 @@ async fn consume(state: Rc<State>, client: Client, queue: usize) {
                 }
             }
         }
-        let ids: Vec<_> = lease.messages.iter().map(|m| m.id).collect();
         let asked = Instant::now();
-        match client.remove(&state.queues[queue], lease.id, ids).await {
+        match client.remove(&state.queues[queue], &lease).await {
             Ok(flags) => {
                 if state.measuring.get() {
                     record(&mut state.histograms.borrow_mut().remove, asked.elapsed());
@@ -313,9 +317,9 @@ async fn consume(state: Rc<State>, client: Client, queue: usize) {
 }
 
 pub async fn run(args: Args) -> Result<Report, String> {
-    let probe = connect(args.addr).await?;
-    let info = probe.hello().await.map_err(|e| format!("hello: {e}"))?;
-    let shards = info.shards.max(1) as usize;
+    let probe = connect(&args).await?;
+    let shards = probe.shards().await?;
+    drop(probe);
     let queues = choose_queues(&args, shards);
     if queues.is_empty() {
         return Err("no queues chosen".into());
@@ -344,11 +348,11 @@ pub async fn run(args: Args) -> Result<Report, String> {
 
     let mut producers = Vec::new();
     for _ in 0..args.producers {
-        producers.push(connect(args.addr).await?);
+        producers.push(connect(&args).await?);
     }
     let mut consumers = Vec::new();
     for _ in 0..args.consumers {
-        consumers.push(connect(args.addr).await?);
+        consumers.push(connect(&args).await?);
     }
 
     // Deep-queue mode: fill first, then measure only the drain.
@@ -361,7 +365,15 @@ pub async fn run(args: Args) -> Result<Report, String> {
             for queue in 0..q {
                 let stream = tasks.len() as u32;
                 tasks.push(
-                    glommio::spawn_local(produce(state.clone(), client.clone(), stream, queue, 1, per_task)).detach(),
+                    glommio::spawn_local(produce(
+                        state.clone(),
+                        task_conn(&args, client).await?,
+                        stream,
+                        queue,
+                        1,
+                        per_task,
+                    ))
+                    .detach(),
                 );
             }
         }
@@ -396,7 +408,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
                 running.push(
                     glommio::spawn_local(produce(
                         state.clone(),
-                        client.clone(),
+                        task_conn(&args, client).await?,
                         stream,
                         queue,
                         producer_tasks.max(1),
@@ -412,7 +424,8 @@ pub async fn run(args: Args) -> Result<Report, String> {
             .into_iter()
             .flat_map(|q| std::iter::repeat_n(q, depth))
         {
-            running.push(glommio::spawn_local(consume(state.clone(), client.clone(), queue)).detach());
+            let conn = task_conn(&args, client).await?;
+            running.push(glommio::spawn_local(consume(state.clone(), conn, queue)).detach());
         }
     }
 
