@@ -45,12 +45,7 @@ loadgen_args=("$@")
 case "$backend" in
   queueber) ;;
   redis)
-    if ! command -v redis-server >/dev/null 2>&1; then
-      echo "installing: redis-server" >&2
-      sudo_cmd=()
-      [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-      DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq redis-server >/dev/null
-    fi
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server
     case "$durability" in
       fsync) appendfsync=always ;;
       periodic) appendfsync=everysec ;;

@@ -29,6 +29,16 @@ pub enum Kind {
     Redis,
 }
 
+impl Kind {
+    /// The flag's spelling (`queueber`, `redis`), for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Queueber => "queueber",
+            Kind::Redis => "redis",
+        }
+    }
+}
+
 /// One connection to the server under test.
 #[derive(Clone)]
 pub enum Conn {
@@ -263,6 +273,14 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<Resp, String> {
         futures::executor::block_on(read_reply(&mut BufReader::new(bytes)))
+    }
+
+    #[test]
+    fn report_names_are_the_flag_spellings() {
+        use clap::ValueEnum;
+        for kind in Kind::value_variants() {
+            assert_eq!(Kind::from_str(kind.name(), false), Ok(*kind));
+        }
     }
 
     #[test]

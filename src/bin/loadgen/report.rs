@@ -98,7 +98,7 @@ impl Report {
         let total = |v: &[u64]| v.iter().sum::<u64>();
         let mut s = format!(
             "loadgen against {}{}: P={} C={} B={} S={} Q={} depth={} shards={} {} over {:.1}s\n",
-            format!("{:?}", a.backend).to_lowercase(),
+            a.backend.name(),
             if self.label.is_empty() {
                 String::new()
             } else {
@@ -164,7 +164,7 @@ impl Report {
         let total = |v: &[u64]| v.iter().sum::<u64>();
         json!({
             "label": self.label,
-            "backend": format!("{:?}", a.backend).to_lowercase(),
+            "backend": a.backend.name(),
             "producers": a.producers, "consumers": a.consumers, "batch": a.batch, "payload": a.payload,
             "queues": self.queues, "depth": self.depth, "shards": self.shards, "rate": a.rate, "max_unacked": a.max_unacked,
             "seconds": self.seconds,

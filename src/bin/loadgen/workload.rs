@@ -126,10 +126,10 @@ async fn connect(args: &Args) -> Result<Conn, String> {
     Conn::connect(args.backend, args.addr).await
 }
 
-/// The connection a new task uses: the worker's own when it can be shared,
-/// a fresh one otherwise.
-async fn task_conn(args: &Args, worker: &Conn) -> Result<Conn, String> {
-    if Conn::shareable(args.backend) {
+/// The connection a worker's `nth` task uses: the worker's own when it can be
+/// shared or for the first task, a fresh one otherwise.
+async fn task_conn(args: &Args, worker: &Conn, nth: usize) -> Result<Conn, String> {
+    if nth == 0 || Conn::shareable(args.backend) {
         Ok(worker.clone())
     } else {
         connect(args).await
@@ -367,7 +367,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
                 tasks.push(
                     glommio::spawn_local(produce(
                         state.clone(),
-                        task_conn(&args, client).await?,
+                        task_conn(&args, client, queue).await?,
                         stream,
                         queue,
                         1,
@@ -398,9 +398,10 @@ pub async fn run(args: Args) -> Result<Report, String> {
     let mut running = Vec::new();
     if args.preload == 0 {
         for (p, client) in producers.iter().enumerate() {
-            for queue in assignment(p, args.producers, q)
+            for (nth, queue) in assignment(p, args.producers, q)
                 .into_iter()
                 .flat_map(|q| std::iter::repeat_n(q, depth))
+                .enumerate()
             {
                 // Every producer task numbers its own messages: it is its
                 // own stream of (stream, sequence) keys.
@@ -408,7 +409,7 @@ pub async fn run(args: Args) -> Result<Report, String> {
                 running.push(
                     glommio::spawn_local(produce(
                         state.clone(),
-                        task_conn(&args, client).await?,
+                        task_conn(&args, client, nth).await?,
                         stream,
                         queue,
                         producer_tasks.max(1),
@@ -420,11 +421,12 @@ pub async fn run(args: Args) -> Result<Report, String> {
         }
     }
     for (c, client) in consumers.iter().enumerate() {
-        for queue in assignment(c, args.consumers, q)
+        for (nth, queue) in assignment(c, args.consumers, q)
             .into_iter()
             .flat_map(|q| std::iter::repeat_n(q, depth))
+            .enumerate()
         {
-            let conn = task_conn(&args, client).await?;
+            let conn = task_conn(&args, client, nth).await?;
             running.push(glommio::spawn_local(consume(state.clone(), conn, queue)).detach());
         }
     }
