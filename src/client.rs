@@ -100,6 +100,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::TooManyInFlight => "too_many_in_flight",
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Unavailable => "unavailable",
+        ErrorCode::DiskFull => "disk_full",
     }
 }
 

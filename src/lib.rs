@@ -9,6 +9,8 @@
 //! * [`storage`]: durable queue state in one shared RocksDB behind the narrow
 //!   [`storage::QueueStore`] trait: the RocksDB store of one shard, and an
 //!   in-memory model with the same semantics for tests.
+//! * [`frame`]: Cap'n Proto stream framing that commits memory only as a
+//!   frame's bytes arrive, whatever its header claims.
 //! * [`protocol`]: requests and responses as Rust types and their Cap'n Proto
 //!   encoding ([`queueber_capnp`], generated from `queueber.capnp`).
 //! * [`server`]: the daemon: one glommio executor per core, each owning a
@@ -20,6 +22,7 @@
 
 pub mod client;
 pub mod clock;
+pub mod frame;
 pub mod ids;
 pub mod names;
 pub mod protocol;

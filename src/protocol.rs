@@ -98,6 +98,8 @@ pub struct ServerInfo {
     pub version: String,
     pub shards: u32,
     pub limits: Limits,
+    /// Adds are being refused for lack of disk space right now.
+    pub disk_full: bool,
 }
 
 /// A successful answer.
@@ -343,6 +345,7 @@ pub fn encode_response(resp: &Response) -> Builder<HeapAllocator> {
             let mut b = root.init_hello();
             b.set_version(info.version.as_str());
             b.set_shards(info.shards);
+            b.set_disk_full(info.disk_full);
             let l = &info.limits;
             let mut lb = b.init_limits();
             lb.set_max_frame_bytes(l.max_frame_bytes);
@@ -394,6 +397,7 @@ pub fn encode_response(resp: &Response) -> Builder<HeapAllocator> {
             b.set_in_flight(s.in_flight);
             b.set_has_visible(s.oldest_visible_age_ms.is_some());
             b.set_oldest_visible_age_ms(s.oldest_visible_age_ms.unwrap_or(0));
+            b.set_disk_full(s.disk_full);
         }
         Ok(Reply::Queues(names)) => {
             let mut list = root.init_list_queues(names.len() as u32);
@@ -453,6 +457,7 @@ pub fn decode_response<S: ReaderSegments>(message: &Reader<S>) -> Result<Respons
                     .to_string()
                     .map_err(|e| bad("version", e.to_string()))?,
                 shards: h.get_shards(),
+                disk_full: h.get_disk_full(),
                 limits: Limits {
                     max_frame_bytes: l.get_max_frame_bytes(),
                     max_messages_per_add: l.get_max_messages_per_add(),
@@ -512,6 +517,7 @@ pub fn decode_response<S: ReaderSegments>(message: &Reader<S>) -> Result<Respons
                 delayed: s.get_delayed(),
                 in_flight: s.get_in_flight(),
                 oldest_visible_age_ms: s.get_has_visible().then(|| s.get_oldest_visible_age_ms()),
+                disk_full: s.get_disk_full(),
             }))
         }
         Which::ListQueues(list) => {
@@ -530,7 +536,7 @@ pub fn decode_response<S: ReaderSegments>(message: &Reader<S>) -> Result<Respons
 }
 
 /// Every error code, for docs and exhaustive tests.
-pub const ERROR_CODES: [ErrorCode; 12] = [
+pub const ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::InvalidName,
@@ -543,6 +549,7 @@ pub const ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::TooManyInFlight,
     ErrorCode::ShuttingDown,
     ErrorCode::Unavailable,
+    ErrorCode::DiskFull,
 ];
 
 #[cfg(test)]
@@ -628,6 +635,7 @@ mod tests {
             Ok(Reply::Hello(ServerInfo {
                 version: "1.2.3".into(),
                 shards: 2,
+                disk_full: true,
                 limits: Limits {
                     max_frame_bytes: 1,
                     max_messages_per_add: 2,
@@ -651,6 +659,7 @@ mod tests {
                 delayed: 2,
                 in_flight: 3,
                 oldest_visible_age_ms: Some(0),
+                disk_full: true,
             })),
             Ok(Reply::Stats(QueueStats::default())),
             Ok(Reply::Queues(vec![q("a"), q("b")])),

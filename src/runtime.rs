@@ -84,11 +84,6 @@ pub fn raise_memlock(need: u64, want: u64) -> Result<u64, MemlockError> {
     Ok(soft)
 }
 
-/// Raises the open-file limit toward `want` (connections are files).
-pub fn raise_nofile(want: u64) -> u64 {
-    rlimit::increase_nofile_limit(want).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

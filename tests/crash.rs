@@ -5,99 +5,14 @@
 
 mod common;
 
+#[path = "common/daemon.rs"]
+mod daemon;
+
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::{queue_on_shard, with_client};
+use daemon::{free_port, Daemon};
 use queueber::storage::NewMessage;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
-}
-
-impl Drop for Daemon {
-    /// A failing test must not leave a server running.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Whether something accepts connections at `addr`. (A connect to an unused
-/// ephemeral port can connect the socket to itself; that does not count.)
-fn listening(addr: SocketAddr) -> bool {
-    std::net::TcpStream::connect(addr).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
-}
-
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Daemon {
-    fn start(dir: &std::path::Path, port: u16, durability: &str) -> Daemon {
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_queueberd"))
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--shards",
-                "2",
-                "--no-pin",
-                "--log",
-                "warn",
-            ])
-            .args(["--durability", durability, "--block-cache-mib", "8"])
-            .arg("--data-dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("queueberd starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !listening(addr) {
-            assert!(Instant::now() < deadline, "queueberd did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, addr }
-    }
-
-    /// SIGKILL: no shutdown path runs, nothing is flushed by us.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-        // The dead process's io_uring keeps its listening sockets alive for
-        // a moment after it is reaped; do not mistake them for the next one.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while listening(self.addr) {
-            assert!(Instant::now() < deadline, "the killed server still listens");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, and the exit status of a graceful stop.
-    fn terminate(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "graceful stop exits 0, got {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "queueberd did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 #[test]
 fn acknowledged_adds_and_leases_survive_sigkill_in_every_mode() {

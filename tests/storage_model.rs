@@ -203,6 +203,7 @@ impl Harness {
                     queue: self.names[q].clone(),
                     max_items: max,
                     lease_ms,
+                    max_bytes: usize::MAX,
                 });
                 if Self::assert_errors_match(&r, &m) {
                     return;

@@ -79,6 +79,28 @@ struct Args {
     #[arg(long, env = "QUEUEBER_MAX_CONNECTIONS", default_value_t = ServerLimits::default().max_connections)]
     max_connections: usize,
 
+    /// Server-wide cap on connection buffers (requests read and not answered,
+    /// answers not written, frames being received); reading stops while it is
+    /// used up. Default: 1/16 of physical memory, between 64 MiB and 1 GiB.
+    #[arg(long, env = "QUEUEBER_MAX_BUFFERED_BYTES", default_value_t = ServerLimits::default().max_buffered_bytes)]
+    max_buffered_bytes: usize,
+
+    /// One connection's share of --max-buffered-bytes: a connection holding
+    /// more in unanswered requests and unread answers is not read from.
+    #[arg(long, env = "QUEUEBER_MAX_BUFFERED_BYTES_PER_CONNECTION", default_value_t = ServerLimits::default().max_buffered_bytes_per_connection)]
+    max_buffered_bytes_per_connection: usize,
+
+    /// Close a connection whose frame in progress, or whose unread answers,
+    /// make no progress for this long (milliseconds).
+    #[arg(long, env = "QUEUEBER_STALL_TIMEOUT_MS", default_value_t = ServerLimits::default().stall_timeout_ms)]
+    stall_timeout_ms: u64,
+
+    /// Refuse adds (error diskFull) while the data directory's filesystem has
+    /// less free space than this; the rest is headroom for polls, removes,
+    /// flushes and compactions.
+    #[arg(long, env = "QUEUEBER_MIN_FREE_DISK_MIB", default_value_t = queueber::storage::disk::DEFAULT_MIN_FREE_BYTES >> 20)]
+    min_free_disk_mib: u64,
+
     /// Spin an idle shard this many microseconds before parking it (lower
     /// latency for cross-shard requests, more CPU when lightly loaded; 0 = off).
     #[arg(long, env = "QUEUEBER_SPIN_BEFORE_PARK_US", default_value_t = 0)]
@@ -144,7 +166,11 @@ fn main() -> ExitCode {
         max_wait_ms: args.max_wait_ms,
         max_in_flight_per_connection: args.max_in_flight,
         max_connections: args.max_connections,
+        max_buffered_bytes: args.max_buffered_bytes,
+        max_buffered_bytes_per_connection: args.max_buffered_bytes_per_connection,
+        stall_timeout_ms: args.stall_timeout_ms,
     };
+    config.min_free_disk_bytes = args.min_free_disk_mib << 20;
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         tracing::error!(dir = %config.data_dir.display(), error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;

@@ -25,6 +25,8 @@ pub struct ServerConfig {
     /// cross-core messages and offload completions are picked up without a
     /// wake-up (lower latency, more CPU when idle).
     pub spin_before_park: Option<std::time::Duration>,
+    /// Adds are refused while the data filesystem has less free space.
+    pub min_free_disk_bytes: u64,
 }
 
 impl ServerConfig {
@@ -41,6 +43,7 @@ impl ServerConfig {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 64 << 20,
             spin_before_park: None,
+            min_free_disk_bytes: crate::storage::disk::DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -54,6 +57,31 @@ pub struct ServerLimits {
     pub max_wait_ms: u64,
     pub max_in_flight_per_connection: usize,
     pub max_connections: usize,
+    /// Server-wide cap on connection buffers: request frames read and not
+    /// answered, answers not yet written, frames being received (see
+    /// `server::budget`). Reading stops while it is used up.
+    pub max_buffered_bytes: usize,
+    /// One connection's share of it: a connection holding more than this in
+    /// unanswered requests and unwritten answers is not read from.
+    pub max_buffered_bytes_per_connection: usize,
+    /// A connection is closed when a frame it started sending, or answers
+    /// it is not reading, make no progress for this long.
+    pub stall_timeout_ms: u64,
+}
+
+/// The default server-wide buffer budget: 1/16 of physical memory, between
+/// 64 MiB and 1 GiB (1 GiB on a 16 GiB machine or larger).
+pub fn default_max_buffered_bytes() -> usize {
+    // SAFETY: sysconf has no preconditions; it returns -1 when unknown.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let physical = if pages > 0 && page > 0 {
+        (pages as u64).saturating_mul(page as u64)
+    } else {
+        4 << 30
+    };
+    usize::try_from(physical / 16)
+        .unwrap_or(usize::MAX)
+        .clamp(64 << 20, 1 << 30)
 }
 
 impl Default for ServerLimits {
@@ -66,6 +94,9 @@ impl Default for ServerLimits {
             max_wait_ms: 30_000,
             max_in_flight_per_connection: 4096,
             max_connections: 10_000,
+            max_buffered_bytes: default_max_buffered_bytes(),
+            max_buffered_bytes_per_connection: 32 << 20,
+            stall_timeout_ms: 30_000,
         }
     }
 }
@@ -82,6 +113,11 @@ impl ServerLimits {
         self.max_items_per_poll = self.max_items_per_poll.max(1);
         self.max_in_flight_per_connection = self.max_in_flight_per_connection.max(1);
         self.max_connections = self.max_connections.max(1);
+        self.max_buffered_bytes = self.max_buffered_bytes.max(1 << 20);
+        self.max_buffered_bytes_per_connection = self
+            .max_buffered_bytes_per_connection
+            .clamp(64 << 10, self.max_buffered_bytes);
+        self.stall_timeout_ms = self.stall_timeout_ms.max(100);
         self
     }
 

@@ -1,39 +1,61 @@
 //! One client connection: read frames, run requests concurrently, write
-//! responses as they complete.
+//! answers as they complete, and close without losing any of them.
 //!
 //! Reading never waits for a request to finish, so a client can pipeline
 //! thousands of requests and a long poll does not hold up the ones behind it.
-//! Responses go through one writer task that buffers them and flushes only
-//! when no further response is ready, so a burst leaves in few syscalls.
+//! Answers go through one writer task that gathers whatever is ready into one
+//! write, so a burst leaves in few syscalls.
+//!
+//! What a connection may make the server hold is bounded three ways: frame
+//! memory is committed only as bytes arrive ([`FrameBuffer`]), every byte
+//! read or answered is charged to the connection's share of the server's
+//! buffer budget ([`super::budget`]), and a connection whose frame or unread
+//! answers make no progress for the stall timeout is closed.
+//!
+//! Closing follows what careful servers do, so that the kernel never resets
+//! a connection that still has answers in flight: answer everything read,
+//! shut down the write side (the client reads EOF after the last answer),
+//! then read and discard until the client's EOF or [`LINGER`], then close.
 
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+use capnp::message::ReaderOptions;
 use futures::channel::mpsc;
 use futures::future::{select, Either};
-use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
 use futures::StreamExt;
 use glommio::net::TcpStream;
 
+use super::budget::{BufferBudget, Charge, ConnectionBudget};
 use super::config::ServerLimits;
 use super::router::Router;
+use crate::frame::{FrameBuffer, FrameError};
 use crate::protocol::{
     decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
 };
+use crate::runtime::within;
+use crate::storage::disk::DiskState;
 
-const IO_BUFFER: usize = 64 << 10;
+/// How long a closing connection keeps reading (and discarding) what the
+/// client still sends, so that closing does not reset answers in flight.
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
-/// Fired once when the server begins to shut down.
+/// Above this the writer's gather buffer is given back after a flush.
+const WRITE_BUFFER_KEEP: usize = 64 << 10;
+
+/// A one-shot broadcast: shutdown of the server, or the end of a client's
+/// requests.
 #[derive(Default)]
-pub(crate) struct ShutdownSignal {
+pub(crate) struct Signal {
     fired: Cell<bool>,
     event: event_listener::Event,
 }
 
-impl ShutdownSignal {
+impl Signal {
     pub(crate) fn fire(&self) {
         self.fired.set(true);
         self.event.notify(usize::MAX);
@@ -59,9 +81,21 @@ pub(crate) struct ShardContext {
     pub router: Rc<Router>,
     pub limits: ServerLimits,
     pub info: ServerInfo,
-    pub shutdown: ShutdownSignal,
+    pub shutdown: Signal,
     /// Open connections across all shards (the connection limit is global).
     pub connections: Arc<AtomicUsize>,
+    /// The effective connection limit (lowered when file descriptors are short).
+    pub max_connections: usize,
+    pub budget: Arc<BufferBudget>,
+    pub disk: Arc<DiskState>,
+}
+
+impl ShardContext {
+    fn hello(&self) -> ServerInfo {
+        let mut info = self.info.clone();
+        info.disk_full = self.disk.is_full();
+        info
+    }
 }
 
 /// Counts a connection for as long as it lives.
@@ -82,42 +116,42 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The responses of one connection on their way to its writer task.
-///
-/// `pending` counts requests accepted and not yet answered on the socket
-/// (running, or answered but not yet written). The in-flight limit is
-/// checked against it, so a client that pipelines without reading cannot
-/// make the server buffer without bound.
-struct Responses {
-    out: mpsc::UnboundedSender<Builder<HeapAllocator>>,
-    pending: Cell<usize>,
-    changed: event_listener::Event,
-    /// The writer hit a socket error: nothing more will be written.
-    broken: Cell<bool>,
+/// An encoded answer on its way to the socket, with the bytes it holds.
+struct Outgoing {
+    bytes: Vec<u8>,
+    _charge: Charge,
 }
 
-impl Responses {
-    fn new(out: mpsc::UnboundedSender<Builder<HeapAllocator>>) -> Self {
-        Self {
-            out,
-            pending: Cell::new(0),
-            changed: event_listener::Event::new(),
-            broken: Cell::new(false),
-        }
-    }
+/// State shared by a connection's reader, its request tasks and its writer.
+///
+/// `in_flight` counts requests accepted and not yet answered on the socket
+/// (running, or answered but not yet written). The in-flight limit is
+/// checked against it, so a client that pipelines without reading cannot
+/// make the server run without bound.
+struct Connection {
+    ctx: Rc<ShardContext>,
+    budget: Arc<ConnectionBudget>,
+    out: mpsc::UnboundedSender<Outgoing>,
+    in_flight: Cell<usize>,
+    changed: event_listener::Event,
+    /// The writer hit a socket error or stalled: nothing more will be written.
+    broken: Cell<bool>,
+    /// The client sent EOF (or the connection broke): its parked polls are
+    /// answered at once.
+    finished: Signal,
+}
 
-    /// Counts a request (or an error answer) that will produce one response.
+impl Connection {
+    /// Counts a request (or an error answer) that will produce one answer.
     fn reserve(&self) {
-        self.pending.set(self.pending.get() + 1);
+        self.in_flight.set(self.in_flight.get() + 1);
     }
 
-    /// Queues the response of a reserved request.
+    /// Queues the answer of a reserved request.
     fn send(&self, id: u64, result: Result<Reply, ErrorReply>) {
-        if self
-            .out
-            .unbounded_send(encode_response(&Response { id, result }))
-            .is_err()
-        {
+        let bytes = capnp::serialize::write_message_to_words(&encode_response(&Response { id, result }));
+        let charge = self.budget.charge(bytes.len());
+        if self.out.unbounded_send(Outgoing { bytes, _charge: charge }).is_err() {
             self.written(1);
         }
     }
@@ -128,22 +162,23 @@ impl Responses {
         self.send(id, result);
     }
 
-    /// `n` responses reached the socket (or can never reach it).
+    /// `n` answers reached the socket (or can never reach it).
     fn written(&self, n: usize) {
-        self.pending.set(self.pending.get().saturating_sub(n));
+        self.in_flight.set(self.in_flight.get().saturating_sub(n));
         self.changed.notify(usize::MAX);
     }
 
     fn fail(&self) {
         self.broken.set(true);
+        self.finished.fire();
         self.changed.notify(usize::MAX);
     }
 
-    /// Waits until fewer than `n` responses are pending (or the socket broke).
+    /// Waits until fewer than `n` answers are pending (or the socket broke).
     async fn wait_below(&self, n: usize) {
-        while self.pending.get() >= n && !self.broken.get() {
+        while self.in_flight.get() >= n && !self.broken.get() {
             let listener = self.changed.listen();
-            if self.pending.get() < n || self.broken.get() {
+            if self.in_flight.get() < n || self.broken.get() {
                 return;
             }
             listener.await;
@@ -151,151 +186,298 @@ impl Responses {
     }
 }
 
-/// Classifies a frame the framing layer rejected.
-fn frame_error(e: &capnp::Error, limits: &ServerLimits) -> Option<ErrorReply> {
-    match e.kind {
-        capnp::ErrorKind::Disconnected => None,
-        _ if e.extra.contains("too large") => Some(ErrorReply::new(
-            ErrorCode::FrameTooLarge,
-            format!("frame exceeds max-frame-bytes {}: {}", limits.max_frame_bytes, e.extra),
-        )),
-        capnp::ErrorKind::PrematureEndOfFile => None,
-        _ => Some(ErrorReply::new(
-            ErrorCode::MalformedFrame,
-            format!("malformed frame: {e}"),
-        )),
+/// The answer to a frame whose framing is lost (the connection closes).
+fn frame_error(e: &FrameError) -> ErrorReply {
+    match e {
+        FrameError::TooLarge { .. } => ErrorReply::new(ErrorCode::FrameTooLarge, e.to_string()),
+        FrameError::BadSegmentCount(_) => ErrorReply::new(ErrorCode::MalformedFrame, format!("malformed frame: {e}")),
     }
+}
+
+/// Why the reader stopped.
+enum Stop {
+    /// The client sent EOF (or the socket failed): nothing more to read.
+    Eof,
+    /// Shutdown, a framing error or a stall: the client may still be sending.
+    Closing,
 }
 
 pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: ConnectionGuard) {
     let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.split();
-    let mut reader = BufReader::with_capacity(IO_BUFFER, reader);
+    // A write that cannot make progress (a client that stopped reading) for
+    // the stall timeout fails, and the connection closes.
+    let stall = Duration::from_millis(ctx.limits.stall_timeout_ms);
+    let _ = stream.set_write_timeout(Some(stall));
+    let (mut reader, writer) = stream.split();
     let (out, outgoing) = mpsc::unbounded();
-    let responses = Rc::new(Responses::new(out));
-    let writer = glommio::spawn_local(write_loop(
-        BufWriter::with_capacity(IO_BUFFER, writer),
-        outgoing,
-        responses.clone(),
-    ))
-    .detach();
-    let limit = ctx.limits.max_in_flight_per_connection;
-    let mut options = ReaderOptions::new();
-    options.traversal_limit_in_words(Some(ctx.limits.max_frame_bytes / 8));
+    let conn = Rc::new(Connection {
+        budget: ctx.budget.connection(),
+        ctx: ctx.clone(),
+        out,
+        in_flight: Cell::new(0),
+        changed: event_listener::Event::new(),
+        broken: Cell::new(false),
+        finished: Signal::default(),
+    });
+    let writer = glommio::spawn_local(write_loop(writer, outgoing, conn.clone())).detach();
 
-    loop {
-        // A client far over its limit (pipelining without reading even the
-        // errors) is not read from until its answers drain.
-        if responses.pending.get() >= 2 * limit {
-            responses.wait_below(limit).await;
-        }
-        if responses.broken.get() {
-            break;
-        }
-        let read = capnp_futures::serialize::try_read_message(&mut reader, options);
-        let frame = match select(Box::pin(read), Box::pin(ctx.shutdown.wait())).await {
-            Either::Left((frame, _)) => frame,
-            Either::Right(_) => break,
-        };
-        let message = match frame {
-            Ok(Some(message)) => message,
-            Ok(None) => break,
-            Err(e) => {
-                if let Some(error) = frame_error(&e, &ctx.limits) {
-                    // Framing is lost: answer (id 0 = about the connection) and close.
-                    responses.answer(0, Err(error));
-                }
-                break;
-            }
-        };
-        let request = match decode_request(&message) {
-            Ok(request) => request,
-            Err(e) => {
-                let fatal = e.error.code == ErrorCode::MalformedFrame;
-                responses.answer(e.id.unwrap_or(0), Err(e.error));
-                if fatal {
+    let stop = read_requests(&mut reader, &conn, stall).await;
+    // Parked polls of a client that has stopped sending are answered now:
+    // leasing messages to a client that went away would only delay them.
+    conn.finished.fire();
+    // Answer everything already accepted before closing.
+    conn.wait_below(1).await;
+    // The writer holds the connection too: end its stream explicitly. It
+    // shuts the write side down after the last answer.
+    conn.out.close_channel();
+    writer.await;
+    if matches!(stop, Stop::Closing) && !conn.broken.get() {
+        // Unread bytes at close make the kernel send a reset, which can
+        // destroy answers the client has not read yet: drain until EOF.
+        let mut sink = [0u8; 4096];
+        let _ = within(LINGER, async {
+            while let Ok(n) = reader.read(&mut sink).await {
+                if n == 0 {
                     break;
                 }
-                continue;
             }
-        };
-        if responses.pending.get() >= limit {
-            let error = ErrorReply::new(
-                ErrorCode::TooManyInFlight,
-                format!("more than max-in-flight-per-connection {limit} requests in flight"),
-            );
-            responses.answer(request.id, Err(error));
-            continue;
-        }
-        responses.reserve();
-        glommio::spawn_local(handle(request, ctx.clone(), responses.clone())).detach();
+        })
+        .await;
     }
-    // Answer everything already accepted before closing.
-    responses.wait_below(1).await;
-    // The writer holds the responses too: end its stream explicitly.
-    responses.out.close_channel();
-    writer.await;
     drop(guard);
 }
 
-async fn handle(request: Request, ctx: Rc<ShardContext>, responses: Rc<Responses>) {
+/// Reads and dispatches requests until EOF, an error or shutdown.
+async fn read_requests(reader: &mut ReadHalf<TcpStream>, conn: &Rc<Connection>, stall: Duration) -> Stop {
+    let ctx = &conn.ctx;
+    let limit = ctx.limits.max_in_flight_per_connection;
+    let mut options = ReaderOptions::new();
+    options.traversal_limit_in_words(Some(ctx.limits.max_frame_bytes / 8));
+    let mut frames = FrameBuffer::new(ctx.limits.max_frame_bytes);
+    // The receive buffer counts against the server, not the share.
+    let mut buffer_charge = Charge::server(&ctx.budget, 0);
+    let mut closing_at: Option<Instant> = None;
+    loop {
+        // Dispatch every request that has fully arrived.
+        loop {
+            // A client far over its limit (pipelining without reading even
+            // the errors) is not read from until its answers drain.
+            if conn.in_flight.get() >= 2 * limit {
+                conn.wait_below(limit).await;
+            }
+            if conn.broken.get() {
+                return Stop::Eof;
+            }
+            let next = frames.next_frame(options, |message| {
+                message
+                    .map_err(|e| crate::protocol::DecodeError {
+                        id: None,
+                        error: ErrorReply::new(ErrorCode::MalformedFrame, format!("malformed frame: {e}")),
+                    })
+                    .and_then(|m| decode_request(&m))
+            });
+            match next {
+                Ok(Some((len, decoded))) => dispatch(conn, len, decoded, limit),
+                Ok(None) => break,
+                Err(e) => {
+                    // Framing is lost: answer (id 0 = about the connection) and close.
+                    conn.answer(0, Err(frame_error(&e)));
+                    return Stop::Closing;
+                }
+            }
+        }
+        buffer_charge.set(frames.capacity());
+        if ctx.shutdown.is_fired() && closing_at.is_none() {
+            closing_at = Some(Instant::now() + LINGER);
+        }
+        // Backpressure: a connection over its share, or any connection while
+        // the server's budget is used up, is not read from (TCP pushes back).
+        if conn.budget.over_share() || ctx.budget.exhausted() {
+            let room = async {
+                conn.budget.wait_under_share().await;
+                ctx.budget.wait_for_room().await;
+            };
+            let stopped = async {
+                select(Box::pin(ctx.shutdown.wait()), Box::pin(conn.finished.wait())).await;
+            };
+            if let Either::Right(_) = select(Box::pin(room), Box::pin(stopped)).await {
+                return Stop::Closing;
+            }
+        }
+        let partial = frames.partial();
+        match frames.prepare_read() {
+            Ok(capacity) => buffer_charge.set(capacity),
+            Err(e) => {
+                conn.answer(0, Err(frame_error(&e)));
+                return Stop::Closing;
+            }
+        }
+        let space = frames.spare();
+        let read = async {
+            if partial {
+                // A frame in progress must keep arriving (slow-loris clients
+                // would otherwise hold their buffer forever); an idle
+                // connection between frames may wait as long as it likes.
+                within(stall, reader.read(space))
+                    .await
+                    .unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "frame stalled")))
+            } else {
+                reader.read(space).await
+            }
+        };
+        // At shutdown the connection keeps reading for a moment, answering
+        // `shuttingDown` to what the client had already sent, so that a
+        // pipelining client learns the fate of every request instead of
+        // losing answers to a reset.
+        let read = match closing_at {
+            None => match select(Box::pin(read), Box::pin(ctx.shutdown.wait())).await {
+                Either::Left((read, _)) => read,
+                Either::Right(_) => {
+                    closing_at = Some(Instant::now() + LINGER);
+                    continue;
+                }
+            },
+            Some(deadline) => match within(deadline.saturating_duration_since(Instant::now()), read).await {
+                Some(read) => read,
+                None => return Stop::Closing,
+            },
+        };
+        let n = match read {
+            Ok(0) => return Stop::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                tracing::debug!("closing a connection whose frame stalled");
+                return Stop::Closing;
+            }
+            Err(_) => return Stop::Eof,
+        };
+        frames.filled(n);
+    }
+}
+
+/// Answers a request that failed to decode, or starts it.
+fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::protocol::DecodeError>, limit: usize) {
+    let request = match decoded {
+        Ok(request) => request,
+        Err(e) => {
+            // The frame was whole, so framing is intact: answer and go on.
+            conn.answer(e.id.unwrap_or(0), Err(e.error));
+            return;
+        }
+    };
+    if conn.in_flight.get() >= limit {
+        let error = ErrorReply::new(
+            ErrorCode::TooManyInFlight,
+            format!("more than max-in-flight-per-connection {limit} requests in flight"),
+        );
+        conn.answer(request.id, Err(error));
+        return;
+    }
+    conn.reserve();
+    // The decoded request holds about as much as its frame did, until answered.
+    let charge = conn.budget.charge(len);
+    glommio::spawn_local(handle(request, conn.clone(), charge)).detach();
+}
+
+async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
+    let ctx = &conn.ctx;
     let result = match ctx.limits.admit(request.op) {
         Err(e) => Err(e),
-        Ok(Op::Hello) => Ok(Reply::Hello(ctx.info.clone())),
+        Ok(Op::Hello) => Ok(Reply::Hello(ctx.hello())),
         Ok(_) if ctx.shutdown.is_fired() => Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")),
-        Ok(op) => ctx.router.call(op).await,
+        Ok(Op::Poll {
+            queue,
+            max_items,
+            lease_ms,
+            wait_ms,
+        }) if wait_ms > 0 => {
+            // A client that has finished sending gets one try, no wait; one
+            // that finishes while its poll is parked gets an empty answer.
+            let wait_ms = if conn.finished.is_fired() { 0 } else { wait_ms };
+            let poll = Op::Poll {
+                queue,
+                max_items,
+                lease_ms,
+                wait_ms,
+            };
+            let call = ctx.router.call(poll, Some(conn.budget.clone()));
+            match select(Box::pin(call), Box::pin(conn.finished.wait())).await {
+                Either::Left((result, _)) => result,
+                // Dropping the call cancels the parked poll wherever it is.
+                Either::Right(_) => Ok(Reply::Polled(None)),
+            }
+        }
+        Ok(op) => ctx.router.call(op, Some(conn.budget.clone())).await,
     };
-    responses.send(request.id, result);
+    conn.send(request.id, result);
+    drop(frame);
 }
 
 async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
-    mut writer: BufWriter<W>,
-    mut outgoing: mpsc::UnboundedReceiver<Builder<HeapAllocator>>,
-    responses: Rc<Responses>,
+    mut writer: W,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    conn: Rc<Connection>,
 ) {
+    let mut gathered: Vec<u8> = Vec::new();
+    let mut held: Vec<Outgoing> = Vec::new();
     while let Some(first) = outgoing.next().await {
-        let mut ok = capnp_futures::serialize::write_message(&mut writer, &first)
-            .await
-            .is_ok();
-        let mut count = 1;
-        // Coalesce whatever else is ready into the same flush.
-        while ok {
-            let Ok(message) = outgoing.try_recv() else {
+        // Gather whatever else is ready into the same write.
+        let mut bytes = first.bytes.len();
+        held.push(first);
+        while bytes < WRITE_BUFFER_KEEP {
+            let Ok(next) = outgoing.try_recv() else {
                 break;
             };
-            ok = capnp_futures::serialize::write_message(&mut writer, &message)
-                .await
-                .is_ok();
-            count += 1;
+            bytes += next.bytes.len();
+            held.push(next);
         }
-        ok = ok && writer.flush().await.is_ok();
+        let ok = if let [only] = held.as_slice() {
+            writer.write_all(&only.bytes).await.is_ok()
+        } else {
+            for o in &held {
+                gathered.extend_from_slice(&o.bytes);
+            }
+            let ok = writer.write_all(&gathered).await.is_ok();
+            gathered.clear();
+            if gathered.capacity() > WRITE_BUFFER_KEEP {
+                gathered = Vec::new();
+            }
+            ok
+        };
         if !ok {
-            responses.fail();
+            conn.fail();
             return;
         }
         // Only now are they on the socket: until then they count against
-        // the connection's in-flight limit.
-        responses.written(count);
+        // the connection's in-flight limit and its buffer share.
+        conn.written(held.len());
+        held.clear();
     }
+    // Shuts down the write side: the client reads EOF after the last answer.
     let _ = writer.close().await;
 }
 
-/// Tells a client over the connection limit why it is being closed.
-pub(crate) async fn refuse(stream: TcpStream, limit: usize) {
-    let mut writer = BufWriter::new(stream);
-    let error = ErrorReply::new(
-        ErrorCode::Unavailable,
-        format!("max-connections {limit} reached; try again later"),
-    );
+/// Tells a client the server cannot take why it is being closed.
+pub(crate) async fn refuse(stream: TcpStream, why: &str) {
+    let error = ErrorReply::new(ErrorCode::Unavailable, why);
     let message = encode_response(&Response {
         id: 0,
         result: Err(error),
     });
-    if capnp_futures::serialize::write_message(&mut writer, &message)
-        .await
-        .is_ok()
-    {
-        let _ = writer.flush().await;
+    let bytes = capnp::serialize::write_message_to_words(&message);
+    let _ = stream.set_write_timeout(Some(LINGER));
+    let (mut reader, mut writer) = stream.split();
+    if writer.write_all(&bytes).await.is_ok() {
+        let _ = writer.close().await;
+        // As in `serve`: drain what the client sent so the refusal is not reset.
+        let mut sink = [0u8; 1024];
+        let _ = within(LINGER, async {
+            while let Ok(n) = reader.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
-    let _ = writer.close().await;
 }

@@ -30,17 +30,24 @@ use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
 use crate::runtime::{offload, within};
 use crate::storage::{Command, Executed, Outcome, QueueStore, StoreError};
 
+use super::budget::{Charge, ConnectionBudget};
+use std::sync::Arc;
+
 pub(crate) type ReplyResult = Result<Reply, ErrorReply>;
 pub(crate) type ReplyTx = oneshot::Sender<ReplyResult>;
 
 impl From<&StoreError> for ErrorReply {
     fn from(e: &StoreError) -> Self {
         let code = match e {
+            // A batch that ran out of space fails as a whole; say why.
+            StoreError::Rocks { source, .. } if crate::storage::disk::is_no_space(source) => ErrorCode::DiskFull,
+            StoreError::Failed(why) if why.contains("No space left on device") => ErrorCode::DiskFull,
             StoreError::InvalidName(_) => ErrorCode::InvalidName,
             StoreError::UnknownQueue(_) => ErrorCode::UnknownQueue,
             StoreError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             StoreError::ZeroItems => ErrorCode::InvalidArgument,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::DiskFull(_) => ErrorCode::DiskFull,
             StoreError::WrongShard(_)
             | StoreError::Failed(_)
             | StoreError::Rocks { .. }
@@ -56,15 +63,46 @@ fn unavailable(what: &str) -> ErrorReply {
 }
 
 enum Job {
-    Call {
-        op: Op,
-        reply: ReplyTx,
-    },
+    Call(Call),
     /// Answer every parked poll now and park no more (shutdown has begun).
     Drain,
     /// Finish the current batch and return the store.
     Stop,
 }
+
+/// One operation for this shard, with where its answer goes. The reply
+/// sender travels with the request, across shards too: the owner answers
+/// the caller directly, and a caller that gives up (its connection closed)
+/// drops the receiver, which the owner sees as a cancelled request.
+pub(crate) struct Call {
+    pub op: Op,
+    pub reply: ReplyTx,
+    /// The calling connection's buffer account: a poll's reply is limited
+    /// to the room left in it. `None` for internal callers.
+    pub budget: Option<Arc<ConnectionBudget>>,
+}
+
+impl Call {
+    /// Who this request counts against when batches are shared out.
+    fn source(&self) -> usize {
+        self.budget.as_ref().map_or(0, |b| Arc::as_ptr(b) as usize)
+    }
+
+    fn add_messages(&self) -> usize {
+        match &self.op {
+            Op::Add { messages, .. } => messages.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Most added messages one batch takes. Adds beyond it wait for the next
+/// batch, so a write flood cannot make a batch (and everything answered
+/// with it: polls, removes, stats) arbitrarily long.
+const BATCH_ADD_MESSAGES: usize = 4096;
+/// Most added messages one connection contributes to a batch while others
+/// wait: a single heavy producer cannot fill every batch.
+const BATCH_ADD_MESSAGES_PER_SOURCE: usize = 1024;
 
 /// A cheap handle for submitting work to the shard's core.
 #[derive(Clone)]
@@ -73,13 +111,26 @@ pub(crate) struct CoreHandle {
 }
 
 impl CoreHandle {
-    /// Runs one operation on this shard (the caller routed it here).
+    /// Runs one operation on this shard for an internal caller (no buffer
+    /// account); connections go through [`CoreHandle::submit`].
+    #[cfg(test)]
     pub(crate) async fn call(&self, op: Op) -> ReplyResult {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .unbounded_send(Job::Call { op, reply })
-            .map_err(|_| unavailable("is stopping"))?;
+        self.submit(Call {
+            op,
+            reply,
+            budget: None,
+        });
         answer.await.unwrap_or_else(|_| Err(unavailable("dropped the request")))
+    }
+
+    /// Queues a call whose caller waits on its reply sender.
+    pub(crate) fn submit(&self, call: Call) {
+        if let Err(e) = self.jobs.unbounded_send(Job::Call(call)) {
+            if let Job::Call(call) = e.into_inner() {
+                let _ = call.reply.send(Err(unavailable("is stopping")));
+            }
+        }
     }
 
     pub(crate) fn drain(&self) {
@@ -98,14 +149,20 @@ struct Parked {
     lease_ms: u64,
     deadline: Instant,
     reply: ReplyTx,
+    budget: Option<Arc<ConnectionBudget>>,
 }
 
 /// How to turn a job's outcomes back into one reply.
 enum Finish {
     Single(ReplyTx),
-    Poll(Parked),
+    /// A poll that ran, with the reply room reserved for it.
+    Poll(Parked, Option<Charge>),
+    /// A poll that did not run: its connection has no room for a reply.
+    PollNoRoom(Parked),
     Remove(ReplyTx, usize),
     ListQueues(ReplyTx),
+    /// A delete: parked polls of the queue are answered once it is gone.
+    Delete(ReplyTx, QueueName),
 }
 
 /// Waiting polls per queue, plus their deadlines in order.
@@ -156,8 +213,20 @@ impl Waiters {
         }
     }
 
+    /// Answers every waiter of `queue` with an empty poll (the queue was
+    /// deleted: a poll must not outlive it into a queue re-created by name).
+    fn answer_queue(&mut self, queue: &QueueName) {
+        if let Some(list) = self.by_queue.remove(queue) {
+            for (seq, parked) in list {
+                self.deadlines.remove(&(parked.deadline, seq));
+                let _ = parked.reply.send(Ok(Reply::Polled(None)));
+            }
+        }
+    }
+
     /// Answers every waiter whose deadline is at or before `now` with an
-    /// empty poll (all of them when `now` is `None`).
+    /// empty poll (all of them when `now` is `None`), and forgets waiters
+    /// whose caller has gone.
     fn expire(&mut self, now: Option<Instant>) {
         while let Some(entry) = self.deadlines.first_entry() {
             if now.is_some_and(|now| entry.key().0 > now) {
@@ -195,6 +264,53 @@ fn store_deadline(deadline_ms: Option<u64>) -> Option<Instant> {
     deadline_ms.map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(now_ms)))
 }
 
+/// Calls not yet taken into a batch, in arrival order. Everything but adds
+/// is taken by the next batch; adds are taken up to [`BATCH_ADD_MESSAGES`],
+/// at most [`BATCH_ADD_MESSAGES_PER_SOURCE`] per connection while others
+/// wait, so under a write flood adds are pushed back and everything else
+/// waits at most one (bounded) batch.
+#[derive(Default)]
+struct Backlog {
+    adds: VecDeque<Call>,
+}
+
+impl Backlog {
+    /// Splits newly arrived calls: adds join the backlog, the rest run now.
+    fn take(&mut self, arrived: Vec<Call>, now: &mut Vec<Call>) {
+        for call in arrived {
+            if call.add_messages() > 0 {
+                self.adds.push_back(call);
+            } else {
+                now.push(call);
+            }
+        }
+        let mut taken = 0;
+        let mut per_source: HashMap<usize, usize> = HashMap::new();
+        let mut deferred = VecDeque::new();
+        while let Some(call) = self.adds.pop_front() {
+            if taken >= BATCH_ADD_MESSAGES {
+                self.adds.push_front(call);
+                break;
+            }
+            let n = call.add_messages();
+            let from_source = per_source.entry(call.source()).or_default();
+            if taken > 0 && *from_source >= BATCH_ADD_MESSAGES_PER_SOURCE {
+                deferred.push_back(call);
+                continue;
+            }
+            *from_source += n;
+            taken += n;
+            now.push(call);
+        }
+        deferred.extend(self.adds.drain(..));
+        self.adds = deferred;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.adds.is_empty()
+    }
+}
+
 async fn run(
     shard: usize,
     store: Box<dyn QueueStore>,
@@ -205,14 +321,16 @@ async fn run(
     let mut store = Some(store);
     let mut waiters = Waiters::default();
     let mut retry: Vec<Parked> = Vec::new();
+    let mut backlog = Backlog::default();
     let mut store_due = store_deadline(store.as_ref().and_then(|s| s.next_deadline()));
     let mut draining = false;
     let mut stopping = false;
     let (mut batches, mut commands_run) = (0u64, 0u64);
     loop {
-        // Wait for work unless some is ready (woken waiters, due timers).
+        // Wait for work unless some is ready (woken waiters, deferred adds,
+        // due timers).
         let mut jobs = Vec::new();
-        if retry.is_empty() && !stopping {
+        if retry.is_empty() && backlog.is_empty() && !stopping {
             let wake_at = [waiters.next_deadline(), store_due].into_iter().flatten().min();
             let next = match wake_at {
                 Some(at) => within(at.saturating_duration_since(Instant::now()), incoming.next()).await,
@@ -228,32 +346,33 @@ async fn run(
             jobs.push(job);
         }
 
-        let mut commands = Vec::new();
-        let mut finishes = Vec::new();
+        let mut arrived = Vec::new();
         for job in jobs {
             match job {
-                Job::Call { op, reply } => plan(op, reply, &mut commands, &mut finishes),
+                Job::Call(call) => arrived.push(call),
                 Job::Drain => draining = true,
                 Job::Stop => stopping = true,
             }
         }
+        let mut calls = Vec::with_capacity(arrived.len());
+        backlog.take(arrived, &mut calls);
+        let mut commands = Vec::new();
+        let mut finishes = Vec::new();
+        for call in calls {
+            plan(call, &mut commands, &mut finishes);
+        }
         for parked in retry.drain(..) {
-            commands.push(Command::Poll {
-                queue: parked.queue.clone(),
-                max_items: parked.max_items,
-                lease_ms: parked.lease_ms,
-            });
-            finishes.push(Finish::Poll(parked));
+            plan_poll(parked, &mut commands, &mut finishes);
         }
         let now = Instant::now();
         waiters.expire(if draining { None } else { Some(now) });
         let timers_due = store_due.is_some_and(|d| d <= now);
 
-        if !finishes.is_empty() || timers_due {
+        let list_queues = finishes.iter().any(|f| matches!(f, Finish::ListQueues(_)));
+        if !commands.is_empty() || list_queues || timers_due {
             let Some(mut owned) = store.take() else {
                 break;
             };
-            let list_queues = finishes.iter().any(|f| matches!(f, Finish::ListQueues(_)));
             batches += 1;
             commands_run += commands.len() as u64;
             let span = span.clone();
@@ -268,8 +387,10 @@ async fn run(
             store = Some(owned);
             store_due = store_deadline(next);
             finish(executed, queues, finishes, &mut waiters, &mut retry, draining);
+        } else if !finishes.is_empty() {
+            finish(Executed::default(), None, finishes, &mut waiters, &mut retry, draining);
         }
-        if stopping && retry.is_empty() {
+        if stopping && retry.is_empty() && backlog.is_empty() {
             break;
         }
     }
@@ -278,8 +399,10 @@ async fn run(
     // Jobs that raced with the stop get a clear answer rather than silence.
     incoming.close();
     while let Ok(job) = incoming.try_recv() {
-        if let Job::Call { reply, .. } = job {
-            let _ = reply.send(Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")));
+        if let Job::Call(call) = job {
+            let _ = call
+                .reply
+                .send(Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")));
         }
     }
     match store {
@@ -288,8 +411,35 @@ async fn run(
     }
 }
 
+/// Plans a poll (new or woken): reserves room for its reply in the caller's
+/// buffer account, or parks it without running when there is none.
+fn plan_poll(parked: Parked, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+    // A caller that has gone is not served: leasing to it would only delay
+    // the messages until the lease expired.
+    if parked.reply.is_canceled() {
+        return;
+    }
+    let reservation = parked.budget.as_ref().map(|b| b.reserve(MAX_POLL_RESERVATION));
+    if reservation.as_ref().is_some_and(|r| r.bytes() == 0) {
+        finishes.push(Finish::PollNoRoom(parked));
+        return;
+    }
+    commands.push(Command::Poll {
+        queue: parked.queue.clone(),
+        max_items: parked.max_items,
+        lease_ms: parked.lease_ms,
+        max_bytes: reservation.as_ref().map_or(usize::MAX, Charge::bytes),
+    });
+    finishes.push(Finish::Poll(parked, reservation));
+}
+
+/// What a poll may reserve for its reply at most: the store caps replies
+/// far lower (max-frame-bytes), so this only bounds the reservation.
+const MAX_POLL_RESERVATION: usize = 1 << 30;
+
 /// Turns one operation into storage commands and a way to finish it.
-fn plan(op: Op, reply: ReplyTx, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+fn plan(call: Call, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+    let Call { op, reply, budget } = call;
     let command = match op {
         Op::Add { queue, messages } => Command::Add { queue, messages },
         Op::Poll {
@@ -298,18 +448,15 @@ fn plan(op: Op, reply: ReplyTx, commands: &mut Vec<Command>, finishes: &mut Vec<
             lease_ms,
             wait_ms,
         } => {
-            commands.push(Command::Poll {
-                queue: queue.clone(),
-                max_items,
-                lease_ms,
-            });
-            finishes.push(Finish::Poll(Parked {
+            let parked = Parked {
                 queue,
                 max_items,
                 lease_ms,
                 deadline: Instant::now() + Duration::from_millis(wait_ms),
                 reply,
-            }));
+                budget,
+            };
+            plan_poll(parked, commands, finishes);
             return;
         }
         Op::Remove { queue, lease, ids } => {
@@ -336,7 +483,11 @@ fn plan(op: Op, reply: ReplyTx, commands: &mut Vec<Command>, finishes: &mut Vec<
         },
         Op::Stats { queue } => Command::Stats { queue },
         Op::Purge { queue } => Command::Purge { queue },
-        Op::Delete { queue } => Command::Delete { queue },
+        Op::Delete { queue } => {
+            commands.push(Command::Delete { queue: queue.clone() });
+            finishes.push(Finish::Delete(reply, queue));
+            return;
+        }
         Op::ListQueues => {
             finishes.push(Finish::ListQueues(reply));
             return;
@@ -367,6 +518,18 @@ fn to_reply(outcome: Result<Outcome, StoreError>) -> ReplyResult {
     }
 }
 
+/// Parks an empty poll that may still wait, or answers it.
+fn park_or_answer(parked: Parked, result: ReplyResult, waiters: &mut Waiters, draining: bool, now: Instant) {
+    match result {
+        Ok(Reply::Polled(None)) if !draining && parked.deadline > now && !parked.reply.is_canceled() => {
+            waiters.park(parked)
+        }
+        other => {
+            let _ = parked.reply.send(other);
+        }
+    }
+}
+
 fn finish(
     executed: Executed,
     queues: Option<Result<Vec<QueueName>, StoreError>>,
@@ -383,14 +546,13 @@ fn finish(
             Finish::Single(reply) => {
                 let _ = reply.send(to_reply(outcomes.next().unwrap_or_else(missing)));
             }
-            Finish::Poll(parked) => match outcomes.next().unwrap_or_else(missing) {
-                Ok(Outcome::Polled(None)) if !draining && parked.deadline > now && !parked.reply.is_canceled() => {
-                    waiters.park(parked)
-                }
-                other => {
-                    let _ = parked.reply.send(to_reply(other));
-                }
-            },
+            Finish::Poll(parked, reservation) => {
+                let result = to_reply(outcomes.next().unwrap_or_else(missing));
+                // The connection charges the encoded reply when it sends it.
+                drop(reservation);
+                park_or_answer(parked, result, waiters, draining, now);
+            }
+            Finish::PollNoRoom(parked) => park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now),
             Finish::Remove(reply, n) => {
                 let mut flags = Vec::with_capacity(n);
                 let mut error = None;
@@ -404,6 +566,13 @@ fn finish(
                     }
                 }
                 let _ = reply.send(error.map_or(Ok(Reply::Removed(flags)), Err));
+            }
+            Finish::Delete(reply, queue) => {
+                let result = to_reply(outcomes.next().unwrap_or_else(missing));
+                if result.is_ok() {
+                    waiters.answer_queue(&queue);
+                }
+                let _ = reply.send(result);
             }
             Finish::ListQueues(reply) => {
                 let result = match &queues {

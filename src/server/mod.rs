@@ -15,6 +15,8 @@
 //! answer parked long polls empty, finish every request already read, then
 //! stop the cores and sync the WAL.
 
+mod accept;
+mod budget;
 pub mod config;
 mod connection;
 mod core;
@@ -26,11 +28,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::{select, Either};
 use glommio::net::TcpListener;
 
+use budget::BufferBudget;
 pub use config::{ServerConfig, ServerLimits};
-use connection::{ConnectionGuard, ShardContext, ShutdownSignal};
+use connection::{ShardContext, Signal};
 use router::{Mesh, Router, ShardLinks};
 
 use crate::clock::{Clock, SystemClock};
@@ -158,7 +160,7 @@ pub fn start_with_stop(
         runtime::MIN_MEMLOCK_BYTES + (config.io_memory * shards) as u64,
         (config.io_memory as u64 + (8 << 20)) * shards as u64,
     )?;
-    runtime::raise_nofile(config.limits.max_connections as u64 + 1024);
+    let max_connections = accept::size_descriptors(config.limits.max_connections);
     tracing::debug!(locked, "RLIMIT_MEMLOCK");
     let engine = Engine::open(
         &config.data_dir,
@@ -174,14 +176,20 @@ pub fn start_with_stop(
                 .max(config.limits.max_payload_bytes),
             block_cache_bytes: config.block_cache_bytes,
             write_buffer_bytes: config.write_buffer_bytes,
+            min_free_disk_bytes: config.min_free_disk_bytes,
         },
         clock,
     )?;
+    let budget = BufferBudget::new(
+        config.limits.max_buffered_bytes,
+        config.limits.max_buffered_bytes_per_connection,
+    );
     let cpus = runtime::allowed_cpus();
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         shards: shards as u32,
         limits: config.limits.announce(),
+        disk_full: false,
     };
     let connections = Arc::new(AtomicUsize::new(0));
     let mut mesh = Mesh::new(shards);
@@ -201,6 +209,9 @@ pub fn start_with_stop(
             info: info.clone(),
             stop: stop.clone(),
             connections: connections.clone(),
+            max_connections,
+            budget: budget.clone(),
+            engine: engine.clone(),
             bound: bound_tx.clone(),
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
@@ -246,6 +257,9 @@ struct Shard {
     info: ServerInfo,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicUsize>,
+    max_connections: usize,
+    budget: Arc<BufferBudget>,
+    engine: Arc<Engine>,
     bound: crossbeam_channel::Sender<Result<SocketAddr, ServerError>>,
 }
 
@@ -274,10 +288,14 @@ impl Shard {
             router: router.clone(),
             limits: self.limits,
             info: self.info,
-            shutdown: ShutdownSignal::default(),
+            shutdown: Signal::default(),
             connections: self.connections.clone(),
+            max_connections: self.max_connections,
+            budget: self.budget,
+            disk: self.engine.disk().clone(),
         });
-        let acceptor = glommio::spawn_local(accept_loop(listener, ctx.clone())).detach();
+        drop(self.engine);
+        let acceptor = glommio::spawn_local(accept::accept_loop(listener, ctx.clone())).detach();
 
         while !self.stop.load(Ordering::SeqCst) {
             glommio::timer::sleep(STOP_POLL).await;
@@ -297,28 +315,5 @@ impl Shard {
         router.close();
         drop(store);
         Ok(())
-    }
-}
-
-async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
-    loop {
-        let stream = match select(Box::pin(listener.accept()), Box::pin(ctx.shutdown.wait())).await {
-            Either::Left((Ok(stream), _)) => stream,
-            Either::Left((Err(e), _)) => {
-                // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-            Either::Right(_) => return,
-        };
-        match ConnectionGuard::admit(&ctx.connections, ctx.limits.max_connections) {
-            Some(guard) => {
-                glommio::spawn_local(connection::serve(stream, ctx.clone(), guard)).detach();
-            }
-            None => {
-                glommio::spawn_local(connection::refuse(stream, ctx.limits.max_connections)).detach();
-            }
-        }
     }
 }

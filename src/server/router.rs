@@ -2,29 +2,26 @@
 //!
 //! Every operation on a queue runs on the queue's owner shard
 //! ([`QueueName::shard`](crate::names::QueueName::shard)). A connection on
-//! shard A asking about a queue owned by shard B sends the operation over A→B
-//! channel with a token; B runs it on its core and sends the reply back over
-//! B→A with the same token. Each pair of shards has its own single-producer
-//! single-consumer channel per direction (glommio `shared_channel`), so no
-//! channel is ever contended, and the calling connection only awaits a
-//! oneshot: its other requests keep flowing meanwhile.
+//! shard A asking about a queue owned by shard B sends the call, reply
+//! sender included, over the A→B channel; B's core answers on that sender
+//! directly, which wakes the waiting request on A. No token map and no
+//! per-call task: a caller that gives up drops its receiver, and B sees the
+//! call as cancelled (a parked poll is then never served). Each ordered pair
+//! of shards has its own single-producer single-consumer channel (glommio
+//! `shared_channel`), so no channel is ever contended.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use futures::channel::oneshot;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
-use super::core::{CoreHandle, ReplyResult, ReplyTx};
+use super::budget::ConnectionBudget;
+use super::core::{Call, CoreHandle, ReplyResult};
 use crate::protocol::{ErrorCode, ErrorReply, Op};
 
-/// What travels between shards.
-pub(crate) enum Envelope {
-    Call { from: usize, token: u64, op: Op },
-    Answer { token: u64, result: ReplyResult },
-}
-
+/// What travels between shards: a call for the receiving shard's core.
+pub(crate) type Envelope = Call;
 /// Capacity of each shard-to-shard channel; a full channel makes the sender
 /// wait (backpressure), never drops.
 pub(crate) const CHANNEL_CAPACITY: usize = 4096;
@@ -74,8 +71,6 @@ pub(crate) struct Router {
     shards: usize,
     core: CoreHandle,
     peers: Vec<Option<ConnectedSender<Envelope>>>,
-    waiting: RefCell<HashMap<u64, ReplyTx>>,
-    next_token: Cell<u64>,
 }
 
 fn unavailable(shard: usize) -> ErrorReply {
@@ -107,39 +102,28 @@ impl Router {
             shards,
             core,
             peers,
-            waiting: RefCell::new(HashMap::new()),
-            next_token: Cell::new(0),
         });
         for receiver in receivers.into_iter().flatten() {
-            glommio::spawn_local(serve_peer(router.clone(), receiver)).detach();
+            glommio::spawn_local(serve_peer(router.core.clone(), receiver)).detach();
         }
         router
     }
 
-    /// Runs `op` on the shard that owns its queue.
-    pub(crate) async fn call(&self, op: Op) -> ReplyResult {
+    /// Runs `op` on the shard that owns its queue. `budget` is the calling
+    /// connection's buffer account (a poll's reply is limited by it).
+    pub(crate) async fn call(&self, op: Op, budget: Option<Arc<ConnectionBudget>>) -> ReplyResult {
         let owner = op.queue().map_or(self.index, |q| q.shard(self.shards));
-        if owner == self.index {
-            return self.core.call(op).await;
-        }
-        let Some(peer) = self.peers.get(owner).and_then(Option::as_ref) else {
-            return Err(unavailable(owner));
-        };
-        let token = self.next_token.get();
-        self.next_token.set(token.wrapping_add(1));
         let (reply, answer) = oneshot::channel();
-        self.waiting.borrow_mut().insert(token, reply);
-        if peer
-            .send(Envelope::Call {
-                from: self.index,
-                token,
-                op,
-            })
-            .await
-            .is_err()
-        {
-            self.waiting.borrow_mut().remove(&token);
-            return Err(unavailable(owner));
+        let call = Call { op, reply, budget };
+        if owner == self.index {
+            self.core.submit(call);
+        } else {
+            let Some(peer) = self.peers.get(owner).and_then(Option::as_ref) else {
+                return Err(unavailable(owner));
+            };
+            if peer.send(call).await.is_err() {
+                return Err(unavailable(owner));
+            }
         }
         answer.await.unwrap_or_else(|_| Err(unavailable(owner)))
     }
@@ -152,25 +136,9 @@ impl Router {
     }
 }
 
-async fn serve_peer(router: Rc<Router>, receiver: ConnectedReceiver<Envelope>) {
-    while let Some(envelope) = receiver.recv().await {
-        match envelope {
-            Envelope::Call { from, token, op } => {
-                let router = router.clone();
-                glommio::spawn_local(async move {
-                    let result = router.core.call(op).await;
-                    if let Some(peer) = router.peers.get(from).and_then(Option::as_ref) {
-                        // If the caller's shard is gone there is nobody to tell.
-                        let _ = peer.send(Envelope::Answer { token, result }).await;
-                    }
-                })
-                .detach();
-            }
-            Envelope::Answer { token, result } => {
-                if let Some(reply) = router.waiting.borrow_mut().remove(&token) {
-                    let _ = reply.send(result);
-                }
-            }
-        }
+/// Hands calls from one peer shard to this shard's core.
+async fn serve_peer(core: CoreHandle, receiver: ConnectedReceiver<Envelope>) {
+    while let Some(call) = receiver.recv().await {
+        core.submit(call);
     }
 }

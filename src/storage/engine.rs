@@ -17,10 +17,16 @@ use rocksdb::{
     Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
+use super::disk::{is_no_space, DiskState, DiskWatcher};
 use super::keys::{self, QueueId};
 use super::StoreError;
 use crate::clock::Clock;
 use crate::names::QueueName;
+
+/// RocksDB's table-cache cap on open files: with `-1` (its default) the
+/// engine may hold one descriptor per SST file, which competes with
+/// connections for RLIMIT_NOFILE (see `server::accept`).
+pub const MAX_OPEN_FILES: i32 = 1024;
 
 pub const CF_READY: &str = "ready";
 pub const CF_LEASES: &str = "leases";
@@ -57,6 +63,9 @@ pub struct EngineOptions {
     pub block_cache_bytes: usize,
     /// Memtable size per column family.
     pub write_buffer_bytes: usize,
+    /// Adds are refused while the data filesystem has less free space than
+    /// this (see [`super::disk`]).
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for EngineOptions {
@@ -67,6 +76,8 @@ impl Default for EngineOptions {
             max_poll_bytes: super::DEFAULT_MAX_POLL_BYTES,
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 64 << 20,
+            // Off for tools and tests; the server sets its own default.
+            min_free_disk_bytes: 0,
         }
     }
 }
@@ -77,6 +88,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     next_qid: AtomicU32,
     syncer: Option<Syncer>,
+    disk: Arc<DiskState>,
+    watcher: Option<DiskWatcher>,
     path: PathBuf,
 }
 
@@ -161,6 +174,7 @@ impl Engine {
         db_opts.set_max_total_wal_size(512 << 20);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_log_file_size(32 << 20);
+        db_opts.set_max_open_files(MAX_OPEN_FILES);
         // Recover every acknowledged write; stop at a torn tail record.
         db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
@@ -180,12 +194,18 @@ impl Engine {
             ),
             _ => None,
         };
+        let disk = DiskState::new(&path, options.min_free_disk_bytes);
+        let probe_db = db.clone();
+        let watcher = DiskWatcher::start(disk.clone(), move || probe_write(&probe_db))
+            .map_err(|e| StoreError::Failed(format!("spawning the disk watcher thread: {e}")))?;
         Ok(Arc::new(Engine {
             db,
             options,
             clock,
             next_qid: AtomicU32::new(max_qid + 1),
             syncer,
+            disk,
+            watcher: Some(watcher),
             path,
         }))
     }
@@ -196,6 +216,11 @@ impl Engine {
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+
+    /// The data filesystem's space state (adds are refused while full).
+    pub fn disk(&self) -> &Arc<DiskState> {
+        &self.disk
     }
 
     pub(crate) fn db(&self) -> &DB {
@@ -243,9 +268,15 @@ impl Engine {
     pub(crate) fn commit(&self, batch: WriteBatch, needs_sync: bool) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(needs_sync && self.options.durability == Durability::Fsync);
-        self.db
-            .write_opt(batch, &opts)
-            .map_err(StoreError::rocks("write a batch"))
+        self.db.write_opt(batch, &opts).map_err(|source| {
+            if is_no_space(&source) {
+                self.disk.note_no_space();
+            }
+            StoreError::Rocks {
+                context: "write a batch",
+                source,
+            }
+        })
     }
 
     /// Every registered queue with its id, sorted by name.
@@ -269,6 +300,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.stop();
+        }
         if let Some(syncer) = self.syncer.take() {
             syncer.stop();
         }
@@ -277,6 +311,19 @@ impl Drop for Engine {
             tracing::warn!(error = %e, "final WAL sync failed");
         }
     }
+}
+
+/// Key of the registry record the disk watcher writes and deletes to learn
+/// whether RocksDB accepts writes again (no registry reader looks at `~`).
+const PROBE_KEY: &[u8] = b"~probe";
+
+/// A small write through the WAL: succeeds only when the engine can write.
+fn probe_write(db: &DB) -> Result<(), String> {
+    let cf = db.cf_handle(CF_REGISTRY).ok_or("registry column family missing")?;
+    let mut batch = WriteBatch::default();
+    batch.put_cf(cf, PROBE_KEY, b"");
+    batch.delete_cf(cf, PROBE_KEY);
+    db.write(batch).map_err(|e| e.to_string())
 }
 
 fn list_registry(db: &DB) -> Result<Vec<(QueueName, QueueId)>, StoreError> {

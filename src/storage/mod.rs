@@ -20,6 +20,7 @@
 //! durability), [`shard`] (the RocksDB-backed store), [`model`] (a plain
 //! in-memory store with the same semantics, the oracle for property tests).
 
+pub mod disk;
 pub mod engine;
 pub mod keys;
 pub mod model;
@@ -97,6 +98,9 @@ pub struct QueueStats {
     /// How long the next message in line has been in the queue; `None` when
     /// nothing is visible.
     pub oldest_visible_age_ms: Option<u64>,
+    /// Adds are being refused because the data filesystem is under its
+    /// free-space reserve (a server-wide state, reported per queue too).
+    pub disk_full: bool,
 }
 
 /// One operation on one queue.
@@ -110,6 +114,9 @@ pub enum Command {
         queue: QueueName,
         max_items: u32,
         lease_ms: u64,
+        /// Payload budget of this poll's reply (capped by the store's own
+        /// limit); at least one message is returned whatever it says.
+        max_bytes: usize,
     },
     Remove {
         queue: QueueName,
@@ -210,6 +217,9 @@ pub enum StoreError {
     Corrupt { cf: &'static str, detail: String },
     #[error("no queue ids left (2^32 - 1 queues were created)")]
     QueueIdsExhausted,
+    /// The data filesystem is under its free-space reserve: adds are refused.
+    #[error("{0}")]
+    DiskFull(disk::DiskFull),
     #[error("storage failed earlier and this shard is unavailable until restart: {0}")]
     Unavailable(String),
     /// A batch-wide storage failure, fanned out to every command of the batch.
@@ -240,6 +250,7 @@ impl StoreError {
                 detail: detail.clone(),
             },
             StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+            StoreError::DiskFull(full) => StoreError::DiskFull(full.clone()),
             StoreError::Failed(why) => StoreError::Failed(why.clone()),
             other => StoreError::Failed(other.to_string()),
         }
@@ -277,6 +288,7 @@ pub trait QueueStore: Send {
             queue: queue.clone(),
             max_items,
             lease_ms,
+            max_bytes: usize::MAX,
         })? {
             Outcome::Polled(lease) => Ok(lease),
             other => unreachable_outcome("poll", other),

@@ -123,12 +123,13 @@ impl ModelStore {
                 queue,
                 max_items,
                 lease_ms,
+                max_bytes,
             } => {
                 if max_items == 0 {
                     return Err(StoreError::ZeroItems);
                 }
                 let lease = self.ids.lease_id(now);
-                let budget = self.max_poll_bytes;
+                let budget = self.max_poll_bytes.min(max_bytes);
                 let q = self.queue(&queue)?;
                 let mut bytes = 0;
                 let ids: Vec<_> = q

@@ -337,8 +337,9 @@ impl ShardStore {
                 queue,
                 max_items,
                 lease_ms,
+                max_bytes,
             } => self
-                .apply_poll(&queue, max_items, lease_ms, now, batch)
+                .apply_poll(&queue, max_items, lease_ms, max_bytes, now, batch)
                 .map(Outcome::Polled),
             Command::Remove { queue, id, lease } => {
                 self.apply_remove(&queue, id, lease, now, batch).map(Outcome::Removed)
@@ -387,6 +388,10 @@ impl ShardStore {
                 size: m.payload.len(),
                 limit,
             });
+        }
+        // Checked before the queue is created: a refused add leaves nothing.
+        if let Some(full) = self.engine.disk().refusal() {
+            return Err(StoreError::DiskFull(full));
         }
         let engine = self.engine.clone();
         let ready_cf = engine.cf(CF_READY)?;
@@ -445,6 +450,7 @@ impl ShardStore {
         queue: &QueueName,
         max_items: u32,
         lease_ms: u64,
+        max_bytes: usize,
         now: u64,
         batch: &mut Batch,
     ) -> Result<Option<Lease>, StoreError> {
@@ -468,7 +474,7 @@ impl ShardStore {
         let expires_at = deadline(now, lease_ms);
         let mut messages = Vec::with_capacity(want as usize);
         let mut last_key: Option<ReadyKey> = None;
-        let budget = engine.options().max_poll_bytes;
+        let budget = engine.options().max_poll_bytes.min(max_bytes);
         let mut bytes = 0;
         while (messages.len() as u64) < want {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
@@ -666,6 +672,7 @@ impl ShardStore {
             delayed: q.delayed,
             in_flight: q.holders.len() as u64,
             oldest_visible_age_ms: None,
+            disk_full: engine.disk().is_full(),
         };
         if stats.visible > 0 {
             // One seek to the head of the line (the floor keeps it cheap).
@@ -1018,6 +1025,7 @@ mod tests {
                 queue: q("a"),
                 max_items: 5,
                 lease_ms: 1000,
+                max_bytes: usize::MAX,
             },
         ]);
         match &out.outcomes[1] {
@@ -1059,11 +1067,13 @@ mod tests {
                 queue: q("a"),
                 max_items: 1,
                 lease_ms: 100,
+                max_bytes: usize::MAX,
             },
             Command::Poll {
                 queue: q("a"),
                 max_items: 1,
                 lease_ms: 100,
+                max_bytes: usize::MAX,
             },
         ]);
         let polled: Vec<_> = out

@@ -1,0 +1,134 @@
+//! Accepting connections, and the file descriptors they need.
+//!
+//! Every connection is a file descriptor, and so is every RocksDB file the
+//! engine keeps open. [`size_descriptors`] works out at start what the
+//! configuration needs, raises RLIMIT_NOFILE that far where the process may,
+//! and otherwise lowers the connection limit (one WARN) so that running out
+//! of descriptors is a refusal with a reason, not a hang.
+//!
+//! Should the process run out anyway (other files, a limit changed under
+//! it), [`accept_loop`] keeps one spare descriptor: on EMFILE/ENFILE it
+//! frees the spare, accepts the waiting client, tells it why it is refused,
+//! closes it and takes the spare back, instead of leaving clients hanging in
+//! the backlog. Such refusals are logged at most once per [`LOG_EVERY`],
+//! with a count.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures::future::{select, Either};
+use glommio::net::TcpListener;
+
+use super::connection::{self, ConnectionGuard, ShardContext};
+
+/// File descriptors the server needs besides connections: RocksDB's own
+/// (its table cache is capped at [`crate::storage::engine::MAX_OPEN_FILES`]),
+/// io_uring rings, eventfds, listeners, logs, the WAL and a margin.
+pub(crate) const OTHER_DESCRIPTORS: u64 = crate::storage::engine::MAX_OPEN_FILES as u64 + 256;
+
+/// At most one accept-failure log line per shard per interval.
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Raises RLIMIT_NOFILE for `max_connections` and returns the connection
+/// limit that fits the descriptors actually available.
+pub(crate) fn size_descriptors(max_connections: usize) -> usize {
+    use rlimit::Resource;
+    let want = max_connections as u64 + OTHER_DESCRIPTORS;
+    let (soft, hard) = Resource::NOFILE.get().unwrap_or((1024, 1024));
+    if soft < want {
+        // Privileged: raise both. Otherwise: soft up to hard.
+        if Resource::NOFILE.set(want, want.max(hard)).is_err() {
+            let _ = Resource::NOFILE.set(want.min(hard), hard);
+        }
+    }
+    let (have, _) = Resource::NOFILE.get().unwrap_or((soft, hard));
+    if have >= want {
+        return max_connections;
+    }
+    let fits = have.saturating_sub(OTHER_DESCRIPTORS).max(1) as usize;
+    tracing::warn!(
+        rlimit_nofile = have,
+        needed = want,
+        max_connections,
+        effective_max_connections = fits,
+        "RLIMIT_NOFILE is too low for --max-connections; accepting at most {fits} connections \
+         (raise it with `ulimit -n {want}` or LimitNOFILE={want})"
+    );
+    fits
+}
+
+/// Counts accept failures between log lines.
+struct FailureLog {
+    last: Cell<Option<Instant>>,
+    since: Cell<u64>,
+}
+
+impl FailureLog {
+    fn note(&self, what: &str, error: &dyn std::fmt::Display) {
+        self.since.set(self.since.get() + 1);
+        let due = self.last.get().is_none_or(|at| at.elapsed() >= LOG_EVERY);
+        if due {
+            tracing::warn!(
+                error = %error,
+                count = self.since.get(),
+                "{what} (logged at most every {}s)",
+                LOG_EVERY.as_secs()
+            );
+            self.last.set(Some(Instant::now()));
+            self.since.set(0);
+        }
+    }
+}
+
+fn out_of_descriptors(e: &glommio::GlommioError<()>) -> bool {
+    match e {
+        glommio::GlommioError::IoError(io) => matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)),
+        _ => false,
+    }
+}
+
+/// A descriptor held in reserve for refusing clients when none are left.
+fn spare_descriptor() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
+    let spare = RefCell::new(spare_descriptor());
+    let failures = FailureLog {
+        last: Cell::new(None),
+        since: Cell::new(0),
+    };
+    loop {
+        let stream = match select(Box::pin(listener.accept()), Box::pin(ctx.shutdown.wait())).await {
+            Either::Left((Ok(stream), _)) => stream,
+            Either::Left((Err(e), _)) if out_of_descriptors(&e) => {
+                failures.note("out of file descriptors: refusing a connection", &e);
+                // Free the spare so the waiting client can be accepted and
+                // told why, rather than left hanging in the backlog.
+                spare.borrow_mut().take();
+                if let Ok(stream) = listener.accept().await {
+                    connection::refuse(stream, "the server is out of file descriptors; try again later").await;
+                }
+                *spare.borrow_mut() = spare_descriptor();
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            Either::Left((Err(e), _)) => {
+                failures.note("accept failed", &e);
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Either::Right(_) => return,
+        };
+        match ConnectionGuard::admit(&ctx.connections, ctx.max_connections) {
+            Some(guard) => {
+                glommio::spawn_local(connection::serve(stream, ctx.clone(), guard)).detach();
+            }
+            None => {
+                let why = format!("max-connections {} reached; try again later", ctx.max_connections);
+                glommio::spawn_local(async move { connection::refuse(stream, &why).await }).detach();
+            }
+        }
+    }
+}
