@@ -165,11 +165,12 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             let l = &info.limits;
             (
                 format!(
-                    "queueber {} with {} shards\nmax frame {} B, payload {} B, {} messages per add, {} items per poll, wait {} ms, {} in flight per connection, {} connections",
-                    info.version, info.shards, l.max_frame_bytes, l.max_payload_bytes, l.max_messages_per_add,
+                    "queueber {} with {} shards{}\nmax frame {} B, payload {} B, {} messages per add, {} items per poll, wait {} ms, {} in flight per connection, {} connections",
+                    info.version, info.shards, if info.disk_full { " (DISK FULL: adds refused)" } else { "" },
+                    l.max_frame_bytes, l.max_payload_bytes, l.max_messages_per_add,
                     l.max_items_per_poll, l.max_wait_ms, l.max_in_flight_per_connection, l.max_connections
                 ),
-                json!({ "version": info.version, "shards": info.shards, "limits": {
+                json!({ "version": info.version, "shards": info.shards, "disk_full": info.disk_full, "limits": {
                     "max_frame_bytes": l.max_frame_bytes, "max_payload_bytes": l.max_payload_bytes,
                     "max_messages_per_add": l.max_messages_per_add, "max_items_per_poll": l.max_items_per_poll,
                     "max_wait_ms": l.max_wait_ms, "max_in_flight_per_connection": l.max_in_flight_per_connection,
@@ -261,13 +262,18 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             let s = client.stats(&queue(&name)?).await?;
             (
                 format!(
-                    "visible {}\ndelayed {}\nin flight {}\noldest visible age {}",
+                    "visible {}\ndelayed {}\nin flight {}\noldest visible age {}{}",
                     s.visible,
                     s.delayed,
                     s.in_flight,
-                    s.oldest_visible_age_ms.map_or("-".into(), |a| format!("{a} ms"))
+                    s.oldest_visible_age_ms.map_or("-".into(), |a| format!("{a} ms")),
+                    if s.disk_full {
+                        "\ndisk full: adds are refused"
+                    } else {
+                        ""
+                    }
                 ),
-                json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "oldest_visible_age_ms": s.oldest_visible_age_ms }),
+                json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "oldest_visible_age_ms": s.oldest_visible_age_ms, "disk_full": s.disk_full }),
             )
         }
         Command::Queues => {

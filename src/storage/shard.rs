@@ -116,6 +116,28 @@ pub struct ShardStore {
     delay_deadlines: BTreeMap<(u64, QueueId), u64>,
     last_now: u64,
     failed: Option<String>,
+    failure_log: FailureLog,
+}
+
+/// Repeated batch failures log at most once per [`FailureLog::EVERY`], with
+/// how many there were, instead of a line per batch.
+#[derive(Default)]
+struct FailureLog {
+    last: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl FailureLog {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn note(&mut self, error: &StoreError) {
+        self.since += 1;
+        if self.last.is_none_or(|at| at.elapsed() >= Self::EVERY) {
+            tracing::error!(%error, failures = self.since, "storage batch failed; reloading shard state");
+            self.last = Some(std::time::Instant::now());
+            self.since = 0;
+        }
+    }
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -149,6 +171,7 @@ impl ShardStore {
             delay_deadlines: BTreeMap::new(),
             last_now: 0,
             failed: None,
+            failure_log: FailureLog::default(),
         };
         store.load_all()?;
         Ok(store)
@@ -762,7 +785,12 @@ impl QueueStore for ShardStore {
         if let Some(error) = fatal {
             // Memory may now be ahead of the database: rebuild it from what
             // was committed. If even that fails, stop serving.
-            tracing::error!(%error, "storage batch failed; reloading shard state");
+            if self.engine.disk().is_full() && error.to_string().contains("No space left on device") {
+                // The disk state logged the cause once; this repeats per batch.
+                tracing::debug!(%error, "storage batch failed for lack of space; reloading shard state");
+            } else {
+                self.failure_log.note(&error);
+            }
             if let Err(reload) = self.load_all() {
                 tracing::error!(%reload, "rebuilding shard state failed; the shard is unavailable until restart");
                 self.failed = Some(format!("{error}; reload failed: {reload}"));
