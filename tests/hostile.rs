@@ -357,3 +357,67 @@ fn too_few_file_descriptors_warn_and_refuse_cleanly() {
     assert_eq!(served, 120);
     assert_eq!(refused, 80);
 }
+
+/// A client that pipelines polls for large messages and never reads its
+/// answers is held to its buffer share: the server stops building replies
+/// for it (polls find no room and are answered empty) instead of leasing
+/// the whole queue into memory, and everything is answered once it reads.
+#[test]
+fn a_client_that_never_reads_is_held_to_its_share() {
+    const SHARE: u64 = 4 << 20;
+    const PAYLOAD: usize = 256 << 10;
+    const MESSAGES: u64 = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonSpec::new(dir.path(), "wal")
+        .arg("--max-buffered-bytes-per-connection")
+        .arg(SHARE.to_string())
+        .start();
+    let queue = q("big");
+    let mut producer = Wire::connect(daemon.addr);
+    for i in 0..MESSAGES {
+        let r = producer.call(
+            i + 1,
+            Op::Add {
+                queue: queue.clone(),
+                messages: vec![queueber::storage::NewMessage::new(vec![b'p'; PAYLOAD])],
+            },
+        );
+        assert!(r.result.is_ok(), "{r:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = daemon.rss_bytes();
+
+    let mut hoarder = Wire::connect(daemon.addr);
+    let mut polls = Vec::new();
+    for i in 0..MESSAGES {
+        polls.extend(wire::poll(i + 1, &queue, 1, 600_000, 0));
+    }
+    hoarder.send(&polls);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = daemon.rss_bytes();
+    let in_flight = match producer.call(999, Op::Stats { queue: queue.clone() }).result {
+        Ok(Reply::Stats(s)) => s.in_flight,
+        other => panic!("{other:?}"),
+    };
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "a non-reading client with a {} MiB share: {in_flight} of {MESSAGES} messages leased, RSS +{} KiB",
+        SHARE >> 20,
+        grown / 1024
+    );
+    // What the share holds, plus what the kernel's socket buffers absorbed
+    // (written answers leave the budget): far from the whole queue.
+    assert!(in_flight < MESSAGES / 2, "{in_flight} leased");
+    assert!(grown < SHARE + (16 << 20), "RSS grew {} KiB", grown / 1024);
+
+    // Once the client reads, every poll is answered (the late ones empty).
+    hoarder.half_close();
+    let answers = hoarder.read_all().expect("no reset");
+    assert_eq!(answers.len() as u64, MESSAGES);
+    let leased: u64 = answers
+        .iter()
+        .filter_map(wire::leased)
+        .map(|l| l.messages.len() as u64)
+        .sum();
+    assert_eq!(leased, in_flight, "every leased message reached the client");
+}

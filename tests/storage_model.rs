@@ -11,8 +11,8 @@ use queueber::clock::{Clock, ManualClock};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::storage::{
-    Command, Durability, Engine, EngineOptions, Lease, ModelStore, NewMessage, Outcome, QueueStore, ShardStore,
-    StoreError,
+    Command, Durability, Engine, EngineOptions, Lease, ModelStore, NewMessage, Outcome, QueueStore, ReplyBudget,
+    ShardStore, StoreError,
 };
 
 const QUEUES: usize = 2;
@@ -20,15 +20,42 @@ const T0: u64 = 1_700_000_000_000;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Add { q: usize, n: usize, delay: u64 },
-    Poll { q: usize, max: u32, lease_ms: u64 },
-    Remove { pick: usize },
-    RemoveWithWrongLease { pick: usize, other: usize },
-    Extend { pick: usize, lease_ms: u64 },
-    Release { pick: usize, delay: u64 },
-    Advance { ms: u64 },
-    Stats { q: usize },
-    Purge { q: usize },
+    Add {
+        q: usize,
+        n: usize,
+        delay: u64,
+    },
+    /// `budget`: the reply's byte budget (`None`: unlimited).
+    Poll {
+        q: usize,
+        max: u32,
+        lease_ms: u64,
+        budget: Option<usize>,
+    },
+    Remove {
+        pick: usize,
+    },
+    RemoveWithWrongLease {
+        pick: usize,
+        other: usize,
+    },
+    Extend {
+        pick: usize,
+        lease_ms: u64,
+    },
+    Release {
+        pick: usize,
+        delay: u64,
+    },
+    Advance {
+        ms: u64,
+    },
+    Stats {
+        q: usize,
+    },
+    Purge {
+        q: usize,
+    },
     Expire,
     Reopen,
 }
@@ -37,7 +64,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..QUEUES, 1..4usize, prop_oneof![3 => Just(0u64), 1 => 1..40u64])
             .prop_map(|(q, n, delay)| Op::Add { q, n, delay }),
-        4 => (0..QUEUES, 1..4u32, 1..60u64).prop_map(|(q, max, lease_ms)| Op::Poll { q, max, lease_ms }),
+        4 => (0..QUEUES, 1..4u32, 1..60u64, prop::option::weighted(0.3, 0usize..200))
+            .prop_map(|(q, max, lease_ms, budget)| Op::Poll { q, max, lease_ms, budget }),
         3 => any::<usize>().prop_map(|pick| Op::Remove { pick }),
         1 => (any::<usize>(), any::<usize>()).prop_map(|(pick, other)| Op::RemoveWithWrongLease { pick, other }),
         1 => (any::<usize>(), 1..60u64).prop_map(|(pick, lease_ms)| Op::Extend { pick, lease_ms }),
@@ -198,13 +226,20 @@ impl Harness {
                     other => panic!("add: {other:?}"),
                 }
             }
-            Op::Poll { q, max, lease_ms } => {
-                let (r, m) = self.same(Command::Poll {
-                    queue: self.names[q].clone(),
+            Op::Poll {
+                q,
+                max,
+                lease_ms,
+                budget,
+            } => {
+                // Each store gets its own budget (clones would share one).
+                let poll = |name: &QueueName| Command::Poll {
+                    queue: name.clone(),
                     max_items: max,
                     lease_ms,
-                    max_bytes: usize::MAX,
-                });
+                    max_bytes: budget.map_or_else(ReplyBudget::unlimited, ReplyBudget::new),
+                };
+                let (r, m) = self.both(poll(&self.names[q]), poll(&self.names[q]));
                 if Self::assert_errors_match(&r, &m) {
                     return;
                 }
@@ -444,6 +479,7 @@ fn model_and_store_agree_on_a_known_sequence() {
             q: 0,
             max: 2,
             lease_ms: 10,
+            budget: None,
         },
         Op::Remove { pick: 0 },
         Op::Release { pick: 1, delay: 5 },
@@ -454,6 +490,7 @@ fn model_and_store_agree_on_a_known_sequence() {
             q: 0,
             max: 3,
             lease_ms: 30,
+            budget: None,
         },
         Op::Extend { pick: 2, lease_ms: 40 },
         Op::Reopen,
@@ -462,6 +499,7 @@ fn model_and_store_agree_on_a_known_sequence() {
             q: 0,
             max: 3,
             lease_ms: 30,
+            budget: None,
         },
         Op::Stats { q: 1 },
         Op::Purge { q: 0 },

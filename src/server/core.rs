@@ -28,7 +28,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::names::QueueName;
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
 use crate::runtime::{offload, within};
-use crate::storage::{Command, Executed, Outcome, QueueStore, StoreError};
+use crate::storage::{Command, Executed, Outcome, QueueStore, ReplyBudget, StoreError};
 
 use super::budget::{Charge, ConnectionBudget};
 use std::sync::Arc;
@@ -155,8 +155,8 @@ struct Parked {
 /// How to turn a job's outcomes back into one reply.
 enum Finish {
     Single(ReplyTx),
-    /// A poll that ran, with the reply room reserved for it.
-    Poll(Parked, Option<Charge>),
+    /// A poll that ran.
+    Poll(Parked),
     /// A poll that did not run: its connection has no room for a reply.
     PollNoRoom(Parked),
     Remove(ReplyTx, usize),
@@ -358,11 +358,12 @@ async fn run(
         backlog.take(arrived, &mut calls);
         let mut commands = Vec::new();
         let mut finishes = Vec::new();
+        let mut room = ReplyRoom::default();
         for call in calls {
-            plan(call, &mut commands, &mut finishes);
+            plan(call, &mut room, &mut commands, &mut finishes);
         }
         for parked in retry.drain(..) {
-            plan_poll(parked, &mut commands, &mut finishes);
+            plan_poll(parked, &mut room, &mut commands, &mut finishes);
         }
         let now = Instant::now();
         waiters.expire(if draining { None } else { Some(now) });
@@ -387,6 +388,9 @@ async fn run(
             store = Some(owned);
             store_due = store_deadline(next);
             finish(executed, queues, finishes, &mut waiters, &mut retry, draining);
+            // The replies are built: the connections charge them as they
+            // encode them, so the reservations go.
+            drop(room);
         } else if !finishes.is_empty() {
             finish(Executed::default(), None, finishes, &mut waiters, &mut retry, draining);
         }
@@ -411,16 +415,39 @@ async fn run(
     }
 }
 
-/// Plans a poll (new or woken): reserves room for its reply in the caller's
-/// buffer account, or parks it without running when there is none.
-fn plan_poll(parked: Parked, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+/// The reply room of each calling connection in the batch being planned.
+/// A connection's polls in one batch share one budget, reserved from its
+/// buffer account once (as much as its share and the server have left), so
+/// between them they build no more than that; the store spends it.
+#[derive(Default)]
+struct ReplyRoom {
+    by_source: HashMap<usize, (ReplyBudget, Charge)>,
+}
+
+impl ReplyRoom {
+    fn for_caller(&mut self, account: Option<&Arc<ConnectionBudget>>) -> ReplyBudget {
+        let Some(account) = account else {
+            return ReplyBudget::unlimited();
+        };
+        let key = Arc::as_ptr(account) as usize;
+        let (budget, _) = self.by_source.entry(key).or_insert_with(|| {
+            let reserved = account.reserve(MAX_POLL_RESERVATION);
+            (ReplyBudget::new(reserved.bytes()), reserved)
+        });
+        budget.clone()
+    }
+}
+
+/// Plans a poll (new or woken) against its caller's reply room, or parks it
+/// without running when the caller has no room for a reply.
+fn plan_poll(parked: Parked, room: &mut ReplyRoom, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
     // A caller that has gone is not served: leasing to it would only delay
     // the messages until the lease expired.
     if parked.reply.is_canceled() {
         return;
     }
-    let reservation = parked.budget.as_ref().map(|b| b.reserve(MAX_POLL_RESERVATION));
-    if reservation.as_ref().is_some_and(|r| r.bytes() == 0) {
+    let budget = room.for_caller(parked.budget.as_ref());
+    if budget.remaining() == 0 {
         finishes.push(Finish::PollNoRoom(parked));
         return;
     }
@@ -428,9 +455,9 @@ fn plan_poll(parked: Parked, commands: &mut Vec<Command>, finishes: &mut Vec<Fin
         queue: parked.queue.clone(),
         max_items: parked.max_items,
         lease_ms: parked.lease_ms,
-        max_bytes: reservation.as_ref().map_or(usize::MAX, Charge::bytes),
+        max_bytes: budget,
     });
-    finishes.push(Finish::Poll(parked, reservation));
+    finishes.push(Finish::Poll(parked));
 }
 
 /// What a poll may reserve for its reply at most: the store caps replies
@@ -438,7 +465,7 @@ fn plan_poll(parked: Parked, commands: &mut Vec<Command>, finishes: &mut Vec<Fin
 const MAX_POLL_RESERVATION: usize = 1 << 30;
 
 /// Turns one operation into storage commands and a way to finish it.
-fn plan(call: Call, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+fn plan(call: Call, room: &mut ReplyRoom, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
     let Call { op, reply, budget } = call;
     let command = match op {
         Op::Add { queue, messages } => Command::Add { queue, messages },
@@ -456,7 +483,7 @@ fn plan(call: Call, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
                 reply,
                 budget,
             };
-            plan_poll(parked, commands, finishes);
+            plan_poll(parked, room, commands, finishes);
             return;
         }
         Op::Remove { queue, lease, ids } => {
@@ -546,10 +573,8 @@ fn finish(
             Finish::Single(reply) => {
                 let _ = reply.send(to_reply(outcomes.next().unwrap_or_else(missing)));
             }
-            Finish::Poll(parked, reservation) => {
+            Finish::Poll(parked) => {
                 let result = to_reply(outcomes.next().unwrap_or_else(missing));
-                // The connection charges the encoded reply when it sends it.
-                drop(reservation);
                 park_or_answer(parked, result, waiters, draining, now);
             }
             Finish::PollNoRoom(parked) => park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now),

@@ -26,6 +26,9 @@ pub mod keys;
 pub mod model;
 pub mod shard;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use crate::ids::{LeaseId, MessageId};
 use crate::names::{NameError, QueueName};
 
@@ -103,6 +106,45 @@ pub struct QueueStats {
     pub disk_full: bool,
 }
 
+/// The byte budget of poll replies, counted as in [`POLL_MESSAGE_OVERHEAD`].
+///
+/// Polls that share one (the server gives all polls of one connection in one
+/// batch the same) build no more than it holds between them. A poll with
+/// budget left returns at least one message, however large; a poll that
+/// finds the budget spent returns nothing, as if nothing were visible.
+#[derive(Debug, Clone)]
+pub struct ReplyBudget(Arc<AtomicUsize>);
+
+impl ReplyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(AtomicUsize::new(bytes)))
+    }
+
+    /// No limit beyond the store's own.
+    pub fn unlimited() -> Self {
+        Self::new(usize::MAX)
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` from the budget (down to zero).
+    pub fn spend(&self, bytes: usize) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            Some(left.saturating_sub(bytes))
+        });
+    }
+}
+
+impl PartialEq for ReplyBudget {
+    fn eq(&self, other: &Self) -> bool {
+        self.remaining() == other.remaining()
+    }
+}
+
+impl Eq for ReplyBudget {}
+
 /// One operation on one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -114,9 +156,8 @@ pub enum Command {
         queue: QueueName,
         max_items: u32,
         lease_ms: u64,
-        /// Payload budget of this poll's reply (capped by the store's own
-        /// limit); at least one message is returned whatever it says.
-        max_bytes: usize,
+        /// Byte budget of this poll's reply (capped by the store's own limit).
+        max_bytes: ReplyBudget,
     },
     Remove {
         queue: QueueName,
@@ -288,7 +329,7 @@ pub trait QueueStore: Send {
             queue: queue.clone(),
             max_items,
             lease_ms,
-            max_bytes: usize::MAX,
+            max_bytes: ReplyBudget::unlimited(),
         })? {
             Outcome::Polled(lease) => Ok(lease),
             other => unreachable_outcome("poll", other),

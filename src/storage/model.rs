@@ -129,8 +129,11 @@ impl ModelStore {
                     return Err(StoreError::ZeroItems);
                 }
                 let lease = self.ids.lease_id(now);
-                let budget = self.max_poll_bytes.min(max_bytes);
+                let budget = self.max_poll_bytes.min(max_bytes.remaining());
                 let q = self.queue(&queue)?;
+                if budget == 0 {
+                    return Ok(Outcome::Polled(None));
+                }
                 let mut bytes = 0;
                 let ids: Vec<_> = q
                     .visible_in_order(now)
@@ -138,11 +141,16 @@ impl ModelStore {
                     .take(max_items as usize)
                     .enumerate()
                     .take_while(|(i, id)| {
-                        bytes += q.messages.get(id).map_or(0, |m| m.payload.len()) + POLL_MESSAGE_OVERHEAD;
-                        *i == 0 || bytes <= budget
+                        let cost = q.messages.get(id).map_or(0, |m| m.payload.len()) + POLL_MESSAGE_OVERHEAD;
+                        let fits = *i == 0 || bytes + cost <= budget;
+                        if fits {
+                            bytes += cost;
+                        }
+                        fits
                     })
                     .map(|(_, id)| id)
                     .collect();
+                max_bytes.spend(bytes);
                 if ids.is_empty() {
                     return Ok(Outcome::Polled(None));
                 }

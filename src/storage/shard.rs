@@ -22,7 +22,9 @@ use rocksdb::WriteBatch;
 
 use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
-use super::{deadline, Command, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore, StoreError};
+use super::{
+    deadline, Command, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore, ReplyBudget, StoreError,
+};
 use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
@@ -473,7 +475,7 @@ impl ShardStore {
         queue: &QueueName,
         max_items: u32,
         lease_ms: u64,
-        max_bytes: usize,
+        max_bytes: ReplyBudget,
         now: u64,
         batch: &mut Batch,
     ) -> Result<Option<Lease>, StoreError> {
@@ -487,7 +489,8 @@ impl ShardStore {
             return Err(StoreError::UnknownQueue(queue.clone()));
         };
         let want = u64::from(max_items).min(q.visible());
-        if want == 0 {
+        let budget = engine.options().max_poll_bytes.min(max_bytes.remaining());
+        if want == 0 || budget == 0 {
             return Ok(None);
         }
         batch.touched.push(qid);
@@ -497,16 +500,16 @@ impl ShardStore {
         let expires_at = deadline(now, lease_ms);
         let mut messages = Vec::with_capacity(want as usize);
         let mut last_key: Option<ReadyKey> = None;
-        let budget = engine.options().max_poll_bytes.min(max_bytes);
         let mut bytes = 0;
         while (messages.len() as u64) < want {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            bytes += v.len().saturating_sub(keys::RECORD_HEADER_LEN) + super::POLL_MESSAGE_OVERHEAD;
-            if !messages.is_empty() && bytes > budget {
+            let cost = v.len().saturating_sub(keys::RECORD_HEADER_LEN) + super::POLL_MESSAGE_OVERHEAD;
+            if !messages.is_empty() && bytes + cost > budget {
                 break;
             }
+            bytes += cost;
             let (_, id) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
                 cf: CF_READY,
                 detail: format!("unparseable key {k:?} in {queue}"),
@@ -560,6 +563,7 @@ impl ShardStore {
         batch
             .writes
             .put_cf(leases_cf, keys::lease_key(qid, &lease), expires_at.to_be_bytes());
+        max_bytes.spend(bytes);
         Ok(Some(Lease {
             id: lease,
             expires_at_ms: expires_at,
@@ -1053,7 +1057,7 @@ mod tests {
                 queue: q("a"),
                 max_items: 5,
                 lease_ms: 1000,
-                max_bytes: usize::MAX,
+                max_bytes: ReplyBudget::unlimited(),
             },
         ]);
         match &out.outcomes[1] {
@@ -1095,13 +1099,13 @@ mod tests {
                 queue: q("a"),
                 max_items: 1,
                 lease_ms: 100,
-                max_bytes: usize::MAX,
+                max_bytes: ReplyBudget::unlimited(),
             },
             Command::Poll {
                 queue: q("a"),
                 max_items: 1,
                 lease_ms: 100,
-                max_bytes: usize::MAX,
+                max_bytes: ReplyBudget::unlimited(),
             },
         ]);
         let polled: Vec<_> = out
