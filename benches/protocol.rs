@@ -8,7 +8,7 @@ use queueber::names::QueueName;
 use queueber::protocol::{
     decode_request, decode_response, encode_request, encode_response, Op, Reply, Request, Response,
 };
-use queueber::storage::{Delivery, Lease, NewMessage};
+use queueber::types::{Delivery, Lease, NewMessage};
 
 fn add_request() -> Request {
     Request {

@@ -11,7 +11,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use queueber::client::Client;
 //! use queueber::names::QueueName;
-//! use queueber::storage::NewMessage;
+//! use queueber::types::NewMessage;
 //!
 //! glommio::LocalExecutorBuilder::default().spawn(|| async {
 //!     let stream = glommio::net::TcpStream::connect("127.0.0.1:7420").await.unwrap();
@@ -58,7 +58,7 @@ use crate::names::QueueName;
 use crate::protocol::{
     decode_response, encode_request, ErrorCode, ErrorReply, Op, Reply, Request, ResponseDecodeError, ServerInfo,
 };
-use crate::storage::{Lease, NewMessage, QueueStats};
+use crate::types::{Lease, NewMessage, QueueStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -19,6 +19,16 @@
 //! * [`runtime`]: the small helpers the server leans on (blocking offload,
 //!   CPU placement, locked memory, timeouts).
 //! * [`client`]: an async, pipelining client over any `futures` stream.
+//! * [`types`]: the values client and server exchange (messages, leases,
+//!   queue counters).
+//!
+//! ## Features
+//!
+//! `server` (on by default) builds the daemon, the CLI, the load generator
+//! and everything they need: glommio, RocksDB, logging. A program that only
+//! talks to a server depends on `queueber = { default-features = false }`
+//! and gets [`client`], [`protocol`], [`types`], [`names`], [`ids`],
+//! [`clock`] and [`frame`], with neither RocksDB's C++ nor an executor.
 
 pub mod client;
 pub mod clock;
@@ -26,9 +36,13 @@ pub mod frame;
 pub mod ids;
 pub mod names;
 pub mod protocol;
+#[cfg(feature = "server")]
 pub mod runtime;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod storage;
+pub mod types;
 
 /// Generated Cap'n Proto bindings of `queueber.capnp`.
 #[allow(clippy::all, clippy::pedantic, unused, missing_docs)]

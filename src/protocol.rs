@@ -11,7 +11,7 @@ use capnp::message::{Builder, HeapAllocator, Reader, ReaderSegments};
 use crate::ids::{LeaseId, MessageId};
 use crate::names::QueueName;
 use crate::queueber_capnp::{request, response};
-use crate::storage::{Delivery, Lease, NewMessage, QueueStats};
+use crate::types::{Delivery, Lease, NewMessage, QueueStats};
 
 pub use crate::queueber_capnp::ErrorCode;
 

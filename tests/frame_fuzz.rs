@@ -21,7 +21,7 @@ use queueber::frame::{frame_len, FrameBuffer, BASE_CAPACITY, READ_CHUNK};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::protocol::{decode_request, encode_request, Op, Request};
-use queueber::storage::NewMessage;
+use queueber::types::NewMessage;
 
 const MAX_FRAME: usize = 1 << 20;
 

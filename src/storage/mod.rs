@@ -35,6 +35,9 @@ use crate::names::{NameError, QueueName};
 pub use engine::{Durability, Engine, EngineOptions};
 pub use model::ModelStore;
 pub use shard::ShardStore;
+// The values clients and the server exchange live outside the storage layer
+// (so a client builds without RocksDB); storage speaks them too.
+pub use crate::types::{Delivery, Lease, NewMessage, QueueStats};
 
 /// Default per-message payload limit (256 KiB).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -49,62 +52,6 @@ pub const POLL_MESSAGE_OVERHEAD: usize = 64;
 /// Longest delay, lease or extension the store accepts: about 10 years. Larger
 /// values are clamped to it so that `now + duration` can never overflow.
 pub const MAX_DURATION_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
-
-/// One message to add.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewMessage {
-    pub payload: Vec<u8>,
-    /// Milliseconds before the message becomes visible (0 = at once).
-    pub delay_ms: u64,
-}
-
-impl NewMessage {
-    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
-        Self {
-            payload: payload.into(),
-            delay_ms: 0,
-        }
-    }
-
-    pub fn delayed(payload: impl Into<Vec<u8>>, delay_ms: u64) -> Self {
-        Self {
-            payload: payload.into(),
-            delay_ms,
-        }
-    }
-}
-
-/// A message handed out by a poll.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub id: MessageId,
-    pub payload: Vec<u8>,
-    /// How many times this message has been leased, this time included.
-    pub delivery_count: u32,
-    pub enqueued_at_ms: u64,
-}
-
-/// What a successful poll hands out: a fresh lease over some messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub id: LeaseId,
-    pub expires_at_ms: u64,
-    pub messages: Vec<Delivery>,
-}
-
-/// Cheap counters of one queue (no scan).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct QueueStats {
-    pub visible: u64,
-    pub delayed: u64,
-    pub in_flight: u64,
-    /// How long the next message in line has been in the queue; `None` when
-    /// nothing is visible.
-    pub oldest_visible_age_ms: Option<u64>,
-    /// Adds are being refused because the data filesystem is under its
-    /// free-space reserve (a server-wide state, reported per queue too).
-    pub disk_full: bool,
-}
 
 /// The byte budget of poll replies, counted as in [`POLL_MESSAGE_OVERHEAD`].
 ///
