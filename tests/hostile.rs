@@ -421,3 +421,42 @@ fn a_client_that_never_reads_is_held_to_its_share() {
         .sum();
     assert_eq!(leased, in_flight, "every leased message reached the client");
 }
+
+/// Many consumers polling at once all get messages: a poll's reply is
+/// charged as it is built, so a small server budget is not used up by room
+/// held back for replies that turn out small.
+#[test]
+fn many_consumers_polling_at_once_are_all_served_under_a_small_budget() {
+    const CONSUMERS: u64 = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonSpec::new(dir.path(), "wal")
+        .arg("--max-buffered-bytes")
+        .arg((4u64 << 20).to_string())
+        .arg("--max-buffered-bytes-per-connection")
+        .arg((1u64 << 20).to_string())
+        .start();
+    let queue = q("shared");
+    let mut producer = Wire::connect(daemon.addr);
+    for i in 0..CONSUMERS {
+        let r = producer.call(
+            i + 1,
+            Op::Add {
+                queue: queue.clone(),
+                messages: vec![queueber::storage::NewMessage::new(vec![b'm'; 1024])],
+            },
+        );
+        assert!(r.result.is_ok(), "{r:?}");
+    }
+    let mut consumers: Vec<Wire> = (0..CONSUMERS).map(|_| Wire::connect(daemon.addr)).collect();
+    // All polls in flight before any answer is read.
+    for (i, c) in consumers.iter_mut().enumerate() {
+        c.send(&wire::poll(i as u64 + 1, &queue, 1, 60_000, 2_000));
+    }
+    let mut served = 0u64;
+    for c in consumers.iter_mut() {
+        if wire::leased(&c.recv()).is_some() {
+            served += 1;
+        }
+    }
+    assert_eq!(served, CONSUMERS, "every consumer got a message");
+}

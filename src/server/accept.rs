@@ -27,6 +27,9 @@ use super::connection::{self, ConnectionGuard, ShardContext};
 /// io_uring rings, eventfds, listeners, logs, the WAL and a margin.
 pub(crate) const OTHER_DESCRIPTORS: u64 = crate::storage::engine::MAX_OPEN_FILES as u64 + 256;
 
+/// How long a refusal made with the spare descriptor waits for the client.
+const EMERGENCY_LINGER: Duration = Duration::from_millis(50);
+
 /// At most one accept-failure log line per shard per interval.
 pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -108,7 +111,10 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
                 // told why, rather than left hanging in the backlog.
                 spare.borrow_mut().take();
                 if let Ok(stream) = listener.accept().await {
-                    connection::refuse(stream, "the server is out of file descriptors; try again later").await;
+                    // Inline and brief: the spare comes back only once this
+                    // socket is closed, and the shard accepts nothing meanwhile.
+                    let why = "the server is out of file descriptors; try again later";
+                    connection::refuse(stream, why, EMERGENCY_LINGER).await;
                 }
                 *spare.borrow_mut() = spare_descriptor();
                 glommio::timer::sleep(Duration::from_millis(1)).await;
@@ -127,7 +133,8 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
             }
             None => {
                 let why = format!("max-connections {} reached; try again later", ctx.max_connections);
-                glommio::spawn_local(async move { connection::refuse(stream, &why).await }).detach();
+                glommio::spawn_local(async move { connection::refuse(stream, &why, connection::LINGER).await })
+                    .detach();
             }
         }
     }

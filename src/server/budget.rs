@@ -48,10 +48,6 @@ impl BufferBudget {
         self.used() >= self.cap
     }
 
-    fn room(&self) -> usize {
-        self.cap.saturating_sub(self.used())
-    }
-
     fn charge(&self, bytes: usize) {
         self.used.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -112,12 +108,31 @@ impl ConnectionBudget {
         }
     }
 
-    /// Reserves room for a reply of at most `max` bytes: as much as both this
-    /// connection's share and the server's budget have left (0 when either
-    /// is used up).
-    pub(crate) fn reserve(self: &Arc<Self>, max: usize) -> Charge {
-        let share_room = self.global.per_connection.saturating_sub(self.pending());
-        self.charge(max.min(share_room).min(self.global.room()))
+    /// Whether a reply may be built for this connection now: it is under its
+    /// share and the server has room.
+    pub(crate) fn has_room(&self) -> bool {
+        !self.over_share() && !self.global.exhausted()
+    }
+
+    /// Charges `bytes` if both the share and the server have room for them.
+    fn try_charge(&self, bytes: usize) -> bool {
+        let before = self.pending.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > self.global.per_connection {
+            self.release_share(bytes);
+            return false;
+        }
+        let used = self.global.used.fetch_add(bytes, Ordering::Relaxed);
+        if used + bytes > self.global.cap {
+            self.global.release(bytes);
+            self.release_share(bytes);
+            return false;
+        }
+        true
+    }
+
+    fn force_charge(&self, bytes: usize) {
+        self.pending.fetch_add(bytes, Ordering::Relaxed);
+        self.global.charge(bytes);
     }
 
     /// Waits until this connection is back under its share.
@@ -132,12 +147,68 @@ impl ConnectionBudget {
     }
 
     fn release(&self, bytes: usize) {
+        self.release_share(bytes);
+        self.global.release(bytes);
+    }
+
+    fn release_share(&self, bytes: usize) {
         let before = self.pending.fetch_sub(bytes, Ordering::Relaxed);
         let share = self.global.per_connection;
         if before >= share && before - bytes < share {
             self.released.notify(usize::MAX);
         }
-        self.global.release(bytes);
+    }
+}
+
+impl std::fmt::Debug for ConnectionBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionBudget")
+            .field("pending", &self.pending())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One connection's room for the poll replies of one batch: the store
+/// charges the connection's account message by message as it builds them,
+/// so nothing is held back that is not used, and a connection with many
+/// polls in a batch is limited by bytes, not by a count of polls. The first
+/// message of the batch's replies always fits (a poll must be able to make
+/// progress); the charges are released when the batch is done, and the
+/// connection charges the encoded answers instead.
+#[derive(Debug)]
+pub(crate) struct BatchReplyRoom {
+    account: Arc<ConnectionBudget>,
+    taken: AtomicUsize,
+    forced: std::sync::atomic::AtomicBool,
+}
+
+impl BatchReplyRoom {
+    pub(crate) fn new(account: Arc<ConnectionBudget>) -> Self {
+        Self {
+            account,
+            taken: AtomicUsize::new(0),
+            forced: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl crate::storage::ReplyRoom for BatchReplyRoom {
+    fn take(&self, bytes: usize, first: bool) -> bool {
+        let granted = self.account.try_charge(bytes)
+            || (first && self.taken.load(Ordering::Relaxed) == 0 && !self.forced.swap(true, Ordering::Relaxed) && {
+                self.account.force_charge(bytes);
+                true
+            });
+        if granted {
+            self.taken.fetch_add(bytes, Ordering::Relaxed);
+        }
+        granted
+    }
+}
+
+impl Drop for BatchReplyRoom {
+    fn drop(&mut self) {
+        self.account.release(*self.taken.get_mut());
     }
 }
 
@@ -163,10 +234,6 @@ impl Charge {
             account: Account::Server(budget.clone()),
             bytes,
         }
-    }
-
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
     }
 
     /// Changes the charge to `bytes` (what the thing it pays for now holds).
@@ -226,16 +293,29 @@ mod tests {
     }
 
     #[test]
-    fn reservations_take_only_the_room_left() {
+    fn a_batch_room_charges_what_is_built_and_forces_only_the_first_message() {
+        use crate::storage::ReplyRoom;
         let server = BufferBudget::new(100, 40);
         let a = server.connection();
         let held = a.charge(25);
-        assert_eq!(a.reserve(1000).bytes(), 15, "the share's room");
+        let room = BatchReplyRoom::new(a.clone());
+        assert!(room.take(10, true), "fits the share");
+        assert!(!room.take(10, false), "35 + 10 is over the share of 40");
+        assert!(!room.take(10, true), "only the batch's first message is forced");
+        assert_eq!(a.pending(), 35);
+        drop(room);
+        assert_eq!(a.pending(), 25, "the batch's charges go with it");
+
+        let room = BatchReplyRoom::new(a.clone());
+        assert!(room.take(1000, true), "a first message too large still goes");
+        assert!(a.over_share() && !a.has_room());
+        drop(room);
         let b = server.connection();
-        let _big = b.charge(95);
-        assert_eq!(a.reserve(1000).bytes(), 0, "the server's room is gone");
-        drop(held);
-        assert_eq!(a.reserve(3).bytes(), 3);
+        let _big = b.charge(80);
+        let room = BatchReplyRoom::new(a.clone());
+        assert!(!room.take(10, false), "the server's room is gone");
+        drop((room, held));
+        assert_eq!(server.used(), 80);
     }
 
     #[test]

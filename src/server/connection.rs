@@ -329,9 +329,13 @@ async fn read_requests(reader: &mut ReadHalf<TcpStream>, conn: &Rc<Connection>, 
         // `shuttingDown` to what the client had already sent, so that a
         // pipelining client learns the fate of every request instead of
         // losing answers to a reset.
+        // A writer that failed (the client stopped reading past the stall
+        // timeout) ends the connection even while the reader is idle.
+        let stop = select(Box::pin(ctx.shutdown.wait()), Box::pin(conn.finished.wait()));
         let read = match closing_at {
-            None => match select(Box::pin(read), Box::pin(ctx.shutdown.wait())).await {
+            None => match select(Box::pin(read), stop).await {
                 Either::Left((read, _)) => read,
+                Either::Right(_) if conn.broken.get() => return Stop::Eof,
                 Either::Right(_) => {
                     closing_at = Some(Instant::now() + LINGER);
                     continue;
@@ -457,21 +461,22 @@ async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
     let _ = writer.close().await;
 }
 
-/// Tells a client the server cannot take why it is being closed.
-pub(crate) async fn refuse(stream: TcpStream, why: &str) {
+/// Tells a client the server cannot take why it is being closed, waiting at
+/// most `linger` for it to finish sending (see [`LINGER`]).
+pub(crate) async fn refuse(stream: TcpStream, why: &str, linger: Duration) {
     let error = ErrorReply::new(ErrorCode::Unavailable, why);
     let message = encode_response(&Response {
         id: 0,
         result: Err(error),
     });
     let bytes = capnp::serialize::write_message_to_words(&message);
-    let _ = stream.set_write_timeout(Some(LINGER));
+    let _ = stream.set_write_timeout(Some(linger));
     let (mut reader, mut writer) = stream.split();
     if writer.write_all(&bytes).await.is_ok() {
         let _ = writer.close().await;
         // As in `serve`: drain what the client sent so the refusal is not reset.
         let mut sink = [0u8; 1024];
-        let _ = within(LINGER, async {
+        let _ = within(linger, async {
             while let Ok(n) = reader.read(&mut sink).await {
                 if n == 0 {
                     break;

@@ -30,7 +30,7 @@ use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
 use crate::runtime::{offload, within};
 use crate::storage::{Command, Executed, Outcome, QueueStore, ReplyBudget, StoreError};
 
-use super::budget::{Charge, ConnectionBudget};
+use super::budget::{BatchReplyRoom, ConnectionBudget};
 use std::sync::Arc;
 
 pub(crate) type ReplyResult = Result<Reply, ErrorReply>;
@@ -358,7 +358,7 @@ async fn run(
         backlog.take(arrived, &mut calls);
         let mut commands = Vec::new();
         let mut finishes = Vec::new();
-        let mut room = ReplyRoom::default();
+        let mut room = ReplyRooms::default();
         for call in calls {
             plan(call, &mut room, &mut commands, &mut finishes);
         }
@@ -415,42 +415,45 @@ async fn run(
     }
 }
 
-/// The reply room of each calling connection in the batch being planned.
-/// A connection's polls in one batch share one budget, reserved from its
-/// buffer account once (as much as its share and the server have left), so
-/// between them they build no more than that; the store spends it.
+/// The reply room of each calling connection in the batch being planned:
+/// a connection's polls in one batch share one (see [`BatchReplyRoom`]).
 #[derive(Default)]
-struct ReplyRoom {
-    by_source: HashMap<usize, (ReplyBudget, Charge)>,
+struct ReplyRooms {
+    by_source: HashMap<usize, ReplyBudget>,
 }
 
-impl ReplyRoom {
-    fn for_caller(&mut self, account: Option<&Arc<ConnectionBudget>>) -> ReplyBudget {
+impl ReplyRooms {
+    /// The room for a poll of `account`, or `None` when the caller has no
+    /// room for a reply right now (over its share, or the server's budget
+    /// is used up).
+    fn for_caller(&mut self, account: Option<&Arc<ConnectionBudget>>) -> Option<ReplyBudget> {
         let Some(account) = account else {
-            return ReplyBudget::unlimited();
+            return Some(ReplyBudget::unlimited());
         };
+        if !account.has_room() {
+            return None;
+        }
         let key = Arc::as_ptr(account) as usize;
-        let (budget, _) = self.by_source.entry(key).or_insert_with(|| {
-            let reserved = account.reserve(MAX_POLL_RESERVATION);
-            (ReplyBudget::new(reserved.bytes()), reserved)
-        });
-        budget.clone()
+        let room = self
+            .by_source
+            .entry(key)
+            .or_insert_with(|| ReplyBudget::from_room(Arc::new(BatchReplyRoom::new(account.clone()))));
+        Some(room.clone())
     }
 }
 
 /// Plans a poll (new or woken) against its caller's reply room, or parks it
 /// without running when the caller has no room for a reply.
-fn plan_poll(parked: Parked, room: &mut ReplyRoom, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+fn plan_poll(parked: Parked, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
     // A caller that has gone is not served: leasing to it would only delay
     // the messages until the lease expired.
     if parked.reply.is_canceled() {
         return;
     }
-    let budget = room.for_caller(parked.budget.as_ref());
-    if budget.remaining() == 0 {
+    let Some(budget) = rooms.for_caller(parked.budget.as_ref()) else {
         finishes.push(Finish::PollNoRoom(parked));
         return;
-    }
+    };
     commands.push(Command::Poll {
         queue: parked.queue.clone(),
         max_items: parked.max_items,
@@ -460,12 +463,8 @@ fn plan_poll(parked: Parked, room: &mut ReplyRoom, commands: &mut Vec<Command>, 
     finishes.push(Finish::Poll(parked));
 }
 
-/// What a poll may reserve for its reply at most: the store caps replies
-/// far lower (max-frame-bytes), so this only bounds the reservation.
-const MAX_POLL_RESERVATION: usize = 1 << 30;
-
 /// Turns one operation into storage commands and a way to finish it.
-fn plan(call: Call, room: &mut ReplyRoom, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+fn plan(call: Call, room: &mut ReplyRooms, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
     let Call { op, reply, budget } = call;
     let command = match op {
         Op::Add { queue, messages } => Command::Add { queue, messages },

@@ -37,7 +37,7 @@ use router::{Mesh, Router, ShardLinks};
 
 use crate::clock::{Clock, SystemClock};
 use crate::names::QueueName;
-use crate::protocol::ServerInfo;
+use crate::protocol::{Limits, ServerInfo};
 use crate::runtime;
 use crate::storage::{Engine, EngineOptions, QueueStore, ShardStore, StoreError};
 
@@ -188,7 +188,11 @@ pub fn start_with_stop(
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         shards: shards as u32,
-        limits: config.limits.announce(),
+        limits: Limits {
+            // What this server will actually accept (fewer when descriptors are short).
+            max_connections: u32::try_from(max_connections).unwrap_or(u32::MAX),
+            ..config.limits.announce()
+        },
         disk_full: false,
     };
     let connections = Arc::new(AtomicUsize::new(0));

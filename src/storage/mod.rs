@@ -53,18 +53,28 @@ pub const POLL_MESSAGE_OVERHEAD: usize = 64;
 /// values are clamped to it so that `now + duration` can never overflow.
 pub const MAX_DURATION_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
-/// The byte budget of poll replies, counted as in [`POLL_MESSAGE_OVERHEAD`].
+/// Where the bytes of poll replies are accounted while the store builds
+/// them (each message counted as its payload plus [`POLL_MESSAGE_OVERHEAD`]).
 ///
-/// Polls that share one (the server gives all polls of one connection in one
-/// batch the same) build no more than it holds between them. A poll with
-/// budget left returns at least one message, however large; a poll that
-/// finds the budget spent returns nothing, as if nothing were visible.
+/// The server gives all polls of one connection in one batch the same room,
+/// backed by the connection's buffer account, so replies are charged exactly
+/// as they are built and nothing is reserved that is not used.
+pub trait ReplyRoom: Send + Sync + std::fmt::Debug {
+    /// Asks for `bytes` for the next message of a reply; `first` is the
+    /// first message of its poll. Returns whether the message may be added.
+    fn take(&self, bytes: usize, first: bool) -> bool;
+}
+
+/// A poll's reply room (cheap to clone; clones share the room).
 #[derive(Debug, Clone)]
-pub struct ReplyBudget(Arc<AtomicUsize>);
+pub struct ReplyBudget(Arc<dyn ReplyRoom>);
 
 impl ReplyBudget {
+    /// A fixed number of bytes. A poll with any left returns at least one
+    /// message, however large (the rest must fit); a poll that finds it
+    /// spent returns nothing, as if nothing were visible.
     pub fn new(bytes: usize) -> Self {
-        Self(Arc::new(AtomicUsize::new(bytes)))
+        Self(Arc::new(FixedRoom(AtomicUsize::new(bytes))))
     }
 
     /// No limit beyond the store's own.
@@ -72,25 +82,39 @@ impl ReplyBudget {
         Self::new(usize::MAX)
     }
 
-    pub fn remaining(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+    pub fn from_room(room: Arc<dyn ReplyRoom>) -> Self {
+        Self(room)
     }
 
-    /// Takes `bytes` from the budget (down to zero).
-    pub fn spend(&self, bytes: usize) {
-        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-            Some(left.saturating_sub(bytes))
-        });
+    pub fn take(&self, bytes: usize, first: bool) -> bool {
+        self.0.take(bytes, first)
     }
 }
 
 impl PartialEq for ReplyBudget {
     fn eq(&self, other: &Self) -> bool {
-        self.remaining() == other.remaining()
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
 impl Eq for ReplyBudget {}
+
+#[derive(Debug)]
+struct FixedRoom(AtomicUsize);
+
+impl ReplyRoom for FixedRoom {
+    fn take(&self, bytes: usize, first: bool) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                if left > 0 && (first || bytes <= left) {
+                    Some(left.saturating_sub(bytes))
+                } else {
+                    None
+                }
+            })
+            .is_ok()
+    }
+}
 
 /// One operation on one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -129,11 +129,8 @@ impl ModelStore {
                     return Err(StoreError::ZeroItems);
                 }
                 let lease = self.ids.lease_id(now);
-                let budget = self.max_poll_bytes.min(max_bytes.remaining());
+                let budget = self.max_poll_bytes;
                 let q = self.queue(&queue)?;
-                if budget == 0 {
-                    return Ok(Outcome::Polled(None));
-                }
                 let mut bytes = 0;
                 let ids: Vec<_> = q
                     .visible_in_order(now)
@@ -142,7 +139,8 @@ impl ModelStore {
                     .enumerate()
                     .take_while(|(i, id)| {
                         let cost = q.messages.get(id).map_or(0, |m| m.payload.len()) + POLL_MESSAGE_OVERHEAD;
-                        let fits = *i == 0 || bytes + cost <= budget;
+                        let first = *i == 0;
+                        let fits = (first || bytes + cost <= budget) && max_bytes.take(cost, first);
                         if fits {
                             bytes += cost;
                         }
@@ -150,7 +148,6 @@ impl ModelStore {
                     })
                     .map(|(_, id)| id)
                     .collect();
-                max_bytes.spend(bytes);
                 if ids.is_empty() {
                     return Ok(Outcome::Polled(None));
                 }

@@ -489,8 +489,8 @@ impl ShardStore {
             return Err(StoreError::UnknownQueue(queue.clone()));
         };
         let want = u64::from(max_items).min(q.visible());
-        let budget = engine.options().max_poll_bytes.min(max_bytes.remaining());
-        if want == 0 || budget == 0 {
+        let budget = engine.options().max_poll_bytes;
+        if want == 0 {
             return Ok(None);
         }
         batch.touched.push(qid);
@@ -506,7 +506,8 @@ impl ShardStore {
                 break;
             };
             let cost = v.len().saturating_sub(keys::RECORD_HEADER_LEN) + super::POLL_MESSAGE_OVERHEAD;
-            if !messages.is_empty() && bytes + cost > budget {
+            let first = messages.is_empty();
+            if (!first && bytes + cost > budget) || !max_bytes.take(cost, first) {
                 break;
             }
             bytes += cost;
@@ -563,7 +564,6 @@ impl ShardStore {
         batch
             .writes
             .put_cf(leases_cf, keys::lease_key(qid, &lease), expires_at.to_be_bytes());
-        max_bytes.spend(bytes);
         Ok(Some(Lease {
             id: lease,
             expires_at_ms: expires_at,
