@@ -6,6 +6,9 @@ where RESULTS_DIR holds one sub-directory per scenario with a results.jsonl
 (as scripts/loadgen.sh and scripts/bench-all.sh write them).
 """
 import json, os, statistics, sys
+if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+    print(__doc__.strip())
+    sys.exit(0 if len(sys.argv) == 2 else 2)
 out = sys.argv[1]
 def med(vals):
     vals = [v for v in vals if v is not None]

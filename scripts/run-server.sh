@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Builds queueberd and runs it on its defaults (127.0.0.1:7420, data under
-# ~/.local/share/queueber, fsync durability). Extra arguments go to queueberd.
+# ~/.local/share/queueber, fsync durability). Extra arguments go to queueberd;
+# its flags: ~/.cache/queueber/target/release/queueberd --help (once built).
+# --help prints the comment above and starts nothing.
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --) break ;;
+  esac
+done
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-cargo build --release --bin queueberd --bin queueber
-exec "$CARGO_TARGET_DIR/release/queueberd" "$@"
+# The stripped copy (see scripts/dist.sh): small enough to copy to a host.
+dist=$(bash scripts/dist.sh)
+exec "$dist/queueberd" "$@"

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use crate::names::QueueName;
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
 use crate::runtime::{offload, within};
@@ -249,18 +249,22 @@ impl Waiters {
 
 /// Spawns the core of one shard on the current executor. The returned task
 /// yields the store back when the core is stopped.
+///
+/// `clock` must be the store's: lease expiries and delays are in its time,
+/// and the sweeper converts them to how long to sleep with it.
 pub(crate) fn spawn(
     shard: usize,
     store: Box<dyn QueueStore>,
+    clock: Arc<dyn Clock>,
 ) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
     let (jobs, incoming) = mpsc::unbounded();
-    let task = glommio::spawn_local(run(shard, store, incoming)).detach();
+    let task = glommio::spawn_local(run(shard, store, clock, incoming)).detach();
     (CoreHandle { jobs }, task)
 }
 
 /// Converts the store's next deadline (epoch ms) to a monotonic instant.
-fn store_deadline(deadline_ms: Option<u64>) -> Option<Instant> {
-    let now_ms = SystemClock.now_ms();
+fn store_deadline(clock: &dyn Clock, deadline_ms: Option<u64>) -> Option<Instant> {
+    let now_ms = clock.now_ms();
     deadline_ms.map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(now_ms)))
 }
 
@@ -314,6 +318,7 @@ impl Backlog {
 async fn run(
     shard: usize,
     store: Box<dyn QueueStore>,
+    clock: Arc<dyn Clock>,
     mut incoming: mpsc::UnboundedReceiver<Job>,
 ) -> Box<dyn QueueStore> {
     // Storage logs come from the offload thread: label them with the shard.
@@ -322,7 +327,7 @@ async fn run(
     let mut waiters = Waiters::default();
     let mut retry: Vec<Parked> = Vec::new();
     let mut backlog = Backlog::default();
-    let mut store_due = store_deadline(store.as_ref().and_then(|s| s.next_deadline()));
+    let mut store_due = store_deadline(&*clock, store.as_ref().and_then(|s| s.next_deadline()));
     let mut draining = false;
     let mut stopping = false;
     let (mut batches, mut commands_run) = (0u64, 0u64);
@@ -386,7 +391,7 @@ async fn run(
             };
             let (owned, executed, queues, next) = offload(work).await;
             store = Some(owned);
-            store_due = store_deadline(next);
+            store_due = store_deadline(&*clock, next);
             finish(executed, queues, finishes, &mut waiters, &mut retry, draining);
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
@@ -638,8 +643,9 @@ mod tests {
     fn batches_map_back_to_their_callers() {
         let out = run_on_executor(|| {
             Box::pin(async {
-                let store = ModelStore::new(Arc::new(ManualClock::new(1_000)));
-                let (core, task) = spawn(0, Box::new(store));
+                let clock = Arc::new(ManualClock::new(1_000));
+                let store = ModelStore::new(clock.clone());
+                let (core, task) = spawn(0, Box::new(store), clock);
                 let add = core.call(Op::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
@@ -683,8 +689,9 @@ mod tests {
     fn parked_polls_time_out_empty_and_drain_answers_them() {
         let (timed_out, drained) = run_on_executor(|| {
             Box::pin(async {
-                let store = ModelStore::new(Arc::new(ManualClock::new(1_000)));
-                let (core, task) = spawn(0, Box::new(store));
+                let clock = Arc::new(ManualClock::new(1_000));
+                let store = ModelStore::new(clock.clone());
+                let (core, task) = spawn(0, Box::new(store), clock);
                 core.call(Op::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::delayed(b"later".to_vec(), 1_000_000)],
@@ -713,5 +720,94 @@ mod tests {
         });
         assert_eq!(timed_out, Ok(Reply::Polled(None)));
         assert_eq!(drained, Ok(Reply::Polled(None)));
+    }
+
+    /// Counts the batches a store runs.
+    struct Counting {
+        inner: Box<dyn QueueStore>,
+        batches: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl QueueStore for Counting {
+        fn execute(&mut self, commands: Vec<Command>) -> Executed {
+            self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.execute(commands)
+        }
+
+        fn next_deadline(&self) -> Option<u64> {
+            self.inner.next_deadline()
+        }
+
+        fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
+            self.inner.list_queues()
+        }
+    }
+
+    #[test]
+    fn the_sweeper_runs_on_the_injected_clock() {
+        // An expired lease wakes a parked poll when the *store's* clock says
+        // so: time stands still until the test moves it, and the sweeper
+        // neither spins on a deadline the system clock thinks long past nor
+        // waits for one the manual clock has reached.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let (redelivered, waited) = run_on_executor(move || {
+            Box::pin(async move {
+                let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+                let options = crate::storage::EngineOptions {
+                    durability: crate::storage::Durability::Wal,
+                    ..Default::default()
+                };
+                let engine = crate::storage::Engine::open(&path, options, clock.clone()).expect("engine");
+                let store = crate::storage::ShardStore::open_all(engine).expect("store");
+                let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let counted = Counting {
+                    inner: Box::new(store),
+                    batches: batches.clone(),
+                };
+                let (core, task) = spawn(0, Box::new(counted), clock.clone());
+                core.call(Op::Add {
+                    queue: q("a"),
+                    messages: vec![NewMessage::new(b"m".to_vec())],
+                })
+                .await
+                .unwrap();
+                let poll = |wait_ms| Op::Poll {
+                    queue: q("a"),
+                    max_items: 1,
+                    lease_ms: 50,
+                    wait_ms,
+                };
+                let Ok(Reply::Polled(Some(_))) = core.call(poll(0)).await else {
+                    panic!("first delivery")
+                };
+                let started = Instant::now();
+                let parked = core.call(poll(5_000));
+                let advance = async {
+                    // Real time passes, the store's does not: still leased.
+                    glommio::timer::sleep(Duration::from_millis(150)).await;
+                    clock.advance(60);
+                };
+                let (redelivered, ()) = futures::join!(parked, advance);
+                let waited = started.elapsed();
+                core.stop();
+                task.await;
+                let batches = batches.load(std::sync::atomic::Ordering::Relaxed);
+                assert!(batches < 50, "the sweeper spun: {batches} batches");
+                (redelivered, waited)
+            })
+        });
+        let Ok(Reply::Polled(Some(lease))) = redelivered else {
+            panic!("{redelivered:?}")
+        };
+        assert_eq!(lease.messages[0].delivery_count, 2);
+        assert!(
+            waited >= Duration::from_millis(150),
+            "redelivered before the clock moved: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_millis(2_000),
+            "the sweeper missed the manual deadline: {waited:?}"
+        );
     }
 }

@@ -216,6 +216,7 @@ pub fn start_with_stop(
             max_connections,
             budget: budget.clone(),
             engine: engine.clone(),
+            clock: engine.clock().clone(),
             bound: bound_tx.clone(),
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
@@ -264,6 +265,7 @@ struct Shard {
     max_connections: usize,
     budget: Arc<BufferBudget>,
     engine: Arc<Engine>,
+    clock: Arc<dyn Clock>,
     bound: crossbeam_channel::Sender<Result<SocketAddr, ServerError>>,
 }
 
@@ -286,7 +288,7 @@ impl Shard {
                 return Err(error(&e));
             }
         };
-        let (core, core_task) = core::spawn(self.index, self.store);
+        let (core, core_task) = core::spawn(self.index, self.store, self.clock);
         let router = Router::connect(self.index, self.shards, core.clone(), self.links).await;
         let ctx = Rc::new(ShardContext {
             router: router.clone(),

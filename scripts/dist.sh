@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the release binaries and writes shippable copies to
+# $CARGO_TARGET_DIR/dist: queueberd, queueber and loadgen without their debug
+# sections (about 16 MB instead of about 450 MB: almost all of it is the line
+# tables of the statically linked RocksDB C++), each with a .debug file
+# beside it that gdb and perf find through the binary's debuglink. Function
+# symbols stay in the binary, so perf shows names even without the .debug.
+#
+#   scripts/dist.sh            # prints the dist directory
+# --help prints the comment above and starts nothing.
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --) break ;;
+  esac
+done
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+cargo build --release --bin queueberd --bin queueber --bin loadgen >&2
+release="$CARGO_TARGET_DIR/release"
+dist="$CARGO_TARGET_DIR/dist"
+mkdir -p "$dist"
+for bin in queueberd queueber loadgen; do
+  # Only when the build changed it: the copy is what a running server uses.
+  if [ ! -e "$dist/$bin" ] || [ "$release/$bin" -nt "$dist/$bin" ]; then
+    objcopy --only-keep-debug "$release/$bin" "$dist/$bin.debug.tmp"
+    objcopy --strip-debug --add-gnu-debuglink="$dist/$bin.debug.tmp" "$release/$bin" "$dist/$bin.tmp"
+    mv "$dist/$bin.debug.tmp" "$dist/$bin.debug"
+    mv "$dist/$bin.tmp" "$dist/$bin"
+  fi
+done
+echo "$dist"
