@@ -460,3 +460,63 @@ fn many_consumers_polling_at_once_are_all_served_under_a_small_budget() {
     }
     assert_eq!(served, CONSUMERS, "every consumer got a message");
 }
+
+/// A client that pipelines and stops reading is disconnected once the
+/// server's writes to it make no progress for the stall timeout, so it
+/// holds neither buffers nor a descriptor for ever.
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonSpec::new(dir.path(), "wal")
+        .arg("--stall-timeout-ms")
+        .arg("1000")
+        .start();
+    let queue = q("stalled");
+    let fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds(daemon.pid());
+    let mut hoarder = Wire::connect(daemon.addr);
+    hoarder.stream.set_nonblocking(true).unwrap();
+    // Enough pipelined work that the answers overflow both sockets' buffers.
+    let frame = wire::frame(
+        1,
+        Op::Add {
+            queue: queue.clone(),
+            messages: (0..32)
+                .map(|_| queueber::storage::NewMessage::new(vec![b's'; 256]))
+                .collect(),
+        },
+    );
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while started.elapsed() < Duration::from_secs(2) {
+        match hoarder.stream.write(&frame[sent % frame.len()..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => break,
+        }
+    }
+    // Past the stall timeout (1 s) and the close: the server has let go.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = fds(daemon.pid());
+    eprintln!(
+        "stalled reader: sent {} KiB; server fds {before} before it connected, {after} after",
+        sent / 1024
+    );
+    assert!(after <= before, "the stalled connection's descriptor is closed");
+    hoarder.stream.set_nonblocking(false).unwrap();
+    hoarder.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut sink = vec![0u8; 1 << 20];
+    let ended = loop {
+        match std::io::Read::read(&mut hoarder.stream, &mut sink) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(ended, "the server closed the connection");
+}

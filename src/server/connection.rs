@@ -207,7 +207,6 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
     // A write that cannot make progress (a client that stopped reading) for
     // the stall timeout fails, and the connection closes.
     let stall = Duration::from_millis(ctx.limits.stall_timeout_ms);
-    let _ = stream.set_write_timeout(Some(stall));
     let (mut reader, writer) = stream.split();
     let (out, outgoing) = mpsc::unbounded();
     let conn = Rc::new(Connection {
@@ -219,7 +218,7 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
         broken: Cell::new(false),
         finished: Signal::default(),
     });
-    let writer = glommio::spawn_local(write_loop(writer, outgoing, conn.clone())).detach();
+    let writer = glommio::spawn_local(write_loop(writer, outgoing, conn.clone(), stall)).detach();
 
     let stop = read_requests(&mut reader, &conn, stall).await;
     // Parked polls of a client that has stopped sending are answered now:
@@ -318,9 +317,13 @@ async fn read_requests(reader: &mut ReadHalf<TcpStream>, conn: &Rc<Connection>, 
                 // A frame in progress must keep arriving (slow-loris clients
                 // would otherwise hold their buffer forever); an idle
                 // connection between frames may wait as long as it likes.
-                within(stall, reader.read(space))
-                    .await
-                    .unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "frame stalled")))
+                // The timer is armed only when the read would wait.
+                match futures::FutureExt::now_or_never(reader.read(&mut space[..])) {
+                    Some(read) => read,
+                    None => within(stall, reader.read(space))
+                        .await
+                        .unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "frame stalled"))),
+                }
             } else {
                 reader.read(space).await
             }
@@ -417,10 +420,39 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
     drop(frame);
 }
 
+/// Writes all of `bytes`, failing when the socket accepts nothing for
+/// `stall`. The timer is armed only once a write would block: a client that
+/// reads costs no timer per write (timers are expensive here, see
+/// docs/benchmarks.md).
+async fn write_all_within<W: futures::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut bytes: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    use futures::FutureExt;
+    while !bytes.is_empty() {
+        let written = match writer.write(bytes).now_or_never() {
+            Some(result) => result?,
+            None => within(stall, writer.write(bytes)).await.unwrap_or_else(|| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client stopped reading",
+                ))
+            })?,
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[written..];
+    }
+    Ok(())
+}
+
 async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
     mut writer: W,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     conn: Rc<Connection>,
+    stall: Duration,
 ) {
     let mut gathered: Vec<u8> = Vec::new();
     let mut held: Vec<Outgoing> = Vec::new();
@@ -436,12 +468,12 @@ async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
             held.push(next);
         }
         let ok = if let [only] = held.as_slice() {
-            writer.write_all(&only.bytes).await.is_ok()
+            write_all_within(&mut writer, &only.bytes, stall).await.is_ok()
         } else {
             for o in &held {
                 gathered.extend_from_slice(&o.bytes);
             }
-            let ok = writer.write_all(&gathered).await.is_ok();
+            let ok = write_all_within(&mut writer, &gathered, stall).await.is_ok();
             gathered.clear();
             if gathered.capacity() > WRITE_BUFFER_KEEP {
                 gathered = Vec::new();
