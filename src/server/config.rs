@@ -224,7 +224,9 @@ impl ServerLimits {
                 id,
                 delay_ms: clamp(delay_ms),
             },
-            other => other,
+            // No limits of their own: listed, not defaulted, so that a new
+            // operation must be considered here.
+            op @ (Op::Hello | Op::ListQueues | Op::Stats { .. } | Op::Purge { .. } | Op::Delete { .. }) => op,
         })
     }
 }

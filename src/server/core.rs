@@ -91,7 +91,15 @@ impl Call {
     fn add_messages(&self) -> usize {
         match &self.op {
             Op::Add { messages, .. } => messages.len(),
-            _ => 0,
+            Op::Hello
+            | Op::Poll { .. }
+            | Op::Remove { .. }
+            | Op::Extend { .. }
+            | Op::Release { .. }
+            | Op::Stats { .. }
+            | Op::ListQueues
+            | Op::Purge { .. }
+            | Op::Delete { .. } => 0,
         }
     }
 }

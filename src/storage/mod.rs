@@ -173,12 +173,18 @@ impl Command {
 
     /// Whether losing this command's effect in a power cut would lose or
     /// resurrect data, so `fsync` durability must sync it before answering.
-    /// A lost poll, remove, extend or release only causes a redelivery.
+    /// A lost poll, remove, extend or release only causes a redelivery. The
+    /// store's commit syncs a batch when any command that succeeded in it
+    /// says so (the one rule; nothing sets sync flags by hand).
     pub fn needs_sync(&self) -> bool {
-        matches!(
-            self,
-            Command::Add { .. } | Command::Purge { .. } | Command::Delete { .. }
-        )
+        match self {
+            Command::Add { .. } | Command::Purge { .. } | Command::Delete { .. } => true,
+            Command::Poll { .. }
+            | Command::Remove { .. }
+            | Command::Extend { .. }
+            | Command::Release { .. }
+            | Command::Stats { .. } => false,
+        }
     }
 }
 

@@ -383,12 +383,10 @@ impl ShardStore {
             Command::Stats { queue } => self.apply_stats(&queue, now).map(Outcome::Stats),
             Command::Purge { queue } => {
                 let qid = self.queue_id(&queue)?;
-                batch.needs_sync = true;
                 self.apply_purge(qid, batch).map(Outcome::Purged)
             }
             Command::Delete { queue } => {
                 let qid = self.queue_id(&queue)?;
-                batch.needs_sync = true;
                 self.apply_purge(qid, batch)?;
                 let registry = self.engine.cf(CF_REGISTRY)?;
                 batch.writes.delete_cf(registry, keys::name_key(&queue));
@@ -441,7 +439,6 @@ impl ShardStore {
             .queues
             .get_mut(&qid)
             .ok_or_else(|| StoreError::Unavailable(format!("queue id {qid} has no state")))?;
-        batch.needs_sync = true;
         batch.touched.push(qid);
         let header = RecordHeader {
             enqueued_at: now,
@@ -770,7 +767,9 @@ impl QueueStore for ShardStore {
         let mut outcomes = Vec::with_capacity(count);
         if fatal.is_none() {
             for command in commands {
+                let sync = command.needs_sync();
                 let outcome = self.apply(command, now, &mut batch);
+                batch.needs_sync |= sync && outcome.is_ok();
                 if let Err(e) = &outcome {
                     if is_fatal(e) {
                         fatal = Some(e.duplicate());
