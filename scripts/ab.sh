@@ -9,13 +9,8 @@
 #
 # Default loadgen flags: -B 32 -P 2 -C 2 -Q 1 --duration 5 --warmup 1.
 # Servers listen on 127.0.0.1 and are stopped by PID after each run.
-# --help prints the comment above and starts nothing.
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --) break ;;
-  esac
-done
+# --help prints this and starts nothing.
+source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 a="" b="" runs=3 shards=1 durability=periodic

@@ -4,13 +4,8 @@
 # Bounded: every run has a fixed duration; about 15 minutes in all.
 #
 #   scripts/bench-all.sh [--runs 3] [--duration 5]
-# --help prints the comment above and starts nothing.
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --) break ;;
-  esac
-done
+# --help prints this and starts nothing.
+source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3

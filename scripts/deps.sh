@@ -2,13 +2,9 @@
 # Installs what building queueber needs on Debian/Ubuntu, only when missing:
 # the Cap'n Proto compiler (build.rs) and clang/libclang (RocksDB bindings).
 # Idempotent; sourced by the other scripts.
-# --help (when run, not sourced) prints the comment above and installs nothing.
+# --help (when run, not sourced) prints this and installs nothing.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
-  for arg in "$@"; do
-    case "$arg" in
-      -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    esac
-  done
+  source "$(dirname "${BASH_SOURCE[0]}")/help.sh"
 fi
 set -euo pipefail
 

@@ -10,13 +10,8 @@
 # docs/experiments/storage-free-floor.patch, run with its store replaced by
 # the in-memory model, through the offload (model) and inline (inline).
 # Default workload: docs/benchmarks.md section 3.
-# --help prints the comment above and starts nothing.
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --) break ;;
-  esac
-done
+# --help prints this and starts nothing.
+source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh

@@ -14,13 +14,8 @@
 #
 # Every server it starts listens on 127.0.0.1 with a fresh data directory and
 # is stopped by PID when its run ends; every run is bounded by --duration.
-# --help prints the comment above and starts nothing.
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --) break ;;
-  esac
-done
+# --help prints this and starts nothing.
+source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh

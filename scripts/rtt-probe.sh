@@ -16,13 +16,8 @@
 # every request meets an idle server, as in an open-loop run at low rate.
 #
 #   scripts/rtt-probe.sh [--shards 1] [--requests 3000] [--gap-us 500]
-# --help prints the comment above and starts nothing.
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --) break ;;
-  esac
-done
+# --help prints this and starts nothing.
+source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh

@@ -2,13 +2,8 @@
 # Builds queueberd and runs it on its defaults (127.0.0.1:7420, data under
 # ~/.local/share/queueber, fsync durability). Extra arguments go to queueberd;
 # its flags: ~/.cache/queueber/target/release/queueberd --help (once built).
-# --help prints the comment above and starts nothing.
-for arg in "$@"; do
-  case "$arg" in
-    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --) break ;;
-  esac
-done
+# --help prints this and starts nothing.
+source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh

@@ -24,10 +24,6 @@ const PRODUCERS: usize = 4;
 /// Adds each producer keeps in flight.
 const DEPTH: u64 = 64;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 #[test]
 fn under_an_add_flood_stats_and_polls_stay_fast() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,22 +125,22 @@ fn under_an_add_flood_stats_and_polls_stay_fast() {
     eprintln!(
         "add flood ({:.0} msg/s): stats p50 {:?} p99 {:?} max {:?}; poll p50 {:?} p99 {:?} max {:?}",
         flood_rate,
-        percentile(&stats, 0.5),
-        percentile(&stats, 0.99),
+        wire::percentile(&stats, 0.5),
+        wire::percentile(&stats, 0.99),
         stats[stats.len() - 1],
-        percentile(&polls, 0.5),
-        percentile(&polls, 0.99),
+        wire::percentile(&polls, 0.5),
+        wire::percentile(&polls, 0.99),
         polls[polls.len() - 1],
     );
     assert!(flood_rate > 1000.0, "the flood did not flow: {flood_rate} msg/s");
     assert!(
-        percentile(&stats, 0.99) < Duration::from_millis(50),
+        wire::percentile(&stats, 0.99) < Duration::from_millis(50),
         "stats p99 {:?}",
-        percentile(&stats, 0.99)
+        wire::percentile(&stats, 0.99)
     );
     assert!(
-        percentile(&polls, 0.99) < Duration::from_millis(50),
+        wire::percentile(&polls, 0.99) < Duration::from_millis(50),
         "poll p99 {:?}",
-        percentile(&polls, 0.99)
+        wire::percentile(&polls, 0.99)
     );
 }

@@ -30,10 +30,6 @@ fn q_on(prefix: &str, shard: usize) -> QueueName {
         .unwrap()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// 100 connections each send only a segment table claiming a frame just
 /// under the 16 MiB limit, and keep the connection open. Before the frame
 /// reader committed memory only as bytes arrived, each one cost 16 MiB of
@@ -85,8 +81,8 @@ fn lying_frame_headers_cost_no_memory_and_others_stay_fast() {
         before / 1024,
         after / 1024,
         grown / 1024,
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
+        wire::percentile(&latencies, 0.5),
+        wire::percentile(&latencies, 0.99),
         latencies[latencies.len() - 1]
     );
     assert!(
@@ -95,7 +91,7 @@ fn lying_frame_headers_cost_no_memory_and_others_stay_fast() {
         grown / 1024
     );
     assert!(
-        percentile(&latencies, 0.99) < Duration::from_millis(100),
+        wire::percentile(&latencies, 0.99) < Duration::from_millis(100),
         "{latencies:?}"
     );
     drop(liars);
@@ -123,7 +119,9 @@ fn sigterm_answers_every_pipelined_request() {
         std::thread::spawn(move || {
             let _ = s.write_all(&first);
             let _ = signalled.send(());
-            std::thread::sleep(Duration::from_millis(50));
+            // Past the shards' stop-flag check (every 50 ms), well inside
+            // the 2 s for which a closing connection keeps reading.
+            std::thread::sleep(Duration::from_millis(300));
             let _ = s.write_all(&second);
             let _ = s.shutdown(std::net::Shutdown::Write);
         })
@@ -472,12 +470,6 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
         .arg("1000")
         .start();
     let queue = q("stalled");
-    let fds = |pid: i32| {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    };
-    let before = fds(daemon.pid());
     let mut hoarder = Wire::connect(daemon.addr);
     hoarder.stream.set_nonblocking(true).unwrap();
     // Enough pipelined work that the answers overflow both sockets' buffers.
@@ -501,15 +493,13 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
     }
     // Past the stall timeout (1 s) and the close: the server has let go.
     std::thread::sleep(Duration::from_secs(3));
-    let after = fds(daemon.pid());
-    eprintln!(
-        "stalled reader: sent {} KiB; server fds {before} before it connected, {after} after",
-        sent / 1024
-    );
-    assert!(after <= before, "the stalled connection's descriptor is closed");
+    eprintln!("stalled reader: sent {} KiB", sent / 1024);
     hoarder.stream.set_nonblocking(false).unwrap();
     hoarder.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut sink = vec![0u8; 1 << 20];
+    // Whatever the server wrote before giving up, then EOF (or a reset): the
+    // server closed. A server still holding the connection would leave this
+    // read waiting until its timeout.
     let ended = loop {
         match std::io::Read::read(&mut hoarder.stream, &mut sink) {
             Ok(0) => break true,

@@ -231,17 +231,7 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
     conn.out.close_channel();
     writer.await;
     if matches!(stop, Stop::Closing) && !conn.broken.get() {
-        // Unread bytes at close make the kernel send a reset, which can
-        // destroy answers the client has not read yet: drain until EOF.
-        let mut sink = [0u8; 4096];
-        let _ = within(LINGER, async {
-            while let Ok(n) = reader.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
+        discard_until_eof(&mut reader, LINGER).await;
     }
     drop(guard);
 }
@@ -502,19 +492,24 @@ pub(crate) async fn refuse(stream: TcpStream, why: &str, linger: Duration) {
         result: Err(error),
     });
     let bytes = capnp::serialize::write_message_to_words(&message);
-    let _ = stream.set_write_timeout(Some(linger));
     let (mut reader, mut writer) = stream.split();
-    if writer.write_all(&bytes).await.is_ok() {
+    if write_all_within(&mut writer, &bytes, linger).await.is_ok() {
         let _ = writer.close().await;
-        // As in `serve`: drain what the client sent so the refusal is not reset.
-        let mut sink = [0u8; 1024];
-        let _ = within(linger, async {
-            while let Ok(n) = reader.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
+        discard_until_eof(&mut reader, linger).await;
     }
+}
+
+/// Reads and drops what the client still sends, until its EOF or `linger`.
+/// Closing a socket with unread bytes makes the kernel send a reset, which
+/// can destroy answers the client has not read yet.
+async fn discard_until_eof(reader: &mut ReadHalf<TcpStream>, linger: Duration) {
+    let mut sink = [0u8; 4096];
+    let _ = within(linger, async {
+        while let Ok(n) = reader.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }

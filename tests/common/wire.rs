@@ -106,3 +106,8 @@ pub fn leased(response: &Response) -> Option<queueber::storage::Lease> {
         other => panic!("expected a poll answer, got {other:?}"),
     }
 }
+
+/// The `p` quantile (0 to 1) of sorted durations.
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
