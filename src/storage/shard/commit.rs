@@ -1,0 +1,159 @@
+//! One batch: settle what is due, apply each command, persist counters,
+//! commit atomically (syncing when a command that succeeded needs it).
+
+#[allow(unused_imports)]
+use super::*;
+
+impl ShardStore {
+    pub(super) fn apply(&mut self, command: Command, now: u64, batch: &mut Batch) -> Result<Outcome, StoreError> {
+        match command {
+            Command::Add { queue, messages } => self.apply_add(queue, messages, now, batch).map(Outcome::Added),
+            Command::Poll {
+                queue,
+                max_items,
+                lease_ms,
+                max_bytes,
+            } => self
+                .apply_poll(&queue, max_items, lease_ms, max_bytes, now, batch)
+                .map(Outcome::Polled),
+            Command::Remove { queue, id, lease } => {
+                self.apply_remove(&queue, id, lease, now, batch).map(Outcome::Removed)
+            }
+            Command::Extend { queue, lease, lease_ms } => self
+                .apply_extend(&queue, lease, lease_ms, now, batch)
+                .map(Outcome::Extended),
+            Command::Release {
+                queue,
+                id,
+                lease,
+                delay_ms,
+            } => self
+                .apply_release(&queue, id, lease, delay_ms, now, batch)
+                .map(Outcome::Released),
+            Command::Stats { queue } => self.apply_stats(&queue, now).map(Outcome::Stats),
+            Command::Purge { queue } => {
+                let qid = self.queue_id(&queue)?;
+                self.apply_purge(qid, batch).map(Outcome::Purged)
+            }
+            Command::Delete { queue } => {
+                let qid = self.queue_id(&queue)?;
+                self.apply_purge(qid, batch)?;
+                let registry = self.engine.cf(CF_REGISTRY)?;
+                batch.writes.delete_cf(registry, keys::name_key(&queue));
+                batch.writes.delete_cf(registry, keys::counters_key(qid));
+                self.names.remove(&queue);
+                self.queues.remove(&qid);
+                Ok(Outcome::Deleted)
+            }
+        }
+    }
+}
+
+impl QueueStore for ShardStore {
+    fn execute(&mut self, commands: Vec<Command>) -> Executed {
+        if let Some(reason) = &self.failed {
+            let outcomes = commands
+                .iter()
+                .map(|_| Err(StoreError::Unavailable(reason.clone())))
+                .collect();
+            return Executed {
+                outcomes,
+                woken: Vec::new(),
+            };
+        }
+        let now = self.now();
+        let mut batch = Batch {
+            writes: WriteBatch::default(),
+            needs_sync: false,
+            woken: BTreeMap::new(),
+            touched: Vec::new(),
+            record: Vec::new(),
+        };
+        let count = commands.len();
+        let mut fatal = self.settle_due(now, &mut batch).err();
+        // Settled leases are committed on their own first, so that polls in
+        // this batch can already see the messages that came back.
+        if fatal.is_none() && !batch.writes.is_empty() {
+            fatal = self
+                .persist_counters(&mut batch)
+                .and_then(|()| self.engine.commit(std::mem::take(&mut batch.writes), false))
+                .err();
+        }
+        let mut outcomes = Vec::with_capacity(count);
+        if fatal.is_none() {
+            for command in commands {
+                let sync = command.needs_sync();
+                let outcome = self.apply(command, now, &mut batch);
+                batch.needs_sync |= sync && outcome.is_ok();
+                if let Err(e) = &outcome {
+                    if is_fatal(e) {
+                        fatal = Some(e.duplicate());
+                        break;
+                    }
+                }
+                outcomes.push(outcome);
+            }
+        }
+        if fatal.is_none() {
+            fatal = self.persist_counters(&mut batch).err();
+        }
+        if fatal.is_none() && !batch.writes.is_empty() {
+            fatal = self.engine.commit(batch.writes, batch.needs_sync).err();
+        }
+        if let Some(error) = fatal {
+            // Memory may now be ahead of the database: rebuild it from what
+            // was committed. If even that fails, stop serving.
+            if self.engine.disk().is_full() && error.to_string().contains("No space left on device") {
+                // The disk state logged the cause once; this repeats per batch.
+                tracing::debug!(%error, "storage batch failed for lack of space; reloading shard state");
+            } else {
+                self.failure_log.note(&error);
+            }
+            if let Err(reload) = self.load_all() {
+                tracing::error!(%reload, "rebuilding shard state failed; the shard is unavailable until restart");
+                self.failed = Some(format!("{error}; reload failed: {reload}"));
+            }
+            return Executed {
+                outcomes: (0..count).map(|_| Err(error.duplicate())).collect(),
+                woken: Vec::new(),
+            };
+        }
+        let woken = batch
+            .woken
+            .into_iter()
+            .filter_map(|(qid, n)| self.queues.get(&qid).map(|q| (q.name.clone(), n)))
+            .collect();
+        Executed { outcomes, woken }
+    }
+
+    fn next_deadline(&self) -> Option<u64> {
+        let lease = self.lease_deadlines.first().map(|d| d.0);
+        let delay = self.delay_deadlines.first_key_value().map(|(d, _)| d.0);
+        match (lease, delay) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
+        Ok(self.engine.registry()?.into_iter().map(|(name, _)| name).collect())
+    }
+}
+
+impl ShardStore {
+    pub(super) fn persist_counters(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        let registry = self.engine.cf(CF_REGISTRY)?;
+        for qid in std::mem::take(&mut batch.touched) {
+            let Some(q) = self.queues.get_mut(&qid) else {
+                continue;
+            };
+            q.batch_low = None;
+            if std::mem::take(&mut q.dirty) {
+                batch
+                    .writes
+                    .put_cf(registry, keys::counters_key(q.qid), keys::encode_counters(&q.counters));
+            }
+        }
+        Ok(())
+    }
+}

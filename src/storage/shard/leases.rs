@@ -1,0 +1,189 @@
+//! Lease bookkeeping: expiry, membership, remove, extend and release.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl ShardStore {
+    /// Makes due delays visible and returns expired leases' messages to the
+    /// ready index, at the time each lease expired.
+    pub(super) fn settle_due(&mut self, now: u64, batch: &mut Batch) -> Result<(), StoreError> {
+        while let Some(entry) = self.delay_deadlines.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, qid), count) = entry.remove_entry();
+            if let Some(q) = self.queues.get_mut(&qid) {
+                q.delayed = q.delayed.saturating_sub(count);
+            }
+            *batch.woken.entry(qid).or_default() += count;
+        }
+        while let Some(&(expires_at, qid, lease)) = self.lease_deadlines.first() {
+            if expires_at > now {
+                break;
+            }
+            self.lease_deadlines.pop_first();
+            self.expire_lease(qid, lease, expires_at, batch)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn expire_lease(
+        &mut self,
+        qid: QueueId,
+        lease: LeaseId,
+        expired_at: u64,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        let engine = self.engine.clone();
+        let Some(q) = self.queues.get_mut(&qid) else {
+            return Ok(());
+        };
+        if q.leases.remove(&lease).is_none() {
+            return Ok(());
+        }
+        let (ready_cf, leases_cf) = (engine.cf(CF_READY)?, engine.cf(CF_LEASES)?);
+        let mut it = engine.scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
+        let mut returned = 0;
+        batch.touched.push(qid);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if let Some(LeaseEntry::Member(_, id)) = keys::parse_lease_entry(k) {
+                // Members are written once and deleted once: SingleDelete
+                // lets flushes drop the pair instead of keeping a tombstone.
+                batch.writes.single_delete_cf(leases_cf, k);
+                if q.holders.get(&id) == Some(&lease) {
+                    q.holders.remove(&id);
+                    let key = keys::ready_key(qid, expired_at, &id);
+                    batch.writes.put_cf(ready_cf, key, v);
+                    q.note_ready_insert(&key);
+                    returned += 1;
+                }
+            } else {
+                // The header is rewritten by extends: a plain delete.
+                batch.writes.delete_cf(leases_cf, k);
+            }
+            it.next();
+        }
+        it.status().map_err(StoreError::rocks("scan an expired lease"))?;
+        if returned > 0 {
+            *batch.woken.entry(qid).or_default() += returned;
+        }
+        Ok(())
+    }
+
+    /// Drops `id` from `lease` in memory and stages the deletes; the lease
+    /// record goes with its last member.
+    pub(super) fn take_member(
+        &mut self,
+        qid: QueueId,
+        id: MessageId,
+        lease: LeaseId,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        let leases_cf = self.engine.cf(CF_LEASES)?;
+        let Some(q) = self.queues.get_mut(&qid) else {
+            return Ok(());
+        };
+        q.holders.remove(&id);
+        batch
+            .writes
+            .single_delete_cf(leases_cf, keys::member_key(qid, &lease, &id));
+        if let Some(state) = q.leases.get_mut(&lease) {
+            state.live = state.live.saturating_sub(1);
+            if state.live == 0 {
+                let expires_at = state.expires_at;
+                q.leases.remove(&lease);
+                self.lease_deadlines.remove(&(expires_at, qid, lease));
+                batch.writes.delete_cf(leases_cf, keys::lease_key(qid, &lease));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn holds(&self, qid: QueueId, id: &MessageId, lease: &LeaseId, now: u64) -> bool {
+        self.queues
+            .get(&qid)
+            .is_some_and(|q| q.holders.get(id) == Some(lease) && q.lease_valid(lease, now))
+    }
+
+    pub(super) fn apply_remove(
+        &mut self,
+        queue: &QueueName,
+        id: MessageId,
+        lease: LeaseId,
+        now: u64,
+        batch: &mut Batch,
+    ) -> Result<bool, StoreError> {
+        let qid = self.queue_id(queue)?;
+        if !self.holds(qid, &id, &lease, now) {
+            return Ok(false);
+        }
+        self.take_member(qid, id, lease, batch)?;
+        Ok(true)
+    }
+
+    pub(super) fn apply_extend(
+        &mut self,
+        queue: &QueueName,
+        lease: LeaseId,
+        lease_ms: u64,
+        now: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<u64>, StoreError> {
+        let qid = self.queue_id(queue)?;
+        let leases_cf = self.engine.cf(CF_LEASES)?;
+        let Some(state) = self.queues.get_mut(&qid).and_then(|q| q.leases.get_mut(&lease)) else {
+            return Ok(None);
+        };
+        if state.expires_at <= now {
+            return Ok(None);
+        }
+        let new_expiry = deadline(now, lease_ms);
+        self.lease_deadlines.remove(&(state.expires_at, qid, lease));
+        self.lease_deadlines.insert((new_expiry, qid, lease));
+        state.expires_at = new_expiry;
+        batch
+            .writes
+            .put_cf(leases_cf, keys::lease_key(qid, &lease), new_expiry.to_be_bytes());
+        Ok(Some(new_expiry))
+    }
+
+    pub(super) fn apply_release(
+        &mut self,
+        queue: &QueueName,
+        id: MessageId,
+        lease: LeaseId,
+        delay_ms: u64,
+        now: u64,
+        batch: &mut Batch,
+    ) -> Result<bool, StoreError> {
+        let qid = self.queue_id(queue)?;
+        if !self.holds(qid, &id, &lease, now) {
+            return Ok(false);
+        }
+        let engine = self.engine.clone();
+        let record = engine
+            .db()
+            .get_pinned_cf(engine.cf(CF_LEASES)?, keys::member_key(qid, &lease, &id))
+            .map_err(StoreError::rocks("read a leased message"))?
+            .ok_or_else(|| StoreError::Corrupt {
+                cf: CF_LEASES,
+                detail: format!("message {id} of lease {lease} in {queue} has no record"),
+            })?;
+        self.take_member(qid, id, lease, batch)?;
+        let at = deadline(now, delay_ms);
+        let key = keys::ready_key(qid, at, &id);
+        batch.writes.put_cf(engine.cf(CF_READY)?, key, &*record);
+        batch.touched.push(qid);
+        let Some(q) = self.queues.get_mut(&qid) else {
+            return Ok(false);
+        };
+        q.note_ready_insert(&key);
+        if at > now {
+            q.delayed += 1;
+            *self.delay_deadlines.entry((at, qid)).or_default() += 1;
+        } else {
+            *batch.woken.entry(qid).or_default() += 1;
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,141 @@
+//! [`ShardStore`]: the RocksDB-backed [`QueueStore`] of one shard.
+//!
+//! The shard owns its queues, so it keeps their hot state in memory and uses
+//! RocksDB only for what must survive a crash:
+//!
+//! * counters (ready records, delayed records) so stats never scan;
+//! * the lease table (expiry, members, which lease holds which message), so a
+//!   remove is validated without a read and costs two deletes;
+//! * the *floor* of each queue's ready index: every live ready key sorts at or
+//!   above it. Polls seek straight to the floor, so the tombstones left by
+//!   consumed messages are never walked (the RocksDB "queue trap",
+//!   facebook/rocksdb#5265), however many messages were consumed before;
+//! * timers: lease expiries and delays coming due, shard-wide and ordered, so
+//!   settling them costs in proportion to what is due, never to history.
+//!
+//! All of it is rebuilt from the column families when the shard opens.
+//!
+//! Layout: [`state`] (in-memory queue state, the batch), [`recovery`]
+//! (rebuilding it at open), [`ready`] (adds, polls, stats, purges),
+//! [`leases`] (expiry, remove, extend, release), [`commit`] (one batch).
+
+mod commit;
+mod leases;
+mod ready;
+mod recovery;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use rocksdb::WriteBatch;
+
+use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
+use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
+use super::{
+    deadline, Command, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore, ReplyBudget, StoreError,
+};
+use crate::ids::{IdGenerator, LeaseId, MessageId};
+use crate::names::QueueName;
+
+use state::{Batch, LeaseState, QueueState};
+
+/// Decides whether this shard owns a queue (the server's stable hash).
+pub type Ownership = Arc<dyn Fn(&QueueName) -> bool + Send + Sync>;
+
+pub struct ShardStore {
+    engine: Arc<Engine>,
+    owns: Ownership,
+    ids: IdGenerator,
+    names: HashMap<QueueName, QueueId>,
+    queues: HashMap<QueueId, QueueState>,
+    lease_deadlines: BTreeSet<(u64, QueueId, LeaseId)>,
+    delay_deadlines: BTreeMap<(u64, QueueId), u64>,
+    last_now: u64,
+    failed: Option<String>,
+    failure_log: FailureLog,
+}
+
+/// Repeated batch failures log at most once per [`FailureLog::EVERY`], with
+/// how many there were, instead of a line per batch.
+#[derive(Default)]
+struct FailureLog {
+    last: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl FailureLog {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn note(&mut self, error: &StoreError) {
+        self.since += 1;
+        if self.last.is_none_or(|at| at.elapsed() >= Self::EVERY) {
+            tracing::error!(%error, failures = self.since, "storage batch failed; reloading shard state");
+            self.last = Some(std::time::Instant::now());
+            self.since = 0;
+        }
+    }
+}
+
+impl std::fmt::Debug for ShardStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardStore")
+            .field("queues", &self.names.len())
+            .field("leases", &self.lease_deadlines.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a RocksDB or decoding failure inside a batch: the whole batch fails.
+fn is_fatal(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Rocks { .. } | StoreError::Corrupt { .. } | StoreError::Unavailable(_) | StoreError::Failed(_)
+    )
+}
+
+impl ShardStore {
+    /// Opens the shard that owns the queues for which `owns` is true, loading
+    /// their state from the database.
+    pub fn open(engine: Arc<Engine>, owns: Ownership) -> Result<ShardStore, StoreError> {
+        let mut store = ShardStore {
+            engine,
+            owns,
+            ids: IdGenerator::new(),
+            names: HashMap::new(),
+            queues: HashMap::new(),
+            lease_deadlines: BTreeSet::new(),
+            delay_deadlines: BTreeMap::new(),
+            last_now: 0,
+            failed: None,
+            failure_log: FailureLog::default(),
+        };
+        store.load_all()?;
+        Ok(store)
+    }
+
+    /// A store owning every queue (one shard, tools, tests).
+    pub fn open_all(engine: Arc<Engine>) -> Result<ShardStore, StoreError> {
+        Self::open(engine, Arc::new(|_| true))
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub(super) fn now(&mut self) -> u64 {
+        // Never let time run backwards inside the store: the floor and the
+        // timers assume it does not.
+        self.last_now = self.last_now.max(self.engine.clock().now_ms());
+        self.last_now
+    }
+
+    pub(super) fn queue_id(&self, name: &QueueName) -> Result<QueueId, StoreError> {
+        self.names
+            .get(name)
+            .copied()
+            .ok_or_else(|| StoreError::UnknownQueue(name.clone()))
+    }
+}

@@ -1,0 +1,224 @@
+//! The ready index: adds, polls (from the floor), stats and purges.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl ShardStore {
+    pub(super) fn apply_add(
+        &mut self,
+        queue: QueueName,
+        messages: Vec<NewMessage>,
+        now: u64,
+        batch: &mut Batch,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        let limit = self.engine.options().max_payload_bytes;
+        if let Some(m) = messages.iter().find(|m| m.payload.len() > limit) {
+            return Err(StoreError::PayloadTooLarge {
+                size: m.payload.len(),
+                limit,
+            });
+        }
+        // Checked before the queue is created: a refused add leaves nothing.
+        if let Some(full) = self.engine.disk().refusal() {
+            return Err(StoreError::DiskFull(full));
+        }
+        let engine = self.engine.clone();
+        let ready_cf = engine.cf(CF_READY)?;
+        let qid = match self.names.get(&queue) {
+            Some(&qid) => qid,
+            None => {
+                if !(self.owns)(&queue) {
+                    return Err(StoreError::WrongShard(queue));
+                }
+                let qid = engine.allocate_qid()?;
+                batch
+                    .writes
+                    .put_cf(engine.cf(CF_REGISTRY)?, keys::name_key(&queue), qid.to_be_bytes());
+                self.names.insert(queue.clone(), qid);
+                let mut state = QueueState::new(queue, qid, Counters::default());
+                state.dirty = true;
+                self.queues.insert(qid, state);
+                qid
+            }
+        };
+        let q = self
+            .queues
+            .get_mut(&qid)
+            .ok_or_else(|| StoreError::Unavailable(format!("queue id {qid} has no state")))?;
+        batch.touched.push(qid);
+        let header = RecordHeader {
+            enqueued_at: now,
+            delivery_count: 0,
+        };
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut visible_now = 0;
+        for m in &messages {
+            let id = self.ids.message_id(now);
+            let at = deadline(now, m.delay_ms);
+            let key = keys::ready_key(qid, at, &id);
+            keys::encode_record(&mut batch.record, header, &m.payload);
+            batch.writes.put_cf(ready_cf, key, &batch.record);
+            q.note_ready_insert(&key);
+            if at > now {
+                q.delayed += 1;
+                *self.delay_deadlines.entry((at, qid)).or_default() += 1;
+            } else {
+                visible_now += 1;
+            }
+            ids.push(id);
+        }
+        if visible_now > 0 {
+            *batch.woken.entry(qid).or_default() += visible_now;
+        }
+        Ok(ids)
+    }
+
+    pub(super) fn apply_poll(
+        &mut self,
+        queue: &QueueName,
+        max_items: u32,
+        lease_ms: u64,
+        max_bytes: ReplyBudget,
+        now: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<Lease>, StoreError> {
+        if max_items == 0 {
+            return Err(StoreError::ZeroItems);
+        }
+        let qid = self.queue_id(queue)?;
+        let engine = self.engine.clone();
+        let (ready_cf, leases_cf) = (engine.cf(CF_READY)?, engine.cf(CF_LEASES)?);
+        let Some(q) = self.queues.get_mut(&qid) else {
+            return Err(StoreError::UnknownQueue(queue.clone()));
+        };
+        let want = u64::from(max_items).min(q.visible());
+        let budget = engine.options().max_poll_bytes;
+        if want == 0 {
+            return Ok(None);
+        }
+        batch.touched.push(qid);
+        let mut it = engine.scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
+
+        let lease = self.ids.lease_id(now);
+        let expires_at = deadline(now, lease_ms);
+        let mut messages = Vec::with_capacity(want as usize);
+        let mut last_key: Option<ReadyKey> = None;
+        let mut bytes = 0;
+        while (messages.len() as u64) < want {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            let cost = v.len().saturating_sub(keys::RECORD_HEADER_LEN) + crate::storage::POLL_MESSAGE_OVERHEAD;
+            let first = messages.is_empty();
+            if (!first && bytes + cost > budget) || !max_bytes.take(cost, first) {
+                break;
+            }
+            bytes += cost;
+            let (_, id) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
+                cf: CF_READY,
+                detail: format!("unparseable key {k:?} in {queue}"),
+            })?;
+            let (mut header, payload) = keys::parse_record(v).ok_or_else(|| StoreError::Corrupt {
+                cf: CF_READY,
+                detail: format!("record of {id} in {queue} is {} bytes", v.len()),
+            })?;
+            header.delivery_count = header.delivery_count.saturating_add(1);
+            keys::encode_record(&mut batch.record, header, payload);
+            batch.writes.single_delete_cf(ready_cf, k);
+            batch
+                .writes
+                .put_cf(leases_cf, keys::member_key(qid, &lease, &id), &batch.record);
+            messages.push(Delivery {
+                id,
+                payload: payload.to_vec(),
+                delivery_count: header.delivery_count,
+                enqueued_at_ms: header.enqueued_at,
+            });
+            // parse_ready_key checked the length; a fixed array, no allocation.
+            last_key = k.try_into().ok();
+            it.next();
+        }
+        it.status().map_err(StoreError::rocks("scan the ready index"))?;
+        let Some(last) = last_key else {
+            return Ok(None);
+        };
+        // Just above the last consumed key, but never above a record this
+        // batch wrote and the iterator could not see.
+        let mut floor = Vec::with_capacity(last.len() + 1);
+        floor.extend_from_slice(&last);
+        floor.push(0);
+        if let Some(low) = q.batch_low.filter(|low| low[..] < floor[..]) {
+            floor = low.to_vec();
+        }
+        q.counters.floor = Some(floor);
+        q.counters.ready -= messages.len() as u64;
+        q.dirty = true;
+        for m in &messages {
+            q.holders.insert(m.id, lease);
+        }
+        q.leases.insert(
+            lease,
+            LeaseState {
+                expires_at,
+                live: messages.len() as u32,
+            },
+        );
+        self.lease_deadlines.insert((expires_at, qid, lease));
+        batch
+            .writes
+            .put_cf(leases_cf, keys::lease_key(qid, &lease), expires_at.to_be_bytes());
+        Ok(Some(Lease {
+            id: lease,
+            expires_at_ms: expires_at,
+            messages,
+        }))
+    }
+
+    pub(super) fn apply_stats(&mut self, queue: &QueueName, now: u64) -> Result<QueueStats, StoreError> {
+        let qid = self.queue_id(queue)?;
+        let engine = self.engine.clone();
+        let Some(q) = self.queues.get(&qid) else {
+            return Err(StoreError::UnknownQueue(queue.clone()));
+        };
+        let mut stats = QueueStats {
+            visible: q.visible(),
+            delayed: q.delayed,
+            in_flight: q.holders.len() as u64,
+            oldest_visible_age_ms: None,
+            disk_full: engine.disk().is_full(),
+        };
+        if stats.visible > 0 {
+            // One seek to the head of the line (the floor keeps it cheap).
+            let it = engine.scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
+            if let Some(v) = it.value() {
+                if let Some((header, _)) = keys::parse_record(v) {
+                    stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));
+                }
+            }
+            it.status().map_err(StoreError::rocks("read the head of a queue"))?;
+        }
+        Ok(stats)
+    }
+
+    pub(super) fn apply_purge(&mut self, qid: QueueId, batch: &mut Batch) -> Result<u64, StoreError> {
+        let engine = self.engine.clone();
+        let Some(q) = self.queues.get_mut(&qid) else {
+            return Ok(0);
+        };
+        let dropped = q.counters.ready + q.holders.len() as u64;
+        batch.touched.push(qid);
+        let (start, end) = (keys::queue_prefix(qid), keys::queue_end(qid));
+        // Range tombstones: O(1) to write, and later scans skip the range whole.
+        batch.writes.delete_range_cf(engine.cf(CF_READY)?, start, end);
+        batch.writes.delete_range_cf(engine.cf(CF_LEASES)?, start, end);
+        q.counters = Counters::default();
+        q.delayed = 0;
+        q.leases.clear();
+        q.holders.clear();
+        q.batch_low = None;
+        q.dirty = true;
+        self.lease_deadlines.retain(|&(_, owner, _)| owner != qid);
+        self.delay_deadlines.retain(|&(_, owner), _| owner != qid);
+        Ok(dropped)
+    }
+}

@@ -1,0 +1,94 @@
+//! Rebuilding a shard's in-memory state from the column families at open
+//! (and after a failed batch).
+
+#[allow(unused_imports)]
+use super::*;
+
+impl ShardStore {
+    pub(super) fn load_all(&mut self) -> Result<(), StoreError> {
+        self.names.clear();
+        self.queues.clear();
+        self.lease_deadlines.clear();
+        self.delay_deadlines.clear();
+        let now = self.now();
+        for (name, qid) in self.engine.registry()? {
+            if (self.owns)(&name) {
+                self.load_queue(name, qid, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn load_queue(&mut self, name: QueueName, qid: QueueId, now: u64) -> Result<(), StoreError> {
+        let engine = self.engine.clone();
+        let db = engine.db();
+        let counters = match db
+            .get_pinned_cf(engine.cf(CF_REGISTRY)?, keys::counters_key(qid))
+            .map_err(StoreError::rocks("read queue counters"))?
+        {
+            Some(v) => keys::parse_counters(&v).ok_or_else(|| StoreError::Corrupt {
+                cf: CF_REGISTRY,
+                detail: format!("counters of {name}"),
+            })?,
+            None => Counters::default(),
+        };
+        let mut q = QueueState::new(name.clone(), qid, counters);
+
+        // Leases: a header (expiry) followed by its members, in key order.
+        let mut it = engine.scan(CF_LEASES, &keys::queue_prefix(qid), keys::queue_end(qid).to_vec())?;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            match keys::parse_lease_entry(k) {
+                Some(LeaseEntry::Header(lease)) => {
+                    let expires_at = v.try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt {
+                        cf: CF_LEASES,
+                        detail: format!("lease header of {name} is {} bytes", v.len()),
+                    })?;
+                    q.leases.insert(lease, LeaseState { expires_at, live: 0 });
+                }
+                Some(LeaseEntry::Member(lease, id)) => {
+                    // A member without a header cannot happen (they are written
+                    // and deleted together); if it does, expire it at once
+                    // rather than hold the message forever.
+                    q.leases
+                        .entry(lease)
+                        .or_insert(LeaseState { expires_at: 0, live: 0 })
+                        .live += 1;
+                    q.holders.insert(id, lease);
+                }
+                None => {
+                    return Err(StoreError::Corrupt {
+                        cf: CF_LEASES,
+                        detail: format!("unparseable key {k:?} in {name}"),
+                    })
+                }
+            }
+            it.next();
+        }
+        it.status().map_err(StoreError::rocks("scan leases"))?;
+        drop(it);
+        for (lease, state) in &q.leases {
+            self.lease_deadlines.insert((state.expires_at, qid, *lease));
+        }
+
+        // Delayed records: everything above `now` in the ready index.
+        let mut it = engine.scan(
+            CF_READY,
+            &keys::ready_visible_end(qid, now),
+            keys::queue_end(qid).to_vec(),
+        )?;
+        while let Some(k) = it.key() {
+            let (at, _) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
+                cf: CF_READY,
+                detail: format!("unparseable key {k:?} in {name}"),
+            })?;
+            *self.delay_deadlines.entry((at, qid)).or_default() += 1;
+            q.delayed += 1;
+            it.next();
+        }
+        it.status().map_err(StoreError::rocks("scan delayed messages"))?;
+
+        self.names.insert(name, qid);
+        self.queues.insert(qid, q);
+        Ok(())
+    }
+}

@@ -1,0 +1,81 @@
+//! The in-memory state of a shard's queues and of the batch being built.
+
+#[allow(unused_imports)]
+use super::*;
+
+#[derive(Debug)]
+pub(super) struct LeaseState {
+    pub(super) expires_at: u64,
+    /// Messages still held. The lease record is deleted with the last one.
+    pub(super) live: u32,
+}
+
+#[derive(Debug)]
+pub(super) struct QueueState {
+    pub(super) name: QueueName,
+    pub(super) qid: QueueId,
+    pub(super) counters: Counters,
+    /// Ready records whose visible time is still in the future.
+    pub(super) delayed: u64,
+    pub(super) leases: HashMap<LeaseId, LeaseState>,
+    pub(super) holders: HashMap<MessageId, LeaseId>,
+    /// The lowest ready key written by the batch in progress. Polls in the
+    /// same batch cannot see those records yet (they are not committed), so
+    /// the floor must not move past them.
+    pub(super) batch_low: Option<ReadyKey>,
+    pub(super) dirty: bool,
+}
+
+impl QueueState {
+    pub(super) fn new(name: QueueName, qid: QueueId, counters: Counters) -> Self {
+        Self {
+            name,
+            qid,
+            counters,
+            delayed: 0,
+            leases: HashMap::new(),
+            holders: HashMap::new(),
+            batch_low: None,
+            dirty: false,
+        }
+    }
+
+    pub(super) fn visible(&self) -> u64 {
+        self.counters.ready.saturating_sub(self.delayed)
+    }
+
+    /// Bookkeeping for a record written to the ready index in this batch.
+    pub(super) fn note_ready_insert(&mut self, key: &ReadyKey) {
+        self.counters.ready += 1;
+        if self.counters.floor.as_deref().is_some_and(|f| &key[..] < f) {
+            self.counters.floor = Some(key.to_vec());
+        }
+        if self.batch_low.is_none_or(|low| key < &low) {
+            self.batch_low = Some(*key);
+        }
+        self.dirty = true;
+    }
+
+    /// Where a scan of the ready index starts: the floor, or the queue's
+    /// first possible key.
+    pub(super) fn scan_start(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.counters.floor {
+            Some(floor) => std::borrow::Cow::Borrowed(floor),
+            None => std::borrow::Cow::Owned(keys::queue_prefix(self.qid).to_vec()),
+        }
+    }
+
+    pub(super) fn lease_valid(&self, lease: &LeaseId, now: u64) -> bool {
+        self.leases.get(lease).is_some_and(|l| l.expires_at > now)
+    }
+}
+
+/// The write batch being built plus what it woke.
+pub(super) struct Batch {
+    pub(super) writes: WriteBatch,
+    pub(super) needs_sync: bool,
+    pub(super) woken: BTreeMap<QueueId, u64>,
+    /// Queues whose counters may have changed (persisted at commit).
+    pub(super) touched: Vec<QueueId>,
+    pub(super) record: Vec<u8>,
+}
