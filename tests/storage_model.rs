@@ -11,8 +11,8 @@ use queueber::clock::{Clock, ManualClock};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::storage::{
-    Command, Durability, Engine, EngineOptions, Lease, ModelStore, NewMessage, Outcome, QueueStore, ReplyBudget,
-    ShardStore, StoreError,
+    Command, CommandError, Durability, Engine, EngineOptions, Executed, Lease, ModelStore, NewMessage, Outcome,
+    QueueStore, ReplyBudget, ShardStore, StoreError,
 };
 
 const QUEUES: usize = 2;
@@ -124,12 +124,20 @@ fn open_real(dir: &std::path::Path, clock: &ManualClock) -> ShardStore {
     ShardStore::open_all(engine).expect("open store")
 }
 
+/// The answer to a one-command batch, whichever way it failed.
+fn only_outcome(executed: Executed) -> Result<Outcome, StoreError> {
+    let mut outcomes = executed.outcomes?;
+    Ok(outcomes.pop().expect("one outcome")?)
+}
+
+/// The variant's name, beneath the command/storage split.
 fn error_kind(e: &StoreError) -> String {
-    format!("{e:?}")
-        .split(['(', ' ', '{'])
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    let text = format!("{e:?}");
+    let inner = text
+        .strip_prefix("Command(")
+        .or_else(|| text.strip_prefix("Storage("))
+        .unwrap_or(&text);
+    inner.split(['(', ' ', '{']).next().unwrap_or_default().to_string()
 }
 
 /// A poll's result with ids replaced by payloads, comparable across stores:
@@ -175,8 +183,8 @@ impl Harness {
     }
 
     fn both(&mut self, real: Command, model: Command) -> (Result<Outcome, StoreError>, Result<Outcome, StoreError>) {
-        let r = self.real().execute(vec![real]).outcomes.pop().expect("one outcome");
-        let m = self.model.execute(vec![model]).outcomes.pop().expect("one outcome");
+        let r = only_outcome(self.real().execute(vec![real]));
+        let m = only_outcome(self.model.execute(vec![model]));
         (r, m)
     }
 
@@ -445,7 +453,7 @@ impl Harness {
                             assert!(found.insert(m.payload, q).is_none(), "delivered twice in the drain");
                         }
                     }
-                    Ok(None) | Err(StoreError::UnknownQueue(_)) => break,
+                    Ok(None) | Err(StoreError::Command(CommandError::UnknownQueue(_))) => break,
                     Err(e) => panic!("drain: {e}"),
                 }
             }

@@ -28,7 +28,7 @@ use crate::clock::Clock;
 use crate::names::QueueName;
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
 use crate::runtime::{offload, within};
-use crate::storage::{Command, Executed, Outcome, QueueStore, ReplyBudget, StoreError};
+use crate::storage::{Command, CommandError, Executed, Outcome, QueueStore, ReplyBudget, StorageError, StoreError};
 
 use super::budget::{BatchReplyRoom, ConnectionBudget};
 use std::sync::Arc;
@@ -36,25 +36,38 @@ use std::sync::Arc;
 pub(crate) type ReplyResult = Result<Reply, ErrorReply>;
 pub(crate) type ReplyTx = oneshot::Sender<ReplyResult>;
 
-impl From<&StoreError> for ErrorReply {
-    fn from(e: &StoreError) -> Self {
+impl From<&CommandError> for ErrorReply {
+    fn from(e: &CommandError) -> Self {
         let code = match e {
-            // A batch that ran out of space fails as a whole; say why.
-            StoreError::Rocks { source, .. } if crate::storage::disk::is_no_space(source) => ErrorCode::DiskFull,
-            StoreError::Failed(why) if why.contains("No space left on device") => ErrorCode::DiskFull,
-            StoreError::InvalidName(_) => ErrorCode::InvalidName,
-            StoreError::UnknownQueue(_) => ErrorCode::UnknownQueue,
-            StoreError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-            StoreError::ZeroItems => ErrorCode::InvalidArgument,
-            StoreError::Unavailable(_) => ErrorCode::Unavailable,
-            StoreError::DiskFull(_) => ErrorCode::DiskFull,
-            StoreError::WrongShard(_)
-            | StoreError::Failed(_)
-            | StoreError::Rocks { .. }
-            | StoreError::Corrupt { .. }
-            | StoreError::QueueIdsExhausted => ErrorCode::Internal,
+            CommandError::InvalidName(_) => ErrorCode::InvalidName,
+            CommandError::UnknownQueue(_) => ErrorCode::UnknownQueue,
+            CommandError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            CommandError::ZeroItems => ErrorCode::InvalidArgument,
+            CommandError::DiskFull(_) => ErrorCode::DiskFull,
+            CommandError::WrongShard(_) | CommandError::QueueIdsExhausted => ErrorCode::Internal,
         };
         ErrorReply::new(code, e.to_string())
+    }
+}
+
+impl From<&StorageError> for ErrorReply {
+    fn from(e: &StorageError) -> Self {
+        let code = match e {
+            // A batch that ran out of space fails as a whole; say why.
+            StorageError::Rocks { no_space: true, .. } => ErrorCode::DiskFull,
+            StorageError::Rocks { .. } | StorageError::Corrupt { .. } => ErrorCode::Internal,
+            StorageError::Unavailable(_) => ErrorCode::Unavailable,
+        };
+        ErrorReply::new(code, e.to_string())
+    }
+}
+
+impl From<&StoreError> for ErrorReply {
+    fn from(e: &StoreError) -> Self {
+        match e {
+            StoreError::Command(e) => e.into(),
+            StoreError::Storage(e) => e.into(),
+        }
     }
 }
 
@@ -405,7 +418,11 @@ async fn run(
             // encode them, so the reservations go.
             drop(room);
         } else if !finishes.is_empty() {
-            finish(Executed::default(), None, finishes, &mut waiters, &mut retry, draining);
+            let nothing_ran = Executed {
+                outcomes: Ok(Vec::new()),
+                woken: Vec::new(),
+            };
+            finish(nothing_ran, None, finishes, &mut waiters, &mut retry, draining);
         }
         if stopping && retry.is_empty() && backlog.is_empty() {
             break;
@@ -543,7 +560,7 @@ fn plan(call: Call, room: &mut ReplyRooms, commands: &mut Vec<Command>, finishes
     finishes.push(Finish::Single(reply));
 }
 
-fn to_reply(outcome: Result<Outcome, StoreError>) -> ReplyResult {
+fn to_reply(outcome: Result<Outcome, ErrorReply>) -> ReplyResult {
     match outcome {
         Ok(Outcome::Added(ids)) => Ok(Reply::Added(ids)),
         Ok(Outcome::Polled(lease)) => Ok(Reply::Polled(lease)),
@@ -553,7 +570,7 @@ fn to_reply(outcome: Result<Outcome, StoreError>) -> ReplyResult {
         Ok(Outcome::Stats(s)) => Ok(Reply::Stats(s)),
         Ok(Outcome::Purged(n)) => Ok(Reply::Purged(n)),
         Ok(Outcome::Deleted) => Ok(Reply::Deleted),
-        Err(e) => Err(ErrorReply::from(&e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -577,8 +594,13 @@ fn finish(
     retry: &mut Vec<Parked>,
     draining: bool,
 ) {
-    let mut outcomes = executed.outcomes.into_iter();
-    let missing = || Err(StoreError::Unavailable("store returned too few outcomes".into()));
+    // One answer per command; a storage failure answers every command of
+    // the batch alike (ErrorReply is Clone: no fan-out of the store's error).
+    let mut outcomes: Box<dyn Iterator<Item = Result<Outcome, ErrorReply>>> = match executed.outcomes {
+        Ok(list) => Box::new(list.into_iter().map(|r| r.map_err(|e| ErrorReply::from(&e)))),
+        Err(e) => Box::new(std::iter::repeat(Err(ErrorReply::from(&e)))),
+    };
+    let missing = || Err(unavailable("returned too few outcomes"));
     let now = Instant::now();
     for f in finishes {
         match f {
@@ -599,7 +621,7 @@ fn finish(
                         Ok(other) => {
                             error = Some(ErrorReply::new(ErrorCode::Internal, format!("remove got {other:?}")))
                         }
-                        Err(e) => error = Some(ErrorReply::from(&e)),
+                        Err(e) => error = Some(e),
                     }
                 }
                 let _ = reply.send(error.map_or(Ok(Reply::Removed(flags)), Err));

@@ -19,7 +19,7 @@ use rocksdb::{
 
 use super::disk::{is_no_space, DiskState, DiskWatcher};
 use super::keys::{self, QueueId};
-use super::StoreError;
+use super::{CommandError, StorageError, StoreError};
 use crate::clock::Clock;
 use crate::names::QueueName;
 
@@ -188,16 +188,18 @@ impl Engine {
             max_qid = max_qid.max(queue.1);
         }
         let syncer = match options.durability {
-            Durability::Periodic(every) => Some(
-                Syncer::start(db.clone(), every)
-                    .map_err(|e| StoreError::Failed(format!("spawning the WAL sync thread: {e}")))?,
-            ),
+            Durability::Periodic(every) => Some(Syncer::start(db.clone(), every).map_err(|e| {
+                StoreError::Storage(StorageError::Unavailable(format!("spawning the WAL sync thread: {e}")))
+            })?),
             _ => None,
         };
         let disk = DiskState::new(&path, options.min_free_disk_bytes);
         let probe_db = db.clone();
-        let watcher = DiskWatcher::start(disk.clone(), move || probe_write(&probe_db))
-            .map_err(|e| StoreError::Failed(format!("spawning the disk watcher thread: {e}")))?;
+        let watcher = DiskWatcher::start(disk.clone(), move || probe_write(&probe_db)).map_err(|e| {
+            StoreError::Storage(StorageError::Unavailable(format!(
+                "spawning the disk watcher thread: {e}"
+            )))
+        })?;
         Ok(Arc::new(Engine {
             db,
             options,
@@ -228,10 +230,12 @@ impl Engine {
     }
 
     pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
-        self.db.cf_handle(name).ok_or(StoreError::Corrupt {
-            cf: name,
-            detail: "column family missing".into(),
-        })
+        self.db
+            .cf_handle(name)
+            .ok_or(StoreError::Storage(StorageError::Corrupt {
+                cf: name,
+                detail: "column family missing".into(),
+            }))
     }
 
     /// A fresh queue id. Ids are never handed out twice in one process; after a
@@ -241,7 +245,7 @@ impl Engine {
     pub(crate) fn allocate_qid(&self) -> Result<QueueId, StoreError> {
         let qid = self.next_qid.fetch_add(1, Ordering::Relaxed);
         if qid >= u32::MAX - 1 {
-            return Err(StoreError::QueueIdsExhausted);
+            return Err(StoreError::Command(CommandError::QueueIdsExhausted));
         }
         Ok(qid)
     }
@@ -272,10 +276,7 @@ impl Engine {
             if is_no_space(&source) {
                 self.disk.note_no_space();
             }
-            StoreError::Rocks {
-                context: "write a batch",
-                source,
-            }
+            StoreError::rocks("write a batch")(source)
         })
     }
 
@@ -327,10 +328,12 @@ fn probe_write(db: &DB) -> Result<(), String> {
 }
 
 fn list_registry(db: &DB) -> Result<Vec<(QueueName, QueueId)>, StoreError> {
-    let cf = db.cf_handle(CF_REGISTRY).ok_or(StoreError::Corrupt {
-        cf: CF_REGISTRY,
-        detail: "column family missing".into(),
-    })?;
+    let cf = db
+        .cf_handle(CF_REGISTRY)
+        .ok_or(StoreError::Storage(StorageError::Corrupt {
+            cf: CF_REGISTRY,
+            detail: "column family missing".into(),
+        }))?;
     let mut out = Vec::new();
     let start = [keys::REGISTRY_NAME_TAG];
     for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
@@ -338,18 +341,18 @@ fn list_registry(db: &DB) -> Result<Vec<(QueueName, QueueId)>, StoreError> {
         if k.first() != Some(&keys::REGISTRY_NAME_TAG) {
             break;
         }
-        let name = keys::parse_name_key(&k).ok_or_else(|| StoreError::Corrupt {
-            cf: CF_REGISTRY,
-            detail: format!("unparseable queue name key {k:?}"),
+        let name = keys::parse_name_key(&k).ok_or_else(|| {
+            StoreError::Storage(StorageError::Corrupt {
+                cf: CF_REGISTRY,
+                detail: format!("unparseable queue name key {k:?}"),
+            })
         })?;
-        let qid = v
-            .as_ref()
-            .try_into()
-            .map(u32::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt {
+        let qid = v.as_ref().try_into().map(u32::from_be_bytes).map_err(|_| {
+            StoreError::Storage(StorageError::Corrupt {
                 cf: CF_REGISTRY,
                 detail: format!("queue id of {name} is {} bytes", v.len()),
-            })?;
+            })
+        })?;
         out.push((name, qid));
     }
     // Key order is (tenant length, tenant, queue); callers want names sorted.

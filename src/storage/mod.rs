@@ -204,17 +204,21 @@ pub enum Outcome {
 }
 
 /// What one call to [`QueueStore::execute`] did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Executed {
-    pub outcomes: Vec<Result<Outcome, StoreError>>,
+    /// One result per command, in order; or the storage failure that
+    /// stopped the whole batch (then none of it was applied).
+    pub outcomes: Result<Vec<Result<Outcome, CommandError>>, StorageError>,
     /// Queues where messages became visible during the batch (adds, releases,
     /// expired leases, delays coming due), with how many: the server wakes as
     /// many long-polls. A hint: the model store reports none.
     pub woken: Vec<(QueueName, u64)>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+/// A command's own failure: the command did nothing, the rest of its batch
+/// ran. Answered to that command's caller alone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
     #[error(transparent)]
     InvalidName(#[from] NameError),
     #[error("queue {0} does not exist")]
@@ -225,52 +229,54 @@ pub enum StoreError {
     WrongShard(QueueName),
     #[error("poll max_items must be at least 1")]
     ZeroItems,
-    #[error("RocksDB failed to {context}: {source}")]
-    Rocks {
-        context: &'static str,
-        #[source]
-        source: rocksdb::Error,
-    },
-    #[error("corrupt record in column family {cf}: {detail}")]
-    Corrupt { cf: &'static str, detail: String },
     #[error("no queue ids left (2^32 - 1 queues were created)")]
     QueueIdsExhausted,
     /// The data filesystem is under its free-space reserve: adds are refused.
     #[error("{0}")]
     DiskFull(disk::DiskFull),
-    #[error("storage failed earlier and this shard is unavailable until restart: {0}")]
+}
+
+/// A failure of the storage itself: nothing of the batch it happened in was
+/// applied, and every command of that batch is answered with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    #[error("RocksDB failed to {context}: {message}")]
+    Rocks {
+        context: &'static str,
+        message: String,
+        /// The filesystem ran out of space (ENOSPC).
+        no_space: bool,
+    },
+    #[error("corrupt record in column family {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+    #[error("storage unavailable: {0}")]
     Unavailable(String),
-    /// A batch-wide storage failure, fanned out to every command of the batch.
-    #[error("storage failed: {0}")]
-    Failed(String),
+}
+
+/// Either kind, for code that propagates with `?` and for the
+/// single-command conveniences of [`QueueStore`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<NameError> for StoreError {
+    fn from(e: NameError) -> Self {
+        StoreError::Command(CommandError::InvalidName(e))
+    }
 }
 
 impl StoreError {
     pub(crate) fn rocks(context: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError {
-        move |source| StoreError::Rocks { context, source }
-    }
-
-    /// A copy for fanning one batch-wide failure out to every command in it
-    /// (`rocksdb::Error` is not `Clone`).
-    pub fn duplicate(&self) -> StoreError {
-        match self {
-            StoreError::InvalidName(e) => StoreError::InvalidName(e.clone()),
-            StoreError::UnknownQueue(q) => StoreError::UnknownQueue(q.clone()),
-            StoreError::WrongShard(q) => StoreError::WrongShard(q.clone()),
-            StoreError::PayloadTooLarge { size, limit } => StoreError::PayloadTooLarge {
-                size: *size,
-                limit: *limit,
-            },
-            StoreError::ZeroItems => StoreError::ZeroItems,
-            StoreError::QueueIdsExhausted => StoreError::QueueIdsExhausted,
-            StoreError::Corrupt { cf, detail } => StoreError::Corrupt {
-                cf,
-                detail: detail.clone(),
-            },
-            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
-            StoreError::DiskFull(full) => StoreError::DiskFull(full.clone()),
-            StoreError::Failed(why) => StoreError::Failed(why.clone()),
-            other => StoreError::Failed(other.to_string()),
+        move |source| {
+            StoreError::Storage(StorageError::Rocks {
+                context,
+                no_space: disk::is_no_space(&source),
+                message: source.into_string(),
+            })
         }
     }
 }
@@ -375,15 +381,16 @@ pub trait QueueStore: Send {
 
     #[doc(hidden)]
     fn execute_one(&mut self, command: Command) -> Result<Outcome, StoreError> {
-        self.execute(vec![command])
-            .outcomes
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Unavailable("store returned no outcome".into())))
+        let mut outcomes = self.execute(vec![command]).outcomes?;
+        match outcomes.pop() {
+            Some(outcome) => Ok(outcome?),
+            None => Err(StorageError::Unavailable("store returned no outcome".into()).into()),
+        }
     }
 }
 
 fn unreachable_outcome<T>(op: &str, outcome: Outcome) -> Result<T, StoreError> {
-    Err(StoreError::Unavailable(format!("store answered {op} with {outcome:?}")))
+    Err(StorageError::Unavailable(format!("store answered {op} with {outcome:?}")).into())
 }
 
 /// `now + ms`, with `ms` clamped to [`MAX_DURATION_MS`].

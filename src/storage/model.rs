@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::{
-    deadline, Command, Delivery, Executed, Lease, Outcome, QueueStats, QueueStore, StoreError,
+    deadline, Command, CommandError, Delivery, Executed, Lease, Outcome, QueueStats, QueueStore, StoreError,
     DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES, POLL_MESSAGE_OVERHEAD,
 };
 use crate::clock::Clock;
@@ -88,17 +88,17 @@ impl ModelStore {
     fn queue(&mut self, name: &QueueName) -> Result<&mut Queue, StoreError> {
         self.queues
             .get_mut(name)
-            .ok_or_else(|| StoreError::UnknownQueue(name.clone()))
+            .ok_or_else(|| StoreError::Command(CommandError::UnknownQueue(name.clone())))
     }
 
     fn apply(&mut self, command: Command, now: u64) -> Result<Outcome, StoreError> {
         match command {
             Command::Add { queue, messages } => {
                 if let Some(m) = messages.iter().find(|m| m.payload.len() > self.max_payload_bytes) {
-                    return Err(StoreError::PayloadTooLarge {
+                    return Err(StoreError::Command(CommandError::PayloadTooLarge {
                         size: m.payload.len(),
                         limit: self.max_payload_bytes,
-                    });
+                    }));
                 }
                 let mut ids = Vec::new();
                 for m in messages {
@@ -126,7 +126,7 @@ impl ModelStore {
                 max_bytes,
             } => {
                 if max_items == 0 {
-                    return Err(StoreError::ZeroItems);
+                    return Err(StoreError::Command(CommandError::ZeroItems));
                 }
                 let lease = self.ids.lease_id(now);
                 let budget = self.max_poll_bytes;
@@ -232,7 +232,9 @@ impl ModelStore {
                 Ok(Outcome::Purged(n))
             }
             Command::Delete { queue } => {
-                self.queues.remove(&queue).ok_or(StoreError::UnknownQueue(queue))?;
+                self.queues
+                    .remove(&queue)
+                    .ok_or(StoreError::Command(CommandError::UnknownQueue(queue)))?;
                 Ok(Outcome::Deleted)
             }
         }
@@ -246,9 +248,22 @@ impl QueueStore for ModelStore {
         for q in self.queues.values_mut() {
             q.settle(now);
         }
-        let outcomes = commands.into_iter().map(|c| self.apply(c, now)).collect();
+        let mut outcomes = Vec::with_capacity(commands.len());
+        for command in commands {
+            match self.apply(command, now) {
+                Ok(outcome) => outcomes.push(Ok(outcome)),
+                Err(StoreError::Command(e)) => outcomes.push(Err(e)),
+                // Memory does not fail; kept total for the type's sake.
+                Err(StoreError::Storage(e)) => {
+                    return Executed {
+                        outcomes: Err(e),
+                        woken: Vec::new(),
+                    }
+                }
+            }
+        }
         Executed {
-            outcomes,
+            outcomes: Ok(outcomes),
             woken: Vec::new(),
         }
     }

@@ -52,12 +52,10 @@ impl ShardStore {
 impl QueueStore for ShardStore {
     fn execute(&mut self, commands: Vec<Command>) -> Executed {
         if let Some(reason) = &self.failed {
-            let outcomes = commands
-                .iter()
-                .map(|_| Err(StoreError::Unavailable(reason.clone())))
-                .collect();
             return Executed {
-                outcomes,
+                outcomes: Err(StorageError::Unavailable(format!(
+                    "storage failed earlier and this shard is unavailable until restart: {reason}"
+                ))),
                 woken: Vec::new(),
             };
         }
@@ -70,40 +68,49 @@ impl QueueStore for ShardStore {
             record: Vec::new(),
         };
         let count = commands.len();
-        let mut fatal = self.settle_due(now, &mut batch).err();
+        // A storage failure anywhere stops the whole batch; a command's own
+        // failure is its answer and the batch goes on.
+        let storage = |e: StoreError| match e {
+            StoreError::Storage(s) => s,
+            StoreError::Command(c) => StorageError::Unavailable(format!("outside any command: {c}")),
+        };
+        let mut fatal = self.settle_due(now, &mut batch).err().map(storage);
         // Settled leases are committed on their own first, so that polls in
         // this batch can already see the messages that came back.
         if fatal.is_none() && !batch.writes.is_empty() {
             fatal = self
                 .persist_counters(&mut batch)
                 .and_then(|()| self.engine.commit(std::mem::take(&mut batch.writes), false))
-                .err();
+                .err()
+                .map(storage);
         }
         let mut outcomes = Vec::with_capacity(count);
         if fatal.is_none() {
             for command in commands {
                 let sync = command.needs_sync();
-                let outcome = self.apply(command, now, &mut batch);
-                batch.needs_sync |= sync && outcome.is_ok();
-                if let Err(e) = &outcome {
-                    if is_fatal(e) {
-                        fatal = Some(e.duplicate());
+                match self.apply(command, now, &mut batch) {
+                    Ok(outcome) => {
+                        batch.needs_sync |= sync;
+                        outcomes.push(Ok(outcome));
+                    }
+                    Err(StoreError::Command(e)) => outcomes.push(Err(e)),
+                    Err(StoreError::Storage(e)) => {
+                        fatal = Some(e);
                         break;
                     }
                 }
-                outcomes.push(outcome);
             }
         }
         if fatal.is_none() {
-            fatal = self.persist_counters(&mut batch).err();
+            fatal = self.persist_counters(&mut batch).err().map(storage);
         }
         if fatal.is_none() && !batch.writes.is_empty() {
-            fatal = self.engine.commit(batch.writes, batch.needs_sync).err();
+            fatal = self.engine.commit(batch.writes, batch.needs_sync).err().map(storage);
         }
         if let Some(error) = fatal {
             // Memory may now be ahead of the database: rebuild it from what
             // was committed. If even that fails, stop serving.
-            if self.engine.disk().is_full() && error.to_string().contains("No space left on device") {
+            if matches!(error, StorageError::Rocks { no_space: true, .. }) {
                 // The disk state logged the cause once; this repeats per batch.
                 tracing::debug!(%error, "storage batch failed for lack of space; reloading shard state");
             } else {
@@ -114,7 +121,7 @@ impl QueueStore for ShardStore {
                 self.failed = Some(format!("{error}; reload failed: {reload}"));
             }
             return Executed {
-                outcomes: (0..count).map(|_| Err(error.duplicate())).collect(),
+                outcomes: Err(error),
                 woken: Vec::new(),
             };
         }
@@ -123,7 +130,10 @@ impl QueueStore for ShardStore {
             .into_iter()
             .filter_map(|(qid, n)| self.queues.get(&qid).map(|q| (q.name.clone(), n)))
             .collect();
-        Executed { outcomes, woken }
+        Executed {
+            outcomes: Ok(outcomes),
+            woken,
+        }
     }
 
     fn next_deadline(&self) -> Option<u64> {

@@ -165,9 +165,11 @@ impl ShardStore {
             .db()
             .get_pinned_cf(engine.cf(CF_LEASES)?, keys::member_key(qid, &lease, &id))
             .map_err(StoreError::rocks("read a leased message"))?
-            .ok_or_else(|| StoreError::Corrupt {
-                cf: CF_LEASES,
-                detail: format!("message {id} of lease {lease} in {queue} has no record"),
+            .ok_or_else(|| {
+                StoreError::Storage(StorageError::Corrupt {
+                    cf: CF_LEASES,
+                    detail: format!("message {id} of lease {lease} in {queue} has no record"),
+                })
             })?;
         self.take_member(qid, id, lease, batch)?;
         let at = deadline(now, delay_ms);

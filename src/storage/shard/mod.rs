@@ -35,7 +35,8 @@ use rocksdb::WriteBatch;
 use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
 use super::{
-    deadline, Command, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore, ReplyBudget, StoreError,
+    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore,
+    ReplyBudget, StorageError, StoreError,
 };
 use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
@@ -69,7 +70,7 @@ struct FailureLog {
 impl FailureLog {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-    fn note(&mut self, error: &StoreError) {
+    fn note(&mut self, error: &StorageError) {
         self.since += 1;
         if self.last.is_none_or(|at| at.elapsed() >= Self::EVERY) {
             tracing::error!(%error, failures = self.since, "storage batch failed; reloading shard state");
@@ -86,14 +87,6 @@ impl std::fmt::Debug for ShardStore {
             .field("leases", &self.lease_deadlines.len())
             .finish_non_exhaustive()
     }
-}
-
-/// Maps a RocksDB or decoding failure inside a batch: the whole batch fails.
-fn is_fatal(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Rocks { .. } | StoreError::Corrupt { .. } | StoreError::Unavailable(_) | StoreError::Failed(_)
-    )
 }
 
 impl ShardStore {
@@ -136,6 +129,6 @@ impl ShardStore {
         self.names
             .get(name)
             .copied()
-            .ok_or_else(|| StoreError::UnknownQueue(name.clone()))
+            .ok_or_else(|| StoreError::Command(CommandError::UnknownQueue(name.clone())))
     }
 }

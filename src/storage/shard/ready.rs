@@ -13,14 +13,14 @@ impl ShardStore {
     ) -> Result<Vec<MessageId>, StoreError> {
         let limit = self.engine.options().max_payload_bytes;
         if let Some(m) = messages.iter().find(|m| m.payload.len() > limit) {
-            return Err(StoreError::PayloadTooLarge {
+            return Err(StoreError::Command(CommandError::PayloadTooLarge {
                 size: m.payload.len(),
                 limit,
-            });
+            }));
         }
         // Checked before the queue is created: a refused add leaves nothing.
         if let Some(full) = self.engine.disk().refusal() {
-            return Err(StoreError::DiskFull(full));
+            return Err(StoreError::Command(CommandError::DiskFull(full)));
         }
         let engine = self.engine.clone();
         let ready_cf = engine.cf(CF_READY)?;
@@ -28,7 +28,7 @@ impl ShardStore {
             Some(&qid) => qid,
             None => {
                 if !(self.owns)(&queue) {
-                    return Err(StoreError::WrongShard(queue));
+                    return Err(StoreError::Command(CommandError::WrongShard(queue)));
                 }
                 let qid = engine.allocate_qid()?;
                 batch
@@ -44,7 +44,7 @@ impl ShardStore {
         let q = self
             .queues
             .get_mut(&qid)
-            .ok_or_else(|| StoreError::Unavailable(format!("queue id {qid} has no state")))?;
+            .ok_or_else(|| StoreError::Storage(StorageError::Unavailable(format!("queue id {qid} has no state"))))?;
         batch.touched.push(qid);
         let header = RecordHeader {
             enqueued_at: now,
@@ -83,13 +83,13 @@ impl ShardStore {
         batch: &mut Batch,
     ) -> Result<Option<Lease>, StoreError> {
         if max_items == 0 {
-            return Err(StoreError::ZeroItems);
+            return Err(StoreError::Command(CommandError::ZeroItems));
         }
         let qid = self.queue_id(queue)?;
         let engine = self.engine.clone();
         let (ready_cf, leases_cf) = (engine.cf(CF_READY)?, engine.cf(CF_LEASES)?);
         let Some(q) = self.queues.get_mut(&qid) else {
-            return Err(StoreError::UnknownQueue(queue.clone()));
+            return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
         };
         let want = u64::from(max_items).min(q.visible());
         let budget = engine.options().max_poll_bytes;
@@ -114,13 +114,17 @@ impl ShardStore {
                 break;
             }
             bytes += cost;
-            let (_, id) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
-                cf: CF_READY,
-                detail: format!("unparseable key {k:?} in {queue}"),
+            let (_, id) = keys::parse_ready_key(k).ok_or_else(|| {
+                StoreError::Storage(StorageError::Corrupt {
+                    cf: CF_READY,
+                    detail: format!("unparseable key {k:?} in {queue}"),
+                })
             })?;
-            let (mut header, payload) = keys::parse_record(v).ok_or_else(|| StoreError::Corrupt {
-                cf: CF_READY,
-                detail: format!("record of {id} in {queue} is {} bytes", v.len()),
+            let (mut header, payload) = keys::parse_record(v).ok_or_else(|| {
+                StoreError::Storage(StorageError::Corrupt {
+                    cf: CF_READY,
+                    detail: format!("record of {id} in {queue} is {} bytes", v.len()),
+                })
             })?;
             header.delivery_count = header.delivery_count.saturating_add(1);
             keys::encode_record(&mut batch.record, header, payload);
@@ -178,7 +182,7 @@ impl ShardStore {
         let qid = self.queue_id(queue)?;
         let engine = self.engine.clone();
         let Some(q) = self.queues.get(&qid) else {
-            return Err(StoreError::UnknownQueue(queue.clone()));
+            return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
         };
         let mut stats = QueueStats {
             visible: q.visible(),

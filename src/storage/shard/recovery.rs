@@ -26,9 +26,11 @@ impl ShardStore {
             .get_pinned_cf(engine.cf(CF_REGISTRY)?, keys::counters_key(qid))
             .map_err(StoreError::rocks("read queue counters"))?
         {
-            Some(v) => keys::parse_counters(&v).ok_or_else(|| StoreError::Corrupt {
-                cf: CF_REGISTRY,
-                detail: format!("counters of {name}"),
+            Some(v) => keys::parse_counters(&v).ok_or_else(|| {
+                StoreError::Storage(StorageError::Corrupt {
+                    cf: CF_REGISTRY,
+                    detail: format!("counters of {name}"),
+                })
             })?,
             None => Counters::default(),
         };
@@ -39,9 +41,11 @@ impl ShardStore {
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match keys::parse_lease_entry(k) {
                 Some(LeaseEntry::Header(lease)) => {
-                    let expires_at = v.try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt {
-                        cf: CF_LEASES,
-                        detail: format!("lease header of {name} is {} bytes", v.len()),
+                    let expires_at = v.try_into().map(u64::from_be_bytes).map_err(|_| {
+                        StoreError::Storage(StorageError::Corrupt {
+                            cf: CF_LEASES,
+                            detail: format!("lease header of {name} is {} bytes", v.len()),
+                        })
                     })?;
                     q.leases.insert(lease, LeaseState { expires_at, live: 0 });
                 }
@@ -56,10 +60,10 @@ impl ShardStore {
                     q.holders.insert(id, lease);
                 }
                 None => {
-                    return Err(StoreError::Corrupt {
+                    return Err(StoreError::Storage(StorageError::Corrupt {
                         cf: CF_LEASES,
                         detail: format!("unparseable key {k:?} in {name}"),
-                    })
+                    }))
                 }
             }
             it.next();
@@ -77,9 +81,11 @@ impl ShardStore {
             keys::queue_end(qid).to_vec(),
         )?;
         while let Some(k) = it.key() {
-            let (at, _) = keys::parse_ready_key(k).ok_or_else(|| StoreError::Corrupt {
-                cf: CF_READY,
-                detail: format!("unparseable key {k:?} in {name}"),
+            let (at, _) = keys::parse_ready_key(k).ok_or_else(|| {
+                StoreError::Storage(StorageError::Corrupt {
+                    cf: CF_READY,
+                    detail: format!("unparseable key {k:?} in {name}"),
+                })
             })?;
             *self.delay_deadlines.entry((at, qid)).or_default() += 1;
             q.delayed += 1;

@@ -80,7 +80,7 @@ fn remove_is_false_for_every_wrong_case() {
     );
     assert!(matches!(
         f.store.remove(&q("nope"), id, lease.id),
-        Err(StoreError::UnknownQueue(_))
+        Err(StoreError::Command(CommandError::UnknownQueue(_)))
     ));
     assert!(f.store.remove(&q("a"), id, lease.id).unwrap());
     assert!(!f.store.remove(&q("a"), id, lease.id).unwrap(), "already removed");
@@ -214,7 +214,7 @@ fn a_release_and_a_poll_in_one_batch_lose_nothing() {
             max_bytes: ReplyBudget::unlimited(),
         },
     ]);
-    match &out.outcomes[1] {
+    match &out.outcomes.expect("no storage failure")[1] {
         Ok(Outcome::Polled(Some(l))) => assert_eq!(payloads(l), vec![b"x"]),
         other => panic!("{other:?}"),
     }
@@ -264,6 +264,7 @@ fn adds_and_polls_in_one_batch() {
     ]);
     let polled: Vec<_> = out
         .outcomes
+        .expect("no storage failure")
         .into_iter()
         .skip(1)
         .map(|o| match o.unwrap() {
@@ -283,17 +284,32 @@ fn invalid_input_is_a_typed_error_and_changes_nothing() {
     let big = NewMessage::new(vec![0u8; 1025]);
     assert!(matches!(
         f.store.add(&q("a"), vec![NewMessage::new(b"ok".to_vec()), big]),
-        Err(StoreError::PayloadTooLarge {
+        Err(StoreError::Command(CommandError::PayloadTooLarge {
             size: 1025,
             limit: 1024
-        })
+        }))
     ));
-    assert!(matches!(f.store.stats(&q("a")), Err(StoreError::UnknownQueue(_))));
+    assert!(matches!(
+        f.store.stats(&q("a")),
+        Err(StoreError::Command(CommandError::UnknownQueue(_)))
+    ));
     f.store.add(&q("a"), msgs(&["1"])).unwrap();
-    assert!(matches!(f.store.poll(&q("a"), 0, 10), Err(StoreError::ZeroItems)));
-    assert!(matches!(f.store.poll(&q("b"), 1, 10), Err(StoreError::UnknownQueue(_))));
-    assert!(matches!(f.store.purge(&q("b")), Err(StoreError::UnknownQueue(_))));
-    assert!(matches!(f.store.delete(&q("b")), Err(StoreError::UnknownQueue(_))));
+    assert!(matches!(
+        f.store.poll(&q("a"), 0, 10),
+        Err(StoreError::Command(CommandError::ZeroItems))
+    ));
+    assert!(matches!(
+        f.store.poll(&q("b"), 1, 10),
+        Err(StoreError::Command(CommandError::UnknownQueue(_)))
+    ));
+    assert!(matches!(
+        f.store.purge(&q("b")),
+        Err(StoreError::Command(CommandError::UnknownQueue(_)))
+    ));
+    assert!(matches!(
+        f.store.delete(&q("b")),
+        Err(StoreError::Command(CommandError::UnknownQueue(_)))
+    ));
     assert_eq!(f.store.stats(&q("a")).unwrap().visible, 1);
 }
 
@@ -327,7 +343,10 @@ fn purge_and_delete() {
 
     f.store.delete(&q("a")).unwrap();
     assert_eq!(f.store.list_queues().unwrap(), vec![q("b")]);
-    assert!(matches!(f.store.stats(&q("a")), Err(StoreError::UnknownQueue(_))));
+    assert!(matches!(
+        f.store.stats(&q("a")),
+        Err(StoreError::Command(CommandError::UnknownQueue(_)))
+    ));
     let mut f = f.reopen();
     assert_eq!(f.store.list_queues().unwrap(), vec![q("b")]);
     f.store.add(&q("a"), msgs(&["fresh"])).unwrap();
@@ -373,11 +392,17 @@ fn shards_only_load_and_create_their_own_queues() {
     let mut b = ShardStore::open(engine.clone(), only("b")).unwrap();
     a.add(&q("a"), msgs(&["1"])).unwrap();
     b.add(&q("b"), msgs(&["2"])).unwrap();
-    assert!(matches!(a.add(&q("b"), msgs(&["x"])), Err(StoreError::WrongShard(_))));
+    assert!(matches!(
+        a.add(&q("b"), msgs(&["x"])),
+        Err(StoreError::Command(CommandError::WrongShard(_)))
+    ));
     assert_eq!(a.list_queues().unwrap(), vec![q("a"), q("b")]);
     drop((a, b));
     let mut a = ShardStore::open(engine.clone(), only("a")).unwrap();
-    assert!(matches!(a.stats(&q("b")), Err(StoreError::UnknownQueue(_))));
+    assert!(matches!(
+        a.stats(&q("b")),
+        Err(StoreError::Command(CommandError::UnknownQueue(_)))
+    ));
     assert_eq!(a.stats(&q("a")).unwrap().visible, 1);
 }
 
