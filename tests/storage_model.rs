@@ -462,8 +462,14 @@ impl Harness {
     }
 }
 
+/// 48 cases in the suite (each opens RocksDB, so they are slow);
+/// `PROPTEST_CASES` asks for a longer run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn rocksdb_store_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
