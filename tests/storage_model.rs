@@ -465,7 +465,10 @@ impl Harness {
 /// 48 cases in the suite (each opens RocksDB, so they are slow);
 /// `PROPTEST_CASES` asks for a longer run.
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
 }
 
 proptest! {

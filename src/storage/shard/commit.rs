@@ -38,9 +38,9 @@ impl ShardStore {
             Command::Delete { queue } => {
                 let qid = self.queue_id(&queue)?;
                 self.apply_purge(qid, batch)?;
-                let registry = self.engine.cf(CF_REGISTRY)?;
-                batch.writes.delete_cf(registry, keys::name_key(&queue));
-                batch.writes.delete_cf(registry, keys::counters_key(qid));
+                Tables::of(&self.engine)?
+                    .registry
+                    .unregister(&mut batch.writes, &queue, qid);
                 self.names.remove(&queue);
                 self.queues.remove(&qid);
                 Ok(Outcome::Deleted)
@@ -152,17 +152,13 @@ impl QueueStore for ShardStore {
 
 impl ShardStore {
     pub(super) fn persist_counters(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
-        let registry = self.engine.cf(CF_REGISTRY)?;
+        let tables = Tables::of(&self.engine)?;
         for qid in std::mem::take(&mut batch.touched) {
             let Some(q) = self.queues.get_mut(&qid) else {
                 continue;
             };
             q.batch_low = None;
-            if std::mem::take(&mut q.dirty) {
-                batch
-                    .writes
-                    .put_cf(registry, keys::counters_key(q.qid), keys::encode_counters(&q.counters));
-            }
+            tables.registry.put_counters(&mut batch.writes, q);
         }
         Ok(())
     }

@@ -34,32 +34,29 @@ impl ShardStore {
         expired_at: u64,
         batch: &mut Batch,
     ) -> Result<(), StoreError> {
-        let engine = self.engine.clone();
+        let tables = Tables::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(());
         };
         if q.leases.remove(&lease).is_none() {
             return Ok(());
         }
-        let (ready_cf, leases_cf) = (engine.cf(CF_READY)?, engine.cf(CF_LEASES)?);
-        let mut it = engine.scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
+        let mut it = self
+            .engine
+            .scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
         let mut returned = 0;
         batch.touched.push(qid);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if let Some(LeaseEntry::Member(_, id)) = keys::parse_lease_entry(k) {
-                // Members are written once and deleted once: SingleDelete
-                // lets flushes drop the pair instead of keeping a tombstone.
-                batch.writes.single_delete_cf(leases_cf, k);
-                if q.holders.get(&id) == Some(&lease) {
-                    q.holders.remove(&id);
-                    let key = keys::ready_key(qid, expired_at, &id);
-                    batch.writes.put_cf(ready_cf, key, v);
-                    q.note_ready_insert(&key);
-                    returned += 1;
+            match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
+                (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
+                    if tables.leases.take_member(&mut batch.writes, q, &member, lease, id) {
+                        tables
+                            .ready
+                            .insert(&mut batch.writes, q, keys::ready_key(qid, expired_at, &id), v);
+                        returned += 1;
+                    }
                 }
-            } else {
-                // The header is rewritten by extends: a plain delete.
-                batch.writes.delete_cf(leases_cf, k);
+                _ => tables.leases.delete_expiry(&mut batch.writes, k),
             }
             it.next();
         }
@@ -79,21 +76,22 @@ impl ShardStore {
         lease: LeaseId,
         batch: &mut Batch,
     ) -> Result<(), StoreError> {
-        let leases_cf = self.engine.cf(CF_LEASES)?;
+        let tables = Tables::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(());
         };
-        q.holders.remove(&id);
-        batch
-            .writes
-            .single_delete_cf(leases_cf, keys::member_key(qid, &lease, &id));
+        tables
+            .leases
+            .take_member(&mut batch.writes, q, &keys::member_key(qid, &lease, &id), lease, id);
         if let Some(state) = q.leases.get_mut(&lease) {
             state.live = state.live.saturating_sub(1);
             if state.live == 0 {
                 let expires_at = state.expires_at;
                 q.leases.remove(&lease);
                 self.lease_deadlines.remove(&(expires_at, qid, lease));
-                batch.writes.delete_cf(leases_cf, keys::lease_key(qid, &lease));
+                tables
+                    .leases
+                    .delete_expiry(&mut batch.writes, &keys::lease_key(qid, &lease));
             }
         }
         Ok(())
@@ -130,7 +128,7 @@ impl ShardStore {
         batch: &mut Batch,
     ) -> Result<Option<u64>, StoreError> {
         let qid = self.queue_id(queue)?;
-        let leases_cf = self.engine.cf(CF_LEASES)?;
+        let tables = Tables::of(&self.engine)?;
         let Some(state) = self.queues.get_mut(&qid).and_then(|q| q.leases.get_mut(&lease)) else {
             return Ok(None);
         };
@@ -141,9 +139,7 @@ impl ShardStore {
         self.lease_deadlines.remove(&(state.expires_at, qid, lease));
         self.lease_deadlines.insert((new_expiry, qid, lease));
         state.expires_at = new_expiry;
-        batch
-            .writes
-            .put_cf(leases_cf, keys::lease_key(qid, &lease), new_expiry.to_be_bytes());
+        tables.leases.put_expiry(&mut batch.writes, qid, &lease, new_expiry);
         Ok(Some(new_expiry))
     }
 
@@ -160,10 +156,12 @@ impl ShardStore {
         if !self.holds(qid, &id, &lease, now) {
             return Ok(false);
         }
-        let engine = self.engine.clone();
-        let record = engine
+        // The record goes back to the ready index as it is (delivery count
+        // included); read into the batch's buffer, no allocation.
+        let record = self
+            .engine
             .db()
-            .get_pinned_cf(engine.cf(CF_LEASES)?, keys::member_key(qid, &lease, &id))
+            .get_pinned_cf(self.engine.cf(CF_LEASES)?, keys::member_key(qid, &lease, &id))
             .map_err(StoreError::rocks("read a leased message"))?
             .ok_or_else(|| {
                 StoreError::Storage(StorageError::Corrupt {
@@ -171,15 +169,19 @@ impl ShardStore {
                     detail: format!("message {id} of lease {lease} in {queue} has no record"),
                 })
             })?;
+        batch.record.clear();
+        batch.record.extend_from_slice(&record);
+        drop(record);
         self.take_member(qid, id, lease, batch)?;
         let at = deadline(now, delay_ms);
-        let key = keys::ready_key(qid, at, &id);
-        batch.writes.put_cf(engine.cf(CF_READY)?, key, &*record);
+        let tables = Tables::of(&self.engine)?;
         batch.touched.push(qid);
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(false);
         };
-        q.note_ready_insert(&key);
+        tables
+            .ready
+            .insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), &batch.record);
         if at > now {
             q.delayed += 1;
             *self.delay_deadlines.entry((at, qid)).or_default() += 1;

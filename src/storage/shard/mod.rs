@@ -24,6 +24,7 @@ mod leases;
 mod ready;
 mod recovery;
 mod state;
+mod tables;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +43,7 @@ use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
 use state::{Batch, LeaseState, QueueState};
+use tables::{MemberKey, Tables};
 
 /// Decides whether this shard owns a queue (the server's stable hash).
 pub type Ownership = Arc<dyn Fn(&QueueName) -> bool + Send + Sync>;

@@ -22,18 +22,15 @@ impl ShardStore {
         if let Some(full) = self.engine.disk().refusal() {
             return Err(StoreError::Command(CommandError::DiskFull(full)));
         }
-        let engine = self.engine.clone();
-        let ready_cf = engine.cf(CF_READY)?;
+        let tables = Tables::of(&self.engine)?;
         let qid = match self.names.get(&queue) {
             Some(&qid) => qid,
             None => {
                 if !(self.owns)(&queue) {
                     return Err(StoreError::Command(CommandError::WrongShard(queue)));
                 }
-                let qid = engine.allocate_qid()?;
-                batch
-                    .writes
-                    .put_cf(engine.cf(CF_REGISTRY)?, keys::name_key(&queue), qid.to_be_bytes());
+                let qid = self.engine.allocate_qid()?;
+                tables.registry.register(&mut batch.writes, &queue, qid);
                 self.names.insert(queue.clone(), qid);
                 let mut state = QueueState::new(queue, qid, Counters::default());
                 state.dirty = true;
@@ -57,8 +54,7 @@ impl ShardStore {
             let at = deadline(now, m.delay_ms);
             let key = keys::ready_key(qid, at, &id);
             keys::encode_record(&mut batch.record, header, &m.payload);
-            batch.writes.put_cf(ready_cf, key, &batch.record);
-            q.note_ready_insert(&key);
+            tables.ready.insert(&mut batch.writes, q, key, &batch.record);
             if at > now {
                 q.delayed += 1;
                 *self.delay_deadlines.entry((at, qid)).or_default() += 1;
@@ -86,18 +82,19 @@ impl ShardStore {
             return Err(StoreError::Command(CommandError::ZeroItems));
         }
         let qid = self.queue_id(queue)?;
-        let engine = self.engine.clone();
-        let (ready_cf, leases_cf) = (engine.cf(CF_READY)?, engine.cf(CF_LEASES)?);
+        let tables = Tables::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
         };
         let want = u64::from(max_items).min(q.visible());
-        let budget = engine.options().max_poll_bytes;
+        let budget = self.engine.options().max_poll_bytes;
         if want == 0 {
             return Ok(None);
         }
         batch.touched.push(qid);
-        let mut it = engine.scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
+        let mut it = self
+            .engine
+            .scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
 
         let lease = self.ids.lease_id(now);
         let expires_at = deadline(now, lease_ms);
@@ -114,12 +111,15 @@ impl ShardStore {
                 break;
             }
             bytes += cost;
-            let (_, id) = keys::parse_ready_key(k).ok_or_else(|| {
+            let corrupt_key = || {
                 StoreError::Storage(StorageError::Corrupt {
                     cf: CF_READY,
                     detail: format!("unparseable key {k:?} in {queue}"),
                 })
-            })?;
+            };
+            let (_, id) = keys::parse_ready_key(k).ok_or_else(corrupt_key)?;
+            // A fixed array, no allocation.
+            let key: ReadyKey = k.try_into().map_err(|_| corrupt_key())?;
             let (mut header, payload) = keys::parse_record(v).ok_or_else(|| {
                 StoreError::Storage(StorageError::Corrupt {
                     cf: CF_READY,
@@ -128,18 +128,15 @@ impl ShardStore {
             })?;
             header.delivery_count = header.delivery_count.saturating_add(1);
             keys::encode_record(&mut batch.record, header, payload);
-            batch.writes.single_delete_cf(ready_cf, k);
-            batch
-                .writes
-                .put_cf(leases_cf, keys::member_key(qid, &lease, &id), &batch.record);
+            tables.ready.take(&mut batch.writes, &key);
+            tables.leases.put_member(&mut batch.writes, q, lease, id, &batch.record);
             messages.push(Delivery {
                 id,
                 payload: payload.to_vec(),
                 delivery_count: header.delivery_count,
                 enqueued_at_ms: header.enqueued_at,
             });
-            // parse_ready_key checked the length; a fixed array, no allocation.
-            last_key = k.try_into().ok();
+            last_key = Some(key);
             it.next();
         }
         it.status().map_err(StoreError::rocks("scan the ready index"))?;
@@ -157,9 +154,6 @@ impl ShardStore {
         q.counters.floor = Some(floor);
         q.counters.ready -= messages.len() as u64;
         q.dirty = true;
-        for m in &messages {
-            q.holders.insert(m.id, lease);
-        }
         q.leases.insert(
             lease,
             LeaseState {
@@ -168,9 +162,7 @@ impl ShardStore {
             },
         );
         self.lease_deadlines.insert((expires_at, qid, lease));
-        batch
-            .writes
-            .put_cf(leases_cf, keys::lease_key(qid, &lease), expires_at.to_be_bytes());
+        tables.leases.put_expiry(&mut batch.writes, qid, &lease, expires_at);
         Ok(Some(Lease {
             id: lease,
             expires_at_ms: expires_at,
@@ -180,7 +172,7 @@ impl ShardStore {
 
     pub(super) fn apply_stats(&mut self, queue: &QueueName, now: u64) -> Result<QueueStats, StoreError> {
         let qid = self.queue_id(queue)?;
-        let engine = self.engine.clone();
+        let engine = &self.engine;
         let Some(q) = self.queues.get(&qid) else {
             return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
         };
@@ -205,16 +197,14 @@ impl ShardStore {
     }
 
     pub(super) fn apply_purge(&mut self, qid: QueueId, batch: &mut Batch) -> Result<u64, StoreError> {
-        let engine = self.engine.clone();
+        let tables = Tables::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(0);
         };
         let dropped = q.counters.ready + q.holders.len() as u64;
         batch.touched.push(qid);
-        let (start, end) = (keys::queue_prefix(qid), keys::queue_end(qid));
-        // Range tombstones: O(1) to write, and later scans skip the range whole.
-        batch.writes.delete_range_cf(engine.cf(CF_READY)?, start, end);
-        batch.writes.delete_range_cf(engine.cf(CF_LEASES)?, start, end);
+        tables.ready.purge(&mut batch.writes, qid);
+        tables.leases.purge(&mut batch.writes, qid);
         q.counters = Counters::default();
         q.delayed = 0;
         q.leases.clear();

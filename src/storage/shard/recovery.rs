@@ -20,7 +20,7 @@ impl ShardStore {
     }
 
     pub(super) fn load_queue(&mut self, name: QueueName, qid: QueueId, now: u64) -> Result<(), StoreError> {
-        let engine = self.engine.clone();
+        let engine = &self.engine;
         let db = engine.db();
         let counters = match db
             .get_pinned_cf(engine.cf(CF_REGISTRY)?, keys::counters_key(qid))

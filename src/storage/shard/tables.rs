@@ -1,0 +1,136 @@
+//! Typed writers for the shard's column families.
+//!
+//! Each writes RocksDB (into the batch being built) and the matching
+//! in-memory index in the same call, so the two cannot drift, and each
+//! decides how its records are deleted: the records that are written once
+//! and deleted once (ready records, lease members) are taken with
+//! `SingleDelete`, which lets a flush drop the put and its delete together
+//! instead of keeping a tombstone, and only through these types, whose keys
+//! are the write-once key types; records that are rewritten (a lease's
+//! expiry, a queue's counters) are deleted plainly. Using `SingleDelete` on
+//! a key written twice is undefined in RocksDB, which is why it is not left
+//! to each call site.
+
+use rocksdb::ColumnFamily;
+
+#[allow(unused_imports)]
+use super::*;
+
+/// The three column families of a shard, resolved once per use.
+pub(super) struct Tables<'e> {
+    pub ready: ReadyIndex<'e>,
+    pub leases: LeaseTable<'e>,
+    pub registry: Registry<'e>,
+}
+
+impl<'e> Tables<'e> {
+    pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
+        Ok(Self {
+            ready: ReadyIndex(engine.cf(CF_READY)?),
+            leases: LeaseTable(engine.cf(CF_LEASES)?),
+            registry: Registry(engine.cf(CF_REGISTRY)?),
+        })
+    }
+}
+
+/// Ready records: one per visible or delayed message, keyed (queue,
+/// visible-at, id). A key is written once: ids are unique, and a message
+/// that comes back does so under a new visible-at.
+pub(super) struct ReadyIndex<'e>(&'e ColumnFamily);
+
+impl ReadyIndex<'_> {
+    /// Writes a record and moves its queue's counters and floor with it.
+    pub(super) fn insert(&self, writes: &mut WriteBatch, q: &mut QueueState, key: ReadyKey, record: &[u8]) {
+        writes.put_cf(self.0, key, record);
+        q.note_ready_insert(&key);
+    }
+
+    /// Takes a record out (a poll leased it). The caller moves the queue's
+    /// floor past it and counts it, once per poll.
+    pub(super) fn take(&self, writes: &mut WriteBatch, key: &ReadyKey) {
+        writes.single_delete_cf(self.0, key);
+    }
+
+    /// Drops every record of a queue (a range tombstone: O(1) to write, and
+    /// later scans skip the range whole).
+    pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
+        writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
+    }
+}
+
+/// A lease member's key: written once when the message is leased, deleted
+/// once when it is removed, released or its lease expires.
+pub(super) type MemberKey = [u8; keys::MEMBER_KEY_LEN];
+
+/// Leases: a header per lease (its expiry, rewritten by extends) and a
+/// member record per leased message.
+pub(super) struct LeaseTable<'e>(&'e ColumnFamily);
+
+impl LeaseTable<'_> {
+    /// Records that `lease` holds message `id` (the record is the message's).
+    pub(super) fn put_member(
+        &self,
+        writes: &mut WriteBatch,
+        q: &mut QueueState,
+        lease: LeaseId,
+        id: MessageId,
+        record: &[u8],
+    ) {
+        writes.put_cf(self.0, keys::member_key(q.qid, &lease, &id), record);
+        q.holders.insert(id, lease);
+    }
+
+    /// Deletes a member record, and its holder entry when `lease` still
+    /// holds the message; returns whether it did.
+    pub(super) fn take_member(
+        &self,
+        writes: &mut WriteBatch,
+        q: &mut QueueState,
+        key: &MemberKey,
+        lease: LeaseId,
+        id: MessageId,
+    ) -> bool {
+        writes.single_delete_cf(self.0, key);
+        let held = q.holders.get(&id) == Some(&lease);
+        if held {
+            q.holders.remove(&id);
+        }
+        held
+    }
+
+    /// Writes (or rewrites) a lease's expiry.
+    pub(super) fn put_expiry(&self, writes: &mut WriteBatch, qid: QueueId, lease: &LeaseId, expires_at: u64) {
+        writes.put_cf(self.0, keys::lease_key(qid, lease), expires_at.to_be_bytes());
+    }
+
+    /// Deletes a lease's header (rewritten by extends: a plain delete).
+    pub(super) fn delete_expiry(&self, writes: &mut WriteBatch, key: &[u8]) {
+        writes.delete_cf(self.0, key);
+    }
+
+    /// Drops every lease of a queue.
+    pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
+        writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
+    }
+}
+
+/// The registry: queue names to ids, and each queue's counters.
+pub(super) struct Registry<'e>(&'e ColumnFamily);
+
+impl Registry<'_> {
+    pub(super) fn register(&self, writes: &mut WriteBatch, name: &QueueName, qid: QueueId) {
+        writes.put_cf(self.0, keys::name_key(name), qid.to_be_bytes());
+    }
+
+    pub(super) fn unregister(&self, writes: &mut WriteBatch, name: &QueueName, qid: QueueId) {
+        writes.delete_cf(self.0, keys::name_key(name));
+        writes.delete_cf(self.0, keys::counters_key(qid));
+    }
+
+    /// Persists a queue's counters if they changed since the last batch.
+    pub(super) fn put_counters(&self, writes: &mut WriteBatch, q: &mut QueueState) {
+        if std::mem::take(&mut q.dirty) {
+            writes.put_cf(self.0, keys::counters_key(q.qid), keys::encode_counters(&q.counters));
+        }
+    }
+}
