@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capnp::message::ReaderOptions;
+use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use futures::channel::mpsc;
 use futures::future::{select, Either};
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
@@ -118,7 +118,11 @@ impl Drop for ConnectionGuard {
 
 /// An encoded answer on its way to the socket, with the bytes it holds.
 struct Outgoing {
-    bytes: Vec<u8>,
+    /// Serialized by the writer straight into its gather buffer: one copy,
+    /// no buffer per answer.
+    message: Builder<HeapAllocator>,
+    /// Its size on the wire.
+    bytes: usize,
     _charge: Charge,
 }
 
@@ -149,9 +153,15 @@ impl Connection {
 
     /// Queues the answer of a reserved request.
     fn send(&self, id: u64, result: Result<Reply, ErrorReply>) {
-        let bytes = capnp::serialize::write_message_to_words(&encode_response(&Response { id, result }));
-        let charge = self.budget.charge(bytes.len());
-        if self.out.unbounded_send(Outgoing { bytes, _charge: charge }).is_err() {
+        let message = encode_response(&Response { id, result });
+        let bytes = capnp::serialize::compute_serialized_size_in_words(&message) * 8;
+        let charge = self.budget.charge(bytes);
+        let outgoing = Outgoing {
+            message,
+            bytes,
+            _charge: charge,
+        };
+        if self.out.unbounded_send(outgoing).is_err() {
             self.written(1);
         }
     }
@@ -397,8 +407,9 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
                 lease_ms,
                 wait_ms,
             };
-            let call = ctx.router.call(poll, Some(conn.budget.clone()));
-            match select(Box::pin(call), Box::pin(conn.finished.wait())).await {
+            let call = std::pin::pin!(ctx.router.call(poll, Some(conn.budget.clone())));
+            let finished = std::pin::pin!(conn.finished.wait());
+            match select(call, finished).await {
                 Either::Left((result, _)) => result,
                 // Dropping the call cancels the parked poll wherever it is.
                 Either::Right(_) => Ok(Reply::Polled(None)),
@@ -448,28 +459,24 @@ async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
     let mut held: Vec<Outgoing> = Vec::new();
     while let Some(first) = outgoing.next().await {
         // Gather whatever else is ready into the same write.
-        let mut bytes = first.bytes.len();
+        let mut bytes = first.bytes;
         held.push(first);
         while bytes < WRITE_BUFFER_KEEP {
             let Ok(next) = outgoing.try_recv() else {
                 break;
             };
-            bytes += next.bytes.len();
+            bytes += next.bytes;
             held.push(next);
         }
-        let ok = if let [only] = held.as_slice() {
-            write_all_within(&mut writer, &only.bytes, stall).await.is_ok()
-        } else {
-            for o in &held {
-                gathered.extend_from_slice(&o.bytes);
-            }
-            let ok = write_all_within(&mut writer, &gathered, stall).await.is_ok();
-            gathered.clear();
-            if gathered.capacity() > WRITE_BUFFER_KEEP {
-                gathered = Vec::new();
-            }
-            ok
-        };
+        for o in &held {
+            // Writing into a Vec cannot fail.
+            let _ = capnp::serialize::write_message(&mut gathered, &o.message);
+        }
+        let ok = write_all_within(&mut writer, &gathered, stall).await.is_ok();
+        gathered.clear();
+        if gathered.capacity() > WRITE_BUFFER_KEEP {
+            gathered = Vec::new();
+        }
         if !ok {
             conn.fail();
             return;
