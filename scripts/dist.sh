@@ -12,7 +12,11 @@ source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-cargo build --release --bin queueberd --bin queueber --bin loadgen >&2
+# Built the way scripts/test.sh builds them (the test graph, where
+# dev-dependencies unify some dependencies' features): a plain `cargo build`
+# would compile those crates and queueber a second time, so the README's two
+# commands would rebuild between them. This builds the test targets too.
+cargo test --release --all-features --no-run >&2
 release="$CARGO_TARGET_DIR/release"
 dist="$CARGO_TARGET_DIR/dist"
 mkdir -p "$dist"
