@@ -44,13 +44,7 @@ fn lying_frame_headers_cost_no_memory_and_others_stay_fast() {
     let mut steady = Wire::connect(daemon.addr);
     // Warm up: the first requests create the queue and the RocksDB files.
     for i in 0..50 {
-        let r = steady.call(
-            i,
-            Op::Add {
-                queue: q("steady"),
-                messages: vec![queueber::storage::NewMessage::new(b"x".to_vec())],
-            },
-        );
+        let r = steady.add_one(i, &q("steady"), b"x".to_vec());
         assert!(r.result.is_ok(), "{r:?}");
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -220,13 +214,7 @@ fn a_client_gone_while_its_poll_is_parked_leases_nothing() {
         std::thread::sleep(Duration::from_millis(300));
         let mut producer = Wire::connect(daemon.addr);
         for i in 0..4 {
-            let r = producer.call(
-                10 + i,
-                Op::Add {
-                    queue: queue.clone(),
-                    messages: vec![queueber::storage::NewMessage::new(b"for the living".to_vec())],
-                },
-            );
+            let r = producer.add_one(10 + i, &queue, b"for the living".to_vec());
             assert!(r.result.is_ok(), "{r:?}");
         }
         let r = producer.call(
@@ -256,13 +244,7 @@ fn delete_answers_polls_parked_on_its_queue() {
     let daemon = DaemonSpec::new(dir.path(), "wal").start();
     let queue = q("deleted");
     let mut admin = Wire::connect(daemon.addr);
-    let r = admin.call(
-        1,
-        Op::Add {
-            queue: queue.clone(),
-            messages: vec![queueber::storage::NewMessage::new(b"first".to_vec())],
-        },
-    );
+    let r = admin.add_one(1, &queue, b"first".to_vec());
     assert!(r.result.is_ok());
     let r = admin.call(2, Op::Purge { queue: queue.clone() });
     assert!(r.result.is_ok());
@@ -277,13 +259,7 @@ fn delete_answers_polls_parked_on_its_queue() {
     assert_eq!(wire::leased(&answer), None, "the parked poll is answered empty");
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     // The re-created queue's message stays for pollers of the new queue.
-    let r = admin.call(
-        4,
-        Op::Add {
-            queue: queue.clone(),
-            messages: vec![queueber::storage::NewMessage::new(b"second".to_vec())],
-        },
-    );
+    let r = admin.add_one(4, &queue, b"second".to_vec());
     assert!(r.result.is_ok());
     let r = admin.call(
         5,
@@ -373,13 +349,7 @@ fn a_client_that_never_reads_is_held_to_its_share() {
     let queue = q("big");
     let mut producer = Wire::connect(daemon.addr);
     for i in 0..MESSAGES {
-        let r = producer.call(
-            i + 1,
-            Op::Add {
-                queue: queue.clone(),
-                messages: vec![queueber::storage::NewMessage::new(vec![b'p'; PAYLOAD])],
-            },
-        );
+        let r = producer.add_one(i + 1, &queue, vec![b'p'; PAYLOAD]);
         assert!(r.result.is_ok(), "{r:?}");
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -436,13 +406,7 @@ fn many_consumers_polling_at_once_are_all_served_under_a_small_budget() {
     let queue = q("shared");
     let mut producer = Wire::connect(daemon.addr);
     for i in 0..CONSUMERS {
-        let r = producer.call(
-            i + 1,
-            Op::Add {
-                queue: queue.clone(),
-                messages: vec![queueber::storage::NewMessage::new(vec![b'm'; 1024])],
-            },
-        );
+        let r = producer.add_one(i + 1, &queue, vec![b'm'; 1024]);
         assert!(r.result.is_ok(), "{r:?}");
     }
     let mut consumers: Vec<Wire> = (0..CONSUMERS).map(|_| Wire::connect(daemon.addr)).collect();

@@ -79,6 +79,17 @@ impl Wire {
         response
     }
 
+    /// Adds one message and reads the answer (nothing else in flight).
+    pub fn add_one(&mut self, id: u64, queue: &QueueName, payload: impl Into<Vec<u8>>) -> Response {
+        self.call(
+            id,
+            Op::Add {
+                queue: queue.clone(),
+                messages: vec![NewMessage::new(payload.into())],
+            },
+        )
+    }
+
     pub fn half_close(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
