@@ -474,3 +474,83 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
     };
     assert!(ended, "the server closed the connection");
 }
+
+/// When descriptors run out under a running server (its limit lowered from
+/// outside), clients beyond what fits are told so with `unavailable`
+/// through the spare descriptor, not left hanging in the backlog, and the
+/// failures are logged once with a count rather than per attempt.
+#[test]
+fn running_out_of_descriptors_refuses_instead_of_hanging() {
+    let have = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("prlimit") {
+        eprintln!("SKIPPED: needs prlimit (util-linux)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonSpec::new(dir.path(), "wal").start();
+    let open_now = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // Room for about 20 more descriptors, whatever --max-connections says.
+    let limit = open_now + 20;
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &daemon.pid().to_string(), &format!("--nofile={limit}:{limit}")])
+        .status()
+        .expect("prlimit");
+    assert!(status.success());
+    let (mut served, mut refused) = (0, 0);
+    let mut open = Vec::new();
+    for i in 0..60u64 {
+        let mut w = Wire::connect(daemon.addr);
+        w.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        w.send(&wire::frame(i, Op::Hello));
+        let answer = match capnp::serialize::read_message(&mut w.stream, capnp::message::ReaderOptions::new()) {
+            Ok(m) => queueber::protocol::decode_response(&m).expect("a response"),
+            Err(e) => panic!(
+                "connection {i} got no answer ({e}); {served} served, {refused} refused; fds {}; log: {}",
+                std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+                    .map(|d| d.count())
+                    .unwrap_or(0),
+                daemon.log_text()
+            ),
+        };
+        match answer.result {
+            Ok(Reply::Hello(_)) => {
+                served += 1;
+                open.push(w);
+            }
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+                assert!(e.message.contains("file descriptors"), "{}", e.message);
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("descriptors limited to {limit}: {served} served, {refused} refused");
+    assert!(served > 0 && refused > 0, "{served} served, {refused} refused");
+    let log = daemon.log_text();
+    let lines = log.lines().filter(|l| l.contains("out of file descriptors")).count();
+    // Each shard logs at most once per 10 s, with a count.
+    assert!((1..=2).contains(&lines), "logged once per interval and shard: {log}");
+    // Connections that close give their descriptors back: served again.
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = Wire::connect(daemon.addr);
+        again.send(&wire::frame(99, Op::Hello));
+        if matches!(again.recv().result, Ok(Reply::Hello(_))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again after descriptors came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -107,17 +107,23 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
             Either::Left((Ok(stream), _)) => stream,
             Either::Left((Err(e), _)) if out_of_descriptors(&e) => {
                 failures.note("out of file descriptors: refusing a connection", &e);
-                // Free the spare so the waiting client can be accepted and
-                // told why, rather than left hanging in the backlog.
-                spare.borrow_mut().take();
-                if let Ok(stream) = listener.accept().await {
-                    // Inline and brief: the spare comes back only once this
-                    // socket is closed, and the shard accepts nothing meanwhile.
-                    let why = "the server is out of file descriptors; try again later";
-                    connection::refuse(stream, why, EMERGENCY_LINGER).await;
+                // The last refusal's socket may have been closed since (its
+                // close is asynchronous): take the spare back first.
+                if spare.borrow().is_none() {
+                    *spare.borrow_mut() = spare_descriptor();
                 }
-                *spare.borrow_mut() = spare_descriptor();
+                // Free the spare (a synchronous close) so the waiting client
+                // can be accepted and told why, rather than left hanging in
+                // the backlog.
+                if spare.borrow_mut().take().is_some() {
+                    if let Ok(stream) = listener.accept().await {
+                        // Inline and brief: the shard accepts nothing meanwhile.
+                        let why = "the server is out of file descriptors; try again later";
+                        connection::refuse(stream, why, EMERGENCY_LINGER).await;
+                    }
+                }
                 glommio::timer::sleep(Duration::from_millis(1)).await;
+                *spare.borrow_mut() = spare_descriptor();
                 continue;
             }
             Either::Left((Err(e), _)) => {
@@ -127,6 +133,16 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
             }
             Either::Right(_) => return,
         };
+        // The spare comes back before anyone is served: were this client
+        // served instead, the next one could be neither accepted nor told.
+        if spare.borrow().is_none() {
+            *spare.borrow_mut() = spare_descriptor();
+            if spare.borrow().is_none() {
+                let why = "the server is out of file descriptors; try again later";
+                connection::refuse(stream, why, EMERGENCY_LINGER).await;
+                continue;
+            }
+        }
         match ConnectionGuard::admit(&ctx.connections, ctx.max_connections) {
             Some(guard) => {
                 glommio::spawn_local(connection::serve(stream, ctx.clone(), guard)).detach();
