@@ -42,7 +42,6 @@ impl From<&CommandError> for ErrorReply {
             CommandError::InvalidName(_) => ErrorCode::InvalidName,
             CommandError::UnknownQueue(_) => ErrorCode::UnknownQueue,
             CommandError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-            CommandError::ZeroItems => ErrorCode::InvalidArgument,
             CommandError::DiskFull(_) => ErrorCode::DiskFull,
             CommandError::WrongShard(_) | CommandError::QueueIdsExhausted => ErrorCode::Internal,
         };

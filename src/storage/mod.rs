@@ -223,12 +223,10 @@ pub enum CommandError {
     InvalidName(#[from] NameError),
     #[error("queue {0} does not exist")]
     UnknownQueue(QueueName),
-    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    #[error("payload of {size} bytes exceeds max-payload-bytes {limit}")]
     PayloadTooLarge { size: usize, limit: usize },
     #[error("queue {0} belongs to another shard")]
     WrongShard(QueueName),
-    #[error("poll max_items must be at least 1")]
-    ZeroItems,
     #[error("no queue ids left (2^32 - 1 queues were created)")]
     QueueIdsExhausted,
     /// The data filesystem is under its free-space reserve: adds are refused.

@@ -125,9 +125,6 @@ impl ModelStore {
                 lease_ms,
                 max_bytes,
             } => {
-                if max_items == 0 {
-                    return Err(StoreError::Command(CommandError::ZeroItems));
-                }
                 let lease = self.ids.lease_id(now);
                 let budget = self.max_poll_bytes;
                 let q = self.queue(&queue)?;

@@ -78,9 +78,6 @@ impl ShardStore {
         now: u64,
         batch: &mut Batch,
     ) -> Result<Option<Lease>, StoreError> {
-        if max_items == 0 {
-            return Err(StoreError::Command(CommandError::ZeroItems));
-        }
         let qid = self.queue_id(queue)?;
         let tables = Tables::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
