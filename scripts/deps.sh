@@ -13,6 +13,8 @@ command -v capnp >/dev/null 2>&1 || missing+=(capnproto)
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
+# objcopy: scripts/dist.sh splits the debug info off the binaries.
+command -v objcopy >/dev/null 2>&1 || missing+=(binutils)
 # Installs the named Debian packages with apt (through sudo unless root).
 apt_install() {
   echo "installing: $*" >&2
