@@ -65,15 +65,7 @@ pub struct MemlockError {
 /// limit up to the hard one; both when privileged) and fails with advice when
 /// the result is below `need`.
 pub fn raise_memlock(need: u64, want: u64) -> Result<u64, MemlockError> {
-    use rlimit::Resource;
-    let (soft, hard) = Resource::MEMLOCK.get().unwrap_or((0, 0));
-    if soft < want {
-        // Privileged: raise both. Otherwise: soft up to hard.
-        if Resource::MEMLOCK.set(want, want.max(hard)).is_err() {
-            let _ = Resource::MEMLOCK.set(want.min(hard), hard);
-        }
-    }
-    let (soft, _) = Resource::MEMLOCK.get().unwrap_or((soft, hard));
+    let soft = raise_limit(rlimit::Resource::MEMLOCK, want);
     if soft < need {
         return Err(MemlockError {
             have: soft,
@@ -84,6 +76,58 @@ pub fn raise_memlock(need: u64, want: u64) -> Result<u64, MemlockError> {
     Ok(soft)
 }
 
+/// Raises a resource limit toward `want` where permitted (both soft and hard
+/// when privileged, else the soft limit up to the hard one) and returns the
+/// soft limit now in force.
+pub fn raise_limit(resource: rlimit::Resource, want: u64) -> u64 {
+    let (soft, hard) = resource.get().unwrap_or((0, 0));
+    if soft < want && resource.set(want, want.max(hard)).is_err() {
+        let _ = resource.set(want.min(hard), hard);
+    }
+    resource.get().map_or(soft, |(soft, _)| soft)
+}
+
+/// Something that happens often, logged at most once per interval with how
+/// many times it happened since the last line (instead of a line each).
+#[derive(Debug)]
+pub struct LogEvery {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl LogEvery {
+    pub fn new(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            since: 0,
+        }
+    }
+
+    /// Counts one occurrence; `Some(count)` when a line is due now.
+    pub fn hit(&mut self) -> Option<u64> {
+        self.since += 1;
+        if self.last.is_some_and(|at| at.elapsed() < self.every) {
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
+/// Waits until `ready` holds, woken by `changed` (which whoever makes it
+/// hold notifies). Checks again after registering, so no wake-up is lost.
+pub async fn wait_until(changed: &event_listener::Event, ready: impl Fn() -> bool) {
+    while !ready() {
+        let listener = changed.listen();
+        if ready() {
+            return;
+        }
+        listener.await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +135,17 @@ mod tests {
     #[test]
     fn allowed_cpus_are_not_empty() {
         assert!(!allowed_cpus().is_empty());
+    }
+
+    #[test]
+    fn log_every_reports_counts_once_per_interval() {
+        let mut log = LogEvery::new(Duration::from_secs(3600));
+        assert_eq!(log.hit(), Some(1), "the first one is logged");
+        assert_eq!(log.hit(), None);
+        assert_eq!(log.hit(), None);
+        let mut now = LogEvery::new(Duration::ZERO);
+        assert_eq!(now.hit(), Some(1));
+        assert_eq!(now.hit(), Some(1));
     }
 
     #[test]

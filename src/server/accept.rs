@@ -13,14 +13,15 @@
 //! the backlog. Such refusals are logged at most once per [`LOG_EVERY`],
 //! with a count.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::{select, Either};
 use glommio::net::TcpListener;
 
 use super::connection::{self, ConnectionGuard, ShardContext};
+use crate::runtime::LogEvery;
 
 /// File descriptors the server needs besides connections: RocksDB's own
 /// (its table cache is capped at [`crate::storage::engine::MAX_OPEN_FILES`]),
@@ -36,16 +37,8 @@ pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Raises RLIMIT_NOFILE for `max_connections` and returns the connection
 /// limit that fits the descriptors actually available.
 pub(crate) fn size_descriptors(max_connections: usize) -> usize {
-    use rlimit::Resource;
     let want = max_connections as u64 + OTHER_DESCRIPTORS;
-    let (soft, hard) = Resource::NOFILE.get().unwrap_or((1024, 1024));
-    if soft < want {
-        // Privileged: raise both. Otherwise: soft up to hard.
-        if Resource::NOFILE.set(want, want.max(hard)).is_err() {
-            let _ = Resource::NOFILE.set(want.min(hard), hard);
-        }
-    }
-    let (have, _) = Resource::NOFILE.get().unwrap_or((soft, hard));
+    let have = crate::runtime::raise_limit(rlimit::Resource::NOFILE, want);
     if have >= want {
         return max_connections;
     }
@@ -59,29 +52,6 @@ pub(crate) fn size_descriptors(max_connections: usize) -> usize {
          (raise it with `ulimit -n {want}` or LimitNOFILE={want})"
     );
     fits
-}
-
-/// Counts accept failures between log lines.
-struct FailureLog {
-    last: Cell<Option<Instant>>,
-    since: Cell<u64>,
-}
-
-impl FailureLog {
-    fn note(&self, what: &str, error: &dyn std::fmt::Display) {
-        self.since.set(self.since.get() + 1);
-        let due = self.last.get().is_none_or(|at| at.elapsed() >= LOG_EVERY);
-        if due {
-            tracing::warn!(
-                error = %error,
-                count = self.since.get(),
-                "{what} (logged at most every {}s)",
-                LOG_EVERY.as_secs()
-            );
-            self.last.set(Some(Instant::now()));
-            self.since.set(0);
-        }
-    }
 }
 
 fn out_of_descriptors(e: &glommio::GlommioError<()>) -> bool {
@@ -98,15 +68,17 @@ fn spare_descriptor() -> Option<std::fs::File> {
 
 pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
     let spare = RefCell::new(spare_descriptor());
-    let failures = FailureLog {
-        last: Cell::new(None),
-        since: Cell::new(0),
+    let mut failures = LogEvery::new(LOG_EVERY);
+    let mut note = |what: &str, error: &dyn std::fmt::Display| {
+        if let Some(count) = failures.hit() {
+            tracing::warn!(%error, count, "{what} (logged at most every {}s)", LOG_EVERY.as_secs());
+        }
     };
     loop {
         let stream = match select(Box::pin(listener.accept()), Box::pin(ctx.shutdown.wait())).await {
             Either::Left((Ok(stream), _)) => stream,
             Either::Left((Err(e), _)) if out_of_descriptors(&e) => {
-                failures.note("out of file descriptors: refusing a connection", &e);
+                note("out of file descriptors: refusing a connection", &e);
                 // The last refusal's socket may have been closed since (its
                 // close is asynchronous): take the spare back first.
                 if spare.borrow().is_none() {
@@ -127,7 +99,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
                 continue;
             }
             Either::Left((Err(e), _)) => {
-                failures.note("accept failed", &e);
+                note("accept failed", &e);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }

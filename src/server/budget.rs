@@ -21,6 +21,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::runtime::wait_until;
+
 /// The server-wide cap on connection buffers.
 pub(crate) struct BufferBudget {
     used: AtomicUsize,
@@ -61,13 +63,7 @@ impl BufferBudget {
 
     /// Waits until the budget is no longer exhausted.
     pub(crate) async fn wait_for_room(&self) {
-        while self.exhausted() {
-            let listener = self.released.listen();
-            if !self.exhausted() {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.released, || !self.exhausted()).await;
     }
 
     /// A new connection's account.
@@ -137,13 +133,7 @@ impl ConnectionBudget {
 
     /// Waits until this connection is back under its share.
     pub(crate) async fn wait_under_share(&self) {
-        while self.over_share() {
-            let listener = self.released.listen();
-            if !self.over_share() {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.released, || !self.over_share()).await;
     }
 
     fn release(&self, bytes: usize) {

@@ -18,6 +18,7 @@
 //! then read and discard until the client's EOF or [`LINGER`], then close.
 
 use std::cell::Cell;
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,7 +38,7 @@ use crate::frame::{FrameBuffer, FrameError};
 use crate::protocol::{
     decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
 };
-use crate::runtime::within;
+use crate::runtime::{wait_until, within};
 use crate::storage::disk::DiskState;
 
 /// How long a closing connection keeps reading (and discarding) what the
@@ -66,13 +67,7 @@ impl Signal {
     }
 
     pub(crate) async fn wait(&self) {
-        while !self.fired.get() {
-            let listener = self.event.listen();
-            if self.fired.get() {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.event, || self.fired.get()).await;
     }
 }
 
@@ -184,15 +179,15 @@ impl Connection {
         self.changed.notify(usize::MAX);
     }
 
+    /// Resolves when the server begins to shut down or this connection is
+    /// finished (the client's EOF, or the writer failed).
+    async fn stopping(&self) {
+        select(pin!(self.ctx.shutdown.wait()), pin!(self.finished.wait())).await;
+    }
+
     /// Waits until fewer than `n` answers are pending (or the socket broke).
     async fn wait_below(&self, n: usize) {
-        while self.in_flight.get() >= n && !self.broken.get() {
-            let listener = self.changed.listen();
-            if self.in_flight.get() < n || self.broken.get() {
-                return;
-            }
-            listener.await;
-        }
+        wait_until(&self.changed, || self.in_flight.get() < n || self.broken.get()).await;
     }
 }
 
@@ -292,14 +287,11 @@ async fn read_requests(reader: &mut ReadHalf<TcpStream>, conn: &Rc<Connection>, 
         // Backpressure: a connection over its share, or any connection while
         // the server's budget is used up, is not read from (TCP pushes back).
         if conn.budget.over_share() || ctx.budget.exhausted() {
-            let room = async {
+            let room = pin!(async {
                 conn.budget.wait_under_share().await;
                 ctx.budget.wait_for_room().await;
-            };
-            let stopped = async {
-                select(Box::pin(ctx.shutdown.wait()), Box::pin(conn.finished.wait())).await;
-            };
-            if let Either::Right(_) = select(Box::pin(room), Box::pin(stopped)).await {
+            });
+            if let Either::Right(_) = select(room, pin!(conn.stopping())).await {
                 return Stop::Closing;
             }
         }
@@ -311,43 +303,46 @@ async fn read_requests(reader: &mut ReadHalf<TcpStream>, conn: &Rc<Connection>, 
                 return Stop::Closing;
             }
         }
-        let space = frames.spare();
-        let read = async {
-            if partial {
-                // A frame in progress must keep arriving (slow-loris clients
-                // would otherwise hold their buffer forever); an idle
-                // connection between frames may wait as long as it likes.
-                // The timer is armed only when the read would wait.
-                match futures::FutureExt::now_or_never(reader.read(&mut space[..])) {
-                    Some(read) => read,
-                    None => within(stall, reader.read(space))
-                        .await
-                        .unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "frame stalled"))),
+        // Bytes already waiting need neither a timer nor the stop watch: a
+        // pipelining client is read without any allocation or timer here.
+        let read = match futures::FutureExt::now_or_never(reader.read(frames.spare())) {
+            Some(read) => read,
+            None => {
+                let space = frames.spare();
+                let read = pin!(async {
+                    if partial {
+                        // A frame in progress must keep arriving (slow-loris
+                        // clients would otherwise hold their buffer forever);
+                        // an idle connection between frames may wait as long
+                        // as it likes.
+                        within(stall, reader.read(space))
+                            .await
+                            .unwrap_or_else(|| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "frame stalled")))
+                    } else {
+                        reader.read(space).await
+                    }
+                });
+                match closing_at {
+                    // At shutdown the connection keeps reading for a moment,
+                    // answering `shuttingDown` to what the client had already
+                    // sent, so that a pipelining client learns the fate of
+                    // every request instead of losing answers to a reset. A
+                    // writer that failed (the client stopped reading past the
+                    // stall timeout) ends the connection even while idle.
+                    None => match select(read, pin!(conn.stopping())).await {
+                        Either::Left((read, _)) => read,
+                        Either::Right(_) if conn.broken.get() => return Stop::Eof,
+                        Either::Right(_) => {
+                            closing_at = Some(Instant::now() + LINGER);
+                            continue;
+                        }
+                    },
+                    Some(deadline) => match within(deadline.saturating_duration_since(Instant::now()), read).await {
+                        Some(read) => read,
+                        None => return Stop::Closing,
+                    },
                 }
-            } else {
-                reader.read(space).await
             }
-        };
-        // At shutdown the connection keeps reading for a moment, answering
-        // `shuttingDown` to what the client had already sent, so that a
-        // pipelining client learns the fate of every request instead of
-        // losing answers to a reset.
-        // A writer that failed (the client stopped reading past the stall
-        // timeout) ends the connection even while the reader is idle.
-        let stop = select(Box::pin(ctx.shutdown.wait()), Box::pin(conn.finished.wait()));
-        let read = match closing_at {
-            None => match select(Box::pin(read), stop).await {
-                Either::Left((read, _)) => read,
-                Either::Right(_) if conn.broken.get() => return Stop::Eof,
-                Either::Right(_) => {
-                    closing_at = Some(Instant::now() + LINGER);
-                    continue;
-                }
-            },
-            Some(deadline) => match within(deadline.saturating_duration_since(Instant::now()), read).await {
-                Some(read) => read,
-                None => return Stop::Closing,
-            },
         };
         let n = match read {
             Ok(0) => return Stop::Eof,
@@ -407,8 +402,8 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
                 lease_ms,
                 wait_ms,
             };
-            let call = std::pin::pin!(ctx.router.call(poll, Some(conn.budget.clone())));
-            let finished = std::pin::pin!(conn.finished.wait());
+            let call = pin!(ctx.router.call(poll, Some(conn.budget.clone())));
+            let finished = pin!(conn.finished.wait());
             match select(call, finished).await {
                 Either::Left((result, _)) => result,
                 // Dropping the call cancels the parked poll wherever it is.

@@ -38,9 +38,7 @@ impl ShardStore {
             Command::Delete { queue } => {
                 let qid = self.queue_id(&queue)?;
                 self.apply_purge(qid, batch)?;
-                Tables::of(&self.engine)?
-                    .registry
-                    .unregister(&mut batch.writes, &queue, qid);
+                Registry::of(&self.engine)?.unregister(&mut batch.writes, &queue, qid);
                 self.names.remove(&queue);
                 self.queues.remove(&qid);
                 Ok(Outcome::Deleted)
@@ -114,7 +112,9 @@ impl QueueStore for ShardStore {
                 // The disk state logged the cause once; this repeats per batch.
                 tracing::debug!(%error, "storage batch failed for lack of space; reloading shard state");
             } else {
-                self.failure_log.note(&error);
+                if let Some(failures) = self.failure_log.hit() {
+                    tracing::error!(%error, failures, "storage batch failed; reloading shard state");
+                }
             }
             if let Err(reload) = self.load_all() {
                 tracing::error!(%reload, "rebuilding shard state failed; the shard is unavailable until restart");
@@ -152,13 +152,13 @@ impl QueueStore for ShardStore {
 
 impl ShardStore {
     pub(super) fn persist_counters(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
-        let tables = Tables::of(&self.engine)?;
+        let registry = Registry::of(&self.engine)?;
         for qid in std::mem::take(&mut batch.touched) {
             let Some(q) = self.queues.get_mut(&qid) else {
                 continue;
             };
             q.batch_low = None;
-            tables.registry.put_counters(&mut batch.writes, q);
+            registry.put_counters(&mut batch.writes, q);
         }
         Ok(())
     }

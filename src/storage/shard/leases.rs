@@ -34,7 +34,7 @@ impl ShardStore {
         expired_at: u64,
         batch: &mut Batch,
     ) -> Result<(), StoreError> {
-        let tables = Tables::of(&self.engine)?;
+        let (ready, leases) = (ReadyIndex::of(&self.engine)?, LeaseTable::of(&self.engine)?);
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(());
         };
@@ -49,14 +49,12 @@ impl ShardStore {
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
                 (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
-                    if tables.leases.take_member(&mut batch.writes, q, &member, lease, id) {
-                        tables
-                            .ready
-                            .insert(&mut batch.writes, q, keys::ready_key(qid, expired_at, &id), v);
+                    if leases.take_member(&mut batch.writes, q, &member, lease, id) {
+                        ready.insert(&mut batch.writes, q, keys::ready_key(qid, expired_at, &id), v);
                         returned += 1;
                     }
                 }
-                _ => tables.leases.delete_expiry(&mut batch.writes, k),
+                _ => leases.delete_expiry(&mut batch.writes, k),
             }
             it.next();
         }
@@ -76,22 +74,18 @@ impl ShardStore {
         lease: LeaseId,
         batch: &mut Batch,
     ) -> Result<(), StoreError> {
-        let tables = Tables::of(&self.engine)?;
+        let leases = LeaseTable::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(());
         };
-        tables
-            .leases
-            .take_member(&mut batch.writes, q, &keys::member_key(qid, &lease, &id), lease, id);
+        leases.take_member(&mut batch.writes, q, &keys::member_key(qid, &lease, &id), lease, id);
         if let Some(state) = q.leases.get_mut(&lease) {
             state.live = state.live.saturating_sub(1);
             if state.live == 0 {
                 let expires_at = state.expires_at;
                 q.leases.remove(&lease);
                 self.lease_deadlines.remove(&(expires_at, qid, lease));
-                tables
-                    .leases
-                    .delete_expiry(&mut batch.writes, &keys::lease_key(qid, &lease));
+                leases.delete_expiry(&mut batch.writes, &keys::lease_key(qid, &lease));
             }
         }
         Ok(())
@@ -128,7 +122,7 @@ impl ShardStore {
         batch: &mut Batch,
     ) -> Result<Option<u64>, StoreError> {
         let qid = self.queue_id(queue)?;
-        let tables = Tables::of(&self.engine)?;
+        let leases = LeaseTable::of(&self.engine)?;
         let Some(state) = self.queues.get_mut(&qid).and_then(|q| q.leases.get_mut(&lease)) else {
             return Ok(None);
         };
@@ -139,7 +133,7 @@ impl ShardStore {
         self.lease_deadlines.remove(&(state.expires_at, qid, lease));
         self.lease_deadlines.insert((new_expiry, qid, lease));
         state.expires_at = new_expiry;
-        tables.leases.put_expiry(&mut batch.writes, qid, &lease, new_expiry);
+        leases.put_expiry(&mut batch.writes, qid, &lease, new_expiry);
         Ok(Some(new_expiry))
     }
 
@@ -174,14 +168,12 @@ impl ShardStore {
         drop(record);
         self.take_member(qid, id, lease, batch)?;
         let at = deadline(now, delay_ms);
-        let tables = Tables::of(&self.engine)?;
+        let ready = ReadyIndex::of(&self.engine)?;
         batch.touched.push(qid);
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(false);
         };
-        tables
-            .ready
-            .insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), &batch.record);
+        ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), &batch.record);
         if at > now {
             q.delayed += 1;
             *self.delay_deadlines.entry((at, qid)).or_default() += 1;

@@ -43,7 +43,7 @@ use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
 use state::{Batch, LeaseState, QueueState};
-use tables::{MemberKey, Tables};
+use tables::{LeaseTable, MemberKey, ReadyIndex, Registry};
 
 /// Decides whether this shard owns a queue (the server's stable hash).
 pub type Ownership = Arc<dyn Fn(&QueueName) -> bool + Send + Sync>;
@@ -58,28 +58,8 @@ pub struct ShardStore {
     delay_deadlines: BTreeMap<(u64, QueueId), u64>,
     last_now: u64,
     failed: Option<String>,
-    failure_log: FailureLog,
-}
-
-/// Repeated batch failures log at most once per [`FailureLog::EVERY`], with
-/// how many there were, instead of a line per batch.
-#[derive(Default)]
-struct FailureLog {
-    last: Option<std::time::Instant>,
-    since: u64,
-}
-
-impl FailureLog {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-    fn note(&mut self, error: &StorageError) {
-        self.since += 1;
-        if self.last.is_none_or(|at| at.elapsed() >= Self::EVERY) {
-            tracing::error!(%error, failures = self.since, "storage batch failed; reloading shard state");
-            self.last = Some(std::time::Instant::now());
-            self.since = 0;
-        }
-    }
+    /// Repeated batch failures: a line at most every 10 s, with a count.
+    failure_log: crate::runtime::LogEvery,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -105,7 +85,7 @@ impl ShardStore {
             delay_deadlines: BTreeMap::new(),
             last_now: 0,
             failed: None,
-            failure_log: FailureLog::default(),
+            failure_log: crate::runtime::LogEvery::new(std::time::Duration::from_secs(10)),
         };
         store.load_all()?;
         Ok(store)

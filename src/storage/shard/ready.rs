@@ -22,7 +22,7 @@ impl ShardStore {
         if let Some(full) = self.engine.disk().refusal() {
             return Err(StoreError::Command(CommandError::DiskFull(full)));
         }
-        let tables = Tables::of(&self.engine)?;
+        let ready = ReadyIndex::of(&self.engine)?;
         let qid = match self.names.get(&queue) {
             Some(&qid) => qid,
             None => {
@@ -30,7 +30,7 @@ impl ShardStore {
                     return Err(StoreError::Command(CommandError::WrongShard(queue)));
                 }
                 let qid = self.engine.allocate_qid()?;
-                tables.registry.register(&mut batch.writes, &queue, qid);
+                Registry::of(&self.engine)?.register(&mut batch.writes, &queue, qid);
                 self.names.insert(queue.clone(), qid);
                 let mut state = QueueState::new(queue, qid, Counters::default());
                 state.dirty = true;
@@ -54,7 +54,7 @@ impl ShardStore {
             let at = deadline(now, m.delay_ms);
             let key = keys::ready_key(qid, at, &id);
             keys::encode_record(&mut batch.record, header, &m.payload);
-            tables.ready.insert(&mut batch.writes, q, key, &batch.record);
+            ready.insert(&mut batch.writes, q, key, &batch.record);
             if at > now {
                 q.delayed += 1;
                 *self.delay_deadlines.entry((at, qid)).or_default() += 1;
@@ -79,7 +79,7 @@ impl ShardStore {
         batch: &mut Batch,
     ) -> Result<Option<Lease>, StoreError> {
         let qid = self.queue_id(queue)?;
-        let tables = Tables::of(&self.engine)?;
+        let (ready, leases) = (ReadyIndex::of(&self.engine)?, LeaseTable::of(&self.engine)?);
         let Some(q) = self.queues.get_mut(&qid) else {
             return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
         };
@@ -125,8 +125,8 @@ impl ShardStore {
             })?;
             header.delivery_count = header.delivery_count.saturating_add(1);
             keys::encode_record(&mut batch.record, header, payload);
-            tables.ready.take(&mut batch.writes, &key);
-            tables.leases.put_member(&mut batch.writes, q, lease, id, &batch.record);
+            ready.take(&mut batch.writes, &key);
+            leases.put_member(&mut batch.writes, q, lease, id, &batch.record);
             messages.push(Delivery {
                 id,
                 payload: payload.to_vec(),
@@ -159,7 +159,7 @@ impl ShardStore {
             },
         );
         self.lease_deadlines.insert((expires_at, qid, lease));
-        tables.leases.put_expiry(&mut batch.writes, qid, &lease, expires_at);
+        leases.put_expiry(&mut batch.writes, qid, &lease, expires_at);
         Ok(Some(Lease {
             id: lease,
             expires_at_ms: expires_at,
@@ -194,14 +194,14 @@ impl ShardStore {
     }
 
     pub(super) fn apply_purge(&mut self, qid: QueueId, batch: &mut Batch) -> Result<u64, StoreError> {
-        let tables = Tables::of(&self.engine)?;
+        let (ready, leases) = (ReadyIndex::of(&self.engine)?, LeaseTable::of(&self.engine)?);
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(0);
         };
         let dropped = q.counters.ready + q.holders.len() as u64;
         batch.touched.push(qid);
-        tables.ready.purge(&mut batch.writes, qid);
-        tables.leases.purge(&mut batch.writes, qid);
+        ready.purge(&mut batch.writes, qid);
+        leases.purge(&mut batch.writes, qid);
         q.counters = Counters::default();
         q.delayed = 0;
         q.leases.clear();

@@ -16,29 +16,18 @@ use rocksdb::ColumnFamily;
 #[allow(unused_imports)]
 use super::*;
 
-/// The three column families of a shard, resolved once per use.
-pub(super) struct Tables<'e> {
-    pub ready: ReadyIndex<'e>,
-    pub leases: LeaseTable<'e>,
-    pub registry: Registry<'e>,
-}
-
-impl<'e> Tables<'e> {
-    pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
-        Ok(Self {
-            ready: ReadyIndex(engine.cf(CF_READY)?),
-            leases: LeaseTable(engine.cf(CF_LEASES)?),
-            registry: Registry(engine.cf(CF_REGISTRY)?),
-        })
-    }
-}
-
 /// Ready records: one per visible or delayed message, keyed (queue,
 /// visible-at, id). A key is written once: ids are unique, and a message
 /// that comes back does so under a new visible-at.
 pub(super) struct ReadyIndex<'e>(&'e ColumnFamily);
 
-impl ReadyIndex<'_> {
+impl<'e> ReadyIndex<'e> {
+    /// Resolved per use (a name lookup): each call site takes only the
+    /// families it writes.
+    pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
+        Ok(Self(engine.cf(CF_READY)?))
+    }
+
     /// Writes a record and moves its queue's counters and floor with it.
     pub(super) fn insert(&self, writes: &mut WriteBatch, q: &mut QueueState, key: ReadyKey, record: &[u8]) {
         writes.put_cf(self.0, key, record);
@@ -66,7 +55,11 @@ pub(super) type MemberKey = [u8; keys::MEMBER_KEY_LEN];
 /// member record per leased message.
 pub(super) struct LeaseTable<'e>(&'e ColumnFamily);
 
-impl LeaseTable<'_> {
+impl<'e> LeaseTable<'e> {
+    pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
+        Ok(Self(engine.cf(CF_LEASES)?))
+    }
+
     /// Records that `lease` holds message `id` (the record is the message's).
     pub(super) fn put_member(
         &self,
@@ -117,7 +110,11 @@ impl LeaseTable<'_> {
 /// The registry: queue names to ids, and each queue's counters.
 pub(super) struct Registry<'e>(&'e ColumnFamily);
 
-impl Registry<'_> {
+impl<'e> Registry<'e> {
+    pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
+        Ok(Self(engine.cf(CF_REGISTRY)?))
+    }
+
     pub(super) fn register(&self, writes: &mut WriteBatch, name: &QueueName, qid: QueueId) {
         writes.put_cf(self.0, keys::name_key(name), qid.to_be_bytes());
     }
