@@ -5,6 +5,7 @@ use capnp::message::ReaderOptions;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
+use queueber::ops;
 use queueber::protocol::{
     decode_request, decode_response, encode_request, encode_response, Op, Reply, Request, Response,
 };
@@ -13,10 +14,10 @@ use queueber::types::{Delivery, Lease, NewMessage};
 fn add_request() -> Request {
     Request {
         id: 1,
-        op: Op::Add {
+        op: Op::Add(ops::Add {
             queue: QueueName::new("bench", "proto").unwrap(),
             messages: (0..32).map(|_| NewMessage::new(vec![7u8; 256])).collect(),
-        },
+        }),
     }
 }
 

@@ -55,6 +55,7 @@ use futures::StreamExt;
 
 use crate::ids::{LeaseId, MessageId};
 use crate::names::QueueName;
+use crate::ops::{self, Dispatch};
 use crate::protocol::{
     decode_response, encode_request, ErrorCode, ErrorReply, Op, Reply, Request, ResponseDecodeError, ServerInfo,
 };
@@ -158,24 +159,24 @@ impl Client {
             .map_err(ClientError::Server)
     }
 
+    /// Sends one operation and waits for its own reply type.
+    pub async fn send<O: Dispatch>(&self, op: O) -> Result<O::Reply, ClientError> {
+        O::reply_of(self.call(op.into()).await?).map_err(|reply| ClientError::UnexpectedReply {
+            op: O::NAME,
+            reply: Box::new(reply),
+        })
+    }
+
     pub async fn hello(&self) -> Result<ServerInfo, ClientError> {
-        match self.call(Op::Hello).await? {
-            Reply::Hello(info) => Ok(info),
-            other => unexpected("hello", other),
-        }
+        self.send(ops::Hello).await
     }
 
     pub async fn add(&self, queue: &QueueName, messages: Vec<NewMessage>) -> Result<Vec<MessageId>, ClientError> {
-        match self
-            .call(Op::Add {
-                queue: queue.clone(),
-                messages,
-            })
-            .await?
-        {
-            Reply::Added(ids) => Ok(ids),
-            other => unexpected("add", other),
-        }
+        self.send(ops::Add {
+            queue: queue.clone(),
+            messages,
+        })
+        .await
     }
 
     /// Leases up to `max_items` visible messages for `lease_ms`, waiting up to
@@ -187,18 +188,13 @@ impl Client {
         lease_ms: u64,
         wait_ms: u64,
     ) -> Result<Option<Lease>, ClientError> {
-        match self
-            .call(Op::Poll {
-                queue: queue.clone(),
-                max_items,
-                lease_ms,
-                wait_ms,
-            })
-            .await?
-        {
-            Reply::Polled(lease) => Ok(lease),
-            other => unexpected("poll", other),
-        }
+        self.send(ops::Poll {
+            queue: queue.clone(),
+            max_items,
+            lease_ms,
+            wait_ms,
+        })
+        .await
     }
 
     /// Acknowledges messages of a lease; one flag per id, false when the id
@@ -209,32 +205,22 @@ impl Client {
         lease: LeaseId,
         ids: Vec<MessageId>,
     ) -> Result<Vec<bool>, ClientError> {
-        match self
-            .call(Op::Remove {
-                queue: queue.clone(),
-                lease,
-                ids,
-            })
-            .await?
-        {
-            Reply::Removed(flags) => Ok(flags),
-            other => unexpected("remove", other),
-        }
+        self.send(ops::Remove {
+            queue: queue.clone(),
+            lease,
+            ids,
+        })
+        .await
     }
 
     /// The lease's new expiry (epoch ms), or `None` if it had expired or is unknown.
     pub async fn extend(&self, queue: &QueueName, lease: LeaseId, lease_ms: u64) -> Result<Option<u64>, ClientError> {
-        match self
-            .call(Op::Extend {
-                queue: queue.clone(),
-                lease,
-                lease_ms,
-            })
-            .await?
-        {
-            Reply::Extended(at) => Ok(at),
-            other => unexpected("extend", other),
-        }
+        self.send(ops::Extend {
+            queue: queue.clone(),
+            lease,
+            lease_ms,
+        })
+        .await
     }
 
     pub async fn release(
@@ -244,54 +230,30 @@ impl Client {
         id: MessageId,
         delay_ms: u64,
     ) -> Result<bool, ClientError> {
-        match self
-            .call(Op::Release {
-                queue: queue.clone(),
-                lease,
-                id,
-                delay_ms,
-            })
-            .await?
-        {
-            Reply::Released(ok) => Ok(ok),
-            other => unexpected("release", other),
-        }
+        self.send(ops::Release {
+            queue: queue.clone(),
+            lease,
+            id,
+            delay_ms,
+        })
+        .await
     }
 
     pub async fn stats(&self, queue: &QueueName) -> Result<QueueStats, ClientError> {
-        match self.call(Op::Stats { queue: queue.clone() }).await? {
-            Reply::Stats(s) => Ok(s),
-            other => unexpected("stats", other),
-        }
+        self.send(ops::Stats { queue: queue.clone() }).await
     }
 
     pub async fn list_queues(&self) -> Result<Vec<QueueName>, ClientError> {
-        match self.call(Op::ListQueues).await? {
-            Reply::Queues(q) => Ok(q),
-            other => unexpected("list queues", other),
-        }
+        self.send(ops::ListQueues).await
     }
 
     pub async fn purge(&self, queue: &QueueName) -> Result<u64, ClientError> {
-        match self.call(Op::Purge { queue: queue.clone() }).await? {
-            Reply::Purged(n) => Ok(n),
-            other => unexpected("purge", other),
-        }
+        self.send(ops::Purge { queue: queue.clone() }).await
     }
 
     pub async fn delete(&self, queue: &QueueName) -> Result<(), ClientError> {
-        match self.call(Op::Delete { queue: queue.clone() }).await? {
-            Reply::Deleted => Ok(()),
-            other => unexpected("delete", other),
-        }
+        self.send(ops::Delete { queue: queue.clone() }).await
     }
-}
-
-fn unexpected<T>(op: &'static str, reply: Reply) -> Result<T, ClientError> {
-    Err(ClientError::UnexpectedReply {
-        op,
-        reply: Box::new(reply),
-    })
 }
 
 async fn drive<S>(

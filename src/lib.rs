@@ -11,8 +11,11 @@
 //!   in-memory model with the same semantics for tests.
 //! * [`frame`]: Cap'n Proto stream framing that commits memory only as a
 //!   frame's bytes arrive, whatever its header claims.
-//! * [`protocol`]: requests and responses as Rust types and their Cap'n Proto
-//!   encoding ([`queueber_capnp`], generated from `queueber.capnp`).
+//! * [`protocol`]: requests and responses and their Cap'n Proto framing
+//!   ([`queueber_capnp`], generated from `queueber.capnp`).
+//! * [`ops`]: one module per operation (its request and reply types and
+//!   codec; with `server`, its limits, routing and store mapping), and the
+//!   table that dispatches over them.
 //! * [`server`]: the daemon: one glommio executor per core, each owning a
 //!   shard of queues with its own coalescer, long-poll waiters and sweeper;
 //!   requests routed between shards over cross-core channels.
@@ -35,6 +38,7 @@ pub mod clock;
 pub mod frame;
 pub mod ids;
 pub mod names;
+pub mod ops;
 pub mod protocol;
 #[cfg(feature = "server")]
 pub mod runtime;

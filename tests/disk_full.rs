@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use daemon::{free_port, Daemon, DaemonSpec};
 use queueber::ids::MessageId;
 use queueber::names::QueueName;
+use queueber::ops;
 use queueber::protocol::{ErrorCode, Op, Reply, Response};
 use queueber::storage::NewMessage;
 use wire::Wire;
@@ -96,15 +97,15 @@ fn q() -> QueueName {
 fn add(w: &mut Wire, id: u64, payload: &[u8]) -> Response {
     w.call(
         id,
-        Op::Add {
+        Op::Add(ops::Add {
             queue: q(),
             messages: vec![NewMessage::new(payload.to_vec())],
-        },
+        }),
     )
 }
 
 fn disk_full_in_hello(w: &mut Wire) -> bool {
-    match w.call(1, Op::Hello).result {
+    match w.call(1, Op::Hello(ops::Hello)).result {
         Ok(Reply::Hello(info)) => info.disk_full,
         other => panic!("{other:?}"),
     }
@@ -140,12 +141,12 @@ fn drain(w: &mut Wire) -> BTreeSet<MessageId> {
     loop {
         let r = w.call(
             50,
-            Op::Poll {
+            Op::Poll(ops::Poll {
                 queue: q(),
                 max_items: 500,
                 lease_ms: 60_000,
                 wait_ms: 0,
-            },
+            }),
         );
         let Some(lease) = wire::leased(&r) else {
             return found;
@@ -156,11 +157,11 @@ fn drain(w: &mut Wire) -> BTreeSet<MessageId> {
         let ids = lease.messages.iter().map(|m| m.id).collect();
         let r = w.call(
             51,
-            Op::Remove {
+            Op::Remove(ops::Remove {
                 queue: q(),
                 lease: lease.id,
                 ids,
-            },
+            }),
         );
         assert!(r.result.is_ok(), "{r:?}");
     }
@@ -196,7 +197,7 @@ fn a_full_disk_refuses_adds_keeps_everything_else_and_recovers_by_itself() {
     let error = refused.result.expect_err("refused");
     assert_eq!(error.code, ErrorCode::DiskFull);
     assert!(error.message.contains(&data.display().to_string()), "{}", error.message);
-    match w.call(301, Op::Stats { queue: q() }).result {
+    match w.call(301, Op::Stats(ops::Stats { queue: q() })).result {
         Ok(Reply::Stats(s)) => {
             assert!(s.disk_full);
             assert_eq!(s.visible, 100, "the refused add stored nothing");
@@ -206,23 +207,23 @@ fn a_full_disk_refuses_adds_keeps_everything_else_and_recovers_by_itself() {
     // Consumers keep draining: that is what frees space.
     let r = w.call(
         302,
-        Op::Poll {
+        Op::Poll(ops::Poll {
             queue: q(),
             max_items: 40,
             lease_ms: 60_000,
             wait_ms: 0,
-        },
+        }),
     );
     let lease = wire::leased(&r).expect("polls work while full");
     assert_eq!(lease.messages.len(), 40);
     let ids: Vec<MessageId> = lease.messages.iter().map(|m| m.id).collect();
     let r = w.call(
         303,
-        Op::Remove {
+        Op::Remove(ops::Remove {
             queue: q(),
             lease: lease.id,
             ids: ids.clone(),
-        },
+        }),
     );
     assert_eq!(r.result, Ok(Reply::Removed(vec![true; 40])), "removes work while full");
     removed.extend(ids);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use daemon::DaemonSpec;
 use queueber::names::QueueName;
+use queueber::ops;
 use queueber::protocol::{Op, Reply};
 use queueber::storage::NewMessage;
 use wire::Wire;
@@ -42,10 +43,10 @@ fn under_an_add_flood_stats_and_polls_stay_fast() {
                 };
                 let add = wire::frame(
                     p as u64,
-                    Op::Add {
+                    Op::Add(ops::Add {
                         queue,
                         messages: (0..32).map(|_| NewMessage::new(vec![7u8; 256])).collect(),
-                    },
+                    }),
                 );
                 let answered = Arc::new(AtomicU64::new(0));
                 let reader = {
@@ -86,30 +87,30 @@ fn under_an_add_flood_stats_and_polls_stay_fast() {
     while started.elapsed() < FLOOD {
         id += 1;
         let t = Instant::now();
-        let r = operator.call(id, Op::Stats { queue: queue.clone() });
+        let r = operator.call(id, Op::Stats(ops::Stats { queue: queue.clone() }));
         stats.push(t.elapsed());
         assert!(matches!(r.result, Ok(Reply::Stats(_))), "{r:?}");
         id += 1;
         let t = Instant::now();
         let r = consumer.call(
             id,
-            Op::Poll {
+            Op::Poll(ops::Poll {
                 queue: queue.clone(),
                 max_items: 1,
                 lease_ms: 30_000,
                 wait_ms: 0,
-            },
+            }),
         );
         polls.push(t.elapsed());
         if let Some(lease) = wire::leased(&r) {
             id += 1;
             let r = consumer.call(
                 id,
-                Op::Remove {
+                Op::Remove(ops::Remove {
                     queue: queue.clone(),
                     lease: lease.id,
                     ids: vec![lease.messages[0].id],
-                },
+                }),
             );
             assert_eq!(r.result, Ok(Reply::Removed(vec![true])));
         }

@@ -20,6 +20,7 @@ use proptest::prelude::*;
 use queueber::frame::{frame_len, FrameBuffer, BASE_CAPACITY, READ_CHUNK};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
+use queueber::ops;
 use queueber::protocol::{decode_request, encode_request, Op, Request};
 use queueber::types::NewMessage;
 
@@ -38,43 +39,43 @@ fn queue_name() -> impl Strategy<Value = QueueName> {
 fn op() -> impl Strategy<Value = Op> {
     let id = any::<[u8; 16]>();
     prop_oneof![
-        Just(Op::Hello),
-        Just(Op::ListQueues),
+        Just(Op::Hello(ops::Hello)),
+        Just(Op::ListQueues(ops::ListQueues)),
         (
             queue_name(),
             prop::collection::vec((prop::collection::vec(any::<u8>(), 0..300), any::<u64>()), 0..8)
         )
-            .prop_map(|(queue, m)| Op::Add {
+            .prop_map(|(queue, m)| Op::Add(ops::Add {
                 queue,
                 messages: m.into_iter().map(|(p, d)| NewMessage::delayed(p, d)).collect(),
-            }),
+            })),
         (queue_name(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(queue, max_items, lease_ms, wait_ms)| {
-            Op::Poll {
+            Op::Poll(ops::Poll {
                 queue,
                 max_items,
                 lease_ms,
                 wait_ms,
-            }
+            })
         }),
-        (queue_name(), id, prop::collection::vec(id, 0..6)).prop_map(|(queue, l, ids)| Op::Remove {
+        (queue_name(), id, prop::collection::vec(id, 0..6)).prop_map(|(queue, l, ids)| Op::Remove(ops::Remove {
             queue,
             lease: LeaseId(l),
             ids: ids.into_iter().map(MessageId).collect(),
-        }),
-        (queue_name(), id, any::<u64>()).prop_map(|(queue, l, lease_ms)| Op::Extend {
+        })),
+        (queue_name(), id, any::<u64>()).prop_map(|(queue, l, lease_ms)| Op::Extend(ops::Extend {
             queue,
             lease: LeaseId(l),
             lease_ms,
-        }),
-        (queue_name(), id, id, any::<u64>()).prop_map(|(queue, l, m, delay_ms)| Op::Release {
+        })),
+        (queue_name(), id, id, any::<u64>()).prop_map(|(queue, l, m, delay_ms)| Op::Release(ops::Release {
             queue,
             lease: LeaseId(l),
             id: MessageId(m),
             delay_ms,
-        }),
-        queue_name().prop_map(|queue| Op::Stats { queue }),
-        queue_name().prop_map(|queue| Op::Purge { queue }),
-        queue_name().prop_map(|queue| Op::Delete { queue }),
+        })),
+        queue_name().prop_map(|queue| Op::Stats(ops::Stats { queue })),
+        queue_name().prop_map(|queue| Op::Purge(ops::Purge { queue })),
+        queue_name().prop_map(|queue| Op::Delete(ops::Delete { queue })),
     ]
 }
 

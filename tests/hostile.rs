@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use daemon::DaemonSpec;
 use queueber::names::QueueName;
+use queueber::ops;
 use queueber::protocol::{ErrorCode, Op, Reply};
 use wire::Wire;
 
@@ -63,7 +64,7 @@ fn lying_frame_headers_cost_no_memory_and_others_stay_fast() {
     let mut latencies = Vec::new();
     for i in 0..200 {
         let started = Instant::now();
-        let r = steady.call(1000 + i, Op::Stats { queue: q("steady") });
+        let r = steady.call(1000 + i, Op::Stats(ops::Stats { queue: q("steady") }));
         latencies.push(started.elapsed());
         assert!(r.result.is_ok(), "{r:?}");
     }
@@ -152,12 +153,12 @@ fn sigterm_answers_every_pipelined_request() {
     loop {
         let r = check.call(
             9,
-            Op::Poll {
+            Op::Poll(ops::Poll {
                 queue: queue.clone(),
                 max_items: 1000,
                 lease_ms: 60_000,
                 wait_ms: 0,
-            },
+            }),
         );
         match wire::leased(&r) {
             Some(lease) => stored.extend(lease.messages.iter().map(|m| m.id)),
@@ -219,12 +220,12 @@ fn a_client_gone_while_its_poll_is_parked_leases_nothing() {
         }
         let r = producer.call(
             20,
-            Op::Poll {
+            Op::Poll(ops::Poll {
                 queue: queue.clone(),
                 max_items: 10,
                 lease_ms: 1000,
                 wait_ms: 0,
-            },
+            }),
         );
         let lease = wire::leased(&r).expect("the messages are visible, not leased to the departed");
         assert_eq!(lease.messages.len(), 4, "shard {shard}");
@@ -246,14 +247,14 @@ fn delete_answers_polls_parked_on_its_queue() {
     let mut admin = Wire::connect(daemon.addr);
     let r = admin.add_one(1, &queue, b"first".to_vec());
     assert!(r.result.is_ok());
-    let r = admin.call(2, Op::Purge { queue: queue.clone() });
+    let r = admin.call(2, Op::Purge(ops::Purge { queue: queue.clone() }));
     assert!(r.result.is_ok());
     let mut waiter = Wire::connect(daemon.addr);
     waiter.send(&wire::poll(7, &queue, 1, 60_000, 20_000));
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
-    let r = admin.call(3, Op::Delete { queue: queue.clone() });
-    assert_eq!(r.result, Ok(Reply::Deleted));
+    let r = admin.call(3, Op::Delete(ops::Delete { queue: queue.clone() }));
+    assert_eq!(r.result, Ok(Reply::Deleted(())));
     let answer = waiter.recv();
     assert_eq!(answer.id, 7);
     assert_eq!(wire::leased(&answer), None, "the parked poll is answered empty");
@@ -263,12 +264,12 @@ fn delete_answers_polls_parked_on_its_queue() {
     assert!(r.result.is_ok());
     let r = admin.call(
         5,
-        Op::Poll {
+        Op::Poll(ops::Poll {
             queue: queue.clone(),
             max_items: 1,
             lease_ms: 1000,
             wait_ms: 0,
-        },
+        }),
     );
     assert_eq!(wire::leased(&r).expect("visible").messages[0].payload, b"second");
 }
@@ -313,7 +314,7 @@ fn too_few_file_descriptors_warn_and_refuse_cleanly() {
     let mut open = Vec::new();
     for i in 0..200u64 {
         let mut w = Wire::connect(daemon.addr);
-        w.send(&wire::frame(i, Op::Hello));
+        w.send(&wire::frame(i, Op::Hello(ops::Hello)));
         match w.recv().result {
             Ok(Reply::Hello(_)) => {
                 served += 1;
@@ -363,7 +364,10 @@ fn a_client_that_never_reads_is_held_to_its_share() {
     hoarder.send(&polls);
     std::thread::sleep(Duration::from_secs(1));
     let after = daemon.rss_bytes();
-    let in_flight = match producer.call(999, Op::Stats { queue: queue.clone() }).result {
+    let in_flight = match producer
+        .call(999, Op::Stats(ops::Stats { queue: queue.clone() }))
+        .result
+    {
         Ok(Reply::Stats(s)) => s.in_flight,
         other => panic!("{other:?}"),
     };
@@ -439,12 +443,12 @@ fn a_client_that_stops_reading_is_closed_after_the_stall_timeout() {
     // Enough pipelined work that the answers overflow both sockets' buffers.
     let frame = wire::frame(
         1,
-        Op::Add {
+        Op::Add(ops::Add {
             queue: queue.clone(),
             messages: (0..32)
                 .map(|_| queueber::storage::NewMessage::new(vec![b's'; 256]))
                 .collect(),
-        },
+        }),
     );
     let started = Instant::now();
     let mut sent = 0usize;
@@ -508,7 +512,7 @@ fn running_out_of_descriptors_refuses_instead_of_hanging() {
     for i in 0..60u64 {
         let mut w = Wire::connect(daemon.addr);
         w.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        w.send(&wire::frame(i, Op::Hello));
+        w.send(&wire::frame(i, Op::Hello(ops::Hello)));
         let answer = match capnp::serialize::read_message(&mut w.stream, capnp::message::ReaderOptions::new()) {
             Ok(m) => queueber::protocol::decode_response(&m).expect("a response"),
             Err(e) => panic!(
@@ -543,7 +547,7 @@ fn running_out_of_descriptors_refuses_instead_of_hanging() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut again = Wire::connect(daemon.addr);
-        again.send(&wire::frame(99, Op::Hello));
+        again.send(&wire::frame(99, Op::Hello(ops::Hello)));
         if matches!(again.recv().result, Ok(Reply::Hello(_))) {
             break;
         }

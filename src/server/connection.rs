@@ -383,26 +383,17 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
 
 async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
     let ctx = &conn.ctx;
-    let result = match ctx.limits.admit(request.op) {
+    let result = match request.op.admit(&ctx.limits) {
         Err(e) => Err(e),
-        Ok(Op::Hello) => Ok(Reply::Hello(ctx.hello())),
+        Ok(Op::Hello(_)) => Ok(Reply::Hello(ctx.hello())),
         Ok(_) if ctx.shutdown.is_fired() => Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")),
-        Ok(Op::Poll {
-            queue,
-            max_items,
-            lease_ms,
-            wait_ms,
-        }) if wait_ms > 0 => {
+        Ok(Op::Poll(mut poll)) if poll.wait_ms > 0 => {
             // A client that has finished sending gets one try, no wait; one
             // that finishes while its poll is parked gets an empty answer.
-            let wait_ms = if conn.finished.is_fired() { 0 } else { wait_ms };
-            let poll = Op::Poll {
-                queue,
-                max_items,
-                lease_ms,
-                wait_ms,
-            };
-            let call = pin!(ctx.router.call(poll, Some(conn.budget.clone())));
+            if conn.finished.is_fired() {
+                poll.wait_ms = 0;
+            }
+            let call = pin!(ctx.router.call(Op::Poll(poll), Some(conn.budget.clone())));
             let finished = pin!(conn.finished.wait());
             match select(call, finished).await {
                 Either::Left((result, _)) => result,

@@ -26,6 +26,7 @@ use futures::StreamExt;
 
 use crate::clock::Clock;
 use crate::names::QueueName;
+use crate::ops::{self, Plan, ReplyFn, Serve};
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
 use crate::runtime::{offload, within};
 use crate::storage::{Command, CommandError, Executed, Outcome, QueueStore, ReplyBudget, StorageError, StoreError};
@@ -100,29 +101,19 @@ impl Call {
         self.budget.as_ref().map_or(0, |b| Arc::as_ptr(b) as usize)
     }
 
-    fn add_messages(&self) -> usize {
-        match &self.op {
-            Op::Add { messages, .. } => messages.len(),
-            Op::Hello
-            | Op::Poll { .. }
-            | Op::Remove { .. }
-            | Op::Extend { .. }
-            | Op::Release { .. }
-            | Op::Stats { .. }
-            | Op::ListQueues
-            | Op::Purge { .. }
-            | Op::Delete { .. } => 0,
-        }
+    fn batch_writes(&self) -> usize {
+        self.op.batch_writes()
     }
 }
 
-/// Most added messages one batch takes. Adds beyond it wait for the next
-/// batch, so a write flood cannot make a batch (and everything answered
-/// with it: polls, removes, stats) arbitrarily long.
-const BATCH_ADD_MESSAGES: usize = 4096;
-/// Most added messages one connection contributes to a batch while others
+/// Most bulk writes ([`Serve::batch_writes`]: added messages) one batch
+/// takes. Requests beyond it wait for the next batch, so a write flood
+/// cannot make a batch (and everything answered with it: polls, removes,
+/// stats) arbitrarily long.
+const BATCH_WRITES: usize = 4096;
+/// Most bulk writes one connection contributes to a batch while others
 /// wait: a single heavy producer cannot fill every batch.
-const BATCH_ADD_MESSAGES_PER_SOURCE: usize = 1024;
+const BATCH_WRITES_PER_SOURCE: usize = 1024;
 
 /// A cheap handle for submitting work to the shard's core.
 #[derive(Clone)]
@@ -164,25 +155,24 @@ impl CoreHandle {
 
 /// A poll waiting for messages.
 struct Parked {
-    queue: QueueName,
-    max_items: u32,
-    lease_ms: u64,
+    poll: ops::Poll,
     deadline: Instant,
     reply: ReplyTx,
     budget: Option<Arc<ConnectionBudget>>,
 }
 
-/// How to turn a job's outcomes back into one reply.
+/// How to turn a call's outcomes back into its reply.
 enum Finish {
-    Single(ReplyTx),
+    /// Built by the operation itself from its commands' outcomes.
+    Reply {
+        reply: ReplyTx,
+        commands: usize,
+        build: ReplyFn,
+    },
     /// A poll that ran.
     Poll(Parked),
     /// A poll that did not run: its connection has no room for a reply.
     PollNoRoom(Parked),
-    Remove(ReplyTx, usize),
-    ListQueues(ReplyTx),
-    /// A delete: parked polls of the queue are answered once it is gone.
-    Delete(ReplyTx, QueueName),
 }
 
 /// Waiting polls per queue, plus their deadlines in order.
@@ -197,9 +187,9 @@ impl Waiters {
     fn park(&mut self, parked: Parked) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.deadlines.insert((parked.deadline, seq), parked.queue.clone());
+        self.deadlines.insert((parked.deadline, seq), parked.poll.queue.clone());
         self.by_queue
-            .entry(parked.queue.clone())
+            .entry(parked.poll.queue.clone())
             .or_default()
             .push_back((seq, parked));
     }
@@ -224,7 +214,7 @@ impl Waiters {
             self.deadlines.remove(&(parked.deadline, seq));
             // A waiter whose connection went away is skipped, not counted.
             if !parked.reply.is_canceled() {
-                capacity += u64::from(parked.max_items.max(1));
+                capacity += u64::from(parked.poll.max_items.max(1));
                 into.push(parked);
             }
         }
@@ -288,22 +278,22 @@ fn store_deadline(clock: &dyn Clock, deadline_ms: Option<u64>) -> Option<Instant
     deadline_ms.map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(now_ms)))
 }
 
-/// Calls not yet taken into a batch, in arrival order. Everything but adds
-/// is taken by the next batch; adds are taken up to [`BATCH_ADD_MESSAGES`],
-/// at most [`BATCH_ADD_MESSAGES_PER_SOURCE`] per connection while others
-/// wait, so under a write flood adds are pushed back and everything else
-/// waits at most one (bounded) batch.
+/// Calls not yet taken into a batch, in arrival order. Calls without bulk
+/// writes are taken by the next batch; those with them (adds) are taken up
+/// to [`BATCH_WRITES`], at most [`BATCH_WRITES_PER_SOURCE`] per connection
+/// while others wait, so under a write flood adds are pushed back and
+/// everything else waits at most one (bounded) batch.
 #[derive(Default)]
 struct Backlog {
-    adds: VecDeque<Call>,
+    writes: VecDeque<Call>,
 }
 
 impl Backlog {
-    /// Splits newly arrived calls: adds join the backlog, the rest run now.
+    /// Splits newly arrived calls: bulk writes join the backlog, the rest run now.
     fn take(&mut self, arrived: Vec<Call>, now: &mut Vec<Call>) {
         for call in arrived {
-            if call.add_messages() > 0 {
-                self.adds.push_back(call);
+            if call.batch_writes() > 0 {
+                self.writes.push_back(call);
             } else {
                 now.push(call);
             }
@@ -311,14 +301,14 @@ impl Backlog {
         let mut taken = 0;
         let mut per_source: HashMap<usize, usize> = HashMap::new();
         let mut deferred = VecDeque::new();
-        while let Some(call) = self.adds.pop_front() {
-            if taken >= BATCH_ADD_MESSAGES {
-                self.adds.push_front(call);
+        while let Some(call) = self.writes.pop_front() {
+            if taken >= BATCH_WRITES {
+                self.writes.push_front(call);
                 break;
             }
-            let n = call.add_messages();
+            let n = call.batch_writes();
             let from_source = per_source.entry(call.source()).or_default();
-            if taken > 0 && *from_source >= BATCH_ADD_MESSAGES_PER_SOURCE {
+            if taken > 0 && *from_source >= BATCH_WRITES_PER_SOURCE {
                 deferred.push_back(call);
                 continue;
             }
@@ -326,12 +316,12 @@ impl Backlog {
             taken += n;
             now.push(call);
         }
-        deferred.extend(self.adds.drain(..));
-        self.adds = deferred;
+        deferred.extend(self.writes.drain(..));
+        self.writes = deferred;
     }
 
     fn is_empty(&self) -> bool {
-        self.adds.is_empty()
+        self.writes.is_empty()
     }
 }
 
@@ -394,8 +384,7 @@ async fn run(
         waiters.expire(if draining { None } else { Some(now) });
         let timers_due = store_due.is_some_and(|d| d <= now);
 
-        let list_queues = finishes.iter().any(|f| matches!(f, Finish::ListQueues(_)));
-        if !commands.is_empty() || list_queues || timers_due {
+        if !commands.is_empty() || timers_due {
             let Some(mut owned) = store.take() else {
                 break;
             };
@@ -405,23 +394,18 @@ async fn run(
             let work = move || {
                 let _in_shard = span.enter();
                 let executed = owned.execute(commands);
-                let queues = list_queues.then(|| owned.list_queues());
                 let next = owned.next_deadline();
-                (owned, executed, queues, next)
+                (owned, executed, next)
             };
-            let (owned, executed, queues, next) = offload(work).await;
+            let (owned, executed, next) = offload(work).await;
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
-            finish(executed, queues, finishes, &mut waiters, &mut retry, draining);
+            finish(executed, finishes, &mut waiters, &mut retry, draining);
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
             drop(room);
         } else if !finishes.is_empty() {
-            let nothing_ran = Executed {
-                outcomes: Ok(Vec::new()),
-                woken: Vec::new(),
-            };
-            finish(nothing_ran, None, finishes, &mut waiters, &mut retry, draining);
+            finish(Executed::default(), finishes, &mut waiters, &mut retry, draining);
         }
         if stopping && retry.is_empty() && backlog.is_empty() {
             break;
@@ -483,93 +467,35 @@ fn plan_poll(parked: Parked, rooms: &mut ReplyRooms, commands: &mut Vec<Command>
         finishes.push(Finish::PollNoRoom(parked));
         return;
     };
-    commands.push(Command::Poll {
-        queue: parked.queue.clone(),
-        max_items: parked.max_items,
-        lease_ms: parked.lease_ms,
-        max_bytes: budget,
-    });
+    commands.push(parked.poll.command(budget));
     finishes.push(Finish::Poll(parked));
 }
 
-/// Turns one operation into storage commands and a way to finish it.
-fn plan(call: Call, room: &mut ReplyRooms, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+/// Turns one call into storage commands and a way to finish it: the
+/// operation plans itself (`ops`), the core adds what is its own (parking
+/// polls, reply rooms).
+fn plan(call: Call, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
     let Call { op, reply, budget } = call;
-    let command = match op {
-        Op::Add { queue, messages } => Command::Add { queue, messages },
-        Op::Poll {
-            queue,
-            max_items,
-            lease_ms,
-            wait_ms,
-        } => {
+    match op.plan(commands) {
+        (Plan::Commands(n), build) => finishes.push(Finish::Reply {
+            reply,
+            commands: n,
+            build,
+        }),
+        (Plan::Poll(poll), _) => {
+            let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
             let parked = Parked {
-                queue,
-                max_items,
-                lease_ms,
-                deadline: Instant::now() + Duration::from_millis(wait_ms),
+                poll,
+                deadline,
                 reply,
                 budget,
             };
-            plan_poll(parked, room, commands, finishes);
-            return;
+            plan_poll(parked, rooms, commands, finishes);
         }
-        Op::Remove { queue, lease, ids } => {
-            let n = ids.len();
-            commands.extend(ids.into_iter().map(|id| Command::Remove {
-                queue: queue.clone(),
-                id,
-                lease,
-            }));
-            finishes.push(Finish::Remove(reply, n));
-            return;
+        // Never routed to a shard; the operation says why.
+        (Plan::Connection, build) => {
+            let _ = reply.send(build(&mut std::iter::empty()));
         }
-        Op::Extend { queue, lease, lease_ms } => Command::Extend { queue, lease, lease_ms },
-        Op::Release {
-            queue,
-            lease,
-            id,
-            delay_ms,
-        } => Command::Release {
-            queue,
-            id,
-            lease,
-            delay_ms,
-        },
-        Op::Stats { queue } => Command::Stats { queue },
-        Op::Purge { queue } => Command::Purge { queue },
-        Op::Delete { queue } => {
-            commands.push(Command::Delete { queue: queue.clone() });
-            finishes.push(Finish::Delete(reply, queue));
-            return;
-        }
-        Op::ListQueues => {
-            finishes.push(Finish::ListQueues(reply));
-            return;
-        }
-        Op::Hello => {
-            let _ = reply.send(Err(ErrorReply::new(
-                ErrorCode::Internal,
-                "hello is answered by the connection, not a shard",
-            )));
-            return;
-        }
-    };
-    commands.push(command);
-    finishes.push(Finish::Single(reply));
-}
-
-fn to_reply(outcome: Result<Outcome, ErrorReply>) -> ReplyResult {
-    match outcome {
-        Ok(Outcome::Added(ids)) => Ok(Reply::Added(ids)),
-        Ok(Outcome::Polled(lease)) => Ok(Reply::Polled(lease)),
-        Ok(Outcome::Removed(ok)) => Ok(Reply::Removed(vec![ok])),
-        Ok(Outcome::Extended(at)) => Ok(Reply::Extended(at)),
-        Ok(Outcome::Released(ok)) => Ok(Reply::Released(ok)),
-        Ok(Outcome::Stats(s)) => Ok(Reply::Stats(s)),
-        Ok(Outcome::Purged(n)) => Ok(Reply::Purged(n)),
-        Ok(Outcome::Deleted) => Ok(Reply::Deleted),
-        Err(e) => Err(e),
     }
 }
 
@@ -585,62 +511,34 @@ fn park_or_answer(parked: Parked, result: ReplyResult, waiters: &mut Waiters, dr
     }
 }
 
-fn finish(
-    executed: Executed,
-    queues: Option<Result<Vec<QueueName>, StoreError>>,
-    finishes: Vec<Finish>,
-    waiters: &mut Waiters,
-    retry: &mut Vec<Parked>,
-    draining: bool,
-) {
+fn finish(executed: Executed, finishes: Vec<Finish>, waiters: &mut Waiters, retry: &mut Vec<Parked>, draining: bool) {
     // One answer per command; a storage failure answers every command of
     // the batch alike (ErrorReply is Clone: no fan-out of the store's error).
     let mut outcomes: Box<dyn Iterator<Item = Result<Outcome, ErrorReply>>> = match executed.outcomes {
         Ok(list) => Box::new(list.into_iter().map(|r| r.map_err(|e| ErrorReply::from(&e)))),
         Err(e) => Box::new(std::iter::repeat(Err(ErrorReply::from(&e)))),
     };
-    let missing = || Err(unavailable("returned too few outcomes"));
     let now = Instant::now();
     for f in finishes {
         match f {
-            Finish::Single(reply) => {
-                let _ = reply.send(to_reply(outcomes.next().unwrap_or_else(missing)));
+            Finish::Reply { reply, commands, build } => {
+                let mut own = outcomes.by_ref().take(commands);
+                let result = build(&mut own);
+                // Whatever the operation did not read is still its own.
+                own.for_each(drop);
+                let _ = reply.send(result);
             }
             Finish::Poll(parked) => {
-                let result = to_reply(outcomes.next().unwrap_or_else(missing));
+                let result = ops::Poll::reply(&mut outcomes.by_ref().take(1)).map(Reply::Polled);
                 park_or_answer(parked, result, waiters, draining, now);
             }
             Finish::PollNoRoom(parked) => park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now),
-            Finish::Remove(reply, n) => {
-                let mut flags = Vec::with_capacity(n);
-                let mut error = None;
-                for _ in 0..n {
-                    match outcomes.next().unwrap_or_else(missing) {
-                        Ok(Outcome::Removed(ok)) => flags.push(ok),
-                        Ok(other) => {
-                            error = Some(ErrorReply::new(ErrorCode::Internal, format!("remove got {other:?}")))
-                        }
-                        Err(e) => error = Some(e),
-                    }
-                }
-                let _ = reply.send(error.map_or(Ok(Reply::Removed(flags)), Err));
-            }
-            Finish::Delete(reply, queue) => {
-                let result = to_reply(outcomes.next().unwrap_or_else(missing));
-                if result.is_ok() {
-                    waiters.answer_queue(&queue);
-                }
-                let _ = reply.send(result);
-            }
-            Finish::ListQueues(reply) => {
-                let result = match &queues {
-                    Some(Ok(names)) => Ok(Reply::Queues(names.clone())),
-                    Some(Err(e)) => Err(ErrorReply::from(e)),
-                    None => Err(unavailable("did not list queues")),
-                };
-                let _ = reply.send(result);
-            }
         }
+    }
+    // A deleted queue's parked polls must not outlive it into a queue
+    // re-created by the same name.
+    for queue in &executed.deleted {
+        waiters.answer_queue(queue);
     }
     for (queue, n) in executed.woken {
         waiters.wake(&queue, n, retry);
@@ -675,34 +573,34 @@ mod tests {
                 let clock = Arc::new(ManualClock::new(1_000));
                 let store = ModelStore::new(clock.clone());
                 let (core, task) = spawn(0, Box::new(store), clock);
-                let add = core.call(Op::Add {
+                let add = core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
-                });
-                let stats = core.call(Op::Stats { queue: q("missing") });
+                }));
+                let stats = core.call(Op::Stats(ops::Stats { queue: q("missing") }));
                 let (added, stats) = futures::join!(add, stats);
                 let Ok(Reply::Added(ids)) = added else {
                     panic!("{added:?}")
                 };
                 let polled = core
-                    .call(Op::Poll {
+                    .call(Op::Poll(ops::Poll {
                         queue: q("a"),
                         max_items: 5,
                         lease_ms: 100,
                         wait_ms: 0,
-                    })
+                    }))
                     .await;
                 let Ok(Reply::Polled(Some(lease))) = polled else {
                     panic!("{polled:?}")
                 };
                 let removed = core
-                    .call(Op::Remove {
+                    .call(Op::Remove(ops::Remove {
                         queue: q("a"),
                         lease: lease.id,
                         ids: vec![ids[0], ids[0], ids[1]],
-                    })
+                    }))
                     .await;
-                let queues = core.call(Op::ListQueues).await;
+                let queues = core.call(Op::ListQueues(ops::ListQueues)).await;
                 core.stop();
                 task.await;
                 (ids.len(), stats.map_err(|e| e.code), removed, queues)
@@ -721,17 +619,19 @@ mod tests {
                 let clock = Arc::new(ManualClock::new(1_000));
                 let store = ModelStore::new(clock.clone());
                 let (core, task) = spawn(0, Box::new(store), clock);
-                core.call(Op::Add {
+                core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::delayed(b"later".to_vec(), 1_000_000)],
-                })
+                }))
                 .await
                 .unwrap();
-                let poll = |wait_ms| Op::Poll {
-                    queue: q("a"),
-                    max_items: 1,
-                    lease_ms: 100,
-                    wait_ms,
+                let poll = |wait_ms| {
+                    Op::Poll(ops::Poll {
+                        queue: q("a"),
+                        max_items: 1,
+                        lease_ms: 100,
+                        wait_ms,
+                    })
                 };
                 let started = Instant::now();
                 let timed_out = core.call(poll(30)).await;
@@ -795,17 +695,19 @@ mod tests {
                     batches: batches.clone(),
                 };
                 let (core, task) = spawn(0, Box::new(counted), clock.clone());
-                core.call(Op::Add {
+                core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"m".to_vec())],
-                })
+                }))
                 .await
                 .unwrap();
-                let poll = |wait_ms| Op::Poll {
-                    queue: q("a"),
-                    max_items: 1,
-                    lease_ms: 50,
-                    wait_ms,
+                let poll = |wait_ms| {
+                    Op::Poll(ops::Poll {
+                        queue: q("a"),
+                        max_items: 1,
+                        lease_ms: 50,
+                        wait_ms,
+                    })
                 };
                 let Ok(Reply::Polled(Some(_))) = core.call(poll(0)).await else {
                     panic!("first delivery")

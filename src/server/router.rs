@@ -18,6 +18,7 @@ use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, Shar
 
 use super::budget::ConnectionBudget;
 use super::core::{Call, CoreHandle, ReplyResult};
+use crate::ops::Route;
 use crate::protocol::{ErrorCode, ErrorReply, Op};
 
 /// What travels between shards: a call for the receiving shard's core.
@@ -112,7 +113,10 @@ impl Router {
     /// Runs `op` on the shard that owns its queue. `budget` is the calling
     /// connection's buffer account (a poll's reply is limited by it).
     pub(crate) async fn call(&self, op: Op, budget: Option<Arc<ConnectionBudget>>) -> ReplyResult {
-        let owner = op.queue().map_or(self.index, |q| q.shard(self.shards));
+        let owner = match op.route() {
+            Route::Owner(queue) => queue.shard(self.shards),
+            Route::Local | Route::Connection => self.index,
+        };
         let (reply, answer) = oneshot::channel();
         let call = Call { op, reply, budget };
         if owner == self.index {

@@ -155,22 +155,12 @@ pub enum Command {
     Delete {
         queue: QueueName,
     },
+    /// Every queue in the database (all shards), sorted: a read of the
+    /// registry every shard shares.
+    ListQueues,
 }
 
 impl Command {
-    pub fn queue(&self) -> &QueueName {
-        match self {
-            Command::Add { queue, .. }
-            | Command::Poll { queue, .. }
-            | Command::Remove { queue, .. }
-            | Command::Extend { queue, .. }
-            | Command::Release { queue, .. }
-            | Command::Stats { queue }
-            | Command::Purge { queue }
-            | Command::Delete { queue } => queue,
-        }
-    }
-
     /// Whether losing this command's effect in a power cut would lose or
     /// resurrect data, so `fsync` durability must sync it before answering.
     /// A lost poll, remove, extend or release only causes a redelivery. The
@@ -183,7 +173,8 @@ impl Command {
             | Command::Remove { .. }
             | Command::Extend { .. }
             | Command::Release { .. }
-            | Command::Stats { .. } => false,
+            | Command::Stats { .. }
+            | Command::ListQueues => false,
         }
     }
 }
@@ -201,11 +192,14 @@ pub enum Outcome {
     /// How many messages (visible, delayed and in flight) were dropped.
     Purged(u64),
     Deleted,
+    Queues(Vec<QueueName>),
 }
 
 /// What one call to [`QueueStore::execute`] did.
 #[derive(Debug)]
 pub struct Executed {
+    /// Queues deleted by the batch: the server answers polls parked on them.
+    pub deleted: Vec<QueueName>,
     /// One result per command, in order; or the storage failure that
     /// stopped the whole batch (then none of it was applied).
     pub outcomes: Result<Vec<Result<Outcome, CommandError>>, StorageError>,
@@ -213,6 +207,27 @@ pub struct Executed {
     /// expired leases, delays coming due), with how many: the server wakes as
     /// many long-polls. A hint: the model store reports none.
     pub woken: Vec<(QueueName, u64)>,
+}
+
+impl Default for Executed {
+    /// A batch of no commands that changed nothing.
+    fn default() -> Self {
+        Executed {
+            outcomes: Ok(Vec::new()),
+            deleted: Vec::new(),
+            woken: Vec::new(),
+        }
+    }
+}
+
+impl Executed {
+    /// A batch that failed as a whole.
+    pub fn failed(error: StorageError) -> Self {
+        Executed {
+            outcomes: Err(error),
+            ..Executed::default()
+        }
+    }
 }
 
 /// A command's own failure: the command did nothing, the rest of its batch

@@ -91,7 +91,7 @@ impl ModelStore {
             .ok_or_else(|| StoreError::Command(CommandError::UnknownQueue(name.clone())))
     }
 
-    fn apply(&mut self, command: Command, now: u64) -> Result<Outcome, StoreError> {
+    fn apply(&mut self, command: Command, now: u64, deleted: &mut Vec<QueueName>) -> Result<Outcome, StoreError> {
         match command {
             Command::Add { queue, messages } => {
                 if let Some(m) = messages.iter().find(|m| m.payload.len() > self.max_payload_bytes) {
@@ -229,11 +229,13 @@ impl ModelStore {
                 Ok(Outcome::Purged(n))
             }
             Command::Delete { queue } => {
-                self.queues
-                    .remove(&queue)
-                    .ok_or(StoreError::Command(CommandError::UnknownQueue(queue)))?;
+                if self.queues.remove(&queue).is_none() {
+                    return Err(StoreError::Command(CommandError::UnknownQueue(queue)));
+                }
+                deleted.push(queue);
                 Ok(Outcome::Deleted)
             }
+            Command::ListQueues => self.list_queues().map(Outcome::Queues),
         }
     }
 }
@@ -246,21 +248,18 @@ impl QueueStore for ModelStore {
             q.settle(now);
         }
         let mut outcomes = Vec::with_capacity(commands.len());
+        let mut deleted = Vec::new();
         for command in commands {
-            match self.apply(command, now) {
+            match self.apply(command, now, &mut deleted) {
                 Ok(outcome) => outcomes.push(Ok(outcome)),
                 Err(StoreError::Command(e)) => outcomes.push(Err(e)),
                 // Memory does not fail; kept total for the type's sake.
-                Err(StoreError::Storage(e)) => {
-                    return Executed {
-                        outcomes: Err(e),
-                        woken: Vec::new(),
-                    }
-                }
+                Err(StoreError::Storage(e)) => return Executed::failed(e),
             }
         }
         Executed {
             outcomes: Ok(outcomes),
+            deleted,
             woken: Vec::new(),
         }
     }

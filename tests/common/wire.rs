@@ -9,6 +9,7 @@ use std::time::Duration;
 use capnp::message::ReaderOptions;
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
+use queueber::ops;
 use queueber::protocol::{decode_response, encode_request, Op, Reply, Request, Response};
 use queueber::storage::NewMessage;
 
@@ -19,33 +20,33 @@ pub fn frame(id: u64, op: Op) -> Vec<u8> {
 pub fn add(id: u64, queue: &QueueName, payload: &[u8]) -> Vec<u8> {
     frame(
         id,
-        Op::Add {
+        Op::Add(ops::Add {
             queue: queue.clone(),
             messages: vec![NewMessage::new(payload.to_vec())],
-        },
+        }),
     )
 }
 
 pub fn poll(id: u64, queue: &QueueName, max_items: u32, lease_ms: u64, wait_ms: u64) -> Vec<u8> {
     frame(
         id,
-        Op::Poll {
+        Op::Poll(ops::Poll {
             queue: queue.clone(),
             max_items,
             lease_ms,
             wait_ms,
-        },
+        }),
     )
 }
 
 pub fn remove(id: u64, queue: &QueueName, lease: LeaseId, ids: Vec<MessageId>) -> Vec<u8> {
     frame(
         id,
-        Op::Remove {
+        Op::Remove(ops::Remove {
             queue: queue.clone(),
             lease,
             ids,
-        },
+        }),
     )
 }
 
@@ -83,10 +84,10 @@ impl Wire {
     pub fn add_one(&mut self, id: u64, queue: &QueueName, payload: impl Into<Vec<u8>>) -> Response {
         self.call(
             id,
-            Op::Add {
+            Op::Add(ops::Add {
                 queue: queue.clone(),
                 messages: vec![NewMessage::new(payload.into())],
-            },
+            }),
         )
     }
 

@@ -41,8 +41,10 @@ impl ShardStore {
                 Registry::of(&self.engine)?.unregister(&mut batch.writes, &queue, qid);
                 self.names.remove(&queue);
                 self.queues.remove(&qid);
+                batch.deleted.push(queue);
                 Ok(Outcome::Deleted)
             }
+            Command::ListQueues => self.list_queues().map(Outcome::Queues),
         }
     }
 }
@@ -50,18 +52,16 @@ impl ShardStore {
 impl QueueStore for ShardStore {
     fn execute(&mut self, commands: Vec<Command>) -> Executed {
         if let Some(reason) = &self.failed {
-            return Executed {
-                outcomes: Err(StorageError::Unavailable(format!(
-                    "storage failed earlier and this shard is unavailable until restart: {reason}"
-                ))),
-                woken: Vec::new(),
-            };
+            return Executed::failed(StorageError::Unavailable(format!(
+                "storage failed earlier and this shard is unavailable until restart: {reason}"
+            )));
         }
         let now = self.now();
         let mut batch = Batch {
             writes: WriteBatch::default(),
             needs_sync: false,
             woken: BTreeMap::new(),
+            deleted: Vec::new(),
             touched: Vec::new(),
             record: Vec::new(),
         };
@@ -120,10 +120,7 @@ impl QueueStore for ShardStore {
                 tracing::error!(%reload, "rebuilding shard state failed; the shard is unavailable until restart");
                 self.failed = Some(format!("{error}; reload failed: {reload}"));
             }
-            return Executed {
-                outcomes: Err(error),
-                woken: Vec::new(),
-            };
+            return Executed::failed(error);
         }
         let woken = batch
             .woken
@@ -132,6 +129,7 @@ impl QueueStore for ShardStore {
             .collect();
         Executed {
             outcomes: Ok(outcomes),
+            deleted: batch.deleted,
             woken,
         }
     }

@@ -75,6 +75,8 @@ pub(super) struct Batch {
     pub(super) writes: WriteBatch,
     pub(super) needs_sync: bool,
     pub(super) woken: BTreeMap<QueueId, u64>,
+    /// Queues the batch deleted (reported once it commits).
+    pub(super) deleted: Vec<QueueName>,
     /// Queues whose counters may have changed (persisted at commit).
     pub(super) touched: Vec<QueueId>,
     pub(super) record: Vec<u8>,

@@ -1,0 +1,176 @@
+//! `poll`: leases up to `max_items` visible messages for `lease_ms`,
+//! waiting up to `wait_ms` for one to appear (a long poll). The waiting is
+//! the shard core's (`server::core`), which parks an empty poll on its
+//! queue and retries it when messages become visible there.
+
+use super::fields::{bad, malformed, read_queue, reply_message_id, set_queue};
+use super::Operation;
+use crate::ids::LeaseId;
+use crate::names::QueueName;
+use crate::protocol::{ErrorReply, ResponseDecodeError};
+use crate::queueber_capnp::{poll_reply, poll_request, request, response};
+use crate::types::{Delivery, Lease};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poll {
+    pub queue: QueueName,
+    /// 0 means 1; capped by the server's limit.
+    pub max_items: u32,
+    /// Must be greater than 0.
+    pub lease_ms: u64,
+    /// 0 answers at once; capped by the server's limit.
+    pub wait_ms: u64,
+}
+
+impl Operation for Poll {
+    const NAME: &'static str = "poll";
+    /// `None` when nothing was leased (the wait ran out).
+    type Reply = Option<Lease>;
+    type RequestArm<'a> = capnp::Result<poll_request::Reader<'a>>;
+    type ResponseArm<'a> = capnp::Result<poll_reply::Reader<'a>>;
+
+    fn decode(arm: Self::RequestArm<'_>) -> Result<Self, ErrorReply> {
+        let r = arm.map_err(malformed)?;
+        Ok(Poll {
+            queue: read_queue(r.get_queue())?,
+            max_items: r.get_max_items(),
+            lease_ms: r.get_lease_ms(),
+            wait_ms: r.get_wait_ms(),
+        })
+    }
+
+    fn encode(&self, root: request::Builder<'_>) {
+        let mut b = root.init_poll();
+        set_queue(b.reborrow().init_queue(), &self.queue);
+        b.set_max_items(self.max_items);
+        b.set_lease_ms(self.lease_ms);
+        b.set_wait_ms(self.wait_ms);
+    }
+
+    /// No lease is an empty `lease` field (and no messages).
+    fn encode_reply(lease: &Option<Lease>, root: response::Builder<'_>) {
+        let mut b = root.init_poll();
+        if let Some(lease) = lease {
+            b.set_lease(lease.id.as_bytes());
+            b.set_expires_at_ms(lease.expires_at_ms);
+            let mut list = b.init_messages(lease.messages.len() as u32);
+            for (i, m) in lease.messages.iter().enumerate() {
+                let mut e = list.reborrow().get(i as u32);
+                e.set_id(m.id.as_bytes());
+                e.set_payload(&m.payload);
+                e.set_delivery_count(m.delivery_count);
+                e.set_enqueued_at_ms(m.enqueued_at_ms);
+            }
+        }
+    }
+
+    fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<Option<Lease>, ResponseDecodeError> {
+        let p = arm?;
+        let lease = p.get_lease()?;
+        if lease.is_empty() {
+            return Ok(None);
+        }
+        let id = LeaseId::from_slice(lease).ok_or_else(|| bad("lease id", format!("{} bytes", lease.len())))?;
+        let mut messages = Vec::new();
+        for m in p.get_messages()?.iter() {
+            messages.push(Delivery {
+                id: reply_message_id(m.get_id())?,
+                payload: m.get_payload()?.to_vec(),
+                delivery_count: m.get_delivery_count(),
+                enqueued_at_ms: m.get_enqueued_at_ms(),
+            });
+        }
+        Ok(Some(Lease {
+            id,
+            expires_at_ms: p.get_expires_at_ms(),
+            messages,
+        }))
+    }
+}
+
+#[cfg(feature = "server")]
+mod serve {
+    use super::*;
+    use crate::ops::fields::invalid;
+    use crate::ops::{one, Outcomes, Plan, Route, Serve};
+    use crate::server::ServerLimits;
+    use crate::storage::{Command, Outcome, ReplyBudget};
+
+    impl Poll {
+        /// The store command of one attempt, with the caller's reply room.
+        pub fn command(&self, max_bytes: ReplyBudget) -> Command {
+            Command::Poll {
+                queue: self.queue.clone(),
+                max_items: self.max_items,
+                lease_ms: self.lease_ms,
+                max_bytes,
+            }
+        }
+    }
+
+    impl Serve for Poll {
+        /// `lease_ms` must be positive; `max_items` 0 means 1 and is capped,
+        /// waits over the limit are capped. The lease's clamp to the
+        /// longest duration is the store's.
+        fn admit(self, limits: &ServerLimits) -> Result<Self, ErrorReply> {
+            if self.lease_ms == 0 {
+                return Err(invalid("poll leaseMs must be greater than 0"));
+            }
+            Ok(Poll {
+                max_items: self.max_items.clamp(1, limits.max_items_per_poll.max(1)),
+                wait_ms: self.wait_ms.min(limits.max_wait_ms),
+                ..self
+            })
+        }
+
+        fn route(&self) -> Route<'_> {
+            Route::Owner(&self.queue)
+        }
+
+        fn batch_writes(&self) -> usize {
+            0
+        }
+
+        fn plan(self, _: &mut Vec<Command>) -> Plan {
+            Plan::Poll(self)
+        }
+
+        fn reply(outcomes: &mut Outcomes<'_>) -> Result<Option<Lease>, ErrorReply> {
+            one(outcomes, Self::NAME, |o| match o {
+                Outcome::Polled(lease) => Ok(lease),
+                other => Err(other),
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::protocol::ErrorCode;
+
+        #[test]
+        fn polls_are_normalised() {
+            let limits = ServerLimits {
+                max_items_per_poll: 10,
+                max_wait_ms: 100,
+                ..ServerLimits::default()
+            };
+            let poll = |max_items, lease_ms, wait_ms| Poll {
+                queue: QueueName::new("t", "q").unwrap(),
+                max_items,
+                lease_ms,
+                wait_ms,
+            };
+            assert_eq!(poll(0, 5, 0).admit(&limits).unwrap(), poll(1, 5, 0));
+            // Durations are the store's to clamp (storage::shard tests).
+            assert_eq!(
+                poll(99, u64::MAX, 1000).admit(&limits).unwrap(),
+                poll(10, u64::MAX, 100)
+            );
+            assert_eq!(
+                poll(1, 0, 0).admit(&limits).unwrap_err().code,
+                ErrorCode::InvalidArgument
+            );
+        }
+    }
+}
