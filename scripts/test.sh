@@ -5,4 +5,14 @@ source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
+# promtool, from Debian's prometheus package: tests/metrics.rs checks
+# /metrics with Prometheus's own parser. The package is unpacked into the
+# cache, not installed, so no Prometheus service is set up or started.
+promtool_dir="$HOME/.cache/queueber/promtool"
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool_dir/usr/bin/promtool" ]; then
+  echo "fetching promtool (Debian package prometheus, unpacked only)" >&2
+  rm -rf "$promtool_dir" && mkdir -p "$promtool_dir"
+  (cd "$promtool_dir" && apt-get download prometheus >/dev/null && dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb)
+fi
+export PATH="$PATH:$promtool_dir/usr/bin"
 cargo test --release --all-features "$@"

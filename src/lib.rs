@@ -19,6 +19,8 @@
 //! * [`server`]: the daemon: one glommio executor per core, each owning a
 //!   shard of queues with its own coalescer, long-poll waiters and sweeper;
 //!   requests routed between shards over cross-core channels.
+//! * [`metrics`]: what the server counts (per shard, per queue) and the
+//!   Prometheus / OpenMetrics text a scrape renders.
 //! * [`runtime`]: the small helpers the server leans on (blocking offload,
 //!   CPU placement, locked memory, timeouts).
 //! * [`client`]: an async, pipelining client over any `futures` stream.
@@ -37,6 +39,8 @@ pub mod client;
 pub mod clock;
 pub mod frame;
 pub mod ids;
+#[cfg(feature = "server")]
+pub mod metrics;
 pub mod names;
 pub mod ops;
 pub mod protocol;

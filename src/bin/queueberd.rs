@@ -106,6 +106,16 @@ struct Args {
     #[arg(long, env = "QUEUEBER_SPIN_BEFORE_PARK_US", default_value_t = 0)]
     spin_before_park_us: u64,
 
+    /// Where to serve metrics (`GET /metrics`, Prometheus or OpenMetrics
+    /// text), `/healthz` and `/readyz` over HTTP; `off` serves none.
+    #[arg(long, env = "QUEUEBER_METRICS_LISTEN", default_value = "127.0.0.1:9420", value_parser = parse_metrics_listen)]
+    metrics_listen: MetricsListen,
+
+    /// Per-queue metric series beyond this many queues (in name order) are
+    /// summed into one `tenant="_other",queue="_other"` series.
+    #[arg(long, env = "QUEUEBER_METRICS_MAX_QUEUES", default_value_t = queueber::server::config::DEFAULT_METRICS_MAX_QUEUES)]
+    metrics_max_queues: usize,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -117,6 +127,20 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "QUEUEBER_LOG_JSON")]
     log_json: bool,
+}
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsListen(Option<std::net::SocketAddr>);
+
+fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(MetricsListen(None));
+    }
+    value
+        .parse()
+        .map(|addr| MetricsListen(Some(addr)))
+        .map_err(|e| format!("{e}: expected an address such as 127.0.0.1:9420, or off"))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -171,6 +195,8 @@ fn main() -> ExitCode {
         stall_timeout_ms: args.stall_timeout_ms,
     };
     config.min_free_disk_bytes = args.min_free_disk_mib << 20;
+    config.metrics_listen = args.metrics_listen.0;
+    config.metrics_max_queues = args.metrics_max_queues;
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         tracing::error!(dir = %config.data_dir.display(), error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;

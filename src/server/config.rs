@@ -27,6 +27,11 @@ pub struct ServerConfig {
     pub spin_before_park: Option<std::time::Duration>,
     /// Adds are refused while the data filesystem has less free space.
     pub min_free_disk_bytes: u64,
+    /// Where the metrics endpoint listens (`/metrics`, `/healthz`,
+    /// `/readyz`); `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Per-queue series beyond this many fold into `queue="_other"`.
+    pub metrics_max_queues: usize,
 }
 
 impl ServerConfig {
@@ -44,9 +49,14 @@ impl ServerConfig {
             write_buffer_bytes: 64 << 20,
             spin_before_park: None,
             min_free_disk_bytes: crate::storage::disk::DEFAULT_MIN_FREE_BYTES,
+            metrics_listen: None,
+            metrics_max_queues: DEFAULT_METRICS_MAX_QUEUES,
         }
     }
 }
+
+/// Default of `--metrics-max-queues`.
+pub const DEFAULT_METRICS_MAX_QUEUES: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerLimits {

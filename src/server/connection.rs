@@ -34,7 +34,9 @@ use glommio::net::TcpStream;
 use super::budget::{BufferBudget, Charge, ConnectionBudget};
 use super::config::ServerLimits;
 use super::router::Router;
+use crate::client::code_name;
 use crate::frame::{FrameBuffer, FrameError};
+use crate::metrics::ShardMetrics;
 use crate::protocol::{
     decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
 };
@@ -83,6 +85,8 @@ pub(crate) struct ShardContext {
     pub max_connections: usize,
     pub budget: Arc<BufferBudget>,
     pub disk: Arc<DiskState>,
+    /// This shard's request figures (shared with its core).
+    pub metrics: Rc<ShardMetrics>,
 }
 
 impl ShardContext {
@@ -363,6 +367,9 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
         Ok(request) => request,
         Err(e) => {
             // The frame was whole, so framing is intact: answer and go on.
+            conn.ctx
+                .metrics
+                .record_request(UNDECODED, code_name(e.error.code), Duration::ZERO);
             conn.answer(e.id.unwrap_or(0), Err(e.error));
             return;
         }
@@ -372,6 +379,9 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
             ErrorCode::TooManyInFlight,
             format!("more than max-in-flight-per-connection {limit} requests in flight"),
         );
+        conn.ctx
+            .metrics
+            .record_request(request.op.name(), code_name(error.code), Duration::ZERO);
         conn.answer(request.id, Err(error));
         return;
     }
@@ -383,6 +393,7 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
 
 async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
     let ctx = &conn.ctx;
+    let (started, op) = (Instant::now(), request.op.name());
     let result = match request.op.admit(&ctx.limits) {
         Err(e) => Err(e),
         Ok(Op::Hello(_)) => Ok(Reply::Hello(ctx.hello())),
@@ -403,9 +414,17 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
         }
         Ok(op) => ctx.router.call(op, Some(conn.budget.clone())).await,
     };
+    let code = match &result {
+        Ok(_) => "ok",
+        Err(e) => code_name(e.code),
+    };
     conn.send(request.id, result);
+    ctx.metrics.record_request(op, code, started.elapsed());
     drop(frame);
 }
+
+/// The `op` label of requests that could not be decoded.
+const UNDECODED: &str = "undecoded";
 
 /// Writes all of `bytes`, failing when the socket accepts nothing for
 /// `stall`. The timer is armed only once a write would block: a client that

@@ -25,11 +25,15 @@ use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
 
 use crate::clock::Clock;
+use crate::metrics::{QueueSeries, ShardMetrics, ShardSnapshot};
 use crate::names::QueueName;
 use crate::ops::{self, Plan, ReplyFn, Serve};
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
 use crate::runtime::{offload, within};
-use crate::storage::{Command, CommandError, Executed, Outcome, QueueStore, ReplyBudget, StorageError, StoreError};
+use crate::storage::{
+    Command, CommandError, Executed, Outcome, QueueSnapshot, QueueStore, ReplyBudget, StorageError, StoreError,
+};
+use std::rc::Rc;
 
 use super::budget::{BatchReplyRoom, ConnectionBudget};
 use std::sync::Arc;
@@ -77,6 +81,8 @@ fn unavailable(what: &str) -> ErrorReply {
 
 enum Job {
     Call(Call),
+    /// Report this shard's figures (a metrics scrape).
+    Snapshot(oneshot::Sender<ShardSnapshot>),
     /// Answer every parked poll now and park no more (shutdown has begun).
     Drain,
     /// Finish the current batch and return the store.
@@ -144,6 +150,13 @@ impl CoreHandle {
         }
     }
 
+    /// Asks the core for its figures; `None` if it has stopped.
+    pub(crate) async fn snapshot(&self) -> Option<ShardSnapshot> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.unbounded_send(Job::Snapshot(reply)).ok()?;
+        answer.await.ok()
+    }
+
     pub(crate) fn drain(&self) {
         let _ = self.jobs.unbounded_send(Job::Drain);
     }
@@ -173,6 +186,8 @@ enum Finish {
     Poll(Parked),
     /// A poll that did not run: its connection has no room for a reply.
     PollNoRoom(Parked),
+    /// The store's snapshot, for these scrapes.
+    Snapshot(Vec<oneshot::Sender<ShardSnapshot>>),
 }
 
 /// Waiting polls per queue, plus their deadlines in order.
@@ -181,6 +196,8 @@ struct Waiters {
     by_queue: HashMap<QueueName, VecDeque<(u64, Parked)>>,
     deadlines: BTreeMap<(Instant, u64), QueueName>,
     next_seq: u64,
+    /// Polls answered with nothing, per queue (metrics).
+    polls_empty: HashMap<QueueName, u64>,
 }
 
 impl Waiters {
@@ -192,6 +209,15 @@ impl Waiters {
             .entry(parked.poll.queue.clone())
             .or_default()
             .push_back((seq, parked));
+    }
+
+    fn count_empty(&mut self, queue: &QueueName) {
+        match self.polls_empty.get_mut(queue) {
+            Some(n) => *n += 1,
+            None => {
+                self.polls_empty.insert(queue.clone(), 1);
+            }
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -232,6 +258,8 @@ impl Waiters {
                 let _ = parked.reply.send(Ok(Reply::Polled(None)));
             }
         }
+        // Its series go with it.
+        self.polls_empty.remove(queue);
     }
 
     /// Answers every waiter whose deadline is at or before `now` with an
@@ -247,6 +275,7 @@ impl Waiters {
                 if let Some(pos) = list.iter().position(|(s, _)| *s == seq) {
                     if let Some((_, parked)) = list.remove(pos) {
                         let _ = parked.reply.send(Ok(Reply::Polled(None)));
+                        *self.polls_empty.entry(queue.clone()).or_default() += 1;
                     }
                 }
                 if list.is_empty() {
@@ -266,9 +295,10 @@ pub(crate) fn spawn(
     shard: usize,
     store: Box<dyn QueueStore>,
     clock: Arc<dyn Clock>,
+    metrics: Rc<ShardMetrics>,
 ) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
     let (jobs, incoming) = mpsc::unbounded();
-    let task = glommio::spawn_local(run(shard, store, clock, incoming)).detach();
+    let task = glommio::spawn_local(run(shard, store, clock, metrics, incoming)).detach();
     (CoreHandle { jobs }, task)
 }
 
@@ -323,12 +353,43 @@ impl Backlog {
     fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
+
+    fn len(&self) -> usize {
+        self.writes.len()
+    }
+}
+
+/// What a snapshot needs besides the store's figures.
+struct Reporter<'a> {
+    shard: usize,
+    metrics: &'a ShardMetrics,
+    pending: u64,
+}
+
+impl Reporter<'_> {
+    fn snapshot(&self, queues: Vec<QueueSnapshot>, waiters: &Waiters) -> ShardSnapshot {
+        let queues = queues
+            .into_iter()
+            .map(|store| QueueSeries {
+                parked_polls: waiters.by_queue.get(&store.queue).map_or(0, |l| l.len() as u64),
+                polls_empty: waiters.polls_empty.get(&store.queue).copied().unwrap_or(0),
+                store,
+            })
+            .collect();
+        ShardSnapshot {
+            shard: self.shard,
+            queues,
+            pending_requests: self.pending,
+            figures: self.metrics.figures(),
+        }
+    }
 }
 
 async fn run(
     shard: usize,
     store: Box<dyn QueueStore>,
     clock: Arc<dyn Clock>,
+    metrics: Rc<ShardMetrics>,
     mut incoming: mpsc::UnboundedReceiver<Job>,
 ) -> Box<dyn QueueStore> {
     // Storage logs come from the offload thread: label them with the shard.
@@ -362,9 +423,11 @@ async fn run(
         }
 
         let mut arrived = Vec::new();
+        let mut scrapes = Vec::new();
         for job in jobs {
             match job {
                 Job::Call(call) => arrived.push(call),
+                Job::Snapshot(reply) => scrapes.push(reply),
                 Job::Drain => draining = true,
                 Job::Stop => stopping = true,
             }
@@ -380,6 +443,11 @@ async fn run(
         for parked in retry.drain(..) {
             plan_poll(parked, &mut room, &mut commands, &mut finishes);
         }
+        if !scrapes.is_empty() {
+            // One snapshot answers every scrape that arrived for this batch.
+            commands.push(Command::Snapshot);
+            finishes.push(Finish::Snapshot(scrapes));
+        }
         let now = Instant::now();
         waiters.expire(if draining { None } else { Some(now) });
         let timers_due = store_due.is_some_and(|d| d <= now);
@@ -390,6 +458,8 @@ async fn run(
             };
             batches += 1;
             commands_run += commands.len() as u64;
+            let batch_commands = commands.len();
+            let started = Instant::now();
             let span = span.clone();
             let work = move || {
                 let _in_shard = span.enter();
@@ -398,14 +468,32 @@ async fn run(
                 (owned, executed, next)
             };
             let (owned, executed, next) = offload(work).await;
+            metrics.record_batch(started.elapsed(), batch_commands);
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
-            finish(executed, finishes, &mut waiters, &mut retry, draining);
+            let reporter = Reporter {
+                shard,
+                metrics: &metrics,
+                pending: backlog.len() as u64,
+            };
+            finish(executed, finishes, &mut waiters, &mut retry, draining, &reporter);
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
             drop(room);
         } else if !finishes.is_empty() {
-            finish(Executed::default(), finishes, &mut waiters, &mut retry, draining);
+            let reporter = Reporter {
+                shard,
+                metrics: &metrics,
+                pending: backlog.len() as u64,
+            };
+            finish(
+                Executed::default(),
+                finishes,
+                &mut waiters,
+                &mut retry,
+                draining,
+                &reporter,
+            );
         }
         if stopping && retry.is_empty() && backlog.is_empty() {
             break;
@@ -506,12 +594,22 @@ fn park_or_answer(parked: Parked, result: ReplyResult, waiters: &mut Waiters, dr
             waiters.park(parked)
         }
         other => {
+            if matches!(other, Ok(Reply::Polled(None))) {
+                waiters.count_empty(&parked.poll.queue);
+            }
             let _ = parked.reply.send(other);
         }
     }
 }
 
-fn finish(executed: Executed, finishes: Vec<Finish>, waiters: &mut Waiters, retry: &mut Vec<Parked>, draining: bool) {
+fn finish(
+    executed: Executed,
+    finishes: Vec<Finish>,
+    waiters: &mut Waiters,
+    retry: &mut Vec<Parked>,
+    draining: bool,
+    reporter: &Reporter<'_>,
+) {
     // One answer per command; a storage failure answers every command of
     // the batch alike (ErrorReply is Clone: no fan-out of the store's error).
     let mut outcomes: Box<dyn Iterator<Item = Result<Outcome, ErrorReply>>> = match executed.outcomes {
@@ -533,6 +631,18 @@ fn finish(executed: Executed, finishes: Vec<Finish>, waiters: &mut Waiters, retr
                 park_or_answer(parked, result, waiters, draining, now);
             }
             Finish::PollNoRoom(parked) => park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now),
+            Finish::Snapshot(scrapes) => {
+                let queues = match outcomes.next() {
+                    Some(Ok(Outcome::Snapshot(queues))) => queues,
+                    // A failed batch has no figures: the scrape shows none
+                    // of this shard's queues rather than stale ones.
+                    _ => Vec::new(),
+                };
+                let snapshot = reporter.snapshot(queues, waiters);
+                for reply in scrapes {
+                    let _ = reply.send(snapshot.clone());
+                }
+            }
         }
     }
     // A deleted queue's parked polls must not outlive it into a queue
@@ -572,7 +682,7 @@ mod tests {
             Box::pin(async {
                 let clock = Arc::new(ManualClock::new(1_000));
                 let store = ModelStore::new(clock.clone());
-                let (core, task) = spawn(0, Box::new(store), clock);
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default());
                 let add = core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
@@ -618,7 +728,7 @@ mod tests {
             Box::pin(async {
                 let clock = Arc::new(ManualClock::new(1_000));
                 let store = ModelStore::new(clock.clone());
-                let (core, task) = spawn(0, Box::new(store), clock);
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default());
                 core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::delayed(b"later".to_vec(), 1_000_000)],
@@ -694,7 +804,7 @@ mod tests {
                     inner: Box::new(store),
                     batches: batches.clone(),
                 };
-                let (core, task) = spawn(0, Box::new(counted), clock.clone());
+                let (core, task) = spawn(0, Box::new(counted), clock.clone(), Rc::default());
                 core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"m".to_vec())],

@@ -20,6 +20,7 @@ mod budget;
 pub mod config;
 mod connection;
 mod core;
+mod http;
 mod router;
 
 use std::net::SocketAddr;
@@ -68,12 +69,18 @@ pub struct ServerHandle {
     stop: Arc<AtomicBool>,
     shards: Vec<glommio::ExecutorJoinHandle<Result<(), ServerError>>>,
     engine: Arc<Engine>,
+    metrics: Option<http::Endpoint>,
 }
 
 impl ServerHandle {
     /// The address clients connect to (with the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(http::Endpoint::local_addr)
     }
 
     /// Stops the server gracefully and waits until it has.
@@ -83,7 +90,7 @@ impl ServerHandle {
     }
 
     /// Waits until the server stops (after its stop flag is set).
-    pub fn wait(self) -> Result<(), ServerError> {
+    pub fn wait(mut self) -> Result<(), ServerError> {
         let mut first_error = None;
         for shard in self.shards {
             let result = shard
@@ -95,6 +102,8 @@ impl ServerHandle {
                 first_error.get_or_insert(e);
             }
         }
+        // The endpoint holds the engine for its figures: it goes first.
+        drop(self.metrics.take());
         self.engine.sync_wal()?;
         drop(self.engine);
         first_error.map_or(Ok(()), Err)
@@ -156,12 +165,24 @@ pub fn start_with_stop(
     check_port_free(config.listen)?;
     config.limits = config.limits.normalized();
     let shards = config.shards.max(1);
+    // One executor per shard, and one for the metrics endpoint.
+    let executors = shards + 1;
     let locked = runtime::raise_memlock(
-        runtime::MIN_MEMLOCK_BYTES + (config.io_memory * shards) as u64,
-        (config.io_memory as u64 + (8 << 20)) * shards as u64,
+        runtime::MIN_MEMLOCK_BYTES + (config.io_memory * executors) as u64,
+        (config.io_memory as u64 + (8 << 20)) * executors as u64,
     )?;
     let max_connections = accept::size_descriptors(config.limits.max_connections);
     tracing::debug!(locked, "RLIMIT_MEMLOCK");
+    // Up before recovery, so that /readyz can say it is not done.
+    let status = http::Status::new(config.metrics_max_queues);
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let endpoint = http::Endpoint::start(addr, status.clone(), config.io_memory)?;
+            tracing::info!(addr = %endpoint.local_addr(), "metrics endpoint listening");
+            Some(endpoint)
+        }
+        None => None,
+    };
     let engine = Engine::open(
         &config.data_dir,
         EngineOptions {
@@ -180,6 +201,8 @@ pub fn start_with_stop(
         },
         clock,
     )?;
+    let connections = Arc::new(AtomicUsize::new(0));
+    status.set_engine(engine.clone(), connections.clone());
     let budget = BufferBudget::new(
         config.limits.max_buffered_bytes,
         config.limits.max_buffered_bytes_per_connection,
@@ -195,7 +218,6 @@ pub fn start_with_stop(
         },
         disk_full: false,
     };
-    let connections = Arc::new(AtomicUsize::new(0));
     let mut mesh = Mesh::new(shards);
     let (bound_tx, bound_rx) = crossbeam_channel::bounded(shards);
     let mut addr = config.listen;
@@ -218,6 +240,7 @@ pub fn start_with_stop(
             engine: engine.clone(),
             clock: engine.clock().clone(),
             bound: bound_tx.clone(),
+            status: status.clone(),
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);
@@ -243,11 +266,13 @@ pub fn start_with_stop(
         }
     }
     tracing::info!(%addr, shards, durability = ?config.durability, data_dir = %config.data_dir.display(), "queueber listening");
+    status.set_ready();
     Ok(ServerHandle {
         addr,
         stop,
         shards: handles,
         engine,
+        metrics,
     })
 }
 
@@ -267,6 +292,7 @@ struct Shard {
     engine: Arc<Engine>,
     clock: Arc<dyn Clock>,
     bound: crossbeam_channel::Sender<Result<SocketAddr, ServerError>>,
+    status: Arc<http::Status>,
 }
 
 impl Shard {
@@ -288,8 +314,10 @@ impl Shard {
                 return Err(error(&e));
             }
         };
-        let (core, core_task) = core::spawn(self.index, self.store, self.clock);
-        let router = Router::connect(self.index, self.shards, core.clone(), self.links).await;
+        let metrics = Rc::new(crate::metrics::ShardMetrics::default());
+        let (core, core_task) = core::spawn(self.index, self.store, self.clock, metrics.clone());
+        self.status.add_core(self.index, core.clone());
+        let router = Router::connect(self.index, self.shards, core.clone(), metrics.clone(), self.links).await;
         let ctx = Rc::new(ShardContext {
             router: router.clone(),
             limits: self.limits,
@@ -299,6 +327,7 @@ impl Shard {
             max_connections: self.max_connections,
             budget: self.budget,
             disk: self.engine.disk().clone(),
+            metrics,
         });
         drop(self.engine);
         let acceptor = glommio::spawn_local(accept::accept_loop(listener, ctx.clone())).detach();
@@ -307,6 +336,7 @@ impl Shard {
             glommio::timer::sleep(STOP_POLL).await;
         }
         tracing::info!(shard = self.index, "shutting down");
+        self.status.set_stopping();
         ctx.shutdown.fire();
         core.drain();
         acceptor.await;

@@ -18,6 +18,7 @@ use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, Shar
 
 use super::budget::ConnectionBudget;
 use super::core::{Call, CoreHandle, ReplyResult};
+use crate::metrics::ShardMetrics;
 use crate::ops::Route;
 use crate::protocol::{ErrorCode, ErrorReply, Op};
 
@@ -71,6 +72,7 @@ pub(crate) struct Router {
     index: usize,
     shards: usize,
     core: CoreHandle,
+    metrics: Rc<ShardMetrics>,
     peers: Vec<Option<ConnectedSender<Envelope>>>,
 }
 
@@ -82,7 +84,13 @@ impl Router {
     /// Connects this shard's channel ends (every peer does the same at the
     /// same time; connecting waits for the other side) and starts one task
     /// per incoming channel.
-    pub(crate) async fn connect(index: usize, shards: usize, core: CoreHandle, links: ShardLinks) -> Rc<Router> {
+    pub(crate) async fn connect(
+        index: usize,
+        shards: usize,
+        core: CoreHandle,
+        metrics: Rc<ShardMetrics>,
+        links: ShardLinks,
+    ) -> Rc<Router> {
         let senders = futures::future::join_all(links.senders.into_iter().map(|s| async move {
             if let Some(s) = s {
                 Some(s.connect().await)
@@ -102,6 +110,7 @@ impl Router {
             index,
             shards,
             core,
+            metrics,
             peers,
         });
         for receiver in receivers.into_iter().flatten() {
@@ -122,6 +131,7 @@ impl Router {
         if owner == self.index {
             self.core.submit(call);
         } else {
+            self.metrics.record_cross_shard();
             let Some(peer) = self.peers.get(owner).and_then(Option::as_ref) else {
                 return Err(unavailable(owner));
             };

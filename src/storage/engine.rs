@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+
+use crate::metrics::AtomicHistogram;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -91,6 +93,8 @@ pub struct Engine {
     disk: Arc<DiskState>,
     watcher: Option<DiskWatcher>,
     path: PathBuf,
+    /// Time of each WAL fsync, whoever runs it (metrics).
+    wal_syncs: Arc<AtomicHistogram>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -187,8 +191,9 @@ impl Engine {
         for queue in list_registry(&db)? {
             max_qid = max_qid.max(queue.1);
         }
+        let wal_syncs = Arc::new(AtomicHistogram::new(crate::metrics::LATENCY_BUCKETS));
         let syncer = match options.durability {
-            Durability::Periodic(every) => Some(Syncer::start(db.clone(), every).map_err(|e| {
+            Durability::Periodic(every) => Some(Syncer::start(db.clone(), every, wal_syncs.clone()).map_err(|e| {
                 StoreError::Storage(StorageError::Unavailable(format!("spawning the WAL sync thread: {e}")))
             })?),
             _ => None,
@@ -209,6 +214,7 @@ impl Engine {
             disk,
             watcher: Some(watcher),
             path,
+            wal_syncs,
         }))
     }
 
@@ -271,13 +277,45 @@ impl Engine {
     /// Writes one batch with the sync policy of the durability mode.
     pub(crate) fn commit(&self, batch: WriteBatch, needs_sync: bool) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
-        opts.set_sync(needs_sync && self.options.durability == Durability::Fsync);
-        self.db.write_opt(batch, &opts).map_err(|source| {
+        let sync = needs_sync && self.options.durability == Durability::Fsync;
+        opts.set_sync(sync);
+        let started = sync.then(std::time::Instant::now);
+        let written = self.db.write_opt(batch, &opts).map_err(|source| {
             if is_no_space(&source) {
                 self.disk.note_no_space();
             }
             StoreError::rocks("write a batch")(source)
-        })
+        });
+        if let (Some(started), Ok(())) = (started, &written) {
+            self.wal_syncs.observe(started.elapsed());
+        }
+        written
+    }
+
+    /// Every WAL fsync's time so far.
+    pub fn wal_sync_histogram(&self) -> crate::metrics::Histogram {
+        self.wal_syncs.snapshot()
+    }
+
+    /// RocksDB's figures for metrics (in-memory property reads), summed
+    /// over the column families.
+    pub fn rocks_figures(&self) -> crate::metrics::render::RocksFigures {
+        let sum = |property: &str| -> u64 {
+            [CF_READY, CF_LEASES, CF_REGISTRY]
+                .iter()
+                .filter_map(|name| self.db.cf_handle(name))
+                .filter_map(|cf| self.db.property_int_value_cf(&cf, property).ok().flatten())
+                .sum()
+        };
+        let db = |property: &str| self.db.property_int_value(property).ok().flatten().unwrap_or(0);
+        crate::metrics::render::RocksFigures {
+            live_sst_bytes: sum("rocksdb.live-sst-files-size"),
+            pending_compaction_bytes: sum("rocksdb.estimate-pending-compaction-bytes"),
+            write_stopped: db("rocksdb.is-write-stopped") > 0,
+            delayed_write_rate: db("rocksdb.actual-delayed-write-rate"),
+            block_cache_bytes: db("rocksdb.block-cache-usage"),
+            memtable_bytes: sum("rocksdb.cur-size-all-mem-tables"),
+        }
     }
 
     /// Every registered queue with its id, sorted by name.
@@ -367,15 +405,17 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(db: Arc<DB>, every: Duration) -> std::io::Result<Syncer> {
+    fn start(db: Arc<DB>, every: Duration, timings: Arc<AtomicHistogram>) -> std::io::Result<Syncer> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
         let handle = std::thread::Builder::new()
             .name("queueber-wal-sync".into())
             .spawn(move || loop {
                 match stopped.recv_timeout(every) {
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        if let Err(e) = db.flush_wal(true) {
-                            tracing::error!(error = %e, "periodic WAL sync failed");
+                        let started = std::time::Instant::now();
+                        match db.flush_wal(true) {
+                            Ok(()) => timings.observe(started.elapsed()),
+                            Err(e) => tracing::error!(error = %e, "periodic WAL sync failed"),
                         }
                     }
                     _ => return,

@@ -158,6 +158,8 @@ pub enum Command {
     /// Every queue in the database (all shards), sorted: a read of the
     /// registry every shard shares.
     ListQueues,
+    /// Every queue of this store with its gauges and counters (metrics).
+    Snapshot,
 }
 
 impl Command {
@@ -174,7 +176,8 @@ impl Command {
             | Command::Extend { .. }
             | Command::Release { .. }
             | Command::Stats { .. }
-            | Command::ListQueues => false,
+            | Command::ListQueues
+            | Command::Snapshot => false,
         }
     }
 }
@@ -193,6 +196,43 @@ pub enum Outcome {
     Purged(u64),
     Deleted,
     Queues(Vec<QueueName>),
+    /// One entry per queue the store owns, in no particular order.
+    Snapshot(Vec<QueueSnapshot>),
+}
+
+/// What happened to a queue's messages since the store opened: kept in
+/// memory (a restart resets them, as Prometheus counters expect), counted
+/// only for batches that committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub added: u64,
+    /// Messages handed out under a lease (every delivery).
+    pub delivered: u64,
+    /// Deliveries after the first of a message.
+    pub redelivered: u64,
+    pub removed: u64,
+    pub released: u64,
+    /// Messages made visible again because their lease expired.
+    pub leases_expired: u64,
+}
+
+impl QueueCounters {
+    pub fn merge(&mut self, other: &QueueCounters) {
+        self.added += other.added;
+        self.delivered += other.delivered;
+        self.redelivered += other.redelivered;
+        self.removed += other.removed;
+        self.released += other.released;
+        self.leases_expired += other.leases_expired;
+    }
+}
+
+/// One queue's figures, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    pub queue: QueueName,
+    pub stats: QueueStats,
+    pub counters: QueueCounters,
 }
 
 /// What one call to [`QueueStore::execute`] did.

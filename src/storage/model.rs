@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::{
-    deadline, Command, CommandError, Delivery, Executed, Lease, Outcome, QueueStats, QueueStore, StoreError,
-    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES, POLL_MESSAGE_OVERHEAD,
+    deadline, Command, CommandError, Delivery, Executed, Lease, Outcome, QueueCounters, QueueSnapshot, QueueStats,
+    QueueStore, StoreError, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES, POLL_MESSAGE_OVERHEAD,
 };
 use crate::clock::Clock;
 use crate::ids::{IdGenerator, LeaseId, MessageId};
@@ -29,6 +29,7 @@ struct Message {
 struct Queue {
     messages: BTreeMap<MessageId, Message>,
     leases: HashMap<LeaseId, u64>,
+    counters: QueueCounters,
 }
 
 impl Queue {
@@ -40,6 +41,7 @@ impl Queue {
                 if expiry <= now {
                     m.lease = None;
                     m.visible_at = expiry;
+                    self.counters.leases_expired += 1;
                 }
             }
         }
@@ -56,6 +58,23 @@ impl Queue {
             .collect();
         ids.sort();
         ids.into_iter().map(|(_, id)| id).collect()
+    }
+
+    fn stats(&self, now: u64) -> QueueStats {
+        let mut stats = QueueStats::default();
+        for m in self.messages.values() {
+            match (m.lease, m.visible_at <= now) {
+                (Some(_), _) => stats.in_flight += 1,
+                (None, true) => stats.visible += 1,
+                (None, false) => stats.delayed += 1,
+            }
+        }
+        stats.oldest_visible_age_ms = self
+            .visible_in_order(now)
+            .first()
+            .and_then(|id| self.messages.get(id))
+            .map(|m| now.saturating_sub(m.enqueued_at));
+        stats
     }
 
     fn holds(&self, id: &MessageId, lease: &LeaseId, now: u64) -> bool {
@@ -116,7 +135,7 @@ impl ModelStore {
                     ids.push(id);
                 }
                 // An add of nothing still creates the queue, as in ShardStore.
-                self.queues.entry(queue).or_default();
+                self.queues.entry(queue).or_default().counters.added += ids.len() as u64;
                 Ok(Outcome::Added(ids))
             }
             Command::Poll {
@@ -163,6 +182,8 @@ impl ModelStore {
                         });
                     }
                 }
+                q.counters.delivered += messages.len() as u64;
+                q.counters.redelivered += messages.iter().filter(|m| m.delivery_count > 1).count() as u64;
                 Ok(Outcome::Polled(Some(Lease {
                     id: lease,
                     expires_at_ms: expires_at,
@@ -176,6 +197,7 @@ impl ModelStore {
                 }
                 q.messages.remove(&id);
                 q.settle(now);
+                q.counters.removed += 1;
                 Ok(Outcome::Removed(true))
             }
             Command::Extend { queue, lease, lease_ms } => {
@@ -203,29 +225,15 @@ impl ModelStore {
                     m.visible_at = deadline(now, delay_ms);
                 }
                 q.settle(now);
+                q.counters.released += 1;
                 Ok(Outcome::Released(true))
             }
-            Command::Stats { queue } => {
-                let q = self.queue(&queue)?;
-                let mut stats = QueueStats::default();
-                for m in q.messages.values() {
-                    match (m.lease, m.visible_at <= now) {
-                        (Some(_), _) => stats.in_flight += 1,
-                        (None, true) => stats.visible += 1,
-                        (None, false) => stats.delayed += 1,
-                    }
-                }
-                stats.oldest_visible_age_ms = q
-                    .visible_in_order(now)
-                    .first()
-                    .and_then(|id| q.messages.get(id))
-                    .map(|m| now.saturating_sub(m.enqueued_at));
-                Ok(Outcome::Stats(stats))
-            }
+            Command::Stats { queue } => Ok(Outcome::Stats(self.queue(&queue)?.stats(now))),
             Command::Purge { queue } => {
                 let q = self.queue(&queue)?;
                 let n = q.messages.len() as u64;
-                *q = Queue::default();
+                q.messages.clear();
+                q.leases.clear();
                 Ok(Outcome::Purged(n))
             }
             Command::Delete { queue } => {
@@ -236,6 +244,16 @@ impl ModelStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
+            Command::Snapshot => Ok(Outcome::Snapshot(
+                self.queues
+                    .iter()
+                    .map(|(name, q)| QueueSnapshot {
+                        queue: name.clone(),
+                        stats: q.stats(now),
+                        counters: q.counters,
+                    })
+                    .collect(),
+            )),
         }
     }
 }

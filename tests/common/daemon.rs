@@ -57,7 +57,22 @@ impl<'a> DaemonSpec<'a> {
         self
     }
 
+    /// Starts the server and waits until it accepts connections.
     pub fn start(&self) -> Daemon {
+        let mut daemon = self.spawn_only();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !listening(daemon.addr) {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("queueberd exited with {status}: {}", daemon.log_text());
+            }
+            assert!(Instant::now() < deadline, "queueberd did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// Starts the server process without waiting for it.
+    pub fn spawn_only(&self) -> Daemon {
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().expect("address");
         let log = self.data_dir.with_extension(format!("{}.log", self.port));
         let log_file = std::fs::File::create(&log).expect("log file");
@@ -76,20 +91,17 @@ impl<'a> DaemonSpec<'a> {
             .arg("--data-dir")
             .arg(self.data_dir)
             .args(&self.args)
+            // Tests run many servers at once: no metrics endpoint unless asked.
+            .args(if self.args.iter().any(|a| a == "--metrics-listen") {
+                &[][..]
+            } else {
+                &["--metrics-listen", "off"][..]
+            })
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("queueberd starts");
-        let mut daemon = Daemon { child, addr, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !listening(addr) {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("queueberd exited with {status}: {}", daemon.log_text());
-            }
-            assert!(Instant::now() < deadline, "queueberd did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        daemon
+        Daemon { child, addr, log }
     }
 }
 

@@ -45,6 +45,7 @@ impl ShardStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
+            Command::Snapshot => self.snapshot(now).map(Outcome::Snapshot),
         }
     }
 }
@@ -62,6 +63,7 @@ impl QueueStore for ShardStore {
             needs_sync: false,
             woken: BTreeMap::new(),
             deleted: Vec::new(),
+            counted: HashMap::new(),
             touched: Vec::new(),
             record: Vec::new(),
         };
@@ -121,6 +123,14 @@ impl QueueStore for ShardStore {
                 self.failed = Some(format!("{error}; reload failed: {reload}"));
             }
             return Executed::failed(error);
+        }
+        for (qid, counted) in &batch.counted {
+            if let Some(q) = self.queues.get(qid) {
+                self.counters.entry(q.name.clone()).or_default().merge(counted);
+            }
+        }
+        for queue in &batch.deleted {
+            self.counters.remove(queue);
         }
         let woken = batch
             .woken

@@ -61,6 +61,7 @@ impl ShardStore {
         it.status().map_err(StoreError::rocks("scan an expired lease"))?;
         if returned > 0 {
             *batch.woken.entry(qid).or_default() += returned;
+            batch.counted.entry(qid).or_default().leases_expired += returned;
         }
         Ok(())
     }
@@ -110,6 +111,7 @@ impl ShardStore {
             return Ok(false);
         }
         self.take_member(qid, id, lease, batch)?;
+        batch.counted.entry(qid).or_default().removed += 1;
         Ok(true)
     }
 
@@ -180,6 +182,7 @@ impl ShardStore {
         } else {
             *batch.woken.entry(qid).or_default() += 1;
         }
+        batch.counted.entry(qid).or_default().released += 1;
         Ok(true)
     }
 }

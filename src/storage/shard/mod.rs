@@ -36,8 +36,8 @@ use rocksdb::WriteBatch;
 use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
 use super::{
-    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, QueueStats, QueueStore,
-    ReplyBudget, StorageError, StoreError,
+    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, QueueCounters, QueueSnapshot,
+    QueueStats, QueueStore, ReplyBudget, StorageError, StoreError,
 };
 use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
@@ -57,6 +57,8 @@ pub struct ShardStore {
     lease_deadlines: BTreeSet<(u64, QueueId, LeaseId)>,
     delay_deadlines: BTreeMap<(u64, QueueId), u64>,
     last_now: u64,
+    /// Per-queue counters since open (metrics; survive a state reload).
+    counters: HashMap<QueueName, QueueCounters>,
     failed: Option<String>,
     /// Repeated batch failures: a line at most every 10 s, with a count.
     failure_log: crate::runtime::LogEvery,
@@ -84,6 +86,7 @@ impl ShardStore {
             lease_deadlines: BTreeSet::new(),
             delay_deadlines: BTreeMap::new(),
             last_now: 0,
+            counters: HashMap::new(),
             failed: None,
             failure_log: crate::runtime::LogEvery::new(std::time::Duration::from_secs(10)),
         };

@@ -66,6 +66,7 @@ impl ShardStore {
         if visible_now > 0 {
             *batch.woken.entry(qid).or_default() += visible_now;
         }
+        batch.counted.entry(qid).or_default().added += ids.len() as u64;
         Ok(ids)
     }
 
@@ -160,6 +161,9 @@ impl ShardStore {
         );
         self.lease_deadlines.insert((expires_at, qid, lease));
         leases.put_expiry(&mut batch.writes, qid, &lease, expires_at);
+        let counted = batch.counted.entry(qid).or_default();
+        counted.delivered += messages.len() as u64;
+        counted.redelivered += messages.iter().filter(|m| m.delivery_count > 1).count() as u64;
         Ok(Some(Lease {
             id: lease,
             expires_at_ms: expires_at,
@@ -211,5 +215,19 @@ impl ShardStore {
         self.lease_deadlines.retain(|&(_, owner, _)| owner != qid);
         self.delay_deadlines.retain(|&(_, owner), _| owner != qid);
         Ok(dropped)
+    }
+
+    /// Every queue's gauges and counters. One seek per queue with visible
+    /// messages (the age of its head), on the offload thread like every
+    /// store call.
+    pub(super) fn snapshot(&mut self, now: u64) -> Result<Vec<QueueSnapshot>, StoreError> {
+        let names: Vec<QueueName> = self.names.keys().cloned().collect();
+        let mut out = Vec::with_capacity(names.len());
+        for queue in names {
+            let stats = self.apply_stats(&queue, now)?;
+            let counters = self.counters.get(&queue).copied().unwrap_or_default();
+            out.push(QueueSnapshot { queue, stats, counters });
+        }
+        Ok(out)
     }
 }

@@ -77,6 +77,9 @@ pub(super) struct Batch {
     pub(super) woken: BTreeMap<QueueId, u64>,
     /// Queues the batch deleted (reported once it commits).
     pub(super) deleted: Vec<QueueName>,
+    /// What the batch did per queue, added to the store's counters once it
+    /// commits (a failed batch counts nothing).
+    pub(super) counted: HashMap<QueueId, QueueCounters>,
     /// Queues whose counters may have changed (persisted at commit).
     pub(super) touched: Vec<QueueId>,
     pub(super) record: Vec<u8>,

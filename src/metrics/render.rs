@@ -1,0 +1,389 @@
+//! The series catalogue: every name, label and help text a scrape shows,
+//! rendered from the shards' snapshots. Names are fixed: dashboards and
+//! alerts depend on them (docs/operations.md lists them all).
+
+use std::collections::BTreeMap;
+
+use super::exposition::{Format, Kind, Writer};
+use super::process::ProcessFigures;
+use super::{Histogram, QueueSeries, ShardSnapshot, LATENCY_BUCKETS};
+use crate::storage::{QueueCounters, QueueStats};
+
+/// RocksDB's own figures that matter to an operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RocksFigures {
+    pub live_sst_bytes: u64,
+    pub pending_compaction_bytes: u64,
+    /// Writes are stopped (a stall), or being slowed down to this rate.
+    pub write_stopped: bool,
+    pub delayed_write_rate: u64,
+    pub block_cache_bytes: u64,
+    pub memtable_bytes: u64,
+}
+
+/// Everything one scrape renders.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub shards: Vec<ShardSnapshot>,
+    pub wal_sync: Histogram,
+    pub connections: u64,
+    pub ready: bool,
+    pub process: ProcessFigures,
+    pub rocks: RocksFigures,
+    /// Per-queue series beyond this many (in name order) fold into
+    /// `tenant="_other",queue="_other"`.
+    pub max_queues: usize,
+}
+
+/// The label a folded queue takes.
+pub const OTHER: &str = "_other";
+
+/// One queue's (or the fold's) figures, summed.
+#[derive(Debug, Clone, Default)]
+struct QueueRow {
+    stats: QueueStats,
+    oldest_age_ms: u64,
+    counters: QueueCounters,
+    parked: u64,
+    polls_empty: u64,
+}
+
+impl QueueRow {
+    fn add(&mut self, s: &QueueSeries) {
+        self.stats.visible += s.store.stats.visible;
+        self.stats.delayed += s.store.stats.delayed;
+        self.stats.in_flight += s.store.stats.in_flight;
+        self.oldest_age_ms = self.oldest_age_ms.max(s.store.stats.oldest_visible_age_ms.unwrap_or(0));
+        self.counters.merge(&s.store.counters);
+        self.parked += s.parked_polls;
+        self.polls_empty += s.polls_empty;
+    }
+}
+
+/// Per-queue rows in (tenant, queue) order, the first `max` by name on
+/// their own, the rest summed into one `_other` row (its age the oldest).
+fn queue_rows(shards: &[ShardSnapshot], max: usize) -> Vec<((String, String), QueueRow)> {
+    let mut all: Vec<&QueueSeries> = shards.iter().flat_map(|s| &s.queues).collect();
+    all.sort_by(|a, b| a.store.queue.cmp(&b.store.queue));
+    let mut rows = Vec::with_capacity(all.len().min(max) + 1);
+    let mut other: Option<QueueRow> = None;
+    for (i, s) in all.into_iter().enumerate() {
+        if i < max {
+            let mut row = QueueRow::default();
+            row.add(s);
+            rows.push((
+                (s.store.queue.tenant().to_string(), s.store.queue.queue().to_string()),
+                row,
+            ));
+        } else {
+            other.get_or_insert_with(QueueRow::default).add(s);
+        }
+    }
+    if let Some(row) = other {
+        rows.push(((OTHER.to_string(), OTHER.to_string()), row));
+    }
+    rows
+}
+
+/// A per-queue counter: name, help, and its value in a row.
+type QueueCounterSeries = (&'static str, &'static str, fn(&QueueRow) -> u64);
+/// A per-shard histogram: name, help, and where a snapshot keeps it.
+type ShardHistogramSeries = (&'static str, &'static str, fn(&ShardSnapshot) -> Option<&Histogram>);
+
+/// Renders a scrape in `format`.
+pub fn render(scrape: &Scrape, format: Format) -> String {
+    let mut w = Writer::new(format);
+    let rows = queue_rows(&scrape.shards, scrape.max_queues);
+
+    w.family(
+        "queueber_queue_messages",
+        Kind::Gauge,
+        "Messages in a queue by state: visible (ready now), delayed (ready later), inflight (leased).",
+    );
+    for ((tenant, queue), row) in &rows {
+        for (state, n) in [
+            ("visible", row.stats.visible),
+            ("delayed", row.stats.delayed),
+            ("inflight", row.stats.in_flight),
+        ] {
+            w.sample(
+                "queueber_queue_messages",
+                &[("tenant", tenant), ("queue", queue), ("state", state)],
+                n as f64,
+            );
+        }
+    }
+    let per_queue = |w: &mut Writer, name: &str, kind: Kind, help: &str, value: &dyn Fn(&QueueRow) -> f64| {
+        w.family(name, kind, help);
+        for ((tenant, queue), row) in &rows {
+            w.sample(name, &[("tenant", tenant), ("queue", queue)], value(row));
+        }
+    };
+    per_queue(
+        &mut w,
+        "queueber_queue_oldest_message_age_seconds",
+        Kind::Gauge,
+        "Age (since its first add) of the oldest visible message; 0 when none is visible.",
+        &|r| r.oldest_age_ms as f64 / 1000.0,
+    );
+    per_queue(
+        &mut w,
+        "queueber_queue_parked_polls",
+        Kind::Gauge,
+        "Long polls waiting for a message on the queue.",
+        &|r| r.parked as f64,
+    );
+    let counters: [QueueCounterSeries; 7] = [
+        ("queueber_messages_added_total", "Messages added.", |r| r.counters.added),
+        (
+            "queueber_messages_delivered_total",
+            "Messages handed out under a lease (every delivery).",
+            |r| r.counters.delivered,
+        ),
+        (
+            "queueber_messages_redelivered_total",
+            "Deliveries of a message after its first.",
+            |r| r.counters.redelivered,
+        ),
+        (
+            "queueber_messages_removed_total",
+            "Messages removed (acknowledged).",
+            |r| r.counters.removed,
+        ),
+        (
+            "queueber_messages_released_total",
+            "Messages released back by their lease holder.",
+            |r| r.counters.released,
+        ),
+        (
+            "queueber_leases_expired_total",
+            "Messages made visible again because their lease expired.",
+            |r| r.counters.leases_expired,
+        ),
+        ("queueber_polls_empty_total", "Polls answered with no message.", |r| {
+            r.polls_empty
+        }),
+    ];
+    for (name, help, value) in counters {
+        per_queue(&mut w, name, Kind::Counter, help, &|r| value(r) as f64);
+    }
+
+    w.family("queueber_connections", Kind::Gauge, "Open client connections.");
+    w.sample("queueber_connections", &[], scrape.connections as f64);
+    w.family(
+        "queueber_ready",
+        Kind::Gauge,
+        "1 once recovery is done and until shutdown begins (as /readyz).",
+    );
+    w.sample("queueber_ready", &[], if scrape.ready { 1.0 } else { 0.0 });
+
+    let mut shards: Vec<&ShardSnapshot> = scrape.shards.iter().collect();
+    shards.sort_by_key(|s| s.shard);
+    let shard_labels: Vec<String> = shards.iter().map(|s| s.shard.to_string()).collect();
+    w.family(
+        "queueber_shard_pending_requests",
+        Kind::Gauge,
+        "Requests waiting at a shard's core for the next storage batch.",
+    );
+    for (s, label) in shards.iter().zip(&shard_labels) {
+        w.sample(
+            "queueber_shard_pending_requests",
+            &[("shard", label)],
+            s.pending_requests as f64,
+        );
+    }
+    w.family(
+        "queueber_cross_shard_requests_total",
+        Kind::Counter,
+        "Requests a shard's connections routed to another shard's core.",
+    );
+    for (s, label) in shards.iter().zip(&shard_labels) {
+        w.sample(
+            "queueber_cross_shard_requests_total",
+            &[("shard", label)],
+            s.figures.cross_shard_requests as f64,
+        );
+    }
+
+    // Requests, summed over the shards whose connections read them.
+    let mut requests: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut durations: BTreeMap<&str, Histogram> = BTreeMap::new();
+    for s in &shards {
+        for (&(op, code), &n) in &s.figures.requests {
+            *requests.entry((op, code)).or_default() += n;
+        }
+        for (&op, h) in &s.figures.request_duration {
+            durations
+                .entry(op)
+                .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
+                .merge(h);
+        }
+    }
+    w.family(
+        "queueber_requests_total",
+        Kind::Counter,
+        "Requests answered, by operation and result code (ok or the error code).",
+    );
+    for ((op, code), n) in &requests {
+        w.sample("queueber_requests_total", &[("op", op), ("code", code)], *n as f64);
+    }
+    w.family(
+        "queueber_request_duration_seconds",
+        Kind::Histogram,
+        "Server time per request, from its frame read to its answer queued on the socket (a long poll's wait included).",
+    );
+    for (op, h) in &durations {
+        w.histogram("queueber_request_duration_seconds", &[("op", op)], h);
+    }
+    let shard_histograms: [ShardHistogramSeries; 2] = [
+        (
+            "queueber_storage_batch_duration_seconds",
+            "Time of one storage batch of a shard (hand-off to the storage thread and back).",
+            |s| s.figures.batch_duration.as_ref(),
+        ),
+        (
+            "queueber_storage_batch_commands",
+            "Commands in one storage batch of a shard.",
+            |s| s.figures.batch_commands.as_ref(),
+        ),
+    ];
+    for (name, help, pick) in shard_histograms {
+        w.family(name, Kind::Histogram, help);
+        for (s, label) in shards.iter().zip(&shard_labels) {
+            if let Some(h) = pick(s) {
+                w.histogram(name, &[("shard", label)], h);
+            }
+        }
+    }
+    w.family(
+        "queueber_wal_sync_duration_seconds",
+        Kind::Histogram,
+        "Time of one WAL fsync (per batch in fsync durability, per period in periodic).",
+    );
+    w.histogram("queueber_wal_sync_duration_seconds", &[], &scrape.wal_sync);
+
+    let rocks = &scrape.rocks;
+    let gauges: [(&str, &str, f64); 6] = [
+        (
+            "queueber_rocksdb_live_sst_bytes",
+            "Bytes of live SST files.",
+            rocks.live_sst_bytes as f64,
+        ),
+        (
+            "queueber_rocksdb_pending_compaction_bytes",
+            "Bytes RocksDB estimates compaction must rewrite.",
+            rocks.pending_compaction_bytes as f64,
+        ),
+        (
+            "queueber_rocksdb_write_stopped",
+            "1 while RocksDB stops writes (a write stall).",
+            if rocks.write_stopped { 1.0 } else { 0.0 },
+        ),
+        (
+            "queueber_rocksdb_delayed_write_rate_bytes",
+            "The rate RocksDB slows writes to while delaying them; 0 when not delaying.",
+            rocks.delayed_write_rate as f64,
+        ),
+        (
+            "queueber_rocksdb_block_cache_bytes",
+            "Bytes in RocksDB's block cache.",
+            rocks.block_cache_bytes as f64,
+        ),
+        (
+            "queueber_rocksdb_memtable_bytes",
+            "Bytes in RocksDB's memtables.",
+            rocks.memtable_bytes as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        w.family(name, Kind::Gauge, help);
+        w.sample(name, &[], value);
+    }
+
+    let p = &scrape.process;
+    w.family(
+        "process_resident_memory_bytes",
+        Kind::Gauge,
+        "Resident memory size in bytes.",
+    );
+    w.sample("process_resident_memory_bytes", &[], p.resident_bytes as f64);
+    w.family(
+        "process_cpu_seconds_total",
+        Kind::Counter,
+        "User and system CPU time spent in seconds.",
+    );
+    w.sample("process_cpu_seconds_total", &[], p.cpu_seconds);
+    w.family("process_open_fds", Kind::Gauge, "Number of open file descriptors.");
+    w.sample("process_open_fds", &[], p.open_fds as f64);
+    w.family(
+        "process_max_fds",
+        Kind::Gauge,
+        "Maximum number of open file descriptors.",
+    );
+    w.sample("process_max_fds", &[], p.max_fds as f64);
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{ShardFigures, ShardSnapshot};
+    use crate::names::QueueName;
+    use crate::storage::QueueSnapshot;
+
+    fn series(tenant: &str, queue: &str, visible: u64, added: u64) -> QueueSeries {
+        QueueSeries {
+            store: QueueSnapshot {
+                queue: QueueName::new(tenant, queue).unwrap(),
+                stats: QueueStats {
+                    visible,
+                    oldest_visible_age_ms: Some(1500),
+                    ..QueueStats::default()
+                },
+                counters: QueueCounters {
+                    added,
+                    ..QueueCounters::default()
+                },
+            },
+            parked_polls: 1,
+            polls_empty: 2,
+        }
+    }
+
+    fn scrape(queues: Vec<QueueSeries>, max_queues: usize) -> Scrape {
+        Scrape {
+            shards: vec![ShardSnapshot {
+                shard: 0,
+                queues,
+                pending_requests: 0,
+                figures: ShardFigures::default(),
+            }],
+            wal_sync: Histogram::new(LATENCY_BUCKETS),
+            connections: 3,
+            ready: true,
+            process: ProcessFigures::default(),
+            rocks: RocksFigures::default(),
+            max_queues,
+        }
+    }
+
+    #[test]
+    fn queues_beyond_the_limit_fold_into_other() {
+        let text = render(
+            &scrape(
+                vec![series("t", "b", 2, 5), series("t", "a", 1, 4), series("t", "c", 3, 6)],
+                1,
+            ),
+            Format::Prometheus,
+        );
+        assert!(
+            text.contains("queueber_queue_messages{tenant=\"t\",queue=\"a\",state=\"visible\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("queueber_queue_messages{tenant=\"_other\",queue=\"_other\",state=\"visible\"} 5\n"));
+        assert!(text.contains("queueber_messages_added_total{tenant=\"_other\",queue=\"_other\"} 11\n"));
+        assert!(text.contains("queueber_queue_oldest_message_age_seconds{tenant=\"t\",queue=\"a\"} 1.5\n"));
+        assert!(!text.contains("queue=\"b\""));
+        assert!(text.contains("queueber_connections 3\n"));
+    }
+}
