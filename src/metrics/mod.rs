@@ -18,10 +18,11 @@ pub mod process;
 pub mod render;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::ops::Op;
+use crate::protocol::{ErrorCode, ERROR_CODES};
 use crate::storage::QueueSnapshot;
 
 /// Bucket bounds of request and storage latencies, in seconds: 50 µs to 10 s.
@@ -115,30 +116,72 @@ pub struct ShardMetrics {
     inner: RefCell<ShardFigures>,
 }
 
-/// The figures of [`ShardMetrics`], as a snapshot carries them.
-#[derive(Debug, Clone, Default)]
+/// Rows of the request tables: one per operation ([`Op::index`]) and a
+/// last one for frames that were not a request.
+pub const REQUEST_ROWS: usize = Op::NAMES.len() + 1;
+/// Columns: `ok`, then each error code by its discriminant.
+pub const RESULT_COLUMNS: usize = ERROR_CODES.len() + 1;
+
+/// The row of a request that could not be decoded.
+pub const UNDECODED: usize = Op::NAMES.len();
+
+/// The `op` label of a row.
+pub fn op_label(row: usize) -> &'static str {
+    Op::NAMES.get(row).copied().unwrap_or("undecoded")
+}
+
+/// The `code` label of a column.
+pub fn code_label(column: usize) -> &'static str {
+    match column.checked_sub(1).and_then(|i| ERROR_CODES.get(i)) {
+        Some(&code) => crate::client::code_name(code),
+        None => "ok",
+    }
+}
+
+/// The column of a result.
+pub fn result_column(code: Option<ErrorCode>) -> usize {
+    code.map_or(0, |c| c as usize + 1).min(RESULT_COLUMNS - 1)
+}
+
+/// The figures of [`ShardMetrics`], as a snapshot carries them. Dense
+/// tables, not maps: recording a request is two index operations.
+#[derive(Debug, Clone)]
 pub struct ShardFigures {
-    /// Requests answered, by operation and result code (`ok` or the error).
-    pub requests: HashMap<(&'static str, &'static str), u64>,
+    /// Requests answered, `[op row][result column]`.
+    pub requests: Vec<[u64; RESULT_COLUMNS]>,
     /// Server time per request, from its frame read to its answer queued
-    /// on the socket, by operation. A long poll's parked time counts.
-    pub request_duration: HashMap<&'static str, Histogram>,
+    /// on the socket, by op row. A long poll's parked time counts.
+    pub request_duration: Vec<Histogram>,
     /// Requests this shard's connections sent to another shard's core.
     pub cross_shard_requests: u64,
     /// Time of each storage call of the core (the offload round trip).
-    pub batch_duration: Option<Histogram>,
+    pub batch_duration: Histogram,
     /// Commands per storage call.
-    pub batch_commands: Option<Histogram>,
+    pub batch_commands: Histogram,
+}
+
+impl Default for ShardFigures {
+    fn default() -> Self {
+        Self {
+            requests: vec![[0; RESULT_COLUMNS]; REQUEST_ROWS],
+            request_duration: vec![Histogram::new(LATENCY_BUCKETS); REQUEST_ROWS],
+            cross_shard_requests: 0,
+            batch_duration: Histogram::new(LATENCY_BUCKETS),
+            batch_commands: Histogram::new(BATCH_SIZE_BUCKETS),
+        }
+    }
 }
 
 impl ShardMetrics {
-    pub fn record_request(&self, op: &'static str, code: &'static str, took: Duration) {
+    /// Counts one answered request of op row `op` with result column `result`.
+    pub fn record_request(&self, op: usize, result: usize, took: Duration) {
         let mut f = self.inner.borrow_mut();
-        *f.requests.entry((op, code)).or_default() += 1;
-        f.request_duration
-            .entry(op)
-            .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
-            .observe(took.as_secs_f64());
+        if let Some(row) = f.requests.get_mut(op) {
+            row[result.min(RESULT_COLUMNS - 1)] += 1;
+        }
+        if let Some(h) = f.request_duration.get_mut(op) {
+            h.observe(took.as_secs_f64());
+        }
     }
 
     pub fn record_cross_shard(&self) {
@@ -147,12 +190,8 @@ impl ShardMetrics {
 
     pub fn record_batch(&self, took: Duration, commands: usize) {
         let mut f = self.inner.borrow_mut();
-        f.batch_duration
-            .get_or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
-            .observe(took.as_secs_f64());
-        f.batch_commands
-            .get_or_insert_with(|| Histogram::new(BATCH_SIZE_BUCKETS))
-            .observe(commands as f64);
+        f.batch_duration.observe(took.as_secs_f64());
+        f.batch_commands.observe(commands as f64);
     }
 
     pub fn figures(&self) -> ShardFigures {
@@ -197,6 +236,20 @@ mod tests {
         let mut sum = h.clone();
         sum.merge(&h);
         assert_eq!(sum.counts, vec![4, 2, 2]);
+    }
+
+    #[test]
+    fn every_result_has_its_own_column_and_label() {
+        assert_eq!(code_label(result_column(None)), "ok");
+        for code in ERROR_CODES {
+            assert_eq!(code_label(result_column(Some(code))), crate::client::code_name(code));
+        }
+        assert_eq!(op_label(UNDECODED), "undecoded");
+        for (i, name) in Op::NAMES.iter().enumerate() {
+            assert_eq!(op_label(i), *name);
+        }
+        assert_eq!(Op::Hello(crate::ops::Hello).index(), 0);
+        assert_eq!(Op::NAMES[Op::ListQueues(crate::ops::ListQueues).index()], "listQueues");
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! rendered from the shards' snapshots. Names are fixed: dashboards and
 //! alerts depend on them (docs/operations.md lists them all).
 
-use std::collections::BTreeMap;
-
 use super::exposition::{Format, Kind, Writer};
 use super::process::ProcessFigures;
-use super::{Histogram, QueueSeries, ShardSnapshot, LATENCY_BUCKETS};
+use super::{
+    code_label, op_label, Histogram, QueueSeries, ShardSnapshot, LATENCY_BUCKETS, REQUEST_ROWS, RESULT_COLUMNS,
+};
 use crate::storage::{QueueCounters, QueueStats};
 
 /// RocksDB's own figures that matter to an operator.
@@ -88,7 +88,7 @@ fn queue_rows(shards: &[ShardSnapshot], max: usize) -> Vec<((String, String), Qu
 /// A per-queue counter: name, help, and its value in a row.
 type QueueCounterSeries = (&'static str, &'static str, fn(&QueueRow) -> u64);
 /// A per-shard histogram: name, help, and where a snapshot keeps it.
-type ShardHistogramSeries = (&'static str, &'static str, fn(&ShardSnapshot) -> Option<&Histogram>);
+type ShardHistogramSeries = (&'static str, &'static str, fn(&ShardSnapshot) -> &Histogram);
 
 /// Renders a scrape in `format`.
 pub fn render(scrape: &Scrape, format: Format) -> String {
@@ -206,17 +206,16 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
     }
 
     // Requests, summed over the shards whose connections read them.
-    let mut requests: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-    let mut durations: BTreeMap<&str, Histogram> = BTreeMap::new();
+    let mut requests = vec![[0u64; RESULT_COLUMNS]; REQUEST_ROWS];
+    let mut durations = vec![Histogram::new(LATENCY_BUCKETS); REQUEST_ROWS];
     for s in &shards {
-        for (&(op, code), &n) in &s.figures.requests {
-            *requests.entry((op, code)).or_default() += n;
+        for (sum, row) in requests.iter_mut().zip(&s.figures.requests) {
+            for (total, n) in sum.iter_mut().zip(row) {
+                *total += n;
+            }
         }
-        for (&op, h) in &s.figures.request_duration {
-            durations
-                .entry(op)
-                .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
-                .merge(h);
+        for (sum, h) in durations.iter_mut().zip(&s.figures.request_duration) {
+            sum.merge(h);
         }
     }
     w.family(
@@ -224,35 +223,43 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         Kind::Counter,
         "Requests answered, by operation and result code (ok or the error code).",
     );
-    for ((op, code), n) in &requests {
-        w.sample("queueber_requests_total", &[("op", op), ("code", code)], *n as f64);
+    for (row, counts) in requests.iter().enumerate() {
+        for (column, &n) in counts.iter().enumerate() {
+            if n > 0 {
+                w.sample(
+                    "queueber_requests_total",
+                    &[("op", op_label(row)), ("code", code_label(column))],
+                    n as f64,
+                );
+            }
+        }
     }
     w.family(
         "queueber_request_duration_seconds",
         Kind::Histogram,
         "Server time per request, from its frame read to its answer queued on the socket (a long poll's wait included).",
     );
-    for (op, h) in &durations {
-        w.histogram("queueber_request_duration_seconds", &[("op", op)], h);
+    for (row, h) in durations.iter().enumerate() {
+        if h.count > 0 {
+            w.histogram("queueber_request_duration_seconds", &[("op", op_label(row))], h);
+        }
     }
     let shard_histograms: [ShardHistogramSeries; 2] = [
         (
             "queueber_storage_batch_duration_seconds",
             "Time of one storage batch of a shard (hand-off to the storage thread and back).",
-            |s| s.figures.batch_duration.as_ref(),
+            |s| &s.figures.batch_duration,
         ),
         (
             "queueber_storage_batch_commands",
             "Commands in one storage batch of a shard.",
-            |s| s.figures.batch_commands.as_ref(),
+            |s| &s.figures.batch_commands,
         ),
     ];
     for (name, help, pick) in shard_histograms {
         w.family(name, Kind::Histogram, help);
         for (s, label) in shards.iter().zip(&shard_labels) {
-            if let Some(h) = pick(s) {
-                w.histogram(name, &[("shard", label)], h);
-            }
+            w.histogram(name, &[("shard", label)], pick(s));
         }
     }
     w.family(

@@ -177,6 +177,25 @@ macro_rules! operations {
             $( $variant($ty), )*
         }
 
+        /// The position of each operation in the table.
+        #[allow(dead_code)]
+        enum Position {
+            $( $variant, )*
+        }
+
+        impl Op {
+            /// Every operation's name, in table order ([`Op::index`]).
+            pub const NAMES: &'static [&'static str] = &[$( <$ty as Operation>::NAME, )*];
+
+            /// The operation's position in the table: a dense index for
+            /// per-operation counters.
+            pub fn index(&self) -> usize {
+                match self {
+                    $( Op::$variant(_) => Position::$variant as usize, )*
+                }
+            }
+        }
+
         /// A successful answer.
         #[derive(Debug, Clone, PartialEq, Eq)]
         pub enum Reply {

@@ -34,9 +34,8 @@ use glommio::net::TcpStream;
 use super::budget::{BufferBudget, Charge, ConnectionBudget};
 use super::config::ServerLimits;
 use super::router::Router;
-use crate::client::code_name;
 use crate::frame::{FrameBuffer, FrameError};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{result_column, ShardMetrics, UNDECODED};
 use crate::protocol::{
     decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
 };
@@ -369,7 +368,7 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
             // The frame was whole, so framing is intact: answer and go on.
             conn.ctx
                 .metrics
-                .record_request(UNDECODED, code_name(e.error.code), Duration::ZERO);
+                .record_request(UNDECODED, result_column(Some(e.error.code)), Duration::ZERO);
             conn.answer(e.id.unwrap_or(0), Err(e.error));
             return;
         }
@@ -381,7 +380,7 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
         );
         conn.ctx
             .metrics
-            .record_request(request.op.name(), code_name(error.code), Duration::ZERO);
+            .record_request(request.op.index(), result_column(Some(error.code)), Duration::ZERO);
         conn.answer(request.id, Err(error));
         return;
     }
@@ -393,7 +392,7 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
 
 async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
     let ctx = &conn.ctx;
-    let (started, op) = (Instant::now(), request.op.name());
+    let (started, op) = (Instant::now(), request.op.index());
     let result = match request.op.admit(&ctx.limits) {
         Err(e) => Err(e),
         Ok(Op::Hello(_)) => Ok(Reply::Hello(ctx.hello())),
@@ -414,17 +413,11 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
         }
         Ok(op) => ctx.router.call(op, Some(conn.budget.clone())).await,
     };
-    let code = match &result {
-        Ok(_) => "ok",
-        Err(e) => code_name(e.code),
-    };
+    let column = result_column(result.as_ref().err().map(|e| e.code));
     conn.send(request.id, result);
-    ctx.metrics.record_request(op, code, started.elapsed());
+    ctx.metrics.record_request(op, column, started.elapsed());
     drop(frame);
 }
-
-/// The `op` label of requests that could not be decoded.
-const UNDECODED: &str = "undecoded";
 
 /// Writes all of `bytes`, failing when the socket accepts nothing for
 /// `stall`. The timer is armed only once a write would block: a client that
