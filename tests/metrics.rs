@@ -317,3 +317,62 @@ fn readyz_is_503_until_recovery_is_done() {
     assert!(saw_starting, "never saw /readyz 503 during recovery");
     assert!(saw_ready, "never saw /readyz 200 after recovery");
 }
+
+#[test]
+fn slow_requests_are_logged_with_where_the_time_went() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // A 1 ms threshold: an fsynced add of 4 MiB takes longer; a long poll
+    // that waits 300 ms for nothing is not slow (its waiting does not count).
+    let mut server = DaemonSpec::new(&data, "fsync")
+        .arg("--slow-request-ms")
+        .arg("1")
+        .start();
+    let queue = QueueName::new("t", "slowq").unwrap();
+    let empty = QueueName::new("t", "idle").unwrap();
+    let mut wire = wire::Wire::connect(server.addr);
+    let big: Vec<NewMessage> = (0..4096).map(|_| NewMessage::new(vec![1u8; 1024])).collect();
+    let add = |id, queue: &QueueName, messages| {
+        wire::frame(
+            id,
+            queueber::protocol::Op::Add(queueber::ops::Add {
+                queue: queue.clone(),
+                messages,
+            }),
+        )
+    };
+    wire.send(&add(1, &empty, vec![NewMessage::delayed(b"later".to_vec(), 3_600_000)]));
+    assert!(wire.recv().result.is_ok());
+    wire.send(&wire::poll(2, &empty, 1, 1000, 300));
+    assert!(wire.recv().result.is_ok());
+    wire.send(&add(3, &queue, big));
+    assert!(wire.recv().result.is_ok());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = server.log_text();
+        if log.contains("slow request") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    server.terminate();
+    let slow: Vec<&str> = log.lines().filter(|l| l.contains("slow request")).collect();
+    let add_line = slow
+        .iter()
+        .find(|l| l.contains("queue=t/slowq"))
+        .unwrap_or_else(|| panic!("no slow add logged:\n{log}"));
+    for field in [
+        "op=\"add\"",
+        "shard=",
+        "total_ms=",
+        "queued_ms=",
+        "storage_ms=",
+        "sync_ms=",
+    ] {
+        assert!(add_line.contains(field), "{field} missing in {add_line}");
+    }
+    assert!(
+        !slow.iter().any(|l| l.contains("op=\"poll\"") || l.contains("op=poll")),
+        "a long poll's wait was logged as slow:\n{log}"
+    );
+}

@@ -116,6 +116,12 @@ struct Args {
     #[arg(long, env = "QUEUEBER_METRICS_MAX_QUEUES", default_value_t = queueber::server::config::DEFAULT_METRICS_MAX_QUEUES)]
     metrics_max_queues: usize,
 
+    /// Log a request at warn when it takes longer than this many
+    /// milliseconds (a long poll: its last attempt, not its wait), with
+    /// where the time went; 0 logs none.
+    #[arg(long, env = "QUEUEBER_SLOW_REQUEST_MS", default_value_t = queueber::server::config::DEFAULT_SLOW_REQUEST_MS)]
+    slow_request_ms: u64,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -161,8 +167,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Colours only on a terminal: a log file or journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if args.log_json {
         builder.json().init();
@@ -197,6 +205,7 @@ fn main() -> ExitCode {
     config.min_free_disk_bytes = args.min_free_disk_mib << 20;
     config.metrics_listen = args.metrics_listen.0;
     config.metrics_max_queues = args.metrics_max_queues;
+    config.slow_request = (args.slow_request_ms > 0).then(|| Duration::from_millis(args.slow_request_ms));
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         tracing::error!(dir = %config.data_dir.display(), error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;

@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Per-queue series beyond this many fold into `queue="_other"`.
     pub metrics_max_queues: usize,
+    /// Requests slower than this are logged at warn (`None`: never).
+    pub slow_request: Option<std::time::Duration>,
 }
 
 impl ServerConfig {
@@ -51,9 +53,13 @@ impl ServerConfig {
             min_free_disk_bytes: crate::storage::disk::DEFAULT_MIN_FREE_BYTES,
             metrics_listen: None,
             metrics_max_queues: DEFAULT_METRICS_MAX_QUEUES,
+            slow_request: Some(std::time::Duration::from_millis(DEFAULT_SLOW_REQUEST_MS)),
         }
     }
 }
+
+/// Default of `--slow-request-ms`.
+pub const DEFAULT_SLOW_REQUEST_MS: u64 = 1000;
 
 /// Default of `--metrics-max-queues`.
 pub const DEFAULT_METRICS_MAX_QUEUES: usize = 1000;

@@ -33,9 +33,12 @@ use glommio::net::TcpStream;
 
 use super::budget::{BufferBudget, Charge, ConnectionBudget};
 use super::config::ServerLimits;
+use super::core::{Answered, Timing};
 use super::router::Router;
 use crate::frame::{FrameBuffer, FrameError};
-use crate::metrics::{result_column, ShardMetrics, UNDECODED};
+use crate::metrics::{op_label, result_column, ShardMetrics, UNDECODED};
+use crate::names::{QueueName, MAX_NAME_LEN};
+use crate::ops::Route;
 use crate::protocol::{
     decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
 };
@@ -86,6 +89,8 @@ pub(crate) struct ShardContext {
     pub disk: Arc<DiskState>,
     /// This shard's request figures (shared with its core).
     pub metrics: Rc<ShardMetrics>,
+    /// Requests slower than this are logged (`None`: never).
+    pub slow_request: Option<Duration>,
 }
 
 impl ShardContext {
@@ -392,31 +397,108 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
 
 async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
     let ctx = &conn.ctx;
-    let (started, op) = (Instant::now(), request.op.index());
-    let result = match request.op.admit(&ctx.limits) {
-        Err(e) => Err(e),
-        Ok(Op::Hello(_)) => Ok(Reply::Hello(ctx.hello())),
-        Ok(_) if ctx.shutdown.is_fired() => Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")),
+    let started = Instant::now();
+    let op = request.op.index();
+    let label = ctx.slow_request.is_some().then(|| QueueLabel::of(&request.op));
+    let mut waited = false;
+    let answered = match request.op.admit(&ctx.limits) {
+        Err(e) => Answered::now(Err(e)),
+        Ok(Op::Hello(_)) => Answered::now(Ok(Reply::Hello(ctx.hello()))),
+        Ok(_) if ctx.shutdown.is_fired() => {
+            Answered::now(Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")))
+        }
         Ok(Op::Poll(mut poll)) if poll.wait_ms > 0 => {
             // A client that has finished sending gets one try, no wait; one
             // that finishes while its poll is parked gets an empty answer.
             if conn.finished.is_fired() {
                 poll.wait_ms = 0;
             }
-            let call = pin!(ctx.router.call(Op::Poll(poll), Some(conn.budget.clone())));
+            waited = true;
+            let call = pin!(ctx.router.call(Op::Poll(poll), started, Some(conn.budget.clone())));
             let finished = pin!(conn.finished.wait());
             match select(call, finished).await {
-                Either::Left((result, _)) => result,
+                Either::Left((answered, _)) => answered,
                 // Dropping the call cancels the parked poll wherever it is.
-                Either::Right(_) => Ok(Reply::Polled(None)),
+                Either::Right(_) => Answered::now(Ok(Reply::Polled(None))),
             }
         }
-        Ok(op) => ctx.router.call(op, Some(conn.budget.clone())).await,
+        Ok(op) => ctx.router.call(op, started, Some(conn.budget.clone())).await,
     };
+    let took = started.elapsed();
+    let Answered { result, timing } = answered;
     let column = result_column(result.as_ref().err().map(|e| e.code));
     conn.send(request.id, result);
-    ctx.metrics.record_request(op, column, started.elapsed());
+    ctx.metrics.record_request(op, column, took);
+    if let (Some(slow), Some(label)) = (ctx.slow_request, label) {
+        // A long poll's waiting is not slowness: only its last attempt counts.
+        let work = if waited {
+            timing.queued + timing.storage + timing.sync
+        } else {
+            took
+        };
+        if work >= slow {
+            log_slow(ctx, op, &label, took, work, timing);
+        }
+    }
     drop(frame);
+}
+
+/// The slow-request warning: what the request was and where its time went.
+fn log_slow(ctx: &ShardContext, op: usize, label: &QueueLabel, took: Duration, work: Duration, t: Timing) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let queue = label.name();
+    let shard = queue
+        .as_ref()
+        .map_or(ctx.router.index(), |q| q.shard(ctx.router.shards()));
+    tracing::warn!(
+        op = op_label(op),
+        queue = %queue.as_ref().map_or_else(|| "-".to_string(), |q| q.to_string()),
+        shard,
+        total_ms = ms(took),
+        counted_ms = ms(work),
+        queued_ms = ms(t.queued),
+        storage_ms = ms(t.storage),
+        sync_ms = ms(t.sync),
+        other_ms = ms(work.saturating_sub(t.queued + t.storage + t.sync)),
+        "slow request"
+    );
+}
+
+/// A copy of a request's queue name, inline (no allocation per request),
+/// kept only for the slow-request log.
+struct QueueLabel {
+    bytes: [u8; 2 * MAX_NAME_LEN],
+    tenant: u8,
+    queue: u8,
+}
+
+impl QueueLabel {
+    fn of(op: &Op) -> QueueLabel {
+        let mut label = QueueLabel {
+            bytes: [0; 2 * MAX_NAME_LEN],
+            tenant: 0,
+            queue: 0,
+        };
+        if let Route::Owner(q) = op.route() {
+            let (t, n) = (q.tenant().as_bytes(), q.queue().as_bytes());
+            if t.len() <= MAX_NAME_LEN && n.len() <= MAX_NAME_LEN {
+                label.bytes[..t.len()].copy_from_slice(t);
+                label.bytes[t.len()..t.len() + n.len()].copy_from_slice(n);
+                (label.tenant, label.queue) = (t.len() as u8, n.len() as u8);
+            }
+        }
+        label
+    }
+
+    fn name(&self) -> Option<QueueName> {
+        if self.tenant == 0 {
+            return None;
+        }
+        let (t, rest) = self.bytes.split_at(usize::from(self.tenant));
+        let tenant = std::str::from_utf8(t).ok()?;
+        let queue = std::str::from_utf8(&rest[..usize::from(self.queue)]).ok()?;
+        QueueName::new(tenant, queue).ok()
+    }
 }
 
 /// Writes all of `bytes`, failing when the socket accepts nothing for

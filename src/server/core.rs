@@ -39,7 +39,38 @@ use super::budget::{BatchReplyRoom, ConnectionBudget};
 use std::sync::Arc;
 
 pub(crate) type ReplyResult = Result<Reply, ErrorReply>;
-pub(crate) type ReplyTx = oneshot::Sender<ReplyResult>;
+pub(crate) type ReplyTx = oneshot::Sender<Answered>;
+
+/// A call's answer, and where its time went at the owner's core (for the
+/// slow-request log).
+#[derive(Debug)]
+pub(crate) struct Answered {
+    pub result: ReplyResult,
+    pub timing: Timing,
+}
+
+impl Answered {
+    /// An answer that took no time at a core (refusals, parked polls
+    /// answered at their deadline).
+    pub(crate) fn now(result: ReplyResult) -> Answered {
+        Answered {
+            result,
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// Where a request's time went at its core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Timing {
+    /// From the frame read (or, for a woken long poll, its wake-up) until
+    /// its storage batch started: routing and waiting for the batch ahead.
+    pub queued: Duration,
+    /// The storage batch, less its WAL sync.
+    pub storage: Duration,
+    /// The batch's WAL sync.
+    pub sync: Duration,
+}
 
 impl From<&CommandError> for ErrorReply {
     fn from(e: &CommandError) -> Self {
@@ -96,6 +127,8 @@ enum Job {
 pub(crate) struct Call {
     pub op: Op,
     pub reply: ReplyTx,
+    /// When its frame was read (the start of its time at the core).
+    pub read_at: Instant,
     /// The calling connection's buffer account: a poll's reply is limited
     /// to the room left in it. `None` for internal callers.
     pub budget: Option<Arc<ConnectionBudget>>,
@@ -136,16 +169,20 @@ impl CoreHandle {
         self.submit(Call {
             op,
             reply,
+            read_at: Instant::now(),
             budget: None,
         });
-        answer.await.unwrap_or_else(|_| Err(unavailable("dropped the request")))
+        answer
+            .await
+            .map(|a| a.result)
+            .unwrap_or_else(|_| Err(unavailable("dropped the request")))
     }
 
     /// Queues a call whose caller waits on its reply sender.
     pub(crate) fn submit(&self, call: Call) {
         if let Err(e) = self.jobs.unbounded_send(Job::Call(call)) {
             if let Job::Call(call) = e.into_inner() {
-                let _ = call.reply.send(Err(unavailable("is stopping")));
+                let _ = call.reply.send(Answered::now(Err(unavailable("is stopping"))));
             }
         }
     }
@@ -169,6 +206,8 @@ impl CoreHandle {
 /// A poll waiting for messages.
 struct Parked {
     poll: ops::Poll,
+    /// When this attempt began: the frame read, or the wake-up of a retry.
+    attempt_at: Instant,
     deadline: Instant,
     reply: ReplyTx,
     budget: Option<Arc<ConnectionBudget>>,
@@ -181,6 +220,7 @@ enum Finish {
         reply: ReplyTx,
         commands: usize,
         build: ReplyFn,
+        read_at: Instant,
     },
     /// A poll that ran.
     Poll(Parked),
@@ -241,7 +281,10 @@ impl Waiters {
             // A waiter whose connection went away is skipped, not counted.
             if !parked.reply.is_canceled() {
                 capacity += u64::from(parked.poll.max_items.max(1));
-                into.push(parked);
+                into.push(Parked {
+                    attempt_at: Instant::now(),
+                    ..parked
+                });
             }
         }
         if list.is_empty() {
@@ -255,7 +298,7 @@ impl Waiters {
         if let Some(list) = self.by_queue.remove(queue) {
             for (seq, parked) in list {
                 self.deadlines.remove(&(parked.deadline, seq));
-                let _ = parked.reply.send(Ok(Reply::Polled(None)));
+                let _ = parked.reply.send(Answered::now(Ok(Reply::Polled(None))));
             }
         }
         // Its series go with it.
@@ -274,7 +317,7 @@ impl Waiters {
             if let Some(list) = self.by_queue.get_mut(&queue) {
                 if let Some(pos) = list.iter().position(|(s, _)| *s == seq) {
                     if let Some((_, parked)) = list.remove(pos) {
-                        let _ = parked.reply.send(Ok(Reply::Polled(None)));
+                        let _ = parked.reply.send(Answered::now(Ok(Reply::Polled(None))));
                         *self.polls_empty.entry(queue.clone()).or_default() += 1;
                     }
                 }
@@ -468,7 +511,13 @@ async fn run(
                 (owned, executed, next)
             };
             let (owned, executed, next) = offload(work).await;
-            metrics.record_batch(started.elapsed(), batch_commands);
+            let took = started.elapsed();
+            metrics.record_batch(took, batch_commands);
+            let timing = BatchTiming {
+                started,
+                took,
+                synced: executed.synced,
+            };
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
             let reporter = Reporter {
@@ -476,7 +525,15 @@ async fn run(
                 metrics: &metrics,
                 pending: backlog.len() as u64,
             };
-            finish(executed, finishes, &mut waiters, &mut retry, draining, &reporter);
+            finish(
+                executed,
+                finishes,
+                &mut waiters,
+                &mut retry,
+                draining,
+                &reporter,
+                &timing,
+            );
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
             drop(room);
@@ -486,13 +543,21 @@ async fn run(
                 metrics: &metrics,
                 pending: backlog.len() as u64,
             };
+            // Nothing ran: answers (polls without room, hello) take no time here.
+            let timing = BatchTiming {
+                started: Instant::now(),
+                took: Duration::ZERO,
+                synced: Duration::ZERO,
+            };
+            let executed = Executed::default();
             finish(
-                Executed::default(),
+                executed,
                 finishes,
                 &mut waiters,
                 &mut retry,
                 draining,
                 &reporter,
+                &timing,
             );
         }
         if stopping && retry.is_empty() && backlog.is_empty() {
@@ -505,9 +570,10 @@ async fn run(
     incoming.close();
     while let Ok(job) = incoming.try_recv() {
         if let Job::Call(call) = job {
-            let _ = call
-                .reply
-                .send(Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")));
+            let _ = call.reply.send(Answered::now(Err(ErrorReply::new(
+                ErrorCode::ShuttingDown,
+                "server is shutting down",
+            ))));
         }
     }
     match store {
@@ -563,17 +629,24 @@ fn plan_poll(parked: Parked, rooms: &mut ReplyRooms, commands: &mut Vec<Command>
 /// operation plans itself (`ops`), the core adds what is its own (parking
 /// polls, reply rooms).
 fn plan(call: Call, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
-    let Call { op, reply, budget } = call;
+    let Call {
+        op,
+        reply,
+        read_at,
+        budget,
+    } = call;
     match op.plan(commands) {
         (Plan::Commands(n), build) => finishes.push(Finish::Reply {
             reply,
             commands: n,
             build,
+            read_at,
         }),
         (Plan::Poll(poll), _) => {
-            let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
+            let deadline = read_at + Duration::from_millis(poll.wait_ms);
             let parked = Parked {
                 poll,
+                attempt_at: read_at,
                 deadline,
                 reply,
                 budget,
@@ -582,13 +655,20 @@ fn plan(call: Call, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishe
         }
         // Never routed to a shard; the operation says why.
         (Plan::Connection, build) => {
-            let _ = reply.send(build(&mut std::iter::empty()));
+            let _ = reply.send(Answered::now(build(&mut std::iter::empty())));
         }
     }
 }
 
 /// Parks an empty poll that may still wait, or answers it.
-fn park_or_answer(parked: Parked, result: ReplyResult, waiters: &mut Waiters, draining: bool, now: Instant) {
+fn park_or_answer(
+    parked: Parked,
+    result: ReplyResult,
+    waiters: &mut Waiters,
+    draining: bool,
+    now: Instant,
+    batch: &BatchTiming,
+) {
     match result {
         Ok(Reply::Polled(None)) if !draining && parked.deadline > now && !parked.reply.is_canceled() => {
             waiters.park(parked)
@@ -597,7 +677,28 @@ fn park_or_answer(parked: Parked, result: ReplyResult, waiters: &mut Waiters, dr
             if matches!(other, Ok(Reply::Polled(None))) {
                 waiters.count_empty(&parked.poll.queue);
             }
-            let _ = parked.reply.send(other);
+            let timing = batch.of(parked.attempt_at);
+            let _ = parked.reply.send(Answered { result: other, timing });
+        }
+    }
+}
+
+/// When a batch ran, for its calls' [`Timing`].
+#[derive(Debug, Clone, Copy)]
+struct BatchTiming {
+    started: Instant,
+    took: Duration,
+    synced: Duration,
+}
+
+impl BatchTiming {
+    /// The timing of a call that began at `since` and was answered by
+    /// this batch.
+    fn of(&self, since: Instant) -> Timing {
+        Timing {
+            queued: self.started.saturating_duration_since(since),
+            storage: self.took.saturating_sub(self.synced),
+            sync: self.synced,
         }
     }
 }
@@ -609,6 +710,7 @@ fn finish(
     retry: &mut Vec<Parked>,
     draining: bool,
     reporter: &Reporter<'_>,
+    batch: &BatchTiming,
 ) {
     // One answer per command; a storage failure answers every command of
     // the batch alike (ErrorReply is Clone: no fan-out of the store's error).
@@ -619,18 +721,26 @@ fn finish(
     let now = Instant::now();
     for f in finishes {
         match f {
-            Finish::Reply { reply, commands, build } => {
+            Finish::Reply {
+                reply,
+                commands,
+                build,
+                read_at,
+            } => {
                 let mut own = outcomes.by_ref().take(commands);
                 let result = build(&mut own);
                 // Whatever the operation did not read is still its own.
                 own.for_each(drop);
-                let _ = reply.send(result);
+                let timing = batch.of(read_at);
+                let _ = reply.send(Answered { result, timing });
             }
             Finish::Poll(parked) => {
                 let result = ops::Poll::reply(&mut outcomes.by_ref().take(1)).map(Reply::Polled);
-                park_or_answer(parked, result, waiters, draining, now);
+                park_or_answer(parked, result, waiters, draining, now, batch);
             }
-            Finish::PollNoRoom(parked) => park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now),
+            Finish::PollNoRoom(parked) => {
+                park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now, batch)
+            }
             Finish::Snapshot(scrapes) => {
                 let queues = match outcomes.next() {
                     Some(Ok(Outcome::Snapshot(queues))) => queues,

@@ -241,6 +241,7 @@ pub fn start_with_stop(
             clock: engine.clock().clone(),
             bound: bound_tx.clone(),
             status: status.clone(),
+            slow_request: config.slow_request,
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);
@@ -293,6 +294,7 @@ struct Shard {
     clock: Arc<dyn Clock>,
     bound: crossbeam_channel::Sender<Result<SocketAddr, ServerError>>,
     status: Arc<http::Status>,
+    slow_request: Option<Duration>,
 }
 
 impl Shard {
@@ -328,6 +330,7 @@ impl Shard {
             budget: self.budget,
             disk: self.engine.disk().clone(),
             metrics,
+            slow_request: self.slow_request,
         });
         drop(self.engine);
         let acceptor = glommio::spawn_local(accept::accept_loop(listener, ctx.clone())).detach();

@@ -12,12 +12,13 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::channel::oneshot;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
 use super::budget::ConnectionBudget;
-use super::core::{Call, CoreHandle, ReplyResult};
+use super::core::{Answered, Call, CoreHandle};
 use crate::metrics::ShardMetrics;
 use crate::ops::Route;
 use crate::protocol::{ErrorCode, ErrorReply, Op};
@@ -121,25 +122,41 @@ impl Router {
 
     /// Runs `op` on the shard that owns its queue. `budget` is the calling
     /// connection's buffer account (a poll's reply is limited by it).
-    pub(crate) async fn call(&self, op: Op, budget: Option<Arc<ConnectionBudget>>) -> ReplyResult {
+    /// `read_at` is when the request's frame was read.
+    pub(crate) async fn call(&self, op: Op, read_at: Instant, budget: Option<Arc<ConnectionBudget>>) -> Answered {
         let owner = match op.route() {
             Route::Owner(queue) => queue.shard(self.shards),
             Route::Local | Route::Connection => self.index,
         };
         let (reply, answer) = oneshot::channel();
-        let call = Call { op, reply, budget };
+        let call = Call {
+            op,
+            reply,
+            read_at,
+            budget,
+        };
         if owner == self.index {
             self.core.submit(call);
         } else {
             self.metrics.record_cross_shard();
             let Some(peer) = self.peers.get(owner).and_then(Option::as_ref) else {
-                return Err(unavailable(owner));
+                return Answered::now(Err(unavailable(owner)));
             };
             if peer.send(call).await.is_err() {
-                return Err(unavailable(owner));
+                return Answered::now(Err(unavailable(owner)));
             }
         }
-        answer.await.unwrap_or_else(|_| Err(unavailable(owner)))
+        answer.await.unwrap_or_else(|_| Answered::now(Err(unavailable(owner))))
+    }
+
+    /// This shard's index.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// How many shards there are.
+    pub(crate) fn shards(&self) -> usize {
+        self.shards
     }
 
     /// Drops the outgoing channels so peers' receive loops end.

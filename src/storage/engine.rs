@@ -274,8 +274,9 @@ impl Engine {
         Ok(it)
     }
 
-    /// Writes one batch with the sync policy of the durability mode.
-    pub(crate) fn commit(&self, batch: WriteBatch, needs_sync: bool) -> Result<(), StoreError> {
+    /// Writes one batch with the sync policy of the durability mode;
+    /// returns how long the write took when it synced the WAL (else zero).
+    pub(crate) fn commit(&self, batch: WriteBatch, needs_sync: bool) -> Result<Duration, StoreError> {
         let mut opts = WriteOptions::default();
         let sync = needs_sync && self.options.durability == Durability::Fsync;
         opts.set_sync(sync);
@@ -286,10 +287,15 @@ impl Engine {
             }
             StoreError::rocks("write a batch")(source)
         });
-        if let (Some(started), Ok(())) = (started, &written) {
-            self.wal_syncs.observe(started.elapsed());
-        }
-        written
+        written?;
+        Ok(match started {
+            Some(started) => {
+                let took = started.elapsed();
+                self.wal_syncs.observe(took);
+                took
+            }
+            None => Duration::ZERO,
+        })
     }
 
     /// Every WAL fsync's time so far.

@@ -247,6 +247,8 @@ pub struct Executed {
     /// expired leases, delays coming due), with how many: the server wakes as
     /// many long-polls. A hint: the model store reports none.
     pub woken: Vec<(QueueName, u64)>,
+    /// Time the batch's commit spent syncing the WAL (zero when it did not).
+    pub synced: std::time::Duration,
 }
 
 impl Default for Executed {
@@ -256,6 +258,7 @@ impl Default for Executed {
             outcomes: Ok(Vec::new()),
             deleted: Vec::new(),
             woken: Vec::new(),
+            synced: std::time::Duration::ZERO,
         }
     }
 }

@@ -278,7 +278,7 @@ impl QueueStore for ModelStore {
         Executed {
             outcomes: Ok(outcomes),
             deleted,
-            woken: Vec::new(),
+            ..Executed::default()
         }
     }
 

@@ -85,6 +85,7 @@ impl QueueStore for ShardStore {
                 .map(storage);
         }
         let mut outcomes = Vec::with_capacity(count);
+        let mut synced = std::time::Duration::ZERO;
         if fatal.is_none() {
             for command in commands {
                 let sync = command.needs_sync();
@@ -105,7 +106,10 @@ impl QueueStore for ShardStore {
             fatal = self.persist_counters(&mut batch).err().map(storage);
         }
         if fatal.is_none() && !batch.writes.is_empty() {
-            fatal = self.engine.commit(batch.writes, batch.needs_sync).err().map(storage);
+            match self.engine.commit(batch.writes, batch.needs_sync) {
+                Ok(took) => synced = took,
+                Err(e) => fatal = Some(storage(e)),
+            }
         }
         if let Some(error) = fatal {
             // Memory may now be ahead of the database: rebuild it from what
@@ -141,6 +145,7 @@ impl QueueStore for ShardStore {
             outcomes: Ok(outcomes),
             deleted: batch.deleted,
             woken,
+            synced,
         }
     }
 
