@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit, property, integration and doc tests.
+# Runs the whole test suite: unit, property, integration and doc tests, then
+# the Python client's tests against the server just built.
 # --help prints this and starts nothing.
 source "$(dirname "$0")/help.sh"
 set -euo pipefail
@@ -16,3 +17,5 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool_dir/usr/bin/promto
 fi
 export PATH="$PATH:$promtool_dir/usr/bin"
 cargo test --release --all-features "$@"
+# The Python client against the queueberd just built (its own venv).
+bash scripts/test-python.sh

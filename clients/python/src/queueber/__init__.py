@@ -1,0 +1,31 @@
+"""Python client for queueber, a durable leased work-queue server.
+
+* :mod:`queueber.aio` — the asyncio client (``queueber.aio.connect``).
+* :class:`queueber.Client` — the same API, blocking (``queueber.connect``).
+* :mod:`queueber.errors` — one exception per protocol error code, all
+  :class:`QueueberError`.
+* :mod:`queueber.types` — the result types (:class:`Message`,
+  :class:`Lease`, :class:`QueueStats`, :class:`ServerInfo`, ...).
+"""
+
+from . import aio, errors, types
+from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, Internal,
+                     InvalidArgument, InvalidName, MalformedFrame, PayloadTooLarge,
+                     QueueberError, ShuttingDown, TooManyInFlight, TooManyMessages,
+                     Unavailable, UnknownOperation, UnknownQueue)
+from .sync import Client, SyncConsumer, SyncMessage, connect
+from .types import Lease, Limits, Message, NewMessage, QueueRef, QueueStats, ServerInfo
+from .worker import ConsumedMessage, Consumer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "aio", "errors", "types",
+    "Client", "connect", "SyncConsumer", "SyncMessage",
+    "Consumer", "ConsumedMessage",
+    "Lease", "Limits", "Message", "NewMessage", "QueueRef", "QueueStats", "ServerInfo",
+    "QueueberError", "Internal", "InvalidArgument", "InvalidName", "UnknownQueue",
+    "PayloadTooLarge", "TooManyMessages", "FrameTooLarge", "MalformedFrame",
+    "UnknownOperation", "TooManyInFlight", "ShuttingDown", "Unavailable", "DiskFull",
+    "ConnectionClosed", "ConnectTimeout",
+]

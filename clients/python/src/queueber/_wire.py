@@ -1,0 +1,281 @@
+"""Wire codec: Cap'n Proto stream framing, request encoders, reply decoder.
+
+The schema is ``queueber.capnp`` shipped inside this package, a byte-for-byte
+copy of the repository's (a test checks it). Requests and responses are
+single Cap'n Proto messages in the standard (unpacked) stream framing, one
+after another on the TCP stream (docs/protocol.md, section 2).
+
+Frames are split by hand from the read buffer (the segment table gives the
+length) so that one ``data_received`` can hand many replies to the decoder
+without pycapnp's stream helpers.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+
+import capnp  # type: ignore[import-untyped]
+
+from .errors import Internal, error_for_code
+from .types import Limits, Message, NewMessage, Payload, QueueRef, QueueStats, ServerInfo
+
+SCHEMA_PATH = Path(__file__).with_name("queueber.capnp")
+schema: Any = capnp.load(str(SCHEMA_PATH))
+_Request: Any = schema.Request
+_Response: Any = schema.Response
+
+#: The server accepts 1-511 segments; a reply claiming more has lost framing.
+MAX_SEGMENTS = 511
+
+#: Traversal limit for decoding replies, in 8-byte words. Replies are bounded
+#: by the server's frame limit except ``listQueues``, which is not; 1 GiB
+#: matches the Rust client.
+TRAVERSAL_LIMIT_WORDS = (1 << 30) // 8
+
+_U32 = struct.Struct("<I")
+
+
+class FramingError(Exception):
+    """The byte stream from the server is not a sequence of frames."""
+
+
+def frame_length(buf: Union[bytes, bytearray], pos: int) -> int:
+    """Length of the frame starting at ``buf[pos]``, or 0 if its segment
+    table has not fully arrived yet. The frame itself may still be partial:
+    compare with the bytes available."""
+    avail = len(buf) - pos
+    if avail < 8:
+        return 0
+    nseg: int = _U32.unpack_from(buf, pos)[0] + 1
+    if nseg == 1:  # the common case: one segment, 8-byte table
+        size0: int = _U32.unpack_from(buf, pos + 4)[0]
+        return 8 + 8 * size0
+    if nseg > MAX_SEGMENTS:
+        raise FramingError(f"frame with {nseg} segments")
+    table = 4 * (nseg + 1) + (4 if nseg % 2 == 0 else 0)
+    if avail < table:
+        return 0
+    sizes: Tuple[int, ...] = struct.unpack_from(f"<{nseg}I", buf, pos + 4)
+    return table + 8 * sum(sizes)
+
+
+# --- requests ---------------------------------------------------------------
+#
+# Each encoder returns the whole frame for one Request. The tenant and queue
+# are passed through as given: an empty one means "default" on the server.
+
+
+def _new(rid: int) -> Any:
+    req = _Request.new_message()
+    req.id = rid
+    return req
+
+
+def _queue(ref: Any, tenant: str, queue: str) -> None:
+    ref.tenant = tenant
+    ref.queue = queue
+
+
+def _payload_bytes(p: Payload) -> bytes:
+    if isinstance(p, str):
+        return p.encode()
+    return p if isinstance(p, bytes) else bytes(p)
+
+
+def encode_hello(rid: int) -> bytes:
+    req = _new(rid)
+    req.hello = None
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_list_queues(rid: int) -> bytes:
+    req = _new(rid)
+    req.listQueues = None
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+_NM = schema.NewMessage.schema.fields
+_NM_PAYLOAD, _NM_DELAY = _NM["payload"], _NM["delayMs"]
+
+
+def encode_add(rid: int, tenant: str, queue: str,
+               messages: Sequence[Union[Payload, NewMessage]], delay_ms: int) -> bytes:
+    req = _new(rid)
+    add = req.init("add")
+    _queue(add.queue, tenant, queue)
+    out = add.init("messages", len(messages))
+    for i, m in enumerate(messages):
+        slot = out[i]
+        if m.__class__ is bytes:  # the common case first
+            slot._set_by_field(_NM_PAYLOAD, m)
+            if delay_ms:
+                slot._set_by_field(_NM_DELAY, delay_ms)
+        elif isinstance(m, NewMessage):
+            slot._set_by_field(_NM_PAYLOAD, _payload_bytes(m.payload))
+            if m.delay_ms:
+                slot._set_by_field(_NM_DELAY, m.delay_ms)
+        else:
+            slot._set_by_field(_NM_PAYLOAD, _payload_bytes(m))
+            if delay_ms:
+                slot._set_by_field(_NM_DELAY, delay_ms)
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_poll(rid: int, tenant: str, queue: str, max_items: int, lease_ms: int,
+                wait_ms: int) -> bytes:
+    req = _new(rid)
+    poll = req.init("poll")
+    _queue(poll.queue, tenant, queue)
+    poll.maxItems = max_items
+    poll.leaseMs = lease_ms
+    poll.waitMs = wait_ms
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_remove(rid: int, tenant: str, queue: str, lease: bytes,
+                  ids: List[bytes]) -> bytes:
+    req = _new(rid)
+    rm = req.init("remove")
+    _queue(rm.queue, tenant, queue)
+    rm.lease = lease
+    rm.ids = ids
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_extend(rid: int, tenant: str, queue: str, lease: bytes, lease_ms: int) -> bytes:
+    req = _new(rid)
+    ext = req.init("extend")
+    _queue(ext.queue, tenant, queue)
+    ext.lease = lease
+    ext.leaseMs = lease_ms
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_release(rid: int, tenant: str, queue: str, lease: bytes, mid: bytes,
+                   delay_ms: int) -> bytes:
+    req = _new(rid)
+    rel = req.init("release")
+    _queue(rel.queue, tenant, queue)
+    rel.lease = lease
+    rel.id = mid
+    rel.delayMs = delay_ms
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_queue_op(rid: int, op: str, tenant: str, queue: str) -> bytes:
+    """``stats``, ``purge`` or ``delete``: a request that is just a QueueRef."""
+    req = _new(rid)
+    _queue(req.init(op), tenant, queue)
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+# --- replies ----------------------------------------------------------------
+#
+# Readers are accessed with pycapnp's ``_get``/``_get_by_field`` rather than
+# attributes: attribute access goes through a generic lookup that costs
+# about three times as much, and poll replies are the client's hot path.
+# Each converter copies what it needs out of the reader, which is only
+# valid inside ``from_bytes``' context.
+
+_PM = schema.PolledMessage.schema.fields
+_PM_ID, _PM_PAYLOAD, _PM_COUNT, _PM_ENQUEUED = (
+    _PM["id"], _PM["payload"], _PM["deliveryCount"], _PM["enqueuedAtMs"])
+
+
+def _limits(lim: Any) -> Limits:
+    g = lim._get
+    return Limits(
+        max_frame_bytes=g("maxFrameBytes"),
+        max_messages_per_add=g("maxMessagesPerAdd"),
+        max_payload_bytes=g("maxPayloadBytes"),
+        max_items_per_poll=g("maxItemsPerPoll"),
+        max_wait_ms=g("maxWaitMs"),
+        max_in_flight_per_connection=g("maxInFlightPerConnection"),
+        max_connections=g("maxConnections"),
+        max_duration_ms=g("maxDurationMs"),
+    )
+
+
+def _hello(h: Any) -> ServerInfo:
+    g = h._get
+    return ServerInfo(g("version"), g("shards"), _limits(g("limits")), g("diskFull"))
+
+
+def _poll(p: Any) -> Tuple[bytes, int, List[Message]]:
+    g = p._get
+    return (g("lease"), g("expiresAtMs"),
+            [Message(m._get_by_field(_PM_ID), m._get_by_field(_PM_PAYLOAD),
+                     m._get_by_field(_PM_COUNT), m._get_by_field(_PM_ENQUEUED))
+             for m in g("messages")])
+
+
+def _extend(e: Any) -> Optional[int]:
+    expires: int = e._get("expiresAtMs")
+    return expires if e._get("extended") else None
+
+
+def _stats(s: Any) -> QueueStats:
+    g = s._get
+    return QueueStats(g("visible"), g("delayed"), g("inFlight"),
+                      g("oldestVisibleAgeMs") if g("hasVisible") else None, g("diskFull"))
+
+
+def _queue_refs(refs: Any) -> List[QueueRef]:
+    return [QueueRef(q._get("tenant"), q._get("queue")) for q in refs]
+
+
+# Reply kind -> converter of that union member's value.
+_CONVERT: Any = {
+    "hello": _hello,
+    "add": lambda a: list(a._get("ids")),
+    "poll": _poll,
+    "remove": lambda r: list(r._get("removed")),
+    "extend": _extend,
+    "release": lambda r: r._get("released"),
+    "stats": _stats,
+    "listQueues": _queue_refs,
+    "purge": lambda p: p._get("purged"),
+}
+
+
+def decode(frame: bytes) -> Tuple[int, str, Any]:
+    """Decode one reply frame into ``(id, kind, value)``.
+
+    ``kind`` is the ``Response`` union member (``"poll"``, ``"error"``, ...)
+    and ``value`` its content as Python values; for ``"error"`` it is the
+    :class:`~queueber.errors.QueueberError` to raise. A reply whose id is
+    readable but whose content is not (an unknown union member, a bad
+    pointer) decodes as an :class:`~queueber.errors.Internal` error for that
+    id, as the protocol asks. Raises :class:`FramingError` only when not
+    even the id can be read.
+    """
+    try:
+        with _Response.from_bytes(frame, traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS) as r:
+            rid: int = r._get("id")
+            try:
+                kind: str = r._which_str()
+                if kind == "delete":  # Void
+                    return rid, kind, None
+                value = r._get(kind)
+                if kind == "error":
+                    return rid, kind, error_for_code(value._get("code").raw, value._get("message"),
+                                                     connection_level=rid == 0)
+                return rid, kind, _CONVERT[kind](value)
+            except Exception as e:  # a reply this client cannot read
+                return rid, "error", Internal(f"unreadable reply: {e}")
+    except capnp.KjException as e:
+        raise FramingError(f"unreadable reply frame: {e}") from e
+
+
+def lease_bytes(lease: Any) -> bytes:
+    """A lease id from a :class:`~queueber.types.Lease` or raw bytes."""
+    lid = getattr(lease, "id", lease)
+    return bytes(lid)
+
+
+def id_list(ids: Iterable[Any]) -> List[bytes]:
+    """Message ids from :class:`~queueber.types.Message` objects or raw bytes."""
+    return [m if isinstance(m, bytes) else bytes(getattr(m, "id", m)) for m in ids]
+

@@ -1,0 +1,649 @@
+"""The asyncio client: one connection, many requests in flight.
+
+>>> async with queueber.aio.connect("127.0.0.1:7420") as qb:   # doctest: +SKIP
+...     ids = await qb.add("emails", [b"hello"])
+...     lease = await qb.poll("emails", max_items=10, wait_ms=1000)
+...     await qb.remove("emails", lease, lease.messages)
+
+Requests are pipelined: every call writes its frame at once (frames written
+in the same event-loop tick go out in one ``write``) and waits for the reply
+with its id, so any number of tasks can share one client. Replies may come
+back in any order. The client keeps at most the server's
+``max_in_flight_per_connection`` requests outstanding; callers beyond that
+wait for a slot.
+
+Reconnection: when the connection is lost, the requests in flight on it fail
+with :class:`~queueber.errors.ConnectionClosed` (their outcome is unknown),
+except the ones that are safe to send twice (``hello``, ``stats``,
+``queues``, ``extend``), which are sent again once on a new connection. The
+next request after a loss reconnects first. An ``add`` is never sent again
+by the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+from typing import (Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence,
+                    Set, Tuple, Union)
+
+import capnp  # type: ignore[import-untyped]
+
+from . import _wire
+from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError
+from .types import (Lease, Message, NewMessage, Payload, QueueRef, QueueStats,
+                    ServerInfo)
+from .worker import Consumer
+
+__all__ = ["Client", "connect", "DEFAULT_ADDRESS"]
+
+log = logging.getLogger("queueber")
+
+DEFAULT_ADDRESS = "127.0.0.1:7420"
+
+#: How long ``close`` waits for the server to answer what is in flight.
+CLOSE_TIMEOUT_S = 10.0
+
+Address = Union[str, Tuple[str, int]]
+LeaseLike = Union[Lease, bytes]
+IdLike = Union[Message, bytes]
+
+# A request waiting for its reply: the future, the reply kind expected, and
+# for polls the (tenant, queue) its messages would have to be released to.
+_Pending = Tuple["asyncio.Future[Any]", str, Optional[Tuple[str, str]]]
+
+
+def parse_address(address: Address) -> Tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` as ``(host, port)``."""
+    if isinstance(address, tuple):
+        return address[0], int(address[1])
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: writes request frames, splits the byte stream
+    into reply frames and hands each to the request waiting for its id."""
+
+    def __init__(self, client: "Client") -> None:
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self.transport: Optional[asyncio.Transport] = None
+        self.pending: Dict[int, _Pending] = {}
+        #: False once no new request may be sent here (lost, closing, or an
+        #: id-0 error): the client then opens a new connection.
+        self.usable = True
+        self.max_in_flight = 1 << 31  # until hello tells the server's limit
+        #: Set when the connection has ended and every request on it failed.
+        self.closed: "asyncio.Future[None]" = self._loop.create_future()
+        self._fatal: Optional[QueueberError] = None  # the id-0 error, if any
+        self._rbuf = bytearray()
+        self._need = 0  # bytes _rbuf must hold before it is worth parsing
+        self._wbuf: List[bytes] = []
+        self._flush_scheduled = False
+        self._write_ok = asyncio.Event()
+        self._write_ok.set()
+        self._slot_waiters: Deque["asyncio.Future[None]"] = collections.deque()
+
+    # -- asyncio.Protocol ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._rbuf:
+            self._rbuf += data
+            if len(self._rbuf) < self._need:
+                return  # a large frame still arriving: do not re-parse
+            data = bytes(self._rbuf)
+            self._rbuf = bytearray()
+        pos, end_of_data = 0, len(data)
+        try:
+            while pos < end_of_data:
+                size = _wire.frame_length(data, pos)
+                end = pos + size
+                if size == 0 or end > end_of_data:
+                    self._need = size  # 0: the table itself is incomplete
+                    self._rbuf = bytearray(data[pos:])
+                    return
+                # A reply that is the whole chunk is passed on without a copy.
+                self._dispatch(data if size == end_of_data else data[pos:end])
+                pos = end
+        except _wire.FramingError as e:
+            self._fail(Internal(f"lost the framing of the server's replies: {e}",
+                                connection_level=True))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # the server sends EOF after its last answer: close
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.usable = False
+        if self._fatal is not None:
+            err: QueueberError = self._fatal
+        elif exc is not None:
+            err = ConnectionClosed(f"connection lost: {exc}")
+        else:
+            err = ConnectionClosed("the server closed the connection before answering")
+        pending, self.pending = self.pending, {}
+        for fut, _kind, _ctx in pending.values():
+            if not fut.done():
+                # A copy each: an exception instance raised in many tasks
+                # would collect all their tracebacks.
+                fut.set_exception(copy.copy(err))
+        self._wake_all()
+        self._write_ok.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_ok.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ok.set()
+
+    # -- sending -----------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame; everything queued in one loop tick is written with
+        a single ``transport.write`` (one syscall for a burst of requests)."""
+        self._wbuf.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        buf, self._wbuf = self._wbuf, []
+        if self.transport is None or self.transport.is_closing() or not buf:
+            return
+        self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    async def wait_writable(self) -> None:
+        """Wait while the transport's write buffer is over its high-water
+        mark (large adds faster than the socket drains)."""
+        await self._write_ok.wait()
+
+    def write_eof(self) -> None:
+        """Flush and send EOF: the server answers what it has read (parked
+        polls at once, empty) and then closes."""
+        self.usable = False
+        self._flush()
+        t = self.transport
+        if t is not None and not t.is_closing() and t.can_write_eof():
+            try:
+                t.write_eof()
+            except OSError:
+                t.abort()
+        self._wake_all()
+
+    # -- in-flight slots -----------------------------------------------------
+
+    async def wait_slot(self) -> None:
+        """Wait until fewer than ``max_in_flight`` requests are outstanding
+        (or the connection stops being usable)."""
+        while self.usable and len(self.pending) >= self.max_in_flight:
+            waiter = self._loop.create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                    # We were cancelled after being woken: pass the slot on.
+                elif self._slot_waiters and len(self.pending) < self.max_in_flight:
+                    self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._slot_waiters:
+            w = self._slot_waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        while self._slot_waiters:
+            w = self._slot_waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+
+    # -- replies -------------------------------------------------------------
+
+    def _dispatch(self, frame: bytes) -> None:
+        rid, kind, value = _wire.decode(frame)
+        if rid == 0:
+            if kind == "error":
+                self._connection_error(value)
+            else:
+                log.warning("queueber: ignoring a %s reply with id 0", kind)
+            return
+        entry = self.pending.pop(rid, None)
+        if entry is None:
+            log.warning("queueber: ignoring a reply to unknown request id %d", rid)
+            return
+        if self._slot_waiters:
+            self._wake_one()
+        fut, expected, ctx = entry
+        if fut.done():
+            # The caller gave up (cancelled). A poll's messages are leased to
+            # nobody now: give them back instead of letting them sit out the
+            # lease.
+            if kind == "poll" and ctx is not None and value[2]:
+                self._client._release_abandoned(ctx, value[0], value[2])
+            return
+        if kind == "error":
+            fut.set_exception(value)
+        elif kind != expected:
+            fut.set_exception(Internal(f"unexpected {kind} reply to a {expected} request"))
+        else:
+            fut.set_result(value)
+
+    def _connection_error(self, err: QueueberError) -> None:
+        """An error with id 0 is about the connection (frameTooLarge, a
+        framing malformedFrame, unavailable at the connection limit). The
+        protocol says: read until EOF, since the server first answers what it
+        has read, then fail what is still unanswered and reconnect."""
+        log.warning("queueber: connection error from the server: %s", err)
+        if self._fatal is None:
+            self._fatal = err
+        # A malformedFrame about an unreadable root keeps the connection open
+        # on the server's side: our EOF makes it finish and close.
+        self.write_eof()
+
+    def _fail(self, err: QueueberError) -> None:
+        if self._fatal is None:
+            self._fatal = err
+        self.usable = False
+
+
+class Client:
+    """An asyncio queueber client over one TCP connection.
+
+    Create it with :func:`connect` (``async with queueber.aio.connect(addr)
+    as qb`` or ``qb = await queueber.aio.connect(addr)``), or construct it
+    and ``await qb.connect()``.
+
+    Every operation takes the queue name as its first argument; the tenant
+    is the client's (``tenant=`` at connect, ``"default"`` unless given). An
+    empty name means ``default`` on the server.
+
+    Args:
+        address: ``"host:port"`` or ``(host, port)``.
+        tenant: the tenant of every queue this client names.
+        connect_timeout: seconds for TCP connect plus ``hello``, on the first
+            connect and on every reconnect.
+        max_in_flight: most requests outstanding at once; default (``None``)
+            the server's ``max_in_flight_per_connection``.
+    """
+
+    def __init__(self, address: Address = DEFAULT_ADDRESS, *, tenant: str = "default",
+                 connect_timeout: float = 10.0, max_in_flight: Optional[int] = None) -> None:
+        self.address: Tuple[str, int] = parse_address(address)
+        self.tenant: str = tenant
+        self.connect_timeout = connect_timeout
+        self._max_in_flight = max_in_flight
+        self._conn: Optional[_Connection] = None
+        self._connect_lock: Optional[asyncio.Lock] = None
+        self._next_id = 1  # id 0 is the server's for connection errors
+        self._closing = False
+        # Created by the first close(); later calls wait on it. (Futures and
+        # locks are made inside the loop: on Python 3.9 they bind to a loop
+        # when created.)
+        self._closed: "Optional[asyncio.Future[None]]" = None
+        self._server_info: Optional[ServerInfo] = None
+        self._consumers: Set[Consumer] = set()
+        self._background: Set["asyncio.Task[Any]"] = set()
+        # Messages of abandoned polls that came back once the connection
+        # could no longer carry a release: released at close.
+        self._orphans: List[Tuple[Tuple[str, str], bytes, List[Message]]] = []
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def connect(self) -> "Client":
+        """Open the connection and say ``hello`` (learning the server's
+        limits). Raises :class:`~queueber.errors.ConnectionClosed` when the
+        server cannot be reached, :class:`~queueber.errors.ConnectTimeout`
+        after ``connect_timeout``, :class:`~queueber.errors.Unavailable` when
+        the server is at its connection limit."""
+        await self._ensure_connection()
+        return self
+
+    @property
+    def server_info(self) -> ServerInfo:
+        """What the server said in ``hello`` on the latest (re)connect."""
+        if self._server_info is None:
+            raise ConnectionClosed("not connected yet", connection_level=False)
+        return self._server_info
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client has a usable connection right now."""
+        return self._conn is not None and self._conn.usable
+
+    async def close(self) -> None:
+        """Stop the consumers (their unprocessed messages are released and
+        their acknowledgements flushed), let requests in flight finish,
+        then close the connection. Parked polls are answered at once, empty.
+        Idempotent."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closed = asyncio.get_running_loop().create_future()
+        self._closing = True
+        try:
+            for consumer in list(self._consumers):
+                await consumer.aclose()
+            if self._background:
+                await asyncio.gather(*self._background, return_exceptions=True)
+            conn = self._conn
+            if conn is not None:
+                await self._finish(conn)
+            if self._orphans:
+                await self._release_orphans()
+        finally:
+            self._closed.set_result(None)
+
+    async def _finish(self, conn: _Connection) -> None:
+        conn.write_eof()
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.closed), CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            if conn.transport is not None:
+                conn.transport.abort()
+            await conn.closed
+
+    async def __aenter__(self) -> "Client":
+        if self._conn is None:
+            await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _ensure_connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and conn.usable:
+            return conn
+        if self._closing:
+            raise ConnectionClosed("the client is closed", connection_level=False)
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            conn = self._conn
+            if conn is None or not conn.usable:
+                conn, info = await self._open()
+                if self._closing:  # close() began while we were connecting
+                    conn.transport.abort()
+                    raise ConnectionClosed("the client is closed", connection_level=False)
+                self._conn, self._server_info = conn, info
+            return conn
+
+    async def _open(self) -> Tuple[_Connection, ServerInfo]:
+        """A new connection that has said hello, within ``connect_timeout``."""
+        loop = asyncio.get_running_loop()
+        host, port = self.address
+        deadline = loop.time() + self.connect_timeout
+        try:
+            _t, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self), host, port),
+                self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectTimeout(f"connecting to {host}:{port} timed out after "
+                                 f"{self.connect_timeout} s") from None
+        except OSError as e:
+            raise ConnectionClosed(f"cannot connect to {host}:{port}: {e}") from e
+        try:
+            fut = self._submit(conn, "hello", _wire.encode_hello, ())
+            info: ServerInfo = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            conn.transport.abort()  # type: ignore[union-attr]
+            raise ConnectTimeout(f"no hello from {host}:{port} within "
+                                 f"{self.connect_timeout} s") from None
+        except BaseException:
+            conn.transport.abort()  # type: ignore[union-attr]
+            raise
+        conn.max_in_flight = self._max_in_flight or info.limits.max_in_flight_per_connection
+        return conn, info
+
+    # -- requests --------------------------------------------------------------
+
+    def _submit(self, conn: _Connection, kind: str, encode: Callable[..., bytes],
+                args: Tuple[Any, ...], ctx: Optional[Tuple[str, str]] = None
+                ) -> "asyncio.Future[Any]":
+        rid = self._next_id
+        self._next_id = rid + 1
+        try:
+            frame = encode(rid, *args)
+        except (capnp.KjException, OverflowError) as e:
+            # pycapnp's messages carry a C++ stack; keep the first line.
+            raise ValueError(f"cannot encode the {kind} request: "
+                             f"{str(e).splitlines()[0]}") from None
+        fut: "asyncio.Future[Any]" = conn._loop.create_future()
+        conn.pending[rid] = (fut, kind, ctx)
+        conn.send(frame)
+        return fut
+
+    async def _call(self, kind: str, encode: Callable[..., bytes], *args: Any,
+                    resend: bool = False, ctx: Optional[Tuple[str, str]] = None) -> Any:
+        """Send one request and wait for its reply.
+
+        ``resend``: the request is safe to run twice, so if the connection
+        is lost before the reply it is sent once more on a new connection.
+        ``ctx``: for polls, the queue to release messages to if the caller
+        is cancelled after the server has leased them.
+        """
+        attempt = 0
+        while True:
+            conn = self._conn
+            if conn is None or not conn.usable:
+                conn = await self._ensure_connection()
+            if len(conn.pending) >= conn.max_in_flight:
+                await conn.wait_slot()
+                continue  # the connection may have changed meanwhile
+            if not conn._write_ok.is_set():
+                await conn.wait_writable()
+                continue
+            fut = self._submit(conn, kind, encode, args, ctx)
+            try:
+                return await fut
+            except QueueberError as e:
+                if resend and attempt == 0 and e.connection_level:
+                    attempt += 1
+                    continue
+                raise
+            except asyncio.CancelledError:
+                if ctx is not None and fut.done() and not fut.cancelled() \
+                        and fut.exception() is None:
+                    # Answered, but we were cancelled before we could use it.
+                    lease, _exp, messages = fut.result()
+                    if messages:
+                        self._release_abandoned(ctx, lease, messages)
+                raise
+
+    def _release_abandoned(self, ctx: Tuple[str, str], lease: bytes,
+                           messages: List[Message]) -> None:
+        """Give back the messages of a poll whose caller went away."""
+        conn = self._conn
+        if self._closing and (conn is None or not conn.usable):
+            self._orphans.append((ctx, lease, messages))
+            return
+        task = asyncio.ensure_future(self._release_all(self._call, ctx, lease, messages))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _release_all(call: Callable[..., Any], ctx: Tuple[str, str], lease: bytes,
+                           messages: List[Message]) -> None:
+        tenant, queue = ctx
+        results = await asyncio.gather(
+            *(call("release", _wire.encode_release, tenant, queue, lease, m.id, 0)
+              for m in messages), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("queueber: could not release a message of an abandoned poll "
+                            "(it is redelivered when its lease expires): %s", r)
+
+    async def _release_orphans(self) -> None:
+        """At close, over a short-lived connection of its own."""
+        orphans, self._orphans = self._orphans, []
+        try:
+            conn, _info = await self._open()
+        except QueueberError as e:
+            log.warning("queueber: could not release %d abandoned messages (they are "
+                        "redelivered when their leases expire): %s",
+                        sum(len(m) for _c, _l, m in orphans), e)
+            return
+
+        def call(kind: str, encode: Callable[..., bytes], *args: Any) -> Any:
+            return self._submit(conn, kind, encode, args)
+
+        for ctx, lease, messages in orphans:
+            await self._release_all(call, ctx, lease, messages)
+        await self._finish(conn)
+
+    # -- operations --------------------------------------------------------------
+
+    async def hello(self) -> ServerInfo:
+        """The server's version, shard count, limits and disk state."""
+        info: ServerInfo = await self._call("hello", _wire.encode_hello, resend=True)
+        self._server_info = info
+        return info
+
+    async def add(self, queue: str, messages: Sequence[Union[Payload, NewMessage]],
+                  delay_ms: int = 0) -> List[bytes]:
+        """Add messages to ``queue`` (creating it); returns their 16-byte ids
+        in order.
+
+        ``messages`` holds payloads (bytes, or str sent as UTF-8) and/or
+        :class:`~queueber.types.NewMessage` for a per-message delay;
+        ``delay_ms`` applies to the bare payloads. The add is atomic: all
+        are stored or none. It is never re-sent by the client: if the
+        connection is lost before the answer, it raises
+        :class:`~queueber.errors.ConnectionClosed` and the outcome is unknown.
+        """
+        if isinstance(messages, (bytes, bytearray, memoryview, str, NewMessage)):
+            raise TypeError("add takes a sequence of payloads, e.g. [b'...']")
+        ids: List[bytes] = await self._call("add", _wire.encode_add, self.tenant, queue,
+                                            messages, delay_ms)
+        return ids
+
+    async def poll(self, queue: str, max_items: int = 1, lease_ms: int = 30000,
+                   wait_ms: int = 0) -> Lease:
+        """Lease up to ``max_items`` visible messages for ``lease_ms``.
+
+        With ``wait_ms`` > 0 and nothing visible, the server waits that long
+        (capped by its ``max_wait_ms``) for messages. Returns a
+        :class:`~queueber.types.Lease`, empty (falsy) when nothing came. If
+        the caller is cancelled after the server leased messages, they are
+        released.
+        """
+        lease, expires, messages = await self._call(
+            "poll", _wire.encode_poll, self.tenant, queue, max_items, lease_ms, wait_ms,
+            ctx=(self.tenant, queue))
+        return Lease(lease, expires, messages)
+
+    async def remove(self, queue: str, lease: LeaseLike, ids: Iterable[IdLike]) -> List[bool]:
+        """Acknowledge (delete) leased messages; one flag per id, ``False``
+        when the lease no longer held it (expired: it may be redelivered)."""
+        flags: List[bool] = await self._call("remove", _wire.encode_remove, self.tenant, queue,
+                                             _wire.lease_bytes(lease), _wire.id_list(ids))
+        return flags
+
+    async def extend(self, queue: str, lease: LeaseLike, lease_ms: int) -> Optional[int]:
+        """Make the lease expire ``lease_ms`` from now (not added to the old
+        expiry). Returns the new expiry (server epoch ms), or ``None`` when
+        the lease is no longer live and its messages may be redelivered."""
+        expires: Optional[int] = await self._call(
+            "extend", _wire.encode_extend, self.tenant, queue, _wire.lease_bytes(lease),
+            lease_ms, resend=True)
+        return expires
+
+    async def release(self, queue: str, lease: LeaseLike, id: IdLike, delay_ms: int = 0) -> bool:
+        """Give one leased message back, visible again after ``delay_ms``;
+        ``False`` when the lease no longer held it."""
+        mid = _wire.id_list([id])[0]
+        released: bool = await self._call("release", _wire.encode_release, self.tenant, queue,
+                                          _wire.lease_bytes(lease), mid, delay_ms)
+        return released
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Counters of ``queue``: visible, delayed, in flight, head age."""
+        stats: QueueStats = await self._call("stats", _wire.encode_queue_op, "stats",
+                                             self.tenant, queue, resend=True)
+        return stats
+
+    async def queues(self) -> List[QueueRef]:
+        """Every queue on the server (all tenants), sorted by (tenant, queue)."""
+        refs: List[QueueRef] = await self._call("listQueues", _wire.encode_list_queues,
+                                                resend=True)
+        return refs
+
+    async def purge(self, queue: str) -> int:
+        """Drop every message of ``queue`` (visible, delayed, in flight);
+        returns how many. The queue stays."""
+        purged: int = await self._call("purge", _wire.encode_queue_op, "purge",
+                                       self.tenant, queue)
+        return purged
+
+    async def delete(self, queue: str) -> None:
+        """Purge ``queue`` and remove it."""
+        await self._call("delete", _wire.encode_queue_op, "delete", self.tenant, queue)
+
+    def consume(self, queue: str, *, batch: int = 32, lease_ms: int = 30000,
+                wait_ms: int = 5000, max_held: Optional[int] = None,
+                heartbeat_fraction: float = 1 / 3, ack_delay_ms: float = 5.0,
+                retry_delay_ms: int = 0) -> Consumer:
+        """Iterate over the messages of ``queue``, for a worker loop::
+
+            async for msg in qb.consume("emails", batch=32):
+                async with msg:          # removed on success, released on error
+                    await send(msg.payload)
+
+        See :class:`~queueber.worker.Consumer` for the arguments and the
+        guarantees (heartbeats, batched acknowledgements, clean stop).
+        """
+        if self._closing:
+            raise ConnectionClosed("the client is closed", connection_level=False)
+        consumer = Consumer(self, queue, batch=batch, lease_ms=lease_ms, wait_ms=wait_ms,
+                            max_held=max_held, heartbeat_fraction=heartbeat_fraction,
+                            ack_delay_ms=ack_delay_ms, retry_delay_ms=retry_delay_ms)
+        self._consumers.add(consumer)
+        return consumer
+
+    def _consumer_stopped(self, consumer: Consumer) -> None:
+        self._consumers.discard(consumer)
+
+
+class _Connector:
+    """What :func:`connect` returns: await it, or use it with ``async with``."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._client.connect().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self._client.connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._client.close()
+
+
+def connect(address: Address = DEFAULT_ADDRESS, *, tenant: str = "default",
+            connect_timeout: float = 10.0, max_in_flight: Optional[int] = None) -> _Connector:
+    """Connect to a queueber server::
+
+        async with queueber.aio.connect("127.0.0.1:7420", tenant="acme") as qb:
+            ...
+        qb = await queueber.aio.connect("127.0.0.1:7420")   # then await qb.close()
+
+    See :class:`Client` for the arguments.
+    """
+    return _Connector(Client(address, tenant=tenant, connect_timeout=connect_timeout,
+                             max_in_flight=max_in_flight))

@@ -1,0 +1,166 @@
+# queueber wire protocol. See docs/protocol.md for framing, semantics and limits.
+#
+# Every frame is one Cap'n Proto message in the standard stream framing
+# (segment table, then segments; unpacked). A client sends `Request`s and the
+# server answers each with exactly one `Response` carrying the same `id`.
+# Responses may arrive in any order; many requests may be in flight at once.
+@0xf994aea564931a8a;
+
+struct QueueRef {
+  # Empty tenant or queue means "default". Each is 1-128 bytes of [A-Za-z0-9._-].
+  tenant @0 :Text;
+  queue @1 :Text;
+}
+
+struct NewMessage {
+  payload @0 :Data;
+  delayMs @1 :UInt64;   # 0 = visible at once
+}
+
+struct Request {
+  id @0 :UInt64;        # chosen by the client, echoed in the response
+  union {
+    hello @1 :Void;
+    add @2 :AddRequest;
+    poll @3 :PollRequest;
+    remove @4 :RemoveRequest;
+    extend @5 :ExtendRequest;
+    release @6 :ReleaseRequest;
+    stats @7 :QueueRef;
+    listQueues @8 :Void;
+    purge @9 :QueueRef;
+    delete @10 :QueueRef;
+  }
+}
+
+struct AddRequest {
+  queue @0 :QueueRef;
+  messages @1 :List(NewMessage);
+}
+
+struct PollRequest {
+  queue @0 :QueueRef;
+  maxItems @1 :UInt32;  # 0 means 1; capped by the server's limit
+  leaseMs @2 :UInt64;   # must be > 0
+  waitMs @3 :UInt64;    # 0 = answer at once; capped by the server's limit
+}
+
+struct RemoveRequest {
+  queue @0 :QueueRef;
+  lease @1 :Data;       # 16 bytes
+  ids @2 :List(Data);   # 16 bytes each; answered with one Bool each
+}
+
+struct ExtendRequest {
+  queue @0 :QueueRef;
+  lease @1 :Data;
+  leaseMs @2 :UInt64;   # new expiry = now + leaseMs
+}
+
+struct ReleaseRequest {
+  queue @0 :QueueRef;
+  lease @1 :Data;
+  id @2 :Data;
+  delayMs @3 :UInt64;   # visible again after this delay
+}
+
+struct Response {
+  id @0 :UInt64;
+  union {
+    error @1 :Error;
+    hello @2 :HelloReply;
+    add @3 :AddReply;
+    poll @4 :PollReply;
+    remove @5 :RemoveReply;
+    extend @6 :ExtendReply;
+    release @7 :ReleaseReply;
+    stats @8 :QueueStats;
+    listQueues @9 :List(QueueRef);
+    purge @10 :PurgeReply;
+    delete @11 :Void;
+  }
+}
+
+enum ErrorCode {
+  internal @0;          # a server-side failure (storage); retry later
+  invalidArgument @1;   # a number out of range, a malformed id, leaseMs = 0
+  invalidName @2;       # tenant or queue name not 1-128 bytes of [A-Za-z0-9._-]
+  unknownQueue @3;      # the queue does not exist (only add creates queues)
+  payloadTooLarge @4;   # a message payload over the limit
+  tooManyMessages @5;   # an add (or remove) with more entries than the limit
+  frameTooLarge @6;     # the frame is over the limit; the connection closes
+  malformedFrame @7;    # not a valid Request; closes the connection only when the
+                        # segment table itself is invalid (framing is lost)
+  unknownOperation @8;  # a valid frame with an operation this server lacks
+  tooManyInFlight @9;   # more pipelined requests than the limit
+  shuttingDown @10;     # the server is stopping; reconnect elsewhere or later
+  unavailable @11;      # a shard cannot serve right now
+  diskFull @12;         # the data filesystem is under its free-space reserve:
+                        # adds are refused (retry later); everything else works
+}
+
+struct Error {
+  code @0 :ErrorCode;
+  message @1 :Text;     # human-readable; names the limit or argument
+}
+
+struct Limits {
+  maxFrameBytes @0 :UInt64;
+  maxMessagesPerAdd @1 :UInt32;
+  maxPayloadBytes @2 :UInt64;
+  maxItemsPerPoll @3 :UInt32;
+  maxWaitMs @4 :UInt64;
+  maxInFlightPerConnection @5 :UInt32;
+  maxConnections @6 :UInt32;
+  maxDurationMs @7 :UInt64;   # the longest lease, delay or extension
+}
+
+struct HelloReply {
+  version @0 :Text;
+  shards @1 :UInt32;
+  limits @2 :Limits;
+  diskFull @3 :Bool;          # adds are being refused for lack of disk space
+}
+
+struct AddReply {
+  ids @0 :List(Data);   # in the order of the request's messages
+}
+
+struct PolledMessage {
+  id @0 :Data;
+  payload @1 :Data;
+  deliveryCount @2 :UInt32;   # 1 on first delivery
+  enqueuedAtMs @3 :UInt64;
+}
+
+struct PollReply {
+  lease @0 :Data;             # empty when nothing was available
+  expiresAtMs @1 :UInt64;
+  messages @2 :List(PolledMessage);
+}
+
+struct RemoveReply {
+  removed @0 :List(Bool);     # one per requested id
+}
+
+struct ExtendReply {
+  extended @0 :Bool;
+  expiresAtMs @1 :UInt64;
+}
+
+struct ReleaseReply {
+  released @0 :Bool;
+}
+
+struct PurgeReply {
+  purged @0 :UInt64;          # messages dropped (visible, delayed and in flight)
+}
+
+struct QueueStats {
+  visible @0 :UInt64;
+  delayed @1 :UInt64;
+  inFlight @2 :UInt64;
+  oldestVisibleAgeMs @3 :UInt64;
+  hasVisible @4 :Bool;        # whether oldestVisibleAgeMs means anything
+  diskFull @5 :Bool;          # adds are being refused for lack of disk space
+}

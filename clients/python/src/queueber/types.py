@@ -1,0 +1,115 @@
+"""The small value types that operations take and return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Union
+
+__all__ = [
+    "Payload",
+    "NewMessage",
+    "Message",
+    "Lease",
+    "QueueStats",
+    "QueueRef",
+    "Limits",
+    "ServerInfo",
+]
+
+#: What ``add`` accepts as a payload: bytes-like, or ``str`` (sent as UTF-8).
+Payload = Union[bytes, bytearray, memoryview, str]
+
+
+@dataclass
+class NewMessage:
+    """A message to add with its own delay (``add`` also takes bare payloads)."""
+
+    payload: Payload
+    #: Milliseconds before the message becomes visible; 0 = at once.
+    delay_ms: int = 0
+
+
+@dataclass
+class Message:
+    """A message returned by ``poll``, leased to the caller."""
+
+    #: 16-byte message id (a UUIDv7 made by the server; treat it as opaque).
+    id: bytes
+    payload: bytes
+    #: 1 on the first delivery; counts every lease, released or expired too.
+    delivery_count: int
+    #: When the message was added, in Unix epoch ms by the server's clock.
+    enqueued_at_ms: int
+
+
+@dataclass
+class Lease:
+    """The result of ``poll``: the messages, all under one lease.
+
+    It is falsy, and ``id`` is empty, when nothing was available. Iterating
+    over it yields its messages.
+    """
+
+    #: 16-byte lease id; ``b""`` when no messages were returned.
+    id: bytes
+    #: Expiry in Unix epoch ms by the server's clock (0 when empty). Do not
+    #: compare it with the local clock; keep a local deadline instead.
+    expires_at_ms: int
+    messages: List[Message] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages)
+
+
+@dataclass
+class QueueStats:
+    """Counters of one queue (``stats``)."""
+
+    #: Messages a poll can take now.
+    visible: int
+    #: Messages whose visible time is in the future.
+    delayed: int
+    #: Messages held by live leases.
+    in_flight: int
+    #: Age of the message at the head of the queue; ``None`` when nothing is
+    #: visible.
+    oldest_visible_age_ms: Optional[int]
+    #: The server refuses adds for lack of disk space (server-wide).
+    disk_full: bool = False
+
+
+@dataclass(frozen=True)
+class QueueRef:
+    """A queue's full name, as ``queues()`` lists it."""
+
+    tenant: str
+    queue: str
+
+
+@dataclass
+class Limits:
+    """The server's limits, as announced by ``hello``."""
+
+    max_frame_bytes: int
+    max_messages_per_add: int
+    max_payload_bytes: int
+    max_items_per_poll: int
+    max_wait_ms: int
+    max_in_flight_per_connection: int
+    max_connections: int
+    #: The longest lease, delay or extension; longer ones are clamped.
+    max_duration_ms: int
+
+
+@dataclass
+class ServerInfo:
+    """The answer to ``hello``."""
+
+    version: str
+    shards: int
+    limits: Limits
+    #: The server refuses adds for lack of disk space (a snapshot).
+    disk_full: bool = False

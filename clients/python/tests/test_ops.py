@@ -1,0 +1,196 @@
+"""Every operation of the asyncio client against a real server."""
+
+import asyncio
+import time
+
+import pytest
+from conftest import Server, aio_test
+
+import queueber
+from queueber import NewMessage, aio
+
+
+@aio_test
+async def test_hello(server: Server) -> None:
+    async with aio.connect(server.addr) as qb:
+        info = await qb.hello()
+        assert info.version and info.shards == 2 and not info.disk_full
+        assert info.limits.max_frame_bytes == 16 * 1024 * 1024
+        assert info.limits.max_in_flight_per_connection == 4096
+        assert qb.server_info == info
+
+
+@aio_test
+async def test_add_poll_remove(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        ids = await qb.add(queue, [b"one", "two", bytearray(b"three")])
+        assert len(ids) == 3 and all(len(i) == 16 for i in ids)
+        lease = await qb.poll(queue, max_items=10, lease_ms=30000)
+        assert lease and len(lease.id) == 16 and lease.expires_at_ms > 0
+        assert [m.payload for m in lease] == [b"one", b"two", b"three"]  # FIFO
+        assert [m.id for m in lease.messages] == ids
+        assert all(m.delivery_count == 1 and m.enqueued_at_ms > 0 for m in lease)
+        assert await qb.remove(queue, lease, lease.messages) == [True, True, True]
+        # Raw bytes work as well as the objects; removed ids answer False.
+        assert await qb.remove(queue, lease.id, [ids[0]]) == [False]
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.delayed, stats.in_flight) == (0, 0, 0)
+        assert stats.oldest_visible_age_ms is None
+
+
+@aio_test
+async def test_empty_poll_is_a_falsy_lease(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"x"])
+        assert await qb.poll(queue)
+        empty = await qb.poll(queue)
+        assert not empty and empty.id == b"" and empty.messages == [] and len(empty) == 0
+
+
+@aio_test
+async def test_add_with_delays(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"now", NewMessage(b"later", delay_ms=60000)])
+        await qb.add(queue, [b"also later"], delay_ms=60000)
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.delayed) == (1, 2)
+        assert stats.oldest_visible_age_ms is not None
+        t0 = time.monotonic()
+        await qb.add(queue, [NewMessage(b"soon", delay_ms=300)])
+        lease = await qb.poll(queue, max_items=10)
+        assert [m.payload for m in lease] == [b"now"]
+        # A delayed message shows up once its delay has passed.
+        lease = await qb.poll(queue, max_items=10, wait_ms=5000)
+        assert [m.payload for m in lease] == [b"soon"]
+        assert time.monotonic() - t0 >= 0.25
+
+
+@aio_test
+async def test_long_poll_is_woken_by_an_add(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb, aio.connect(server.addr) as producer:
+        await producer.add(queue, [b"seed"])  # an existing, empty queue
+        await producer.purge(queue)
+        parked = asyncio.ensure_future(qb.poll(queue, wait_ms=10000))
+        await asyncio.sleep(0.2)
+        assert not parked.done()
+        await producer.add(queue, [b"wake"])
+        lease = await asyncio.wait_for(parked, 5)
+        assert [m.payload for m in lease] == [b"wake"]
+        # With nothing to take, a poll waits wait_ms and comes back empty.
+        t0 = time.monotonic()
+        assert not await qb.poll(queue, wait_ms=300)
+        assert time.monotonic() - t0 >= 0.25
+
+
+@aio_test
+async def test_extend_and_expiry(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"m"])
+        lease = await qb.poll(queue, lease_ms=1000)
+        expires = await qb.extend(queue, lease, 60000)
+        assert expires is not None and expires > lease.expires_at_ms
+        await asyncio.sleep(1.2)  # past the original lease: still held
+        assert (await qb.stats(queue)).in_flight == 1
+        # Shortening is allowed: the new expiry is now + lease_ms.
+        assert await qb.extend(queue, lease, 100) is not None
+        await asyncio.sleep(0.3)
+        assert await qb.extend(queue, lease, 60000) is None  # expired
+        again = await qb.poll(queue, wait_ms=2000)
+        assert [m.delivery_count for m in again] == [2]
+        assert await qb.remove(queue, lease, lease.messages) == [False]
+        assert await qb.remove(queue, again, again.messages) == [True]
+
+
+@aio_test
+async def test_release(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"a", b"b"])
+        lease = await qb.poll(queue, max_items=2)
+        a, b = lease.messages
+        assert await qb.release(queue, lease, a) is True
+        assert await qb.release(queue, lease, a.id) is False  # no longer held
+        assert await qb.release(queue, lease, b, delay_ms=60000) is True
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.delayed, stats.in_flight) == (1, 1, 0)
+        again = await qb.poll(queue)
+        assert [(m.payload, m.delivery_count) for m in again] == [(b"a", 2)]
+
+
+@aio_test
+async def test_queues_purge_delete(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr, tenant="acme") as acme, \
+            aio.connect(server.addr) as default:
+        await acme.add(queue, [b"1", b"2", NewMessage(b"3", delay_ms=60000)])
+        await acme.poll(queue)
+        await default.add(queue, [b"other tenant"])
+        refs = await acme.queues()
+        assert queueber.QueueRef("acme", queue) in refs
+        assert queueber.QueueRef("default", queue) in refs
+        assert refs == sorted(refs, key=lambda r: (r.tenant, r.queue))
+        assert await acme.purge(queue) == 3  # visible, delayed and in flight
+        assert (await acme.stats(queue)).visible == 0
+        await acme.delete(queue)
+        assert queueber.QueueRef("acme", queue) not in await acme.queues()
+        with pytest.raises(queueber.UnknownQueue):
+            await acme.stats(queue)
+        # The other tenant's queue of the same name is untouched.
+        assert (await default.stats(queue)).visible == 1
+
+
+@aio_test
+async def test_empty_names_mean_default(server: Server) -> None:
+    async with aio.connect(server.addr, tenant="") as qb:
+        await qb.add("", [b"x"])
+        assert queueber.QueueRef("default", "default") in await qb.queues()
+        async with aio.connect(server.addr) as named:
+            assert (await named.stats("default")).visible >= 1
+        await qb.purge("")
+
+
+@aio_test
+async def test_large_poll_reply(server: Server, queue: str) -> None:
+    # About 4 MiB in one reply: many reads per frame, multi-segment messages.
+    payload = bytes(range(256)) * 256  # 64 KiB
+    async with aio.connect(server.addr) as qb:
+        for _ in range(4):
+            await qb.add(queue, [payload] * 16)
+        lease = await qb.poll(queue, max_items=64)
+        assert len(lease) == 64 and all(m.payload == payload for m in lease)
+        assert all(await qb.remove(queue, lease, lease.messages))
+
+
+def test_connect_refused_and_timeout() -> None:
+    async def body() -> None:
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()  # nothing listens there now
+        with pytest.raises(queueber.ConnectionClosed):
+            await aio.connect(f"127.0.0.1:{port}", connect_timeout=2)
+        # A listener that never answers hello: the connect times out.
+        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(queueber.ConnectTimeout):
+            await aio.connect(f"127.0.0.1:{port}", connect_timeout=0.3)
+        assert time.monotonic() - t0 < 2
+        srv.close()
+
+    asyncio.run(asyncio.wait_for(body(), 20))
+
+
+@aio_test
+async def test_close_answers_parked_polls_and_is_final(server: Server, queue: str) -> None:
+    qb = await aio.connect(server.addr)
+    await qb.add(queue, [b"x"])
+    await qb.purge(queue)
+    parked = asyncio.ensure_future(qb.poll(queue, wait_ms=20000))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    await qb.close()
+    assert not await asyncio.wait_for(parked, 5)  # answered empty, at once
+    assert time.monotonic() - t0 < 2
+    await qb.close()  # idempotent
+    with pytest.raises(queueber.ConnectionClosed):
+        await qb.stats(queue)

@@ -1,0 +1,161 @@
+"""Unit tests that need no server: error mapping, codec and framing."""
+
+import asyncio
+import copy
+import struct
+
+import pytest
+
+import queueber
+import queueber._wire as wire
+from queueber import errors
+
+CODES = {
+    "internal": (0, errors.Internal),
+    "invalidArgument": (1, errors.InvalidArgument),
+    "invalidName": (2, errors.InvalidName),
+    "unknownQueue": (3, errors.UnknownQueue),
+    "payloadTooLarge": (4, errors.PayloadTooLarge),
+    "tooManyMessages": (5, errors.TooManyMessages),
+    "frameTooLarge": (6, errors.FrameTooLarge),
+    "malformedFrame": (7, errors.MalformedFrame),
+    "unknownOperation": (8, errors.UnknownOperation),
+    "tooManyInFlight": (9, errors.TooManyInFlight),
+    "shuttingDown": (10, errors.ShuttingDown),
+    "unavailable": (11, errors.Unavailable),
+    "diskFull": (12, errors.DiskFull),
+}
+
+
+def test_every_schema_error_code_has_a_class() -> None:
+    enumerants = wire.schema.ErrorCode.schema.enumerants
+    assert dict(enumerants) == {name: num for name, (num, _cls) in CODES.items()}
+
+
+def error_reply(rid: int, code: str, message: str) -> bytes:
+    resp = wire.schema.Response.new_message()
+    resp.id = rid
+    err = resp.init("error")
+    err.code = code
+    err.message = message
+    return resp.to_bytes()
+
+
+@pytest.mark.parametrize("code", sorted(CODES))
+def test_error_reply_decodes_to_its_class(code: str) -> None:
+    number, cls = CODES[code]
+    rid, kind, err = wire.decode(error_reply(7, code, f"the {code} message"))
+    assert (rid, kind) == (7, "error")
+    assert type(err) is cls
+    assert isinstance(err, queueber.QueueberError)
+    assert err.code == code and err.code_number == number
+    assert err.message == f"the {code} message"
+    assert str(err) == f"{code}: the {code} message"
+    assert not err.connection_level
+
+
+def test_id_zero_errors_are_connection_level() -> None:
+    _rid, _kind, err = wire.decode(error_reply(0, "unavailable", "too many connections"))
+    assert type(err) is errors.Unavailable and err.connection_level
+
+
+def test_unknown_error_code_is_internal() -> None:
+    # An ErrorCode from a newer server: patch the Error struct's code. The
+    # root struct (2 data words, 1 pointer) starts at segment word 1; its
+    # pointer (segment word 3) locates the Error, whose code is its first u16.
+    frame = bytearray(error_reply(3, "internal", "a newer server's code"))
+    ptr = struct.unpack_from("<i", frame, 8 + 3 * 8)[0]  # offset<<2 | kind
+    error_word = 3 + 1 + (ptr >> 2)
+    struct.pack_into("<H", frame, 8 + 8 * error_word, 99)
+    _rid, _kind, err = wire.decode(bytes(frame))
+    assert type(err) is errors.Internal
+    assert err.code == "internal" and err.code_number == 99
+    assert "a newer server's code" in err.message
+
+
+def test_errors_copy_keeps_their_attributes() -> None:
+    err = errors.FrameTooLarge("frame of 70000 bytes", connection_level=True)
+    dup = copy.copy(err)
+    assert type(dup) is errors.FrameTooLarge and dup.connection_level and dup.message == err.message
+    odd = errors.error_for_code(42, "x")
+    assert copy.copy(odd).code_number == 42
+
+
+def test_connection_closed_is_a_connection_error() -> None:
+    assert issubclass(errors.ConnectionClosed, ConnectionError)
+    assert issubclass(errors.ConnectTimeout, TimeoutError)
+    assert issubclass(errors.ConnectTimeout, queueber.QueueberError)
+
+
+def test_retryable_codes() -> None:
+    retryable = {c for c, (_n, cls) in CODES.items() if cls.retryable}
+    assert retryable == {"internal", "tooManyInFlight", "shuttingDown", "unavailable", "diskFull"}
+
+
+def test_unknown_reply_member_fails_only_that_request() -> None:
+    resp = wire.schema.Response.new_message()
+    resp.id = 5
+    resp.delete = None
+    frame = bytearray(resp.to_bytes())
+    # The union discriminant is the u16 at data word 1 of the root struct:
+    # 8 bytes of segment table + 8 of root pointer + 8 of id.
+    struct.pack_into("<H", frame, 24, 200)
+    rid, kind, err = wire.decode(bytes(frame))
+    assert (rid, kind) == (5, "error") and type(err) is errors.Internal
+    assert "unreadable reply" in err.message
+
+
+def test_hello_request_matches_the_protocol_example() -> None:
+    # docs/protocol.md, "Example: a hello request".
+    assert wire.encode_hello(1).hex() == (
+        "00000000" "04000000" "0000000002000100" "0100000000000000"
+        "0000000000000000" "0000000000000000")
+
+
+def test_frame_length() -> None:
+    one = wire.encode_hello(1)
+    assert wire.frame_length(one, 0) == len(one) == 40
+    assert wire.frame_length(one[:7], 0) == 0  # table incomplete
+    assert wire.frame_length(one[:20], 0) == 40  # table complete, body partial
+    # Two segments: count-1 = 1, sizes 3 and 2, padding to 16 bytes.
+    two = struct.pack("<IIII", 1, 3, 2, 0) + bytes(40)
+    assert wire.frame_length(two, 0) == 56
+    assert wire.frame_length(two[:12], 0) == 0
+    # Frames back to back.
+    assert wire.frame_length(one + two, 40) == 56
+    with pytest.raises(wire.FramingError):
+        wire.frame_length(struct.pack("<II", 999, 1), 0)
+
+
+def test_multi_segment_reply_decodes() -> None:
+    # pycapnp starts a new segment for large messages, as the Rust server does.
+    resp = wire.schema.Response.new_message()
+    resp.id = 9
+    poll = resp.init("poll")
+    poll.lease = b"L" * 16
+    msgs = poll.init("messages", 40)
+    for i, m in enumerate(msgs):
+        m.id = bytes([i]) * 16
+        m.payload = bytes([i]) * 500
+        m.deliveryCount = 1
+    frame = resp.to_bytes()
+    assert struct.unpack_from("<I", frame)[0] >= 1  # more than one segment
+    assert wire.frame_length(frame, 0) == len(frame)
+    rid, kind, (lease, _exp, messages) = wire.decode(frame)
+    assert (rid, kind, lease) == (9, "poll", b"L" * 16)
+    assert [m.payload[0] for m in messages] == list(range(40))
+
+
+def test_add_rejects_a_bare_payload() -> None:
+    client = queueber.aio.Client()
+    with pytest.raises(TypeError):
+        asyncio.run(client.add("q", b"not a list"))  # type: ignore[arg-type]
+
+
+def test_parse_address() -> None:
+    from queueber.aio import parse_address
+    assert parse_address("127.0.0.1:7420") == ("127.0.0.1", 7420)
+    assert parse_address("[::1]:80") == ("::1", 80)
+    assert parse_address(("h", 1)) == ("h", 1)
+    with pytest.raises(ValueError):
+        parse_address("nohost")
