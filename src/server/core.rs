@@ -226,8 +226,10 @@ enum Finish {
     Poll(Parked),
     /// A poll that did not run: its connection has no room for a reply.
     PollNoRoom(Parked),
-    /// The store's snapshot, for these scrapes.
-    Snapshot(Vec<oneshot::Sender<ShardSnapshot>>),
+    /// The list of queues a scrape goes through.
+    ScrapeList,
+    /// One chunk of a scrape's queue figures.
+    ScrapeChunk,
 }
 
 /// Waiting polls per queue, plus their deadlines in order.
@@ -402,6 +404,75 @@ impl Backlog {
     }
 }
 
+/// Queues snapshotted per storage batch: a scrape of many queues is spread
+/// over several batches, so no batch (and no request answered with it)
+/// waits for all of them. About 1 ms of storage work per chunk.
+const SNAPSHOT_CHUNK: usize = 256;
+
+/// A scrape in progress on this shard.
+#[derive(Default)]
+struct Scrape {
+    /// Who waits for it (scrapes arriving meanwhile share it).
+    replies: Vec<oneshot::Sender<ShardSnapshot>>,
+    /// Queues still to snapshot, in reverse order; `None` until listed.
+    todo: Option<Vec<QueueName>>,
+    /// A chunk is in the batch being run.
+    asked: bool,
+    done: Vec<QueueSnapshot>,
+}
+
+impl Scrape {
+    /// Plans its next step into the batch, if it has one now.
+    fn plan(&mut self, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+        if self.asked {
+            return;
+        }
+        match &mut self.todo {
+            None => {
+                commands.push(Command::OwnedQueues);
+                finishes.push(Finish::ScrapeList);
+            }
+            Some(todo) => {
+                let chunk: Vec<QueueName> = (0..SNAPSHOT_CHUNK).map_while(|_| todo.pop()).collect();
+                commands.push(Command::Snapshot { queues: chunk });
+                finishes.push(Finish::ScrapeChunk);
+            }
+        }
+        self.asked = true;
+    }
+
+    /// Takes a step's outcome; answers every waiting scrape when all is
+    /// collected (a failed step answers with what was collected).
+    fn take(
+        &mut self,
+        outcome: Option<Result<Outcome, ErrorReply>>,
+        reporter: &Reporter<'_>,
+        waiters: &Waiters,
+    ) -> bool {
+        self.asked = false;
+        let finished = match outcome {
+            Some(Ok(Outcome::Queues(mut names))) => {
+                names.reverse();
+                let empty = names.is_empty();
+                self.todo = Some(names);
+                empty
+            }
+            Some(Ok(Outcome::Snapshot(mut queues))) => {
+                self.done.append(&mut queues);
+                self.todo.as_ref().is_none_or(Vec::is_empty)
+            }
+            _ => true,
+        };
+        if finished {
+            let snapshot = reporter.snapshot(std::mem::take(&mut self.done), waiters);
+            for reply in self.replies.drain(..) {
+                let _ = reply.send(snapshot.clone());
+            }
+        }
+        finished
+    }
+}
+
 /// What a snapshot needs besides the store's figures.
 struct Reporter<'a> {
     shard: usize,
@@ -441,6 +512,7 @@ async fn run(
     let mut waiters = Waiters::default();
     let mut retry: Vec<Parked> = Vec::new();
     let mut backlog = Backlog::default();
+    let mut scrape: Option<Scrape> = None;
     let mut store_due = store_deadline(&*clock, store.as_ref().and_then(|s| s.next_deadline()));
     let mut draining = false;
     let mut stopping = false;
@@ -449,7 +521,7 @@ async fn run(
         // Wait for work unless some is ready (woken waiters, deferred adds,
         // due timers).
         let mut jobs = Vec::new();
-        if retry.is_empty() && backlog.is_empty() && !stopping {
+        if retry.is_empty() && backlog.is_empty() && scrape.is_none() && !stopping {
             let wake_at = [waiters.next_deadline(), store_due].into_iter().flatten().min();
             let next = match wake_at {
                 Some(at) => within(at.saturating_duration_since(Instant::now()), incoming.next()).await,
@@ -487,9 +559,11 @@ async fn run(
             plan_poll(parked, &mut room, &mut commands, &mut finishes);
         }
         if !scrapes.is_empty() {
-            // One snapshot answers every scrape that arrived for this batch.
-            commands.push(Command::Snapshot);
-            finishes.push(Finish::Snapshot(scrapes));
+            // Scrapes arriving while one runs share its answer.
+            scrape.get_or_insert_with(Scrape::default).replies.append(&mut scrapes);
+        }
+        if let Some(s) = scrape.as_mut() {
+            s.plan(&mut commands, &mut finishes);
         }
         let now = Instant::now();
         waiters.expire(if draining { None } else { Some(now) });
@@ -533,6 +607,7 @@ async fn run(
                 draining,
                 &reporter,
                 &timing,
+                &mut scrape,
             );
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
@@ -558,6 +633,7 @@ async fn run(
                 draining,
                 &reporter,
                 &timing,
+                &mut scrape,
             );
         }
         if stopping && retry.is_empty() && backlog.is_empty() {
@@ -711,6 +787,7 @@ fn finish(
     draining: bool,
     reporter: &Reporter<'_>,
     batch: &BatchTiming,
+    scrape: &mut Option<Scrape>,
 ) {
     // One answer per command; a storage failure answers every command of
     // the batch alike (ErrorReply is Clone: no fan-out of the store's error).
@@ -741,16 +818,12 @@ fn finish(
             Finish::PollNoRoom(parked) => {
                 park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now, batch)
             }
-            Finish::Snapshot(scrapes) => {
-                let queues = match outcomes.next() {
-                    Some(Ok(Outcome::Snapshot(queues))) => queues,
-                    // A failed batch has no figures: the scrape shows none
-                    // of this shard's queues rather than stale ones.
-                    _ => Vec::new(),
-                };
-                let snapshot = reporter.snapshot(queues, waiters);
-                for reply in scrapes {
-                    let _ = reply.send(snapshot.clone());
+            Finish::ScrapeList | Finish::ScrapeChunk => {
+                let outcome = outcomes.next();
+                if let Some(s) = scrape.as_mut() {
+                    if s.take(outcome, reporter, waiters) {
+                        *scrape = None;
+                    }
                 }
             }
         }

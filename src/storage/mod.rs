@@ -158,8 +158,14 @@ pub enum Command {
     /// Every queue in the database (all shards), sorted: a read of the
     /// registry every shard shares.
     ListQueues,
-    /// Every queue of this store with its gauges and counters (metrics).
-    Snapshot,
+    /// The queues this store owns, sorted (metrics: what to snapshot).
+    OwnedQueues,
+    /// The gauges and counters of these queues (those that still exist).
+    /// A scrape asks in chunks, so that no batch grows with the number of
+    /// queues.
+    Snapshot {
+        queues: Vec<QueueName>,
+    },
 }
 
 impl Command {
@@ -177,7 +183,8 @@ impl Command {
             | Command::Release { .. }
             | Command::Stats { .. }
             | Command::ListQueues
-            | Command::Snapshot => false,
+            | Command::OwnedQueues
+            | Command::Snapshot { .. } => false,
         }
     }
 }
@@ -196,7 +203,7 @@ pub enum Outcome {
     Purged(u64),
     Deleted,
     Queues(Vec<QueueName>),
-    /// One entry per queue the store owns, in no particular order.
+    /// One entry per asked queue that exists, in the asked order.
     Snapshot(Vec<QueueSnapshot>),
 }
 

@@ -244,13 +244,17 @@ impl ModelStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
-            Command::Snapshot => Ok(Outcome::Snapshot(
-                self.queues
-                    .iter()
-                    .map(|(name, q)| QueueSnapshot {
-                        queue: name.clone(),
-                        stats: q.stats(now),
-                        counters: q.counters,
+            Command::OwnedQueues => Ok(Outcome::Queues(self.queues.keys().cloned().collect())),
+            Command::Snapshot { queues } => Ok(Outcome::Snapshot(
+                queues
+                    .into_iter()
+                    .filter_map(|name| {
+                        let q = self.queues.get(&name)?;
+                        Some(QueueSnapshot {
+                            stats: q.stats(now),
+                            counters: q.counters,
+                            queue: name,
+                        })
                     })
                     .collect(),
             )),

@@ -45,7 +45,12 @@ impl ShardStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
-            Command::Snapshot => self.snapshot(now).map(Outcome::Snapshot),
+            Command::OwnedQueues => {
+                let mut names: Vec<QueueName> = self.names.keys().cloned().collect();
+                names.sort();
+                Ok(Outcome::Queues(names))
+            }
+            Command::Snapshot { queues } => self.snapshot(queues, now).map(Outcome::Snapshot),
         }
     }
 }

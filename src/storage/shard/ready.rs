@@ -217,13 +217,14 @@ impl ShardStore {
         Ok(dropped)
     }
 
-    /// Every queue's gauges and counters. One seek per queue with visible
-    /// messages (the age of its head), on the offload thread like every
-    /// store call.
-    pub(super) fn snapshot(&mut self, now: u64) -> Result<Vec<QueueSnapshot>, StoreError> {
-        let names: Vec<QueueName> = self.names.keys().cloned().collect();
+    /// The gauges and counters of `names` (those that still exist). One
+    /// seek per queue with visible messages (the age of its head).
+    pub(super) fn snapshot(&mut self, names: Vec<QueueName>, now: u64) -> Result<Vec<QueueSnapshot>, StoreError> {
         let mut out = Vec::with_capacity(names.len());
         for queue in names {
+            if !self.names.contains_key(&queue) {
+                continue;
+            }
             let stats = self.apply_stats(&queue, now)?;
             let counters = self.counters.get(&queue).copied().unwrap_or_default();
             out.push(QueueSnapshot { queue, stats, counters });
