@@ -594,30 +594,20 @@ async fn run(
             };
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
-            let reporter = Reporter {
-                shard,
-                metrics: &metrics,
-                pending: backlog.len() as u64,
-            };
-            finish(
-                executed,
-                finishes,
-                &mut waiters,
-                &mut retry,
+            let ctx = Finishing {
                 draining,
-                &reporter,
-                &timing,
-                &mut scrape,
-            );
+                reporter: Reporter {
+                    shard,
+                    metrics: &metrics,
+                    pending: backlog.len() as u64,
+                },
+                batch: timing,
+            };
+            finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
             drop(room);
         } else if !finishes.is_empty() {
-            let reporter = Reporter {
-                shard,
-                metrics: &metrics,
-                pending: backlog.len() as u64,
-            };
             // Nothing ran: answers (polls without room, hello) take no time here.
             let timing = BatchTiming {
                 started: Instant::now(),
@@ -625,16 +615,16 @@ async fn run(
                 synced: Duration::ZERO,
             };
             let executed = Executed::default();
-            finish(
-                executed,
-                finishes,
-                &mut waiters,
-                &mut retry,
+            let ctx = Finishing {
                 draining,
-                &reporter,
-                &timing,
-                &mut scrape,
-            );
+                reporter: Reporter {
+                    shard,
+                    metrics: &metrics,
+                    pending: backlog.len() as u64,
+                },
+                batch: timing,
+            };
+            finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
         }
         if stopping && retry.is_empty() && backlog.is_empty() {
             break;
@@ -779,16 +769,22 @@ impl BatchTiming {
     }
 }
 
+/// What answering a batch needs to know about it.
+struct Finishing<'a> {
+    draining: bool,
+    reporter: Reporter<'a>,
+    batch: BatchTiming,
+}
+
 fn finish(
     executed: Executed,
     finishes: Vec<Finish>,
     waiters: &mut Waiters,
     retry: &mut Vec<Parked>,
-    draining: bool,
-    reporter: &Reporter<'_>,
-    batch: &BatchTiming,
     scrape: &mut Option<Scrape>,
+    ctx: &Finishing<'_>,
 ) {
+    let (draining, reporter, batch) = (ctx.draining, &ctx.reporter, &ctx.batch);
     // One answer per command; a storage failure answers every command of
     // the batch alike (ErrorReply is Clone: no fan-out of the store's error).
     let mut outcomes: Box<dyn Iterator<Item = Result<Outcome, ErrorReply>>> = match executed.outcomes {
