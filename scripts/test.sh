@@ -16,6 +16,8 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$promtool_dir/usr/bin/promto
   (cd "$promtool_dir" && apt-get download prometheus >/dev/null && dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb)
 fi
 export PATH="$PATH:$promtool_dir/usr/bin"
+# tmux: tests/top.rs drives `queueber top` in a real terminal.
+command -v tmux >/dev/null 2>&1 || apt_install tmux
 cargo test --release --all-features "$@"
 # The Python client against the queueberd just built (its own venv).
 bash scripts/test-python.sh

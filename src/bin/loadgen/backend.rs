@@ -109,10 +109,17 @@ impl Conn {
         wait_ms: u64,
     ) -> Result<Option<Lease>, String> {
         match self {
-            Conn::Queueber(c) => c
-                .poll(queue, max_items, lease_ms, wait_ms)
-                .await
-                .map_err(|e| e.to_string()),
+            Conn::Queueber(c) => match c.poll(queue, max_items, lease_ms, wait_ms).await {
+                Ok(lease) => Ok(lease),
+                // A consumer can start before the first add has created its
+                // queue (P < Q, no warm-up): that queue is empty, not an
+                // error. A queue lost mid-run still shows as lost messages.
+                Err(e) if e.code() == Some(queueber::protocol::ErrorCode::UnknownQueue) => {
+                    glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                    Ok(None)
+                }
+                Err(e) => Err(e.to_string()),
+            },
             Conn::Redis(r) => {
                 let (from, to) = (redis_key(queue, ""), redis_key(queue, ":leased"));
                 let wait = format!("{:.3}", wait_ms.max(1) as f64 / 1000.0);

@@ -1,5 +1,8 @@
 //! queueber: the command-line client. One subcommand per operation; human
-//! output by default, one JSON document with `--json`.
+//! output by default, one JSON document with `--json`. `top` watches a
+//! server through its metrics endpoint instead (see [`top`]).
+
+mod top;
 
 use std::io::{BufRead, Read};
 use std::net::SocketAddr;
@@ -86,6 +89,9 @@ enum Command {
     Purge { queue: String },
     /// Delete a queue and its messages.
     Delete { queue: String },
+    /// Live view of a server from its metrics endpoint: queues, shards, rates.
+    #[command(long_about = top::LONG_ABOUT)]
+    Top(top::TopArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +295,7 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             client.delete(&queue(&name)?).await?;
             ("deleted".into(), json!({ "deleted": true }))
         }
+        Command::Top(_) => return Err(CliError::Usage("top does not use the queue protocol".into())),
     })
 }
 
@@ -300,6 +307,11 @@ fn main() -> ExitCode {
         json,
         command,
     } = cli;
+    // top reads the metrics endpoint over plain blocking HTTP: no runtime.
+    let command = match command {
+        Command::Top(args) => return top::run(args, json),
+        other => other,
+    };
     // io_uring needs a little locked memory; raise the limit where allowed.
     if let Err(e) = queueber::runtime::raise_memlock(queueber::runtime::MIN_MEMLOCK_BYTES * 2, 4 << 20) {
         eprintln!("queueber: {e}");
