@@ -217,15 +217,39 @@ impl ShardStore {
         Ok(dropped)
     }
 
-    /// The gauges and counters of `names` (those that still exist). One
-    /// seek per queue with visible messages (the age of its head).
+    /// The gauges and counters of `names` (those that still exist). The
+    /// counts are in memory; the age of each head costs one seek, all on
+    /// one iterator (creating an iterator costs more than seeking it).
     pub(super) fn snapshot(&mut self, names: Vec<QueueName>, now: u64) -> Result<Vec<QueueSnapshot>, StoreError> {
+        let disk_full = self.engine.disk().is_full();
+        // Seeks stay within a queue's prefix (its id): every key read is
+        // checked to lie between the queue's floor and its visible end.
+        let mut it = self.engine.db().raw_iterator_cf(self.engine.cf(CF_READY)?);
         let mut out = Vec::with_capacity(names.len());
         for queue in names {
-            if !self.names.contains_key(&queue) {
+            let Some(q) = self.names.get(&queue).and_then(|qid| self.queues.get(qid)) else {
                 continue;
+            };
+            let mut stats = QueueStats {
+                visible: q.visible(),
+                delayed: q.delayed,
+                in_flight: q.holders.len() as u64,
+                oldest_visible_age_ms: None,
+                disk_full,
+            };
+            if stats.visible > 0 {
+                let start = q.scan_start();
+                let end = keys::ready_visible_end(q.qid, now);
+                it.seek(&start);
+                if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    if k >= &start[..] && k < &end[..] {
+                        if let Some((header, _)) = keys::parse_record(v) {
+                            stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));
+                        }
+                    }
+                }
+                it.status().map_err(StoreError::rocks("read the head of a queue"))?;
             }
-            let stats = self.apply_stats(&queue, now)?;
             let counters = self.counters.get(&queue).copied().unwrap_or_default();
             out.push(QueueSnapshot { queue, stats, counters });
         }
