@@ -14,12 +14,6 @@ use queueber::clock::SystemClock;
 use queueber::server::{self, ServerConfig, ServerLimits};
 use queueber::storage::Durability;
 
-/// mimalloc instead of glibc's malloc: per-thread free lists without the
-/// consolidation passes glibc runs on the request path (docs/benchmarks.md,
-/// "Allocator").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DurabilityMode {
     /// Acknowledge an add only after its WAL record is fsynced (group commit).
