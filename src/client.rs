@@ -59,7 +59,7 @@ use crate::ops::{self, Dispatch};
 use crate::protocol::{
     decode_response, encode_request, ErrorCode, ErrorReply, Op, Reply, Request, ResponseDecodeError, ServerInfo,
 };
-use crate::types::{Lease, NewMessage, QueueStats};
+use crate::types::{Lease, NewMessage, PeekCursor, Peeked, QueueStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -249,6 +249,22 @@ impl Client {
 
     pub async fn purge(&self, queue: &QueueName) -> Result<u64, ClientError> {
         self.send(ops::Purge { queue: queue.clone() }).await
+    }
+
+    /// Up to `max_items` messages visible now, from the head or after
+    /// `cursor` (the previous reply's), without leasing them.
+    pub async fn peek(
+        &self,
+        queue: &QueueName,
+        max_items: u32,
+        cursor: Option<PeekCursor>,
+    ) -> Result<Peeked, ClientError> {
+        self.send(ops::Peek {
+            queue: queue.clone(),
+            max_items,
+            cursor,
+        })
+        .await
     }
 
     pub async fn delete(&self, queue: &QueueName) -> Result<(), ClientError> {

@@ -201,6 +201,19 @@ mod tests {
             Op::Stats(ops::Stats { queue: q("a") }),
             Op::Purge(ops::Purge { queue: q("a") }),
             Op::Delete(ops::Delete { queue: q("a") }),
+            Op::Peek(ops::Peek {
+                queue: q("a"),
+                max_items: 3,
+                cursor: None,
+            }),
+            Op::Peek(ops::Peek {
+                queue: q("a"),
+                max_items: 0,
+                cursor: Some(crate::types::PeekCursor {
+                    visible_at_ms: 5,
+                    id: MessageId([6; 16]),
+                }),
+            }),
         ];
         for (i, op) in ops.into_iter().enumerate() {
             let req = Request {
@@ -257,6 +270,19 @@ mod tests {
             Ok(Reply::Queues(vec![q("a"), q("b")])),
             Ok(Reply::Purged(12)),
             Ok(Reply::Deleted(())),
+            Ok(Reply::Peeked(crate::types::Peeked::default())),
+            Ok(Reply::Peeked(crate::types::Peeked {
+                messages: vec![Delivery {
+                    id: MessageId([8; 16]),
+                    payload: b"q".to_vec(),
+                    delivery_count: 0,
+                    enqueued_at_ms: 9,
+                }],
+                cursor: Some(crate::types::PeekCursor {
+                    visible_at_ms: 10,
+                    id: MessageId([8; 16]),
+                }),
+            })),
         ];
         for (i, result) in results.into_iter().enumerate() {
             let resp = Response { id: i as u64, result };
@@ -309,11 +335,13 @@ mod tests {
     #[test]
     fn a_response_frame_is_not_a_request() {
         // A valid frame of the wrong type: the union discriminant of a
-        // Response read as a Request is out of the request's range or
-        // decodes to some op whose fields are then checked.
+        // Response read as a Request is out of the request's range (the
+        // response union has one arm more, its error) or decodes to some op
+        // whose fields are then checked. The last response arm is past the
+        // last request arm.
         let resp = Response {
             id: 9,
-            result: Ok(Reply::Deleted(())),
+            result: Ok(Reply::Peeked(crate::types::Peeked::default())),
         };
         let bytes = capnp::serialize::write_message_to_words(&encode_response(&resp));
         let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();

@@ -60,3 +60,42 @@ pub struct QueueStats {
     /// free-space reserve (a server-wide state, reported per queue too).
     pub disk_full: bool,
 }
+
+/// Where a peek stopped: the position of the last message it returned, in
+/// delivery order (visible time, then id). Opaque to clients (24 bytes on
+/// the wire); the next peek starts just after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeekCursor {
+    pub visible_at_ms: u64,
+    pub id: MessageId,
+}
+
+impl PeekCursor {
+    pub const WIRE_LEN: usize = 24;
+
+    pub fn to_bytes(self) -> [u8; Self::WIRE_LEN] {
+        let mut b = [0u8; Self::WIRE_LEN];
+        b[..8].copy_from_slice(&self.visible_at_ms.to_be_bytes());
+        b[8..].copy_from_slice(self.id.as_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<PeekCursor> {
+        if b.len() != Self::WIRE_LEN {
+            return None;
+        }
+        Some(PeekCursor {
+            visible_at_ms: u64::from_be_bytes(b[..8].try_into().ok()?),
+            id: MessageId::from_slice(&b[8..])?,
+        })
+    }
+}
+
+/// What a peek saw: messages visible now, not leased, and where to go on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Peeked {
+    /// In delivery order, with their current delivery counts.
+    pub messages: Vec<Delivery>,
+    /// Set when more visible messages follow the last one returned.
+    pub cursor: Option<PeekCursor>,
+}

@@ -555,7 +555,8 @@ mod raw {
         let mut message = Builder::new_default();
         let mut root = message.init_root::<response::Builder<'_>>();
         root.set_id(id);
-        root.set_delete(());
+        // The response union's last arm: past the request union's last.
+        root.init_peek();
         capnp::serialize::write_message_to_words(&message)
     }
 
@@ -582,4 +583,55 @@ mod raw {
         }
         answers
     }
+}
+
+#[test]
+fn peek_pages_through_the_visible_head_without_leasing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 2);
+    with_client(server.local_addr(), |c| async move {
+        let a = q("peeked");
+        let ids = c.add(&a, msgs(5, "p")).await.unwrap();
+        c.add(&a, vec![NewMessage::delayed(b"later".to_vec(), 60_000)])
+            .await
+            .unwrap();
+        // Pages of two: p0 p1 | p2 p3 | p4, the delayed message never.
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        for page in 0.. {
+            assert!(page < 10, "peek did not end");
+            let peeked = c.peek(&a, 2, cursor).await.unwrap();
+            assert!(peeked.messages.len() <= 2);
+            seen.extend(
+                peeked
+                    .messages
+                    .iter()
+                    .map(|m| (m.id, m.payload.clone(), m.delivery_count)),
+            );
+            cursor = peeked.cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let expected: Vec<_> = (0..5).map(|i| (ids[i], format!("p{i}").into_bytes(), 0)).collect();
+        assert_eq!(seen, expected);
+        // Peeking leased nothing: a poll gets the head, which a peek then skips.
+        let lease = c.poll(&a, 1, 30_000, 0).await.unwrap().unwrap();
+        assert_eq!(lease.messages[0].id, ids[0]);
+        let head = c.peek(&a, 1, None).await.unwrap();
+        assert_eq!(head.messages[0].id, ids[1]);
+        assert!(head.cursor.is_some());
+        // A released message comes back with its delivery count.
+        assert!(c.release(&a, lease.id, ids[0], 0).await.unwrap());
+        let all = c.peek(&a, 100, None).await.unwrap();
+        assert_eq!(all.messages.len(), 5);
+        assert_eq!(all.cursor, None);
+        let back = all.messages.iter().find(|m| m.id == ids[0]).unwrap();
+        assert_eq!(back.delivery_count, 1);
+        assert_eq!(c.stats(&a).await.unwrap().in_flight, 0);
+
+        let missing = c.peek(&q("never-added"), 1, None).await.unwrap_err();
+        assert_eq!(missing.code(), Some(ErrorCode::UnknownQueue));
+    });
+    common::stop(server);
 }

@@ -53,6 +53,12 @@ enum Op {
     Stats {
         q: usize,
     },
+    /// Pages through everything visible, `max` at a time, each store with
+    /// its own cursors.
+    Peek {
+        q: usize,
+        max: u32,
+    },
     Purge {
         q: usize,
     },
@@ -72,6 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), 0..30u64).prop_map(|(pick, delay)| Op::Release { pick, delay }),
         3 => (0..50u64).prop_map(|ms| Op::Advance { ms }),
         1 => (0..QUEUES).prop_map(|q| Op::Stats { q }),
+        1 => (0..QUEUES, 1..4u32).prop_map(|(q, max)| Op::Peek { q, max }),
         1 => Just(Op::Expire),
         1 => (0..QUEUES).prop_map(|q| Op::Purge { q }),
         1 => Just(Op::Reopen),
@@ -407,6 +414,47 @@ impl Harness {
                 });
                 if !Self::assert_errors_match(&r, &m) {
                     assert_eq!(r.ok(), m.ok(), "stats at {now}");
+                }
+            }
+            Op::Peek { q, max } => {
+                let (mut real_cursor, mut model_cursor) = (None, None);
+                for page in 0.. {
+                    assert!(page < 1000, "peek did not end");
+                    let peek = |cursor| Command::Peek {
+                        queue: self.names[q].clone(),
+                        max_items: max,
+                        cursor,
+                    };
+                    let (r, m) = self.both(peek(real_cursor), peek(model_cursor));
+                    if Self::assert_errors_match(&r, &m) {
+                        return;
+                    }
+                    let (Ok(Outcome::Peeked(r)), Ok(Outcome::Peeked(m))) = (r, m) else {
+                        panic!("peek answered with another outcome");
+                    };
+                    let page_shape = |p: &queueber::types::Peeked| {
+                        p.messages
+                            .iter()
+                            .map(|m| (m.payload.clone(), m.delivery_count, m.enqueued_at_ms))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(page_shape(&r), page_shape(&m), "peek page {page} at {now}");
+                    assert_eq!(
+                        r.cursor.is_some(),
+                        m.cursor.is_some(),
+                        "peek page {page} cursor at {now}"
+                    );
+                    assert!(r.messages.len() <= max as usize);
+                    // Nothing peeked is leased by it.
+                    for d in &r.messages {
+                        if let Some(&(_, expiry)) = self.held.get(&d.payload) {
+                            assert!(expiry <= now, "peek showed {:?}, leased until {expiry}", d.payload);
+                        }
+                    }
+                    if r.cursor.is_none() {
+                        break;
+                    }
+                    (real_cursor, model_cursor) = (r.cursor, m.cursor);
                 }
             }
             Op::Purge { q } => {

@@ -25,6 +25,7 @@ pub mod delete;
 pub mod extend;
 pub mod hello;
 pub mod list_queues;
+pub mod peek;
 pub mod poll;
 pub mod purge;
 pub mod release;
@@ -307,4 +308,5 @@ operations! {
     ListQueues(list_queues::ListQueues) -> Queues,
     Purge(purge::Purge) -> Purged,
     Delete(delete::Delete) -> Deleted,
+    Peek(peek::Peek) -> Peeked,
 }

@@ -37,7 +37,7 @@ pub use model::ModelStore;
 pub use shard::ShardStore;
 // The values clients and the server exchange live outside the storage layer
 // (so a client builds without RocksDB); storage speaks them too.
-pub use crate::types::{Delivery, Lease, NewMessage, QueueStats};
+pub use crate::types::{Delivery, Lease, NewMessage, PeekCursor, Peeked, QueueStats};
 
 /// Default per-message payload limit (256 KiB).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -158,6 +158,13 @@ pub enum Command {
     /// Every queue in the database (all shards), sorted: a read of the
     /// registry every shard shares.
     ListQueues,
+    /// Up to `max_items` visible messages from the head (or after
+    /// `cursor`), without leasing them.
+    Peek {
+        queue: QueueName,
+        max_items: u32,
+        cursor: Option<PeekCursor>,
+    },
     /// The queues this store owns, sorted (metrics: what to snapshot).
     OwnedQueues,
     /// The gauges and counters of these queues (those that still exist).
@@ -183,6 +190,7 @@ impl Command {
             | Command::Release { .. }
             | Command::Stats { .. }
             | Command::ListQueues
+            | Command::Peek { .. }
             | Command::OwnedQueues
             | Command::Snapshot { .. } => false,
         }
@@ -203,6 +211,7 @@ pub enum Outcome {
     Purged(u64),
     Deleted,
     Queues(Vec<QueueName>),
+    Peeked(Peeked),
     /// One entry per asked queue that exists, in the asked order.
     Snapshot(Vec<QueueSnapshot>),
 }

@@ -244,6 +244,43 @@ impl ModelStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
+            Command::Peek {
+                queue,
+                max_items,
+                cursor,
+            } => {
+                let budget = self.max_poll_bytes;
+                let q = self.queue(&queue)?;
+                let after = cursor.map(|c| (c.visible_at_ms, c.id));
+                let mut peeked = crate::storage::Peeked::default();
+                let mut bytes = 0;
+                let mut last = None;
+                for id in q.visible_in_order(now) {
+                    let Some(m) = q.messages.get(&id) else { continue };
+                    if after.is_some_and(|a| (m.visible_at, id) <= a) {
+                        continue;
+                    }
+                    let cost = m.payload.len() + POLL_MESSAGE_OVERHEAD;
+                    let full = peeked.messages.len() as u64 >= u64::from(max_items)
+                        || (!peeked.messages.is_empty() && bytes + cost > budget);
+                    if full {
+                        peeked.cursor = last;
+                        break;
+                    }
+                    bytes += cost;
+                    peeked.messages.push(Delivery {
+                        id,
+                        payload: m.payload.clone(),
+                        delivery_count: m.delivery_count,
+                        enqueued_at_ms: m.enqueued_at,
+                    });
+                    last = Some(crate::storage::PeekCursor {
+                        visible_at_ms: m.visible_at,
+                        id,
+                    });
+                }
+                Ok(Outcome::Peeked(peeked))
+            }
             Command::OwnedQueues => Ok(Outcome::Queues(self.queues.keys().cloned().collect())),
             Command::Snapshot { queues } => Ok(Outcome::Snapshot(
                 queues

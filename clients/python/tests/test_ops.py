@@ -194,3 +194,33 @@ async def test_close_answers_parked_polls_and_is_final(server: Server, queue: st
     await qb.close()  # idempotent
     with pytest.raises(queueber.ConnectionClosed):
         await qb.stats(queue)
+
+
+@aio_test
+async def test_peek_pages_without_leasing(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        ids = await qb.add(queue, [b"a", b"b", b"c"])
+        await qb.add(queue, [NewMessage(b"later", delay_ms=60000)])
+        first = await qb.peek(queue, max_items=2)
+        assert [m.payload for m in first] == [b"a", b"b"]
+        assert [m.delivery_count for m in first] == [0, 0]
+        assert first.cursor is not None
+        rest = await qb.peek(queue, max_items=2, cursor=first.cursor)
+        assert [m.id for m in rest] == [ids[2]]
+        assert rest.cursor is None
+        # Nothing was leased: a poll still gets the head.
+        lease = await qb.poll(queue, max_items=1)
+        assert lease.messages[0].id == ids[0]
+        assert (await qb.stats(queue)).in_flight == 1
+        with pytest.raises(queueber.UnknownQueue):
+            await qb.peek(queue + "-missing")
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.peek(queue, cursor=b"bad")
+
+
+def test_sync_peek(server: Server, queue: str) -> None:
+    with queueber.connect(server.addr) as qb:
+        qb.add(queue, [b"x"])
+        peeked = qb.peek(queue)
+        assert len(peeked) == 1 and peeked.messages[0].payload == b"x"
+        assert peeked.cursor is None

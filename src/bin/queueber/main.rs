@@ -14,6 +14,7 @@ use queueber::client::{code_name, Client, ClientError};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::storage::{Lease, NewMessage};
+use queueber::types::PeekCursor;
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
@@ -83,6 +84,17 @@ enum Command {
     },
     /// Visible, delayed and in-flight counts of a queue.
     Stats { queue: String },
+    /// Show messages visible now, without leasing them (paged: pass the
+    /// printed cursor to --cursor for the next page).
+    Peek {
+        queue: String,
+        /// Most messages to show.
+        #[arg(short = 'n', long = "max", default_value_t = 10)]
+        max: u32,
+        /// Continue after a previous peek (its printed cursor).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// List every queue.
     Queues,
     /// Drop every message of a queue.
@@ -125,6 +137,21 @@ fn lease_json(lease: &Option<Lease>) -> Value {
             })).collect::<Vec<_>>(),
         }),
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A cursor as `peek` prints it (hex).
+fn parse_cursor(s: &str) -> Result<PeekCursor, CliError> {
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect();
+    bytes
+        .and_then(|b| PeekCursor::from_bytes(&b))
+        .ok_or_else(|| CliError::Usage(format!("{s:?} is not a peek cursor (as `peek` printed it)")))
 }
 
 fn parse_lease(s: &str) -> Result<LeaseId, CliError> {
@@ -286,6 +313,42 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             let names = client.list_queues().await?;
             let names: Vec<String> = names.iter().map(ToString::to_string).collect();
             (names.join("\n"), json!({ "queues": names }))
+        }
+        Command::Peek {
+            queue: name,
+            max,
+            cursor,
+        } => {
+            let cursor = match cursor {
+                None => None,
+                Some(c) => Some(parse_cursor(&c)?),
+            };
+            let peeked = client.peek(&queue(&name)?, max, cursor).await?;
+            let mut text = String::new();
+            for m in &peeked.messages {
+                text.push_str(&format!(
+                    "{} (delivered {} times) {}\n",
+                    m.id,
+                    m.delivery_count,
+                    String::from_utf8_lossy(&m.payload)
+                ));
+            }
+            let cursor = peeked.cursor.map(|c| hex(&c.to_bytes()));
+            match &cursor {
+                Some(c) => text.push_str(&format!("more: --cursor {c}")),
+                None if peeked.messages.is_empty() => text.push_str("no visible messages"),
+                None => text.push_str("(end)"),
+            }
+            let json = json!({
+                "messages": peeked.messages.iter().map(|m| json!({
+                    "id": m.id.to_string(),
+                    "delivery_count": m.delivery_count,
+                    "enqueued_at_ms": m.enqueued_at_ms,
+                    "payload": payload_text(&m.payload),
+                })).collect::<Vec<_>>(),
+                "cursor": cursor,
+            });
+            (text, json)
         }
         Command::Purge { queue: name } => {
             let n = client.purge(&queue(&name)?).await?;

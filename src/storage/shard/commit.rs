@@ -45,6 +45,11 @@ impl ShardStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
+            Command::Peek {
+                queue,
+                max_items,
+                cursor,
+            } => self.apply_peek(&queue, max_items, cursor, now).map(Outcome::Peeked),
             Command::OwnedQueues => {
                 let mut names: Vec<QueueName> = self.names.keys().cloned().collect();
                 names.sort();

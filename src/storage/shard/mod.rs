@@ -36,8 +36,8 @@ use rocksdb::WriteBatch;
 use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
 use super::{
-    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, QueueCounters, QueueSnapshot,
-    QueueStats, QueueStore, ReplyBudget, StorageError, StoreError,
+    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, PeekCursor, Peeked, QueueCounters,
+    QueueSnapshot, QueueStats, QueueStore, ReplyBudget, StorageError, StoreError,
 };
 use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;

@@ -197,6 +197,63 @@ impl ShardStore {
         Ok(stats)
     }
 
+    /// Up to `max_items` visible messages from the floor (or just after
+    /// `cursor`), within the poll byte budget; nothing is written.
+    pub(super) fn apply_peek(
+        &self,
+        queue: &QueueName,
+        max_items: u32,
+        cursor: Option<PeekCursor>,
+        now: u64,
+    ) -> Result<Peeked, StoreError> {
+        let qid = self.queue_id(queue)?;
+        let Some(q) = self.queues.get(&qid) else {
+            return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
+        };
+        let floor = q.scan_start().into_owned();
+        // Never below the floor: what lies there is consumed (tombstones).
+        let start = match cursor {
+            Some(c) => {
+                let mut after = keys::ready_key(qid, c.visible_at_ms, &c.id).to_vec();
+                after.push(0);
+                after.max(floor)
+            }
+            None => floor,
+        };
+        let budget = self.engine.options().max_poll_bytes;
+        let mut it = self
+            .engine
+            .scan(CF_READY, &start, keys::ready_visible_end(qid, now).to_vec())?;
+        let mut peeked = Peeked::default();
+        let mut last = None;
+        let mut bytes = 0;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let cost = v.len().saturating_sub(keys::RECORD_HEADER_LEN) + crate::storage::POLL_MESSAGE_OVERHEAD;
+            let full = peeked.messages.len() as u64 >= u64::from(max_items)
+                || (!peeked.messages.is_empty() && bytes + cost > budget);
+            if full {
+                peeked.cursor = last;
+                break;
+            }
+            bytes += cost;
+            let corrupt = |detail: String| StoreError::Storage(StorageError::Corrupt { cf: CF_READY, detail });
+            let (visible_at_ms, id) =
+                keys::parse_ready_key(k).ok_or_else(|| corrupt(format!("unparseable key {k:?} in {queue}")))?;
+            let (header, payload) = keys::parse_record(v)
+                .ok_or_else(|| corrupt(format!("record of {id} in {queue} is {} bytes", v.len())))?;
+            peeked.messages.push(Delivery {
+                id,
+                payload: payload.to_vec(),
+                delivery_count: header.delivery_count,
+                enqueued_at_ms: header.enqueued_at,
+            });
+            last = Some(PeekCursor { visible_at_ms, id });
+            it.next();
+        }
+        it.status().map_err(StoreError::rocks("peek at the ready index"))?;
+        Ok(peeked)
+    }
+
     pub(super) fn apply_purge(&mut self, qid: QueueId, batch: &mut Batch) -> Result<u64, StoreError> {
         let (ready, leases) = (ReadyIndex::of(&self.engine)?, LeaseTable::of(&self.engine)?);
         let Some(q) = self.queues.get_mut(&qid) else {

@@ -14,7 +14,7 @@ from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, 
                      QueueberError, ShuttingDown, TooManyInFlight, TooManyMessages,
                      Unavailable, UnknownOperation, UnknownQueue)
 from .sync import Client, SyncConsumer, SyncMessage, connect
-from .types import Lease, Limits, Message, NewMessage, QueueRef, QueueStats, ServerInfo
+from .types import Lease, Limits, Message, NewMessage, Peeked, QueueRef, QueueStats, ServerInfo
 from .worker import ConsumedMessage, Consumer
 
 __version__ = "0.1.0"
@@ -23,7 +23,7 @@ __all__ = [
     "aio", "errors", "types",
     "Client", "connect", "SyncConsumer", "SyncMessage",
     "Consumer", "ConsumedMessage",
-    "Lease", "Limits", "Message", "NewMessage", "QueueRef", "QueueStats", "ServerInfo",
+    "Lease", "Limits", "Message", "NewMessage", "Peeked", "QueueRef", "QueueStats", "ServerInfo",
     "QueueberError", "Internal", "InvalidArgument", "InvalidName", "UnknownQueue",
     "PayloadTooLarge", "TooManyMessages", "FrameTooLarge", "MalformedFrame",
     "UnknownOperation", "TooManyInFlight", "ShuttingDown", "Unavailable", "DiskFull",

@@ -19,7 +19,8 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 import capnp  # type: ignore[import-untyped]
 
 from .errors import Internal, error_for_code
-from .types import Limits, Message, NewMessage, Payload, QueueRef, QueueStats, ServerInfo
+from .types import (Limits, Message, NewMessage, Payload, Peeked, QueueRef, QueueStats,
+                    ServerInfo)
 
 SCHEMA_PATH = Path(__file__).with_name("queueber.capnp")
 schema: Any = capnp.load(str(SCHEMA_PATH))
@@ -164,6 +165,17 @@ def encode_release(rid: int, tenant: str, queue: str, lease: bytes, mid: bytes,
     return req.to_bytes()  # type: ignore[no-any-return]
 
 
+def encode_peek(rid: int, tenant: str, queue: str, max_items: int,
+                cursor: Optional[bytes]) -> bytes:
+    req = _new(rid)
+    peek = req.init("peek")
+    _queue(peek.queue, tenant, queue)
+    peek.maxItems = max_items
+    if cursor:
+        peek.cursor = cursor
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
 def encode_queue_op(rid: int, op: str, tenant: str, queue: str) -> bytes:
     """``stats``, ``purge`` or ``delete``: a request that is just a QueueRef."""
     req = _new(rid)
@@ -211,6 +223,14 @@ def _poll(p: Any) -> Tuple[bytes, int, List[Message]]:
              for m in g("messages")])
 
 
+def _peek(p: Any) -> Peeked:
+    g = p._get
+    return Peeked([Message(m._get_by_field(_PM_ID), m._get_by_field(_PM_PAYLOAD),
+                           m._get_by_field(_PM_COUNT), m._get_by_field(_PM_ENQUEUED))
+                   for m in g("messages")],
+                  g("cursor") or None)
+
+
 def _extend(e: Any) -> Optional[int]:
     expires: int = e._get("expiresAtMs")
     return expires if e._get("extended") else None
@@ -237,6 +257,7 @@ _CONVERT: Any = {
     "stats": _stats,
     "listQueues": _queue_refs,
     "purge": lambda p: p._get("purged"),
+    "peek": _peek,
 }
 
 

@@ -33,7 +33,7 @@ import capnp  # type: ignore[import-untyped]
 
 from . import _wire
 from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError
-from .types import (Lease, Message, NewMessage, Payload, QueueRef, QueueStats,
+from .types import (Lease, Message, NewMessage, Payload, Peeked, QueueRef, QueueStats,
                     ServerInfo)
 from .worker import Consumer
 
@@ -576,6 +576,14 @@ class Client:
         stats: QueueStats = await self._call("stats", _wire.encode_queue_op, "stats",
                                              self.tenant, queue, resend=True)
         return stats
+
+    async def peek(self, queue: str, max_items: int = 10,
+                   cursor: Optional[bytes] = None) -> Peeked:
+        """Up to ``max_items`` messages visible now, without leasing them,
+        from the head or after ``cursor`` (a previous result's)."""
+        peeked: Peeked = await self._call("peek", _wire.encode_peek, self.tenant, queue,
+                                          max_items, cursor, resend=True)
+        return peeked
 
     async def queues(self) -> List[QueueRef]:
         """Every queue on the server (all tenants), sorted by (tenant, queue)."""

@@ -30,6 +30,7 @@ struct Request {
     listQueues @8 :Void;
     purge @9 :QueueRef;
     delete @10 :QueueRef;
+    peek @11 :PeekRequest;
   }
 }
 
@@ -43,6 +44,12 @@ struct PollRequest {
   maxItems @1 :UInt32;  # 0 means 1; capped by the server's limit
   leaseMs @2 :UInt64;   # must be > 0
   waitMs @3 :UInt64;    # 0 = answer at once; capped by the server's limit
+}
+
+struct PeekRequest {
+  queue @0 :QueueRef;
+  maxItems @1 :UInt32;  # 0 means 1; capped by the server's limit
+  cursor @2 :Data;      # empty = from the head; else the cursor of the last reply
 }
 
 struct RemoveRequest {
@@ -78,6 +85,7 @@ struct Response {
     listQueues @9 :List(QueueRef);
     purge @10 :PurgeReply;
     delete @11 :Void;
+    peek @12 :PeekReply;
   }
 }
 
@@ -137,6 +145,11 @@ struct PollReply {
   lease @0 :Data;             # empty when nothing was available
   expiresAtMs @1 :UInt64;
   messages @2 :List(PolledMessage);
+}
+
+struct PeekReply {
+  messages @0 :List(PolledMessage);  # visible now, in delivery order; not leased
+  cursor @1 :Data;                   # empty when there is nothing after them
 }
 
 struct RemoveReply {

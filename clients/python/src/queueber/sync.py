@@ -25,7 +25,7 @@ from typing import (Any, Callable, Coroutine, Iterable, Iterator, List, Optional
 
 from . import aio
 from .errors import ConnectionClosed
-from .types import Lease, NewMessage, Payload, QueueRef, QueueStats, ServerInfo
+from .types import Lease, NewMessage, Payload, Peeked, QueueRef, QueueStats, ServerInfo
 from .worker import ConsumedMessage, Consumer
 
 __all__ = ["Client", "connect", "SyncConsumer", "SyncMessage"]
@@ -147,6 +147,10 @@ class Client:
     def stats(self, queue: str) -> QueueStats:
         """See :meth:`queueber.aio.Client.stats`."""
         return self._run(self._aio.stats(queue))
+
+    def peek(self, queue: str, max_items: int = 10, cursor: Optional[bytes] = None) -> Peeked:
+        """See :meth:`queueber.aio.Client.peek`."""
+        return self._run(self._aio.peek(queue, max_items, cursor))
 
     def queues(self) -> List[QueueRef]:
         """See :meth:`queueber.aio.Client.queues`."""

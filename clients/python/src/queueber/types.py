@@ -65,6 +65,27 @@ class Lease:
 
 
 @dataclass
+class Peeked:
+    """The result of ``peek``: messages visible now, not leased.
+
+    ``cursor`` is set when more visible messages follow the last one; pass
+    it to the next ``peek`` to continue. Iterating yields the messages.
+    """
+
+    #: In the order polls would take them; ``delivery_count`` is 0 for a
+    #: message never delivered (a peek is not a delivery).
+    messages: List[Message] = field(default_factory=list)
+    #: Opaque position to continue from; ``None`` at the end.
+    cursor: Optional[bytes] = None
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages)
+
+
+@dataclass
 class QueueStats:
     """Counters of one queue (``stats``)."""
 
