@@ -76,6 +76,16 @@ fn op() -> impl Strategy<Value = Op> {
         queue_name().prop_map(|queue| Op::Stats(ops::Stats { queue })),
         queue_name().prop_map(|queue| Op::Purge(ops::Purge { queue })),
         queue_name().prop_map(|queue| Op::Delete(ops::Delete { queue })),
+        (queue_name(), any::<u32>(), prop::option::of((any::<u64>(), id))).prop_map(|(queue, max_items, cursor)| {
+            Op::Peek(ops::Peek {
+                queue,
+                max_items,
+                cursor: cursor.map(|(visible_at_ms, id)| queueber::types::PeekCursor {
+                    visible_at_ms,
+                    id: MessageId(id),
+                }),
+            })
+        }),
     ]
 }
 
