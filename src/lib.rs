@@ -23,6 +23,8 @@
 //!   Prometheus / OpenMetrics text a scrape renders.
 //! * [`runtime`]: the small helpers the server leans on (blocking offload,
 //!   CPU placement, locked memory, timeouts).
+//! * [`auth`]: the token file, secret verification and grants (access
+//!   control's building blocks; not yet enforced by the server).
 //! * [`client`]: an async, pipelining client over any `futures` stream.
 //! * [`types`]: the values client and server exchange (messages, leases,
 //!   queue counters).
@@ -35,6 +37,8 @@
 //! and gets [`client`], [`protocol`], [`types`], [`names`], [`ids`],
 //! [`clock`] and [`frame`], with neither RocksDB's C++ nor an executor.
 
+#[cfg(feature = "server")]
+pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod frame;

@@ -104,6 +104,29 @@ enum Command {
     /// Live view of a server from its metrics endpoint: queues, shards, rates.
     #[command(long_about = top::LONG_ABOUT)]
     Top(top::TopArgs),
+    /// Access tokens (for a server's --auth-file).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token: prints its secret alone on the first line (shown once,
+    /// never stored), then the TOML entry to append to the auth file, so
+    /// that `tail -n +2` of the output is an auth file by itself.
+    New {
+        /// The one tenant the token is bound to.
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated: send (add), consume (poll, remove, extend,
+        /// release), admin (everything else).
+        #[arg(long, value_delimiter = ',', required = true)]
+        perms: Vec<String>,
+        /// Comma-separated queue name patterns (`*` matches any run of
+        /// characters) the token is limited to; all queues if absent.
+        #[arg(long, value_delimiter = ',')]
+        queues: Vec<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,8 +381,32 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             client.delete(&queue(&name)?).await?;
             ("deleted".into(), json!({ "deleted": true }))
         }
-        Command::Top(_) => return Err(CliError::Usage("top does not use the queue protocol".into())),
+        Command::Top(_) | Command::Token(_) => {
+            return Err(CliError::Usage("this command does not use the queue protocol".into()))
+        }
     })
+}
+
+/// `queueber token new`: the secret on the first line, the entry after it.
+fn token_new(tenant: &str, perms: &[String], queues: &[String]) -> ExitCode {
+    let permissions: Result<Vec<_>, String> = perms
+        .iter()
+        .map(|p| {
+            queueber::auth::Permission::parse(p.trim())
+                .ok_or_else(|| format!("unknown permission {p:?} (send, consume, admin)"))
+        })
+        .collect();
+    match permissions.and_then(|p| queueber::auth::new_token(tenant, &p, queues)) {
+        Ok(token) => {
+            println!("{}", token.secret);
+            print!("{}", token.entry);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("queueber: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -373,6 +420,7 @@ fn main() -> ExitCode {
     // top reads the metrics endpoint over plain blocking HTTP: no runtime.
     let command = match command {
         Command::Top(args) => return top::run(args, json),
+        Command::Token(TokenCommand::New { tenant, perms, queues }) => return token_new(&tenant, &perms, &queues),
         other => other,
     };
     // io_uring needs a little locked memory; raise the limit where allowed.
