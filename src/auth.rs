@@ -1,5 +1,5 @@
-//! Access control's building blocks (issue 14, first part): the token file,
-//! verifying a presented secret, and what a verified token grants.
+//! Access control: the token file, verifying a presented token, and what a
+//! verified token grants.
 //!
 //! A token file holds, per token, its id, the SHA-256 of its secret (never
 //! the secret), exactly one tenant, its permissions and optionally the
@@ -18,8 +18,8 @@
 //! wrong or right: the presented secret is always hashed and compared, in
 //! constant time, against a stored hash or a fixed dummy one.
 //!
-//! Not wired into the server yet: the `auth` operation, the per-connection
-//! binding, TLS and reloads come next (issue 14).
+//! A client presents the whole secret (`<id>.<random>`) in an `auth`
+//! request; the server binds the connection to the grant (`server::connection`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -300,16 +300,66 @@ impl Tokens {
         self.by_id.is_empty()
     }
 
-    /// The grant of token `id` if `secret` is its secret. Hashes and
-    /// compares in constant time whether or not the id exists.
-    pub fn verify(&self, id: &str, secret: &[u8]) -> Option<&Grant> {
-        let presented: [u8; 32] = Sha256::digest(secret).into();
+    /// The grant of a presented token, `<id>.<random>` as `new_token`
+    /// made it (the whole string is the secret; its id part finds the
+    /// entry). Hashes and compares in constant time whether or not the id
+    /// exists.
+    pub fn verify(&self, token: &str) -> Option<&Grant> {
+        let id = token.rsplit_once('.').map_or("", |(id, _)| id);
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let stored = self.by_id.get(id);
         let expected = stored.map_or(&DUMMY_HASH, |s| &s.hash);
         let equal: bool = presented.ct_eq(expected).into();
         match stored {
             Some(s) if equal => Some(&s.grant),
             _ => None,
+        }
+    }
+}
+
+/// The server's access control: its tokens and the failed attempts per
+/// client address (a failure path only; the lock is never on the request
+/// path of an authenticated connection).
+#[derive(Debug)]
+pub struct Access {
+    pub tokens: Tokens,
+    failures: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
+}
+
+/// Most addresses whose failures are remembered (the oldest are forgotten).
+const FAILURE_ADDRESSES: usize = 10_000;
+
+impl Access {
+    pub fn new(tokens: Tokens) -> Access {
+        Access {
+            tokens,
+            failures: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a failed attempt from `addr`; returns how many in a row, and
+    /// how long to wait before answering it (doubling from 50 ms, at most
+    /// 2 s), so guessing is slow while one mistyped token costs little.
+    pub fn failed(&self, addr: std::net::IpAddr) -> (u32, std::time::Duration) {
+        let count = match self.failures.lock() {
+            Ok(mut map) => {
+                if map.len() >= FAILURE_ADDRESSES && !map.contains_key(&addr) {
+                    map.clear();
+                }
+                let n = map.entry(addr).or_default();
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        let delay_ms = 50u64.saturating_mul(1 << (count.saturating_sub(1)).min(6));
+        (count, std::time::Duration::from_millis(delay_ms.min(2_000)))
+    }
+
+    /// A successful attempt from `addr` clears its count.
+    pub fn succeeded(&self, addr: std::net::IpAddr) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(&addr);
         }
     }
 }
@@ -338,7 +388,7 @@ pub struct NewToken {
 }
 
 /// Makes a token for `tenant` with `permissions`, limited to `queues` when
-/// any are given. The secret is 32 random bytes from the OS, in hex.
+/// any are given. The secret is `<id>.<32 random bytes from the OS, hex>`.
 pub fn new_token(tenant: &str, permissions: &[Permission], queues: &[String]) -> Result<NewToken, String> {
     crate::names::QueueName::new(tenant, "q").map_err(|e| format!("tenant: {e}"))?;
     if permissions.is_empty() {
@@ -349,8 +399,10 @@ pub fn new_token(tenant: &str, permissions: &[Permission], queues: &[String]) ->
     }
     let mut random = [0u8; 40];
     getrandom::getrandom(&mut random).map_err(|e| format!("no randomness from the OS: {e}"))?;
-    let secret = encode_hex(&random[..32]);
     let id = format!("{tenant}-{}", encode_hex(&random[32..]));
+    // The id travels inside the secret, so one string is all a client
+    // presents; the file keeps only its hash.
+    let secret = format!("{id}.{}", encode_hex(&random[..32]));
     let hash = encode_hex(&Sha256::digest(secret.as_bytes()));
     let list = |items: Vec<String>| items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     let mut entry = format!(
@@ -377,11 +429,13 @@ mod tests {
         let tokens = Tokens::parse(&t.entry, "new").unwrap();
         assert_eq!(tokens.len(), 1);
         let id = tokens.by_id.keys().next().unwrap().clone();
-        let grant = tokens.verify(&id, t.secret.as_bytes()).expect("its own secret");
+        let grant = tokens.verify(&t.secret).expect("its own secret");
+        assert!(t.secret.starts_with(&format!("{id}.")));
         assert_eq!(grant.tenant, "acme");
         assert!(grant.has(Permission::Send) && grant.has(Permission::Consume) && !grant.has(Permission::Admin));
-        assert!(tokens.verify(&id, b"wrong").is_none());
-        assert!(tokens.verify("unknown", t.secret.as_bytes()).is_none());
+        assert!(tokens.verify(&format!("{id}.wrong")).is_none());
+        assert!(tokens.verify("unknown.secret").is_none());
+        assert!(tokens.verify("no-dot").is_none());
         assert!(!t.entry.contains(&t.secret), "the entry must not hold the secret");
     }
 
@@ -407,6 +461,16 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn failures_slow_down_and_success_resets() {
+        let access = Access::new(Tokens::parse("", "x").unwrap());
+        let addr: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let delays: Vec<u64> = (0..8).map(|_| access.failed(addr).1.as_millis() as u64).collect();
+        assert_eq!(delays, vec![50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        access.succeeded(addr);
+        assert_eq!(access.failed(addr), (1, std::time::Duration::from_millis(50)));
     }
 
     #[test]

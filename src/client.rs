@@ -102,6 +102,8 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Unavailable => "unavailable",
         ErrorCode::DiskFull => "disk_full",
+        ErrorCode::Unauthenticated => "unauthenticated",
+        ErrorCode::PermissionDenied => "permission_denied",
     }
 }
 
@@ -165,6 +167,15 @@ impl Client {
             op: O::NAME,
             reply: Box::new(reply),
         })
+    }
+
+    /// Presents a token (`<id>.<secret>`, as `queueber token new` printed
+    /// it) and binds this connection to its tenant; returns the tenant.
+    pub async fn auth(&self, token: &str) -> Result<String, ClientError> {
+        self.send(ops::Auth {
+            token: token.to_string(),
+        })
+        .await
     }
 
     pub async fn hello(&self) -> Result<ServerInfo, ClientError> {

@@ -124,7 +124,7 @@ pub fn decode_response<S: ReaderSegments>(message: &Reader<S>) -> Result<Respons
 }
 
 /// Every error code, for docs and exhaustive tests.
-pub const ERROR_CODES: [ErrorCode; 13] = [
+pub const ERROR_CODES: [ErrorCode; 15] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::InvalidName,
@@ -138,6 +138,8 @@ pub const ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::ShuttingDown,
     ErrorCode::Unavailable,
     ErrorCode::DiskFull,
+    ErrorCode::Unauthenticated,
+    ErrorCode::PermissionDenied,
 ];
 
 #[cfg(test)]
@@ -206,6 +208,9 @@ mod tests {
                 max_items: 3,
                 cursor: None,
             }),
+            Op::Auth(ops::Auth {
+                token: "acme-01.secret".into(),
+            }),
             Op::Peek(ops::Peek {
                 queue: q("a"),
                 max_items: 0,
@@ -270,6 +275,7 @@ mod tests {
             Ok(Reply::Queues(vec![q("a"), q("b")])),
             Ok(Reply::Purged(12)),
             Ok(Reply::Deleted(())),
+            Ok(Reply::Authenticated("acme".into())),
             Ok(Reply::Peeked(crate::types::Peeked::default())),
             Ok(Reply::Peeked(crate::types::Peeked {
                 messages: vec![Delivery {
@@ -341,7 +347,7 @@ mod tests {
         // last request arm.
         let resp = Response {
             id: 9,
-            result: Ok(Reply::Peeked(crate::types::Peeked::default())),
+            result: Ok(Reply::Authenticated("t".into())),
         };
         let bytes = capnp::serialize::write_message_to_words(&encode_response(&resp));
         let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();

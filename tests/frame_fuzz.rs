@@ -76,6 +76,7 @@ fn op() -> impl Strategy<Value = Op> {
         queue_name().prop_map(|queue| Op::Stats(ops::Stats { queue })),
         queue_name().prop_map(|queue| Op::Purge(ops::Purge { queue })),
         queue_name().prop_map(|queue| Op::Delete(ops::Delete { queue })),
+        "[a-z0-9.-]{0,40}".prop_map(|token| Op::Auth(ops::Auth { token })),
         (queue_name(), any::<u32>(), prop::option::of((any::<u64>(), id))).prop_map(|(queue, max_items, cursor)| {
             Op::Peek(ops::Peek {
                 queue,

@@ -556,7 +556,7 @@ mod raw {
         let mut root = message.init_root::<response::Builder<'_>>();
         root.set_id(id);
         // The response union's last arm: past the request union's last.
-        root.init_peek();
+        root.init_auth();
         capnp::serialize::write_message_to_words(&message)
     }
 

@@ -122,6 +122,17 @@ struct Args {
     #[arg(long, env = "QUEUEBER_SLOW_REQUEST_MS", default_value_t = queueber::server::config::DEFAULT_SLOW_REQUEST_MS)]
     slow_request_ms: u64,
 
+    /// A TOML file of access tokens (`queueber token new` makes entries).
+    /// Clients must then present one (`auth`) before anything but `hello`,
+    /// and are held to its tenant, permissions and queue patterns.
+    #[arg(long, env = "QUEUEBER_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
+
+    /// Listen on a non-loopback address without --auth-file anyway
+    /// (anyone who reaches the port can then read and delete every queue).
+    #[arg(long, env = "QUEUEBER_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -206,6 +217,26 @@ fn main() -> ExitCode {
     config.metrics_listen = args.metrics_listen.0;
     config.metrics_max_queues = args.metrics_max_queues;
     config.slow_request = (args.slow_request_ms > 0).then(|| Duration::from_millis(args.slow_request_ms));
+    match &args.auth_file {
+        Some(path) => match queueber::auth::Tokens::load(path) {
+            Ok(tokens) => {
+                tracing::info!(path = %path.display(), tokens = tokens.len(), "access control on");
+                config.access = Some(Arc::new(queueber::auth::Access::new(tokens)));
+            }
+            Err(e) => {
+                tracing::error!("invalid --auth-file: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None if !args.listen.ip().is_loopback() && !args.insecure_no_auth => {
+            tracing::error!(
+                "refusing to listen on {} without --auth-file: anyone who reaches it could read and delete every queue (give --auth-file, or --insecure-no-auth to accept that)",
+                args.listen
+            );
+            return ExitCode::FAILURE;
+        }
+        None => {}
+    }
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         tracing::error!(dir = %config.data_dir.display(), error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;

@@ -93,6 +93,10 @@ mod serve {
             Route::Owner(&self.queue)
         }
 
+        fn permission(&self) -> Option<crate::auth::Permission> {
+            Some(crate::auth::Permission::Send)
+        }
+
         /// Every message is a write the batch budget counts.
         fn batch_writes(&self) -> usize {
             self.messages.len()

@@ -104,6 +104,11 @@ mod serve {
             Route::Connection
         }
 
+        /// Open to every connection: clients learn from it that auth is required.
+        fn permission(&self) -> Option<crate::auth::Permission> {
+            None
+        }
+
         fn batch_writes(&self) -> usize {
             0
         }

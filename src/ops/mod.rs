@@ -21,6 +21,7 @@ use crate::queueber_capnp::{request, response};
 pub(crate) mod fields;
 
 pub mod add;
+pub mod auth;
 pub mod delete;
 pub mod extend;
 pub mod hello;
@@ -119,6 +120,9 @@ mod serve {
         fn admit(self, limits: &ServerLimits) -> Result<Self, ErrorReply>;
         /// Which shard runs it.
         fn route(&self) -> Route<'_>;
+        /// What a token must grant for it (on a server with `--auth-file`);
+        /// `None`: open to every connection (`hello`, `auth`).
+        fn permission(&self) -> Option<crate::auth::Permission>;
         /// Messages it writes that a flood could repeat without bound. A
         /// shard takes at most a fixed number of these per batch (and per
         /// connection while others wait), deferring the rest, so no
@@ -280,6 +284,13 @@ macro_rules! operations {
                 }
             }
 
+            /// [`Serve::permission`] of the operation.
+            pub fn permission(&self) -> Option<crate::auth::Permission> {
+                match self {
+                    $( Op::$variant(op) => op.permission(), )*
+                }
+            }
+
             /// [`Serve::batch_writes`] of the operation.
             pub fn batch_writes(&self) -> usize {
                 match self {
@@ -309,4 +320,5 @@ operations! {
     Purge(purge::Purge) -> Purged,
     Delete(delete::Delete) -> Deleted,
     Peek(peek::Peek) -> Peeked,
+    Auth(auth::Auth) -> Authenticated,
 }

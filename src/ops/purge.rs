@@ -53,6 +53,10 @@ mod serve {
             Route::Owner(&self.queue)
         }
 
+        fn permission(&self) -> Option<crate::auth::Permission> {
+            Some(crate::auth::Permission::Admin)
+        }
+
         fn batch_writes(&self) -> usize {
             0
         }

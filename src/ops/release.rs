@@ -67,6 +67,10 @@ mod serve {
             Route::Owner(&self.queue)
         }
 
+        fn permission(&self) -> Option<crate::auth::Permission> {
+            Some(crate::auth::Permission::Consume)
+        }
+
         fn batch_writes(&self) -> usize {
             0
         }

@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub metrics_max_queues: usize,
     /// Requests slower than this are logged at warn (`None`: never).
     pub slow_request: Option<std::time::Duration>,
+    /// Tokens a connection must present (`auth`) before anything but
+    /// `hello`; `None`: no access control.
+    pub access: Option<std::sync::Arc<crate::auth::Access>>,
 }
 
 impl ServerConfig {
@@ -54,6 +57,7 @@ impl ServerConfig {
             metrics_listen: None,
             metrics_max_queues: DEFAULT_METRICS_MAX_QUEUES,
             slow_request: Some(std::time::Duration::from_millis(DEFAULT_SLOW_REQUEST_MS)),
+            access: None,
         }
     }
 }

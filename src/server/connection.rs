@@ -35,9 +35,11 @@ use super::budget::{BufferBudget, Charge, ConnectionBudget};
 use super::config::ServerLimits;
 use super::core::{Answered, Timing};
 use super::router::Router;
+use crate::auth::{Access, Grant, Permission};
 use crate::frame::{FrameBuffer, FrameError};
 use crate::metrics::{op_label, result_column, ShardMetrics, UNDECODED};
 use crate::names::{QueueName, MAX_NAME_LEN};
+use crate::ops;
 use crate::ops::Route;
 use crate::protocol::{
     decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
@@ -91,6 +93,8 @@ pub(crate) struct ShardContext {
     pub metrics: Rc<ShardMetrics>,
     /// Requests slower than this are logged (`None`: never).
     pub slow_request: Option<Duration>,
+    /// Access control (`--auth-file`); `None`: every request is allowed.
+    pub access: Option<Arc<Access>>,
 }
 
 impl ShardContext {
@@ -146,6 +150,10 @@ struct Connection {
     /// The client sent EOF (or the connection broke): its parked polls are
     /// answered at once.
     finished: Signal,
+    /// What the connection's token allows, once it presented one (`auth`).
+    grant: std::cell::RefCell<Option<Grant>>,
+    /// The client's address (failed `auth` attempts are counted per address).
+    peer: Option<std::net::IpAddr>,
 }
 
 impl Connection {
@@ -217,6 +225,7 @@ enum Stop {
 
 pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: ConnectionGuard) {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     // A write that cannot make progress (a client that stopped reading) for
     // the stall timeout fails, and the connection closes.
     let stall = Duration::from_millis(ctx.limits.stall_timeout_ms);
@@ -230,6 +239,8 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
         changed: event_listener::Event::new(),
         broken: Cell::new(false),
         finished: Signal::default(),
+        grant: std::cell::RefCell::new(None),
+        peer,
     });
     let writer = glommio::spawn_local(write_loop(writer, outgoing, conn.clone(), stall)).detach();
 
@@ -401,9 +412,13 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
     let op = request.op.index();
     let label = ctx.slow_request.is_some().then(|| QueueLabel::of(&request.op));
     let mut waited = false;
-    let answered = match request.op.admit(&ctx.limits) {
+    // Access first: a request the connection may not make is not even
+    // checked against the limits, let alone run.
+    let refusal = conn.refusal(&request.op);
+    let answered = match refusal.map_or_else(|| request.op.admit(&ctx.limits), Err) {
         Err(e) => Answered::now(Err(e)),
         Ok(Op::Hello(_)) => Answered::now(Ok(Reply::Hello(ctx.hello()))),
+        Ok(Op::Auth(auth)) => Answered::now(conn.authenticate(&auth).await),
         Ok(_) if ctx.shutdown.is_fired() => {
             Answered::now(Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")))
         }
@@ -425,7 +440,11 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
         Ok(op) => ctx.router.call(op, started, Some(conn.budget.clone())).await,
     };
     let took = started.elapsed();
-    let Answered { result, timing } = answered;
+    let Answered { mut result, timing } = answered;
+    // A token bound to a tenant sees that tenant's queues only.
+    if let (Ok(Reply::Queues(names)), Some(grant)) = (&mut result, &*conn.grant.borrow()) {
+        names.retain(|q| grant.allows(Permission::Admin, Some(q)).is_ok());
+    }
     let column = result_column(result.as_ref().err().map(|e| e.code));
     conn.send(request.id, result);
     ctx.metrics.record_request(op, column, took);
@@ -441,6 +460,59 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
         }
     }
     drop(frame);
+}
+
+impl Connection {
+    /// Why the connection may not make `op`, on a server with access
+    /// control: no token presented yet, or one that does not allow it.
+    fn refusal(&self, op: &Op) -> Option<ErrorReply> {
+        self.ctx.access.as_ref()?;
+        let permission = op.permission()?;
+        match &*self.grant.borrow() {
+            None => Some(ErrorReply::new(
+                ErrorCode::Unauthenticated,
+                "this server requires a token: send auth first",
+            )),
+            Some(grant) => {
+                let queue = match op.route() {
+                    Route::Owner(q) => Some(q),
+                    Route::Local | Route::Connection => None,
+                };
+                let denied = grant.allows(permission, queue).err()?;
+                Some(ErrorReply::new(ErrorCode::PermissionDenied, denied.to_string()))
+            }
+        }
+    }
+
+    /// `auth`: binds the connection to the token's grant, or counts a
+    /// failure against the client's address and answers it late.
+    async fn authenticate(&self, auth: &ops::Auth) -> Result<Reply, ErrorReply> {
+        let Some(access) = &self.ctx.access else {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidArgument,
+                "this server has no --auth-file: no token is needed",
+            ));
+        };
+        if let Some(grant) = access.tokens.verify(&auth.token) {
+            if let Some(addr) = self.peer {
+                access.succeeded(addr);
+            }
+            let tenant = grant.tenant.clone();
+            *self.grant.borrow_mut() = Some(grant.clone());
+            return Ok(Reply::Authenticated(tenant));
+        }
+        let addr = self
+            .peer
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let (failures, delay) = access.failed(addr);
+        let id = auth.token.rsplit_once('.').map_or("(no id)", |(id, _)| id);
+        tracing::warn!(%addr, token = id, failures, "refused a token (unknown id or wrong secret)");
+        glommio::timer::sleep(delay).await;
+        Err(ErrorReply::new(
+            ErrorCode::Unauthenticated,
+            "unknown token or wrong secret",
+        ))
+    }
 }
 
 /// The slow-request warning: what the request was and where its time went.

@@ -242,6 +242,7 @@ pub fn start_with_stop(
             bound: bound_tx.clone(),
             status: status.clone(),
             slow_request: config.slow_request,
+            access: config.access.clone(),
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);
@@ -295,6 +296,7 @@ struct Shard {
     bound: crossbeam_channel::Sender<Result<SocketAddr, ServerError>>,
     status: Arc<http::Status>,
     slow_request: Option<Duration>,
+    access: Option<Arc<crate::auth::Access>>,
 }
 
 impl Shard {
@@ -331,6 +333,7 @@ impl Shard {
             disk: self.engine.disk().clone(),
             metrics,
             slow_request: self.slow_request,
+            access: self.access,
         });
         drop(self.engine);
         let acceptor = glommio::spawn_local(accept::accept_loop(listener, ctx.clone())).detach();

@@ -224,3 +224,35 @@ def test_sync_peek(server: Server, queue: str) -> None:
         peeked = qb.peek(queue)
         assert len(peeked) == 1 and peeked.messages[0].payload == b"x"
         assert peeked.cursor is None
+
+
+def test_tokens_bind_a_connection(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A server with --auth-file: nothing but hello before the token, then
+    the token's tenant and permissions. The entry is made here the way
+    ``queueber token new`` makes it: the file keeps the SHA-256 of
+    ``<id>.<secret>``, the client presents the whole string."""
+    import hashlib
+    import secrets
+
+    token = f"acme-py.{secrets.token_hex(32)}"
+    auth_file = tmp_path / "auth.toml"
+    auth_file.write_text(
+        "[[token]]\n"
+        'id = "acme-py"\n'
+        f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+        'tenant = "acme"\n'
+        'permissions = ["send", "consume"]\n')
+    server = Server("--auth-file", str(auth_file))
+    try:
+        with queueber.connect(server.addr, tenant="acme") as anon:
+            with pytest.raises(queueber.Unauthenticated):
+                anon.add("jobs", [b"x"])
+        with pytest.raises(queueber.Unauthenticated):
+            queueber.connect(server.addr, tenant="acme", token=token + "0")
+        with queueber.connect(server.addr, tenant="acme", token=token) as qb:
+            qb.add("jobs", [b"x"])
+            assert len(qb.poll("jobs")) == 1
+            with pytest.raises(queueber.PermissionDenied):
+                qb.stats("jobs")  # admin only
+    finally:
+        server.stop()

@@ -24,6 +24,8 @@ CODES = {
     "shuttingDown": (10, errors.ShuttingDown),
     "unavailable": (11, errors.Unavailable),
     "diskFull": (12, errors.DiskFull),
+    "unauthenticated": (13, errors.Unauthenticated),
+    "permissionDenied": (14, errors.PermissionDenied),
 }
 
 

@@ -12,7 +12,8 @@ from . import aio, errors, types
 from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, Internal,
                      InvalidArgument, InvalidName, MalformedFrame, PayloadTooLarge,
                      QueueberError, ShuttingDown, TooManyInFlight, TooManyMessages,
-                     Unavailable, UnknownOperation, UnknownQueue)
+                     Unauthenticated, Unavailable, UnknownOperation, UnknownQueue,
+                     PermissionDenied)
 from .sync import Client, SyncConsumer, SyncMessage, connect
 from .types import Lease, Limits, Message, NewMessage, Peeked, QueueRef, QueueStats, ServerInfo
 from .worker import ConsumedMessage, Consumer
@@ -27,5 +28,6 @@ __all__ = [
     "QueueberError", "Internal", "InvalidArgument", "InvalidName", "UnknownQueue",
     "PayloadTooLarge", "TooManyMessages", "FrameTooLarge", "MalformedFrame",
     "UnknownOperation", "TooManyInFlight", "ShuttingDown", "Unavailable", "DiskFull",
+    "Unauthenticated", "PermissionDenied",
     "ConnectionClosed", "ConnectTimeout",
 ]

@@ -176,6 +176,12 @@ def encode_peek(rid: int, tenant: str, queue: str, max_items: int,
     return req.to_bytes()  # type: ignore[no-any-return]
 
 
+def encode_auth(rid: int, token: str) -> bytes:
+    req = _new(rid)
+    req.init("auth").token = token
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
 def encode_queue_op(rid: int, op: str, tenant: str, queue: str) -> bytes:
     """``stats``, ``purge`` or ``delete``: a request that is just a QueueRef."""
     req = _new(rid)
@@ -258,6 +264,7 @@ _CONVERT: Any = {
     "listQueues": _queue_refs,
     "purge": lambda p: p._get("purged"),
     "peek": _peek,
+    "auth": lambda a: a._get("tenant"),
 }
 
 

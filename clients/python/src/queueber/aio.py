@@ -26,6 +26,7 @@ import asyncio
 import collections
 import copy
 import logging
+import os
 from typing import (Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence,
                     Set, Tuple, Union)
 
@@ -282,9 +283,13 @@ class Client:
     """
 
     def __init__(self, address: Address = DEFAULT_ADDRESS, *, tenant: str = "default",
-                 connect_timeout: float = 10.0, max_in_flight: Optional[int] = None) -> None:
+                 connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
+                 token: Optional[str] = None) -> None:
         self.address: Tuple[str, int] = parse_address(address)
         self.tenant: str = tenant
+        # Presented on every (re)connect, after hello; default from the
+        # environment like the CLI's.
+        self._token: Optional[str] = token if token is not None else os.environ.get("QUEUEBER_TOKEN")
         self.connect_timeout = connect_timeout
         self._max_in_flight = max_in_flight
         self._conn: Optional[_Connection] = None
@@ -408,6 +413,13 @@ class Client:
             conn.transport.abort()  # type: ignore[union-attr]
             raise
         conn.max_in_flight = self._max_in_flight or info.limits.max_in_flight_per_connection
+        if self._token:
+            try:
+                fut = self._submit(conn, "auth", _wire.encode_auth, (self._token,))
+                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()) + 3.0)
+            except BaseException:
+                conn.transport.abort()  # type: ignore[union-attr]
+                raise
         return conn, info
 
     # -- requests --------------------------------------------------------------
@@ -644,7 +656,8 @@ class _Connector:
 
 
 def connect(address: Address = DEFAULT_ADDRESS, *, tenant: str = "default",
-            connect_timeout: float = 10.0, max_in_flight: Optional[int] = None) -> _Connector:
+            connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
+            token: Optional[str] = None) -> _Connector:
     """Connect to a queueber server::
 
         async with queueber.aio.connect("127.0.0.1:7420", tenant="acme") as qb:
@@ -654,4 +667,4 @@ def connect(address: Address = DEFAULT_ADDRESS, *, tenant: str = "default",
     See :class:`Client` for the arguments.
     """
     return _Connector(Client(address, tenant=tenant, connect_timeout=connect_timeout,
-                             max_in_flight=max_in_flight))
+                             max_in_flight=max_in_flight, token=token))

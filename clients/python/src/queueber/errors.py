@@ -31,6 +31,8 @@ __all__ = [
     "ShuttingDown",
     "Unavailable",
     "DiskFull",
+    "Unauthenticated",
+    "PermissionDenied",
     "ConnectionClosed",
     "ConnectTimeout",
     "error_for_code",
@@ -164,6 +166,22 @@ class DiskFull(QueueberError):
     code, code_number, retryable = "diskFull", 12, True
 
 
+class Unauthenticated(QueueberError):
+    """``unauthenticated`` (13): the server requires a token and this
+    connection has not presented one (or presented a wrong one). Nothing
+    was executed; connect with ``token=``."""
+
+    code, code_number, retryable = "unauthenticated", 13, False
+
+
+class PermissionDenied(QueueberError):
+    """``permissionDenied`` (14): the connection's token does not allow this
+    request (another tenant, a missing permission, a queue outside its
+    patterns). Nothing was executed."""
+
+    code, code_number, retryable = "permissionDenied", 14, False
+
+
 class ConnectionClosed(QueueberError, ConnectionError):
     """The connection could not be made, or ended before the request was
     answered: the request may or may not have run. Made by the client, never
@@ -183,7 +201,8 @@ _BY_NUMBER: Dict[int, Type[QueueberError]] = {
     cls.code_number: cls
     for cls in (Internal, InvalidArgument, InvalidName, UnknownQueue, PayloadTooLarge,
                 TooManyMessages, FrameTooLarge, MalformedFrame, UnknownOperation,
-                TooManyInFlight, ShuttingDown, Unavailable, DiskFull)
+                TooManyInFlight, ShuttingDown, Unavailable, DiskFull, Unauthenticated,
+                PermissionDenied)
 }
 
 

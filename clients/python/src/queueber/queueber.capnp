@@ -31,6 +31,7 @@ struct Request {
     purge @9 :QueueRef;
     delete @10 :QueueRef;
     peek @11 :PeekRequest;
+    auth @12 :AuthRequest;
   }
 }
 
@@ -44,6 +45,10 @@ struct PollRequest {
   maxItems @1 :UInt32;  # 0 means 1; capped by the server's limit
   leaseMs @2 :UInt64;   # must be > 0
   waitMs @3 :UInt64;    # 0 = answer at once; capped by the server's limit
+}
+
+struct AuthRequest {
+  token @0 :Text;       # as `queueber token new` printed it: "<id>.<secret>"
 }
 
 struct PeekRequest {
@@ -86,6 +91,7 @@ struct Response {
     purge @10 :PurgeReply;
     delete @11 :Void;
     peek @12 :PeekReply;
+    auth @13 :AuthReply;
   }
 }
 
@@ -105,6 +111,11 @@ enum ErrorCode {
   unavailable @11;      # a shard cannot serve right now
   diskFull @12;         # the data filesystem is under its free-space reserve:
                         # adds are refused (retry later); everything else works
+  unauthenticated @13;  # auth is required and this connection has not (or
+                        # wrongly) presented a token; nothing was executed
+  permissionDenied @14; # the connection's token does not allow this request
+                        # (another tenant, a missing permission, a queue
+                        # outside its patterns); nothing was executed
 }
 
 struct Error {
@@ -145,6 +156,10 @@ struct PollReply {
   lease @0 :Data;             # empty when nothing was available
   expiresAtMs @1 :UInt64;
   messages @2 :List(PolledMessage);
+}
+
+struct AuthReply {
+  tenant @0 :Text;      # the tenant this connection is now bound to
 }
 
 struct PeekReply {

@@ -47,13 +47,14 @@ class Client:
     """
 
     def __init__(self, address: aio.Address = aio.DEFAULT_ADDRESS, *, tenant: str = "default",
-                 connect_timeout: float = 10.0, max_in_flight: Optional[int] = None) -> None:
+                 connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
+                 token: Optional[str] = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="queueber-client", daemon=True)
         self._thread.start()
         self._aio = aio.Client(address, tenant=tenant, connect_timeout=connect_timeout,
-                               max_in_flight=max_in_flight)
+                               max_in_flight=max_in_flight, token=token)
         self._closed = False
         try:
             self._run(self._aio.connect())
@@ -205,10 +206,11 @@ class Client:
 
 
 def connect(address: aio.Address = aio.DEFAULT_ADDRESS, *, tenant: str = "default",
-            connect_timeout: float = 10.0, max_in_flight: Optional[int] = None) -> Client:
+            connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
+            token: Optional[str] = None) -> Client:
     """Connect a blocking :class:`Client` (also a context manager)."""
     return Client(address, tenant=tenant, connect_timeout=connect_timeout,
-                  max_in_flight=max_in_flight)
+                  max_in_flight=max_in_flight, token=token)
 
 
 class SyncMessage:

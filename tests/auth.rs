@@ -1,0 +1,148 @@
+//! Access control against a real server: nothing but `hello` before `auth`,
+//! a wrong token refused late, and a bound connection held to its token's
+//! tenant, permissions and queue patterns; listing shows its tenant only.
+//! And queueberd's safe default: no non-loopback address without tokens.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use queueber::auth::{new_token, Access, Permission, Tokens};
+use queueber::names::QueueName;
+use queueber::protocol::ErrorCode;
+use queueber::server;
+use queueber::types::NewMessage;
+
+/// The error code of a refused call (`None` if it succeeded).
+fn denied<T>(r: Result<T, queueber::client::ClientError>) -> Option<ErrorCode> {
+    r.err().and_then(|e| e.code())
+}
+
+fn q(tenant: &str, queue: &str) -> QueueName {
+    QueueName::new(tenant, queue).unwrap()
+}
+
+#[test]
+fn a_connection_is_held_to_its_token() {
+    let sender = new_token("acme", &[Permission::Send, Permission::Consume], &["orders.*".into()]).unwrap();
+    let admin = new_token("acme", &[Permission::Admin], &[]).unwrap();
+    let other = new_token("other", &[Permission::Send], &[]).unwrap();
+    let file = format!("{}\n{}\n{}", sender.entry, admin.entry, other.entry);
+    let tokens = Tokens::parse(&file, "test").expect("auth file");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), 2);
+    config.access = Some(Arc::new(Access::new(tokens)));
+    let server = server::start(config).expect("server starts");
+    let (sender, admin, other) = (sender.secret, admin.secret, other.secret);
+    common::with_clients(server.local_addr(), 3, move |clients| async move {
+        let (c, a, o) = (&clients[0], &clients[1], &clients[2]);
+        let code = |e: queueber::client::ClientError| e.code();
+        // Before auth: hello only.
+        assert!(c.hello().await.is_ok());
+        assert_eq!(
+            code(c.stats(&q("acme", "orders.eu")).await.unwrap_err()),
+            Some(ErrorCode::Unauthenticated)
+        );
+        let refused = c
+            .add(&q("acme", "orders.eu"), vec![NewMessage::new(b"x".to_vec())])
+            .await;
+        assert_eq!(code(refused.unwrap_err()), Some(ErrorCode::Unauthenticated));
+        // A wrong secret is refused, late.
+        let started = Instant::now();
+        let id = sender.rsplit_once('.').unwrap().0;
+        let wrong = c.auth(&format!("{id}.0000")).await.unwrap_err();
+        assert_eq!(code(wrong), Some(ErrorCode::Unauthenticated));
+        assert!(
+            started.elapsed() >= Duration::from_millis(45),
+            "{:?}",
+            started.elapsed()
+        );
+        // Bound to acme, send + consume, orders.* only.
+        assert_eq!(c.auth(&sender).await.unwrap(), "acme");
+        c.add(&q("acme", "orders.eu"), vec![NewMessage::new(b"m".to_vec())])
+            .await
+            .unwrap();
+        let lease = c.poll(&q("acme", "orders.eu"), 1, 30_000, 0).await.unwrap().unwrap();
+        assert_eq!(
+            c.remove(&q("acme", "orders.eu"), lease.id, vec![lease.messages[0].id])
+                .await
+                .unwrap(),
+            vec![true]
+        );
+        let one = || vec![NewMessage::new(b"x".to_vec())];
+        assert_eq!(
+            denied(c.add(&q("acme", "billing"), one()).await),
+            Some(ErrorCode::PermissionDenied)
+        );
+        assert_eq!(
+            denied(c.add(&q("other", "orders.eu"), one()).await),
+            Some(ErrorCode::PermissionDenied)
+        );
+        assert_eq!(
+            denied(c.stats(&q("acme", "orders.eu")).await),
+            Some(ErrorCode::PermissionDenied)
+        );
+        assert_eq!(denied(c.list_queues().await), Some(ErrorCode::PermissionDenied));
+        // Another tenant's queue exists; acme's admin does not see it.
+        assert_eq!(o.auth(&other).await.unwrap(), "other");
+        o.add(&q("other", "secret-plans"), one()).await.unwrap();
+        assert_eq!(a.auth(&admin).await.unwrap(), "acme");
+        assert_eq!(a.list_queues().await.unwrap(), vec![q("acme", "orders.eu")]);
+        assert_eq!(a.stats(&q("acme", "orders.eu")).await.unwrap().visible, 0);
+        assert_eq!(
+            denied(a.stats(&q("other", "secret-plans")).await),
+            Some(ErrorCode::PermissionDenied)
+        );
+        assert_eq!(
+            denied(a.add(&q("acme", "orders.eu"), one()).await),
+            Some(ErrorCode::PermissionDenied)
+        );
+    });
+    common::stop(server);
+}
+
+#[test]
+fn without_tokens_auth_is_not_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), 1);
+    common::with_client(server.local_addr(), |c| async move {
+        let e = c.auth("x.y").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::InvalidArgument));
+        c.add(&q("t", "q"), vec![NewMessage::new(b"m".to_vec())]).await.unwrap();
+    });
+    common::stop(server);
+}
+
+#[test]
+fn queueberd_refuses_a_public_address_without_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_queueberd"))
+        .args(["--listen", "0.0.0.0:0", "--metrics-listen", "off", "--no-pin"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("queueberd runs");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("without --auth-file"), "{log}");
+
+    let bad = dir.path().join("auth.toml");
+    std::fs::write(
+        &bad,
+        "[[token]]\nid = \"a\"\nsha256 = \"00\"\ntenant = \"t\"\npermissions = [\"send\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_queueberd"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off", "--no-pin"])
+        .arg("--auth-file")
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("queueberd runs");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("line 1") && log.contains("64 hex digits"), "{log}");
+}
