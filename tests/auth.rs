@@ -146,3 +146,29 @@ fn queueberd_refuses_a_public_address_without_tokens() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("line 1") && log.contains("64 hex digits"), "{log}");
 }
+
+#[test]
+fn the_cli_presents_its_token() {
+    let token = new_token("acme", &[Permission::Send, Permission::Admin], &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), 1);
+    config.access = Some(Arc::new(Access::new(Tokens::parse(&token.entry, "t").unwrap())));
+    let server = server::start(config).expect("server starts");
+    let cli = |token: Option<&str>, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_queueber"));
+        c.env_remove("QUEUEBER_TOKEN")
+            .args(["--addr", &server.local_addr().to_string(), "--tenant", "acme", "--json"]);
+        if let Some(t) = token {
+            c.env("QUEUEBER_TOKEN", t);
+        }
+        c.args(args).output().expect("queueber runs")
+    };
+    let refused = cli(None, &["add", "jobs", "x"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("unauthenticated"));
+    let added = cli(Some(&token.secret), &["add", "jobs", "x"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let stats = cli(Some(&token.secret), &["stats", "jobs"]);
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("\"visible\":1"));
+    common::stop(server);
+}

@@ -29,6 +29,10 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Access token (`<id>.<secret>`, as `token new` printed it), presented
+    /// first on a server with --auth-file.
+    #[arg(long, env = "QUEUEBER_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -415,6 +419,7 @@ fn main() -> ExitCode {
         addr,
         tenant,
         json,
+        token,
         command,
     } = cli;
     // top reads the metrics endpoint over plain blocking HTTP: no runtime.
@@ -434,6 +439,9 @@ fn main() -> ExitCode {
             .map_err(|e| CliError::Io(std::io::Error::other(format!("connecting to {addr}: {e}"))))?;
         let (client, driver) = Client::new(stream);
         glommio::spawn_local(driver).detach();
+        if let Some(token) = &token {
+            client.auth(token).await?;
+        }
         run(&client, &tenant, command).await
     });
     let result = match outcome.map(|h| h.join()) {
