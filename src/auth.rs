@@ -118,6 +118,9 @@ pub struct Grant {
     permissions: u8,
     /// Empty: every queue of the tenant.
     queues: Vec<QueuePattern>,
+    /// The secret's hash: a token re-issued under the same id is another
+    /// grant (a reload revokes the old one).
+    hash: [u8; 32],
 }
 
 /// Why a grant refuses a request.
@@ -283,6 +286,7 @@ impl Tokens {
                     tenant: entry.tenant,
                     permissions,
                     queues,
+                    hash,
                 },
             };
             if by_id.insert(entry.id.clone(), stored).is_some() {
@@ -322,7 +326,15 @@ impl Tokens {
 /// path of an authenticated connection).
 #[derive(Debug)]
 pub struct Access {
-    pub tokens: Tokens,
+    /// Replaced whole by a reload; read at `auth` and when a connection
+    /// sees the generation move, never on the request path otherwise.
+    tokens: std::sync::RwLock<std::sync::Arc<Tokens>>,
+    /// Bumped by every reload that changed the tokens: a connection
+    /// re-checks its grant when it sees a new one (one atomic read per
+    /// request, no write).
+    generation: std::sync::atomic::AtomicU64,
+    /// Where the tokens come from (for reloads).
+    path: Option<std::path::PathBuf>,
     failures: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
 }
 
@@ -332,9 +344,70 @@ const FAILURE_ADDRESSES: usize = 10_000;
 impl Access {
     pub fn new(tokens: Tokens) -> Access {
         Access {
-            tokens,
+            tokens: std::sync::RwLock::new(std::sync::Arc::new(tokens)),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            path: None,
             failures: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Access from a token file, which [`Access::reload`] reads again.
+    pub fn load(path: &Path) -> Result<Access, AuthFileError> {
+        let mut access = Access::new(Tokens::load(path)?);
+        access.path = Some(path.to_path_buf());
+        Ok(access)
+    }
+
+    fn current(&self) -> std::sync::Arc<Tokens> {
+        match self.tokens.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The grant of a presented token (see [`Tokens::verify`]).
+    pub fn verify(&self, token: &str) -> Option<Grant> {
+        self.current().verify(token).cloned()
+    }
+
+    /// How many tokens there are now.
+    pub fn token_count(&self) -> usize {
+        self.current().len()
+    }
+
+    /// The tokens' generation (moves with every reload that applied).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether `grant` is still what the current tokens give its id: false
+    /// once its token was removed, re-issued or changed by a reload.
+    pub fn still_valid(&self, grant: &Grant) -> bool {
+        self.current()
+            .by_id
+            .get(&grant.token_id)
+            .is_some_and(|s| &s.grant == grant)
+    }
+
+    /// Replaces the tokens with `tokens` (a reload that parsed).
+    pub fn replace(&self, tokens: Tokens) {
+        match self.tokens.write() {
+            Ok(mut t) => *t = std::sync::Arc::new(tokens),
+            Err(poisoned) => *poisoned.into_inner() = std::sync::Arc::new(tokens),
+        }
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Reads the token file again (SIGHUP). A file that does not parse
+    /// changes nothing: the old tokens stay, and the error says why.
+    pub fn reload(&self) -> Result<usize, AuthFileError> {
+        let Some(path) = &self.path else {
+            return Ok(self.current().len());
+        };
+        let tokens = Tokens::load(path)?;
+        let n = tokens.len();
+        self.replace(tokens);
+        Ok(n)
     }
 
     /// Counts a failed attempt from `addr`; returns how many in a row, and
@@ -461,6 +534,28 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_reload_revokes_removed_and_reissued_tokens() {
+        let a = new_token("acme", &[Permission::Send], &[]).unwrap();
+        let b = new_token("acme", &[Permission::Send], &[]).unwrap();
+        let access = Access::new(Tokens::parse(&format!("{}{}", a.entry, b.entry), "x").unwrap());
+        let (ga, gb) = (access.verify(&a.secret).unwrap(), access.verify(&b.secret).unwrap());
+        let before = access.generation();
+        // b is dropped; a stays as it was.
+        access.replace(Tokens::parse(&a.entry, "x").unwrap());
+        assert!(access.generation() > before);
+        assert!(access.still_valid(&ga));
+        assert!(!access.still_valid(&gb));
+        assert!(access.verify(&b.secret).is_none());
+        // a re-issued under the same id with another secret: the old grant goes.
+        let (id, _) = a.secret.rsplit_once('.').unwrap();
+        let other = a
+            .entry
+            .replace(&encode_hex(&Sha256::digest(a.secret.as_bytes())), &"ab".repeat(32));
+        access.replace(Tokens::parse(&other, "x").unwrap());
+        assert!(!access.still_valid(&ga), "{id}");
     }
 
     #[test]

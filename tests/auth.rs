@@ -4,6 +4,10 @@
 //! And queueberd's safe default: no non-loopback address without tokens.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+#[path = "common/wire.rs"]
+mod wire;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -171,4 +175,69 @@ fn the_cli_presents_its_token() {
     let stats = cli(Some(&token.secret), &["stats", "jobs"]);
     assert!(String::from_utf8_lossy(&stats.stdout).contains("\"visible\":1"));
     common::stop(server);
+}
+
+#[test]
+fn sighup_reloads_tokens_and_revokes_removed_ones() {
+    let keep = new_token("acme", &[Permission::Send], &[]).unwrap();
+    let drop = new_token("acme", &[Permission::Send], &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.toml");
+    std::fs::write(&file, format!("{}{}", keep.entry, drop.entry)).unwrap();
+    let mut server = daemon::DaemonSpec::new(&dir.path().join("data"), "wal")
+        .arg("--auth-file")
+        .arg(file.to_str().unwrap())
+        .start();
+    let auth = |w: &mut wire::Wire, id, token: &str| {
+        w.call(
+            id,
+            queueber::protocol::Op::Auth(queueber::ops::Auth {
+                token: token.to_string(),
+            }),
+        )
+        .result
+    };
+    let add = |w: &mut wire::Wire, id| w.add_one(id, &q("acme", "jobs"), b"m".to_vec()).result;
+    let (mut kept, mut dropped) = (wire::Wire::connect(server.addr), wire::Wire::connect(server.addr));
+    assert!(auth(&mut kept, 1, &keep.secret).is_ok());
+    assert!(auth(&mut dropped, 1, &drop.secret).is_ok());
+    assert!(add(&mut dropped, 2).is_ok());
+
+    // A file that does not parse changes nothing.
+    std::fs::write(&file, "this is not toml [").unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().contains("reload failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload failure logged:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(add(&mut dropped, 3).is_ok(), "the old tokens stay after a bad reload");
+
+    // Without `drop`: its connection is refused and closed; `keep` goes on.
+    std::fs::write(&file, &keep.entry).unwrap();
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGHUP) }, 0);
+    while !server.log_text().contains("auth file reloaded") {
+        assert!(Instant::now() < deadline, "no reload logged:\n{}", server.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = add(&mut dropped, 4).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Unauthenticated);
+    assert!(refused.message.contains("revoked"), "{}", refused.message);
+    dropped.half_close();
+    assert!(
+        dropped.read_all().map_or(true, |rest| rest.is_empty()),
+        "the connection closes"
+    );
+    assert!(add(&mut kept, 5).is_ok());
+    let fresh = &mut wire::Wire::connect(server.addr);
+    assert_eq!(
+        auth(fresh, 1, &drop.secret).unwrap_err().code,
+        ErrorCode::Unauthenticated
+    );
+    server.terminate();
 }

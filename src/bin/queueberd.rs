@@ -160,6 +160,26 @@ fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
         .map_err(|e| format!("{e}: expected an address such as 127.0.0.1:9420, or off"))
 }
 
+/// Reads the auth file again on every SIGHUP, from a thread of its own (a
+/// parse failure keeps the old tokens and says why). Connections notice the
+/// new tokens at their next request; a revoked token's connections close.
+fn reload_on_sighup(access: Arc<queueber::auth::Access>) -> std::io::Result<()> {
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+    std::thread::Builder::new()
+        .name("queueber-auth-reload".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            if hup.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                match access.reload() {
+                    Ok(tokens) => tracing::info!(tokens, "auth file reloaded"),
+                    Err(e) => tracing::error!("auth file reload failed, the old tokens stay: {e}"),
+                }
+            }
+        })?;
+    Ok(())
+}
+
 fn default_data_dir() -> PathBuf {
     // XDG data home, so a user-run server keeps its data across reboots.
     std::env::var_os("XDG_DATA_HOME")
@@ -218,10 +238,15 @@ fn main() -> ExitCode {
     config.metrics_max_queues = args.metrics_max_queues;
     config.slow_request = (args.slow_request_ms > 0).then(|| Duration::from_millis(args.slow_request_ms));
     match &args.auth_file {
-        Some(path) => match queueber::auth::Tokens::load(path) {
-            Ok(tokens) => {
-                tracing::info!(path = %path.display(), tokens = tokens.len(), "access control on");
-                config.access = Some(Arc::new(queueber::auth::Access::new(tokens)));
+        Some(path) => match queueber::auth::Access::load(path) {
+            Ok(access) => {
+                let access = Arc::new(access);
+                tracing::info!(path = %path.display(), tokens = access.token_count(), "access control on");
+                if let Err(e) = reload_on_sighup(access.clone()) {
+                    tracing::error!(error = %e, "cannot install the SIGHUP handler");
+                    return ExitCode::FAILURE;
+                }
+                config.access = Some(access);
             }
             Err(e) => {
                 tracing::error!("invalid --auth-file: {e}");

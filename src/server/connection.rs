@@ -152,6 +152,11 @@ struct Connection {
     finished: Signal,
     /// What the connection's token allows, once it presented one (`auth`).
     grant: std::cell::RefCell<Option<Grant>>,
+    /// The access generation the grant was last checked against.
+    grant_generation: Cell<u64>,
+    /// Its token was revoked by a reload: everything is refused and the
+    /// connection closes.
+    revoked: Cell<bool>,
     /// The client's address (failed `auth` attempts are counted per address).
     peer: Option<std::net::IpAddr>,
 }
@@ -240,6 +245,8 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
         broken: Cell::new(false),
         finished: Signal::default(),
         grant: std::cell::RefCell::new(None),
+        grant_generation: Cell::new(0),
+        revoked: Cell::new(false),
         peer,
     });
     let writer = glommio::spawn_local(write_loop(writer, outgoing, conn.clone(), stall)).detach();
@@ -280,6 +287,10 @@ async fn read_requests(reader: &mut ReadHalf<TcpStream>, conn: &Rc<Connection>, 
             }
             if conn.broken.get() {
                 return Stop::Eof;
+            }
+            // A token revoked by a reload: answer what was read, then close.
+            if conn.revoked.get() {
+                return Stop::Closing;
             }
             let next = frames.next_frame(options, |message| {
                 message
@@ -466,7 +477,28 @@ impl Connection {
     /// Why the connection may not make `op`, on a server with access
     /// control: no token presented yet, or one that does not allow it.
     fn refusal(&self, op: &Op) -> Option<ErrorReply> {
-        self.ctx.access.as_ref()?;
+        let access = self.ctx.access.as_ref()?;
+        // The tokens were reloaded since this connection's grant was
+        // checked: a grant whose token is gone or changed is revoked, and
+        // the connection closes after answering.
+        if access.generation() != self.grant_generation.get() {
+            self.grant_generation.set(access.generation());
+            let revoked = self.grant.borrow().as_ref().is_some_and(|g| !access.still_valid(g));
+            if revoked {
+                *self.grant.borrow_mut() = None;
+                self.revoked.set(true);
+                return Some(ErrorReply::new(
+                    ErrorCode::Unauthenticated,
+                    "this connection's token was revoked; the connection closes",
+                ));
+            }
+        }
+        if self.revoked.get() {
+            return Some(ErrorReply::new(
+                ErrorCode::Unauthenticated,
+                "this connection's token was revoked",
+            ));
+        }
         let permission = op.permission()?;
         match &*self.grant.borrow() {
             None => Some(ErrorReply::new(
@@ -493,12 +525,13 @@ impl Connection {
                 "this server has no --auth-file: no token is needed",
             ));
         };
-        if let Some(grant) = access.tokens.verify(&auth.token) {
+        if let Some(grant) = access.verify(&auth.token) {
             if let Some(addr) = self.peer {
                 access.succeeded(addr);
             }
             let tenant = grant.tenant.clone();
-            *self.grant.borrow_mut() = Some(grant.clone());
+            self.grant_generation.set(access.generation());
+            *self.grant.borrow_mut() = Some(grant);
             return Ok(Reply::Authenticated(tenant));
         }
         let addr = self
