@@ -336,6 +336,8 @@ pub struct Access {
     /// Where the tokens come from (for reloads).
     path: Option<std::path::PathBuf>,
     failures: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
+    /// Failed `auth` attempts since start (metrics).
+    failures_total: std::sync::atomic::AtomicU64,
 }
 
 /// Most addresses whose failures are remembered (the oldest are forgotten).
@@ -348,7 +350,13 @@ impl Access {
             generation: std::sync::atomic::AtomicU64::new(0),
             path: None,
             failures: std::sync::Mutex::new(HashMap::new()),
+            failures_total: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Failed `auth` attempts since start.
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Access from a token file, which [`Access::reload`] reads again.
@@ -414,6 +422,7 @@ impl Access {
     /// how long to wait before answering it (doubling from 50 ms, at most
     /// 2 s), so guessing is slow while one mistyped token costs little.
     pub fn failed(&self, addr: std::net::IpAddr) -> (u32, std::time::Duration) {
+        self.failures_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let count = match self.failures.lock() {
             Ok(mut map) => {
                 if map.len() >= FAILURE_ADDRESSES && !map.contains_key(&addr) {

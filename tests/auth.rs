@@ -38,7 +38,9 @@ fn a_connection_is_held_to_its_token() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(dir.path(), 2);
     config.access = Some(Arc::new(Access::new(tokens)));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let server = server::start(config).expect("server starts");
+    let metrics = server.metrics_addr().expect("a metrics endpoint");
     let (sender, admin, other) = (sender.secret, admin.secret, other.secret);
     common::with_clients(server.local_addr(), 3, move |clients| async move {
         let (c, a, o) = (&clients[0], &clients[1], &clients[2]);
@@ -104,6 +106,13 @@ fn a_connection_is_held_to_its_token() {
             Some(ErrorCode::PermissionDenied)
         );
     });
+    // The one failed attempt is counted, and refusals by their codes.
+    let mut scrape = std::net::TcpStream::connect(metrics).unwrap();
+    std::io::Write::write_all(&mut scrape, b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut scrape, &mut text).unwrap();
+    assert!(text.contains("\nqueueber_auth_failures_total 1\n"), "{text}");
+    assert!(text.contains("code=\"unauthenticated\"") && text.contains("code=\"permission_denied\""));
     common::stop(server);
 }
 

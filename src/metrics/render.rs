@@ -33,6 +33,8 @@ pub struct Scrape {
     /// Per-queue series beyond this many (in name order) fold into
     /// `tenant="_other",queue="_other"`.
     pub max_queues: usize,
+    /// Failed `auth` attempts, when the server has access control.
+    pub auth_failures: Option<u64>,
 }
 
 /// The label a folded queue takes.
@@ -170,6 +172,14 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
 
     w.family("queueber_connections", Kind::Gauge, "Open client connections.");
     w.sample("queueber_connections", &[], scrape.connections as f64);
+    if let Some(n) = scrape.auth_failures {
+        w.family(
+            "queueber_auth_failures_total",
+            Kind::Counter,
+            "Failed auth attempts (unknown token id or wrong secret).",
+        );
+        w.sample("queueber_auth_failures_total", &[], n as f64);
+    }
     w.family(
         "queueber_ready",
         Kind::Gauge,
@@ -371,6 +381,7 @@ mod tests {
             process: ProcessFigures::default(),
             rocks: RocksFigures::default(),
             max_queues,
+            auth_failures: None,
         }
     }
 

@@ -49,6 +49,7 @@ pub(crate) struct Status {
     engine: OnceLock<Arc<Engine>>,
     cores: Mutex<Vec<(usize, CoreHandle)>>,
     connections: OnceLock<Arc<AtomicUsize>>,
+    access: OnceLock<Arc<crate::auth::Access>>,
     max_queues: usize,
 }
 
@@ -69,6 +70,10 @@ impl Status {
     pub(crate) fn set_engine(&self, engine: Arc<Engine>, connections: Arc<AtomicUsize>) {
         let _ = self.engine.set(engine);
         let _ = self.connections.set(connections);
+    }
+
+    pub(crate) fn set_access(&self, access: Arc<crate::auth::Access>) {
+        let _ = self.access.set(access);
     }
 
     pub(crate) fn add_core(&self, shard: usize, core: CoreHandle) {
@@ -314,6 +319,7 @@ async fn gather(status: &Status) -> Scrape {
         process,
         rocks,
         max_queues: status.max_queues,
+        auth_failures: status.access.get().map(|a| a.failures_total()),
     }
 }
 

@@ -203,6 +203,9 @@ pub fn start_with_stop(
     )?;
     let connections = Arc::new(AtomicUsize::new(0));
     status.set_engine(engine.clone(), connections.clone());
+    if let Some(access) = &config.access {
+        status.set_access(access.clone());
+    }
     let budget = BufferBudget::new(
         config.limits.max_buffered_bytes,
         config.limits.max_buffered_bytes_per_connection,
