@@ -160,6 +160,12 @@ pub(crate) struct CoreHandle {
     jobs: mpsc::UnboundedSender<Job>,
 }
 
+impl std::fmt::Debug for CoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CoreHandle")
+    }
+}
+
 impl CoreHandle {
     /// Runs one operation on this shard for an internal caller (no buffer
     /// account); connections go through [`CoreHandle::submit`].
@@ -232,6 +238,17 @@ enum Finish {
     ScrapeChunk,
 }
 
+/// Counts an empty poll answer of `queue` (cloning the name only the
+/// first time).
+fn count_empty(counts: &mut HashMap<QueueName, u64>, queue: &QueueName) {
+    match counts.get_mut(queue) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(queue.clone(), 1);
+        }
+    }
+}
+
 /// Waiting polls per queue, plus their deadlines in order.
 #[derive(Default)]
 struct Waiters {
@@ -254,12 +271,7 @@ impl Waiters {
     }
 
     fn count_empty(&mut self, queue: &QueueName) {
-        match self.polls_empty.get_mut(queue) {
-            Some(n) => *n += 1,
-            None => {
-                self.polls_empty.insert(queue.clone(), 1);
-            }
-        }
+        count_empty(&mut self.polls_empty, queue);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -320,7 +332,7 @@ impl Waiters {
                 if let Some(pos) = list.iter().position(|(s, _)| *s == seq) {
                     if let Some((_, parked)) = list.remove(pos) {
                         let _ = parked.reply.send(Answered::now(Ok(Reply::Polled(None))));
-                        *self.polls_empty.entry(queue.clone()).or_default() += 1;
+                        count_empty(&mut self.polls_empty, &queue);
                     }
                 }
                 if list.is_empty() {
@@ -569,7 +581,7 @@ async fn run(
         waiters.expire(if draining { None } else { Some(now) });
         let timers_due = store_due.is_some_and(|d| d <= now);
 
-        if !commands.is_empty() || timers_due {
+        let ran = if !commands.is_empty() || timers_due {
             let Some(mut owned) = store.take() else {
                 break;
             };
@@ -587,13 +599,26 @@ async fn run(
             let (owned, executed, next) = offload(work).await;
             let took = started.elapsed();
             metrics.record_batch(took, batch_commands);
-            let timing = BatchTiming {
+            store = Some(owned);
+            store_due = store_deadline(&*clock, next);
+            let batch = BatchTiming {
                 started,
                 took,
                 synced: executed.synced,
             };
-            store = Some(owned);
-            store_due = store_deadline(&*clock, next);
+            Some((executed, batch))
+        } else if !finishes.is_empty() {
+            // Nothing ran: answers (polls without room, hello) take no time here.
+            let batch = BatchTiming {
+                started: Instant::now(),
+                took: Duration::ZERO,
+                synced: Duration::ZERO,
+            };
+            Some((Executed::default(), batch))
+        } else {
+            None
+        };
+        if let Some((executed, batch)) = ran {
             let ctx = Finishing {
                 draining,
                 reporter: Reporter {
@@ -601,30 +626,12 @@ async fn run(
                     metrics: &metrics,
                     pending: backlog.len() as u64,
                 },
-                batch: timing,
+                batch,
             };
             finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
             drop(room);
-        } else if !finishes.is_empty() {
-            // Nothing ran: answers (polls without room, hello) take no time here.
-            let timing = BatchTiming {
-                started: Instant::now(),
-                took: Duration::ZERO,
-                synced: Duration::ZERO,
-            };
-            let executed = Executed::default();
-            let ctx = Finishing {
-                draining,
-                reporter: Reporter {
-                    shard,
-                    metrics: &metrics,
-                    pending: backlog.len() as u64,
-                },
-                batch: timing,
-            };
-            finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
         }
         if stopping && retry.is_empty() && backlog.is_empty() {
             break;

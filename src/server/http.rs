@@ -53,12 +53,6 @@ pub(crate) struct Status {
     max_queues: usize,
 }
 
-impl std::fmt::Debug for CoreHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CoreHandle")
-    }
-}
-
 impl Status {
     pub(crate) fn new(max_queues: usize) -> Arc<Status> {
         Arc::new(Status {

@@ -173,28 +173,11 @@ impl ShardStore {
 
     pub(super) fn apply_stats(&mut self, queue: &QueueName, now: u64) -> Result<QueueStats, StoreError> {
         let qid = self.queue_id(queue)?;
-        let engine = &self.engine;
         let Some(q) = self.queues.get(&qid) else {
             return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
         };
-        let mut stats = QueueStats {
-            visible: q.visible(),
-            delayed: q.delayed,
-            in_flight: q.holders.len() as u64,
-            oldest_visible_age_ms: None,
-            disk_full: engine.disk().is_full(),
-        };
-        if stats.visible > 0 {
-            // One seek to the head of the line (the floor keeps it cheap).
-            let it = engine.scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
-            if let Some(v) = it.value() {
-                if let Some((header, _)) = keys::parse_record(v) {
-                    stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));
-                }
-            }
-            it.status().map_err(StoreError::rocks("read the head of a queue"))?;
-        }
-        Ok(stats)
+        let mut it = self.engine.db().raw_iterator_cf(self.engine.cf(CF_READY)?);
+        queue_stats(q, &mut it, now, self.engine.disk().is_full())
     }
 
     /// Up to `max_items` visible messages from the floor (or just after
@@ -274,42 +257,53 @@ impl ShardStore {
         Ok(dropped)
     }
 
-    /// The gauges and counters of `names` (those that still exist). The
-    /// counts are in memory; the age of each head costs one seek, all on
-    /// one iterator (creating an iterator costs more than seeking it).
+    /// The gauges and counters of `names` (those that still exist), all
+    /// heads read with one iterator (creating one costs more than seeking).
     pub(super) fn snapshot(&mut self, names: Vec<QueueName>, now: u64) -> Result<Vec<QueueSnapshot>, StoreError> {
         let disk_full = self.engine.disk().is_full();
-        // Seeks stay within a queue's prefix (its id): every key read is
-        // checked to lie between the queue's floor and its visible end.
         let mut it = self.engine.db().raw_iterator_cf(self.engine.cf(CF_READY)?);
         let mut out = Vec::with_capacity(names.len());
         for queue in names {
             let Some(q) = self.names.get(&queue).and_then(|qid| self.queues.get(qid)) else {
                 continue;
             };
-            let mut stats = QueueStats {
-                visible: q.visible(),
-                delayed: q.delayed,
-                in_flight: q.holders.len() as u64,
-                oldest_visible_age_ms: None,
-                disk_full,
-            };
-            if stats.visible > 0 {
-                let start = q.scan_start();
-                let end = keys::ready_visible_end(q.qid, now);
-                it.seek(&start);
-                if let (Some(k), Some(v)) = (it.key(), it.value()) {
-                    if k >= &start[..] && k < &end[..] {
-                        if let Some((header, _)) = keys::parse_record(v) {
-                            stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));
-                        }
-                    }
-                }
-                it.status().map_err(StoreError::rocks("read the head of a queue"))?;
-            }
+            let stats = queue_stats(q, &mut it, now, disk_full)?;
             let counters = self.counters.get(&queue).copied().unwrap_or_default();
             out.push(QueueSnapshot { queue, stats, counters });
         }
         Ok(out)
     }
+}
+
+/// A queue's counts (in memory) and the age of its head: one seek to the
+/// floor on `it`, an iterator over the ready index that may be reused
+/// across queues (every key read is checked to lie between this queue's
+/// floor and its visible end, so seeks never read another queue's).
+fn queue_stats(
+    q: &QueueState,
+    it: &mut rocksdb::DBRawIterator<'_>,
+    now: u64,
+    disk_full: bool,
+) -> Result<QueueStats, StoreError> {
+    let mut stats = QueueStats {
+        visible: q.visible(),
+        delayed: q.delayed,
+        in_flight: q.holders.len() as u64,
+        oldest_visible_age_ms: None,
+        disk_full,
+    };
+    if stats.visible > 0 {
+        let start = q.scan_start();
+        let end = keys::ready_visible_end(q.qid, now);
+        it.seek(&start);
+        if let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k >= &start[..] && k < &end[..] {
+                if let Some((header, _)) = keys::parse_record(v) {
+                    stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));
+                }
+            }
+        }
+        it.status().map_err(StoreError::rocks("read the head of a queue"))?;
+    }
+    Ok(stats)
 }
