@@ -333,6 +333,9 @@ pub struct Access {
     /// re-checks its grant when it sees a new one (one atomic read per
     /// request, no write).
     generation: std::sync::atomic::AtomicU64,
+    /// Notified after every generation move: each shard then closes the
+    /// revoked token's idle connections too, not only at their next request.
+    changed: event_listener::Event,
     /// Where the tokens come from (for reloads).
     path: Option<std::path::PathBuf>,
     failures: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
@@ -348,6 +351,7 @@ impl Access {
         Access {
             tokens: std::sync::RwLock::new(std::sync::Arc::new(tokens)),
             generation: std::sync::atomic::AtomicU64::new(0),
+            changed: event_listener::Event::new(),
             path: None,
             failures: std::sync::Mutex::new(HashMap::new()),
             failures_total: std::sync::atomic::AtomicU64::new(0),
@@ -404,6 +408,12 @@ impl Access {
             Err(poisoned) => *poisoned.into_inner() = std::sync::Arc::new(tokens),
         }
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Notified whenever [`Access::generation`] moves.
+    pub fn changed(&self) -> &event_listener::Event {
+        &self.changed
     }
 
     /// Reads the token file again (SIGHUP). A file that does not parse

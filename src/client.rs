@@ -304,6 +304,10 @@ where
         }
         Ok::<(), ClientError>(())
     };
+    // An error about the connection itself (id 0: a frame too large, TLS
+    // required, a revoked token...). The server still answers what it had
+    // read, then closes; calls left unanswered then fail with this error.
+    let connection_error: Mutex<Option<ErrorReply>> = Mutex::new(None);
     let read = async {
         let mut options = ReaderOptions::new();
         options.traversal_limit_in_words(Some(MAX_RESPONSE_WORDS));
@@ -338,9 +342,8 @@ where
                     let _ = reply.send(response.result);
                 }
                 None if response.id == 0 => {
-                    // An error about the connection itself: the server closes next.
-                    if let Err(e) = response.result {
-                        return Err(ClientError::Server(e));
+                    if let (Err(e), Ok(mut slot)) = (response.result, connection_error.lock()) {
+                        *slot = Some(e);
                     }
                 }
                 None => {}
@@ -350,10 +353,18 @@ where
     let result = match select(Box::pin(write), Box::pin(read)).await {
         Either::Left((result, _)) | Either::Right((result, _)) => result,
     };
-    // Whatever still waits will never be answered: dropping the senders
-    // makes those calls fail with `Closed`.
+    // Whatever still waits will never be answered: it fails with the
+    // server's reason if it gave one, else (dropping the senders) `Closed`.
+    let reason = connection_error.lock().ok().and_then(|mut e| e.take());
     if let Ok(mut w) = waiting.lock() {
-        w.take();
+        for (_, reply) in w.take().into_iter().flatten() {
+            if let Some(e) = &reason {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
     }
-    result
+    match (result, reason) {
+        (Ok(()), Some(e)) => Err(ClientError::Server(e)),
+        (result, _) => result,
+    }
 }

@@ -23,9 +23,12 @@
 //!   Prometheus / OpenMetrics text a scrape renders.
 //! * [`runtime`]: the small helpers the server leans on (blocking offload,
 //!   CPU placement, locked memory, timeouts).
-//! * [`auth`]: the token file, secret verification and grants (access
-//!   control's building blocks; not yet enforced by the server).
-//! * [`client`]: an async, pipelining client over any `futures` stream.
+//! * [`auth`]: the token file, secret verification, grants and their
+//!   reload (what the server enforces per connection).
+//! * [`tls`]: rustls configurations for the server, the metrics endpoint
+//!   and clients, from PEM files (feature `tls`).
+//! * [`client`]: an async, pipelining client over any `futures` stream
+//!   (plain TCP or [`tls::ClientTls`]'s).
 //! * [`types`]: the values client and server exchange (messages, leases,
 //!   queue counters).
 //!
@@ -35,7 +38,8 @@
 //! and everything they need: glommio, RocksDB, logging. A program that only
 //! talks to a server depends on `queueber = { default-features = false }`
 //! and gets [`client`], [`protocol`], [`types`], [`names`], [`ids`],
-//! [`clock`] and [`frame`], with neither RocksDB's C++ nor an executor.
+//! [`clock`] and [`frame`], with neither RocksDB's C++ nor an executor;
+//! adding the `tls` feature gives it [`tls`] as well.
 
 #[cfg(feature = "server")]
 pub mod auth;
@@ -54,6 +58,8 @@ pub mod runtime;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod storage;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod types;
 
 /// Generated Cap'n Proto bindings of `queueber.capnp`.

@@ -29,7 +29,18 @@ fn q(tenant: &str, queue: &str) -> QueueName {
 }
 
 #[test]
-fn a_connection_is_held_to_its_token() {
+fn a_connection_is_held_to_its_token_over_tcp() {
+    held_to_its_token(false);
+}
+
+#[test]
+fn a_connection_is_held_to_its_token_over_tls() {
+    held_to_its_token(true);
+}
+
+/// Every permission allowed and refused, tenant binding, requests before
+/// `auth` and a wrong secret, over plain TCP or TLS.
+fn held_to_its_token(tls: bool) {
     let sender = new_token("acme", &[Permission::Send, Permission::Consume], &["orders.*".into()]).unwrap();
     let admin = new_token("acme", &[Permission::Admin], &[]).unwrap();
     let other = new_token("other", &[Permission::Send], &[]).unwrap();
@@ -39,10 +50,14 @@ fn a_connection_is_held_to_its_token() {
     let mut config = common::config(dir.path(), 2);
     config.access = Some(Arc::new(Access::new(tokens)));
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let pki = common::pki::Pki::new(dir.path(), "auth");
+    if tls {
+        config.tls = Some(pki.server(None));
+    }
     let server = server::start(config).expect("server starts");
     let metrics = server.metrics_addr().expect("a metrics endpoint");
     let (sender, admin, other) = (sender.secret, admin.secret, other.secret);
-    common::with_clients(server.local_addr(), 3, move |clients| async move {
+    let scenario = move |clients: Vec<queueber::client::Client>| async move {
         let (c, a, o) = (&clients[0], &clients[1], &clients[2]);
         let code = |e: queueber::client::ClientError| e.code();
         // Before auth: hello only.
@@ -105,7 +120,17 @@ fn a_connection_is_held_to_its_token() {
             denied(a.add(&q("acme", "orders.eu"), one()).await),
             Some(ErrorCode::PermissionDenied)
         );
-    });
+        // Admin is not consume.
+        assert_eq!(
+            denied(a.poll(&q("acme", "orders.eu"), 1, 1_000, 0).await),
+            Some(ErrorCode::PermissionDenied)
+        );
+    };
+    if tls {
+        common::pki::with_tls_clients(server.local_addr(), pki.client(), 3, scenario);
+    } else {
+        common::with_clients(server.local_addr(), 3, scenario);
+    }
     // The one failed attempt is counted, and refusals by their codes.
     let mut scrape = std::net::TcpStream::connect(metrics).unwrap();
     std::io::Write::write_all(&mut scrape, b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
@@ -227,21 +252,21 @@ fn sighup_reloads_tokens_and_revokes_removed_ones() {
     }
     assert!(add(&mut dropped, 3).is_ok(), "the old tokens stay after a bad reload");
 
-    // Without `drop`: its connection is refused and closed; `keep` goes on.
+    // Without `drop`: its connection, idle, is told why and closed without
+    // sending anything more; `keep` goes on.
     std::fs::write(&file, &keep.entry).unwrap();
     assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGHUP) }, 0);
     while !server.log_text().contains("auth file reloaded") {
         assert!(Instant::now() < deadline, "no reload logged:\n{}", server.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let refused = add(&mut dropped, 4).unwrap_err();
+    dropped.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let told = dropped.read_all().expect("closed, not reset, and within 10 s");
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].id, 0);
+    let refused = told[0].result.clone().unwrap_err();
     assert_eq!(refused.code, ErrorCode::Unauthenticated);
     assert!(refused.message.contains("revoked"), "{}", refused.message);
-    dropped.half_close();
-    assert!(
-        dropped.read_all().map_or(true, |rest| rest.is_empty()),
-        "the connection closes"
-    );
     assert!(add(&mut kept, 5).is_ok());
     let fresh = &mut wire::Wire::connect(server.addr);
     assert_eq!(
@@ -249,4 +274,150 @@ fn sighup_reloads_tokens_and_revokes_removed_ones() {
         ErrorCode::Unauthenticated
     );
     server.terminate();
+}
+
+/// The bad-input side of access control: before a valid `auth`, no frame
+/// executes anything. Every operation (valid frames), then thousands of
+/// mutations of them (bit flips, overwritten bytes, truncations, garbage
+/// tails) on fresh connections: every answer is `hello`'s, or a refusal or
+/// decoding error, never another success; and the queue that was there
+/// before is untouched (its message still visible, no queue created).
+#[test]
+fn no_frame_executes_anything_before_auth() {
+    use queueber::ids::{LeaseId, MessageId};
+    use queueber::ops;
+    use queueber::protocol::{Op, Reply};
+
+    let admin = new_token("acme", &[Permission::Send, Permission::Consume, Permission::Admin], &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), 2);
+    config.access = Some(Arc::new(Access::new(Tokens::parse(&admin.entry, "t").unwrap())));
+    let server = server::start(config).expect("server starts");
+    let addr = server.local_addr();
+    let secret = admin.secret.clone();
+    common::with_client(addr, move |c| async move {
+        c.auth(&secret).await.unwrap();
+        c.add(&q("acme", "jobs"), vec![NewMessage::new(b"keep".to_vec())])
+            .await
+            .unwrap();
+    });
+
+    let jobs = q("acme", "jobs");
+    let (lease, id) = (LeaseId([7; 16]), MessageId([9; 16]));
+    let every_op = vec![
+        Op::Hello(ops::Hello),
+        Op::Add(ops::Add {
+            queue: q("acme", "created"),
+            messages: vec![NewMessage::new(b"x".to_vec())],
+        }),
+        Op::Poll(ops::Poll {
+            queue: jobs.clone(),
+            max_items: 10,
+            lease_ms: 60_000,
+            wait_ms: 0,
+        }),
+        Op::Remove(ops::Remove {
+            queue: jobs.clone(),
+            lease,
+            ids: vec![id],
+        }),
+        Op::Extend(ops::Extend {
+            queue: jobs.clone(),
+            lease,
+            lease_ms: 1,
+        }),
+        Op::Release(ops::Release {
+            queue: jobs.clone(),
+            lease,
+            id,
+            delay_ms: 0,
+        }),
+        Op::Stats(ops::Stats { queue: jobs.clone() }),
+        Op::ListQueues(ops::ListQueues),
+        Op::Purge(ops::Purge { queue: jobs.clone() }),
+        Op::Delete(ops::Delete { queue: jobs.clone() }),
+        Op::Peek(ops::Peek {
+            queue: jobs.clone(),
+            max_items: 10,
+            cursor: None,
+        }),
+    ];
+    assert_eq!(every_op.len() + 1, Op::NAMES.len(), "a new operation belongs here");
+    let frames: Vec<Vec<u8>> = every_op
+        .iter()
+        .enumerate()
+        .map(|(i, op)| wire::frame(i as u64 + 1, op.clone()))
+        .collect();
+
+    let executed = |responses: &[queueber::protocol::Response]| {
+        responses
+            .iter()
+            .filter(|r| matches!(&r.result, Ok(reply) if !matches!(reply, Reply::Hello(_))))
+            .map(|r| format!("{r:?}"))
+            .collect::<Vec<_>>()
+    };
+    // Each valid frame: refused unauthenticated (hello answered).
+    let mut w = wire::Wire::connect(addr);
+    for (frame, op) in frames.iter().zip(&every_op) {
+        w.send(frame);
+        let answer = w.recv();
+        match op {
+            Op::Hello(_) => assert!(answer.result.is_ok()),
+            _ => assert_eq!(answer.result.unwrap_err().code, ErrorCode::Unauthenticated, "{op:?}"),
+        }
+    }
+    drop(w);
+
+    // Mutations, 25 per connection, 2,000 in all (xorshift: reproducible):
+    // changed bytes first, then one that breaks the framing (a truncation
+    // or a garbage tail), after which the server closes.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |bound: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % bound as u64) as usize
+    };
+    let mut answered = 0;
+    for _ in 0..80 {
+        let mut w = wire::Wire::connect(addr);
+        for i in 0..25 {
+            let mut frame = frames[next(frames.len())].clone();
+            let kind = if i < 24 { next(2) } else { 2 + next(2) };
+            match kind {
+                // Past the segment table (8 bytes): the frame stays a frame.
+                0 => {
+                    let at = 8 + next(frame.len() - 8);
+                    frame[at] ^= 1 << next(8);
+                }
+                1 => {
+                    for _ in 0..1 + next(4) {
+                        let at = 8 + next(frame.len() - 8);
+                        frame[at] = next(256) as u8;
+                    }
+                }
+                2 => frame.truncate(8 + next(frame.len() - 8)),
+                _ => frame.extend((0..next(64)).map(|_| next(256) as u8)),
+            }
+            // The server may already have closed (framing lost).
+            if std::io::Write::write_all(&mut w.stream, &frame).is_err() {
+                break;
+            }
+        }
+        w.half_close();
+        let answers = w.read_all().unwrap_or_default();
+        assert_eq!(executed(&answers), Vec::<String>::new());
+        answered += answers.len();
+    }
+    // Not vacuous: most mutated frames still decode and are answered.
+    assert!(answered > 1_000, "only {answered} answers");
+
+    let secret = admin.secret.clone();
+    common::with_client(addr, move |c| async move {
+        c.auth(&secret).await.unwrap();
+        assert_eq!(c.list_queues().await.unwrap(), vec![q("acme", "jobs")]);
+        let stats = c.stats(&q("acme", "jobs")).await.unwrap();
+        assert_eq!((stats.visible, stats.in_flight), (1, 0), "{stats:?}");
+    });
+    common::stop(server);
 }

@@ -133,6 +133,24 @@ struct Args {
     #[arg(long, env = "QUEUEBER_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
 
+    /// Serve TLS 1.2/1.3 on --listen with this certificate chain (PEM, the
+    /// leaf first); needs --tls-key. Reloaded on SIGHUP.
+    #[arg(long, env = "QUEUEBER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "QUEUEBER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM) on the TLS port.
+    #[arg(long, env = "QUEUEBER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Serve the metrics endpoint over TLS too, with --tls-cert (and
+    /// requiring client certificates if --tls-client-ca is given).
+    #[arg(long, env = "QUEUEBER_METRICS_TLS", requires = "tls_cert")]
+    metrics_tls: bool,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -160,20 +178,33 @@ fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
         .map_err(|e| format!("{e}: expected an address such as 127.0.0.1:9420, or off"))
 }
 
-/// Reads the auth file again on every SIGHUP, from a thread of its own (a
-/// parse failure keeps the old tokens and says why). Connections notice the
-/// new tokens at their next request; a revoked token's connections close.
-fn reload_on_sighup(access: Arc<queueber::auth::Access>) -> std::io::Result<()> {
+/// Reads the auth file and the TLS certificate again on every SIGHUP, from
+/// a thread of its own (a file that fails to load keeps what is in use and
+/// says why). A revoked token's connections are closed; new handshakes use
+/// the new certificate, open sessions keep theirs.
+fn reload_on_sighup(
+    access: Option<Arc<queueber::auth::Access>>,
+    tls: Option<queueber::tls::ServerTls>,
+) -> std::io::Result<()> {
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
     std::thread::Builder::new()
-        .name("queueber-auth-reload".into())
+        .name("queueber-reload".into())
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(100));
-            if hup.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if !hup.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            if let Some(access) = &access {
                 match access.reload() {
                     Ok(tokens) => tracing::info!(tokens, "auth file reloaded"),
                     Err(e) => tracing::error!("auth file reload failed, the old tokens stay: {e}"),
+                }
+            }
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => tracing::error!("TLS reload failed, the certificate in use stays: {e}"),
                 }
             }
         })?;
@@ -242,10 +273,6 @@ fn main() -> ExitCode {
             Ok(access) => {
                 let access = Arc::new(access);
                 tracing::info!(path = %path.display(), tokens = access.token_count(), "access control on");
-                if let Err(e) = reload_on_sighup(access.clone()) {
-                    tracing::error!(error = %e, "cannot install the SIGHUP handler");
-                    return ExitCode::FAILURE;
-                }
                 config.access = Some(access);
             }
             Err(e) => {
@@ -261,6 +288,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         None => {}
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let files = queueber::tls::ServerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        };
+        match queueber::tls::ServerTls::load(&files) {
+            Ok(tls) => {
+                tracing::info!(
+                    cert = %cert.display(),
+                    client_certificates = if tls.requires_client_certificates() { "required" } else { "not asked" },
+                    "TLS on"
+                );
+                config.tls = Some(tls);
+                config.metrics_tls = args.metrics_tls;
+            }
+            Err(e) => {
+                tracing::error!("invalid TLS configuration: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if config.access.is_some() || config.tls.is_some() {
+        if let Err(e) = reload_on_sighup(config.access.clone(), config.tls.clone()) {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler");
+            return ExitCode::FAILURE;
+        }
     }
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         tracing::error!(dir = %config.data_dir.display(), error = %e, "cannot create the data directory");

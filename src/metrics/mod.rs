@@ -143,6 +143,32 @@ pub fn result_column(code: Option<ErrorCode>) -> usize {
     code.map_or(0, |c| c as usize + 1).min(RESULT_COLUMNS - 1)
 }
 
+/// Why a connection to a TLS port was closed before it was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRefusal {
+    /// It spoke plaintext (it was told so, in its own protocol).
+    Plaintext,
+    /// The handshake failed (no common version or cipher, a client
+    /// certificate missing or not trusted, garbage).
+    Handshake,
+    /// It sent nothing, or did not finish the handshake, within the stall
+    /// timeout.
+    Timeout,
+}
+
+impl TlsRefusal {
+    pub const ALL: [TlsRefusal; 3] = [TlsRefusal::Plaintext, TlsRefusal::Handshake, TlsRefusal::Timeout];
+
+    /// Its `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsRefusal::Plaintext => "plaintext",
+            TlsRefusal::Handshake => "handshake",
+            TlsRefusal::Timeout => "timeout",
+        }
+    }
+}
+
 /// The figures of [`ShardMetrics`], as a snapshot carries them. Dense
 /// tables, not maps: recording a request is two index operations.
 #[derive(Debug, Clone)]
@@ -154,6 +180,9 @@ pub struct ShardFigures {
     pub request_duration: Vec<Histogram>,
     /// Requests this shard's connections sent to another shard's core.
     pub cross_shard_requests: u64,
+    /// Connections to a TLS port that never got to be served, by
+    /// [`TlsRefusal`] (its discriminant is the index).
+    pub tls_refused: [u64; TlsRefusal::ALL.len()],
     /// Time of each storage call of the core (the offload round trip).
     pub batch_duration: Histogram,
     /// Commands per storage call.
@@ -166,6 +195,7 @@ impl Default for ShardFigures {
             requests: vec![[0; RESULT_COLUMNS]; REQUEST_ROWS],
             request_duration: vec![Histogram::new(LATENCY_BUCKETS); REQUEST_ROWS],
             cross_shard_requests: 0,
+            tls_refused: [0; TlsRefusal::ALL.len()],
             batch_duration: Histogram::new(LATENCY_BUCKETS),
             batch_commands: Histogram::new(BATCH_SIZE_BUCKETS),
         }
@@ -186,6 +216,10 @@ impl ShardMetrics {
 
     pub fn record_cross_shard(&self) {
         self.inner.borrow_mut().cross_shard_requests += 1;
+    }
+
+    pub fn record_tls_refusal(&self, why: TlsRefusal) {
+        self.inner.borrow_mut().tls_refused[why as usize] += 1;
     }
 
     pub fn record_batch(&self, took: Duration, commands: usize) {

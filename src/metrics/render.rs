@@ -214,6 +214,20 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
             s.figures.cross_shard_requests as f64,
         );
     }
+    w.family(
+        "queueber_tls_refused_connections_total",
+        Kind::Counter,
+        "Connections to the TLS port closed before being served, by reason (plaintext, handshake, timeout).",
+    );
+    for (s, label) in shards.iter().zip(&shard_labels) {
+        for why in crate::metrics::TlsRefusal::ALL {
+            w.sample(
+                "queueber_tls_refused_connections_total",
+                &[("shard", label), ("reason", why.label())],
+                s.figures.tls_refused[why as usize] as f64,
+            );
+        }
+    }
 
     // Requests, summed over the shards whose connections read them.
     let mut requests = vec![[0u64; RESULT_COLUMNS]; REQUEST_ROWS];

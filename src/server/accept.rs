@@ -11,7 +11,8 @@
 //! frees the spare, accepts the waiting client, tells it why it is refused,
 //! closes it and takes the spare back, instead of leaving clients hanging in
 //! the backlog. Such refusals are logged at most once per [`LOG_EVERY`],
-//! with a count.
+//! with a count. (On a TLS port that refusal is plaintext, which a TLS
+//! client reports as a corrupt record: an error, not a hang.)
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -21,6 +22,7 @@ use futures::future::{select, Either};
 use glommio::net::TcpListener;
 
 use super::connection::{self, ConnectionGuard, ShardContext};
+use super::handshake;
 use crate::runtime::LogEvery;
 
 /// File descriptors the server needs besides connections: RocksDB's own
@@ -115,14 +117,22 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
                 continue;
             }
         }
-        match ConnectionGuard::admit(&ctx.connections, ctx.max_connections) {
-            Some(guard) => {
-                glommio::spawn_local(connection::serve(stream, ctx.clone(), guard)).detach();
+        let _ = stream.set_nodelay(true);
+        let admitted = ConnectionGuard::admit(&ctx.connections, ctx.max_connections)
+            .ok_or_else(|| format!("max-connections {} reached; try again later", ctx.max_connections));
+        match (&ctx.tls, admitted) {
+            (None, Ok(guard)) => {
+                let peer = stream.peer_addr().ok().map(|a| a.ip());
+                glommio::spawn_local(connection::serve(stream, peer, ctx.clone(), guard)).detach();
             }
-            None => {
-                let why = format!("max-connections {} reached; try again later", ctx.max_connections);
+            (None, Err(why)) => {
                 glommio::spawn_local(async move { connection::refuse(stream, &why, connection::LINGER).await })
                     .detach();
+            }
+            // The handshake runs in the connection's own task: a slow one
+            // holds up nobody else's accept.
+            (Some(tls), admitted) => {
+                glommio::spawn_local(handshake::serve_tls(stream, tls.clone(), ctx.clone(), admitted)).detach();
             }
         }
     }

@@ -37,6 +37,11 @@ pub struct ServerConfig {
     /// Tokens a connection must present (`auth`) before anything but
     /// `hello`; `None`: no access control.
     pub access: Option<std::sync::Arc<crate::auth::Access>>,
+    /// Serve TLS on the protocol port (`--tls-cert`, `--tls-key`,
+    /// `--tls-client-ca`); `None`: plaintext.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// Serve the metrics endpoint over TLS too, with the same certificate.
+    pub metrics_tls: bool,
 }
 
 impl ServerConfig {
@@ -58,6 +63,8 @@ impl ServerConfig {
             metrics_max_queues: DEFAULT_METRICS_MAX_QUEUES,
             slow_request: Some(std::time::Duration::from_millis(DEFAULT_SLOW_REQUEST_MS)),
             access: None,
+            tls: None,
+            metrics_tls: false,
         }
     }
 }

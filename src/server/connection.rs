@@ -27,9 +27,8 @@ use std::time::{Duration, Instant};
 use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use futures::channel::mpsc;
 use futures::future::{select, Either};
-use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use futures::StreamExt;
-use glommio::net::TcpStream;
 
 use super::budget::{BufferBudget, Charge, ConnectionBudget};
 use super::config::ServerLimits;
@@ -95,7 +94,17 @@ pub(crate) struct ShardContext {
     pub slow_request: Option<Duration>,
     /// Access control (`--auth-file`); `None`: every request is allowed.
     pub access: Option<Arc<Access>>,
+    /// TLS on this port (`--tls-cert`); `None`: plaintext.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// This shard's connections that presented a token, so that a reload
+    /// that revokes it closes them even while they are idle
+    /// ([`revoke_on_reload`]). Dead entries are pruned as it grows.
+    pub bound: BoundConnections,
 }
+
+/// A shard's connections that presented a token (see [`ShardContext::bound`]).
+#[derive(Default)]
+pub(crate) struct BoundConnections(std::cell::RefCell<Vec<std::rc::Weak<Connection>>>);
 
 impl ShardContext {
     fn hello(&self) -> ServerInfo {
@@ -133,6 +142,39 @@ struct Outgoing {
     _charge: Charge,
 }
 
+/// Closes, on every shard, the connections whose token a reload revoked:
+/// each is told why (an `unauthenticated` error about the connection, id 0)
+/// and closed as at shutdown, whether or not it sends anything.
+pub(crate) async fn revoke_on_reload(ctx: Rc<ShardContext>) {
+    let Some(access) = ctx.access.clone() else {
+        return;
+    };
+    let mut seen = access.generation();
+    loop {
+        {
+            let last = seen;
+            let moved = pin!(wait_until(access.changed(), || access.generation() != last));
+            if let Either::Right(_) = select(moved, pin!(ctx.shutdown.wait())).await {
+                return;
+            }
+        }
+        seen = access.generation();
+        let bound: Vec<Rc<Connection>> = ctx.bound.0.borrow().iter().filter_map(std::rc::Weak::upgrade).collect();
+        for conn in bound {
+            if conn.recheck_grant(&access) {
+                conn.answer(
+                    0,
+                    Err(ErrorReply::new(
+                        ErrorCode::Unauthenticated,
+                        "this connection's token was revoked; the connection closes",
+                    )),
+                );
+                conn.finished.fire();
+            }
+        }
+    }
+}
+
 /// State shared by a connection's reader, its request tasks and its writer.
 ///
 /// `in_flight` counts requests accepted and not yet answered on the socket
@@ -157,6 +199,8 @@ struct Connection {
     /// Its token was revoked by a reload: everything is refused and the
     /// connection closes.
     revoked: Cell<bool>,
+    /// It is in its shard's [`ShardContext::bound`] list.
+    registered: Cell<bool>,
     /// The client's address (failed `auth` attempts are counted per address).
     peer: Option<std::net::IpAddr>,
 }
@@ -228,9 +272,12 @@ enum Stop {
     Closing,
 }
 
-pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: ConnectionGuard) {
-    let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok().map(|a| a.ip());
+/// Serves one connection, plaintext or TLS (one copy of this code per
+/// stream type: plaintext pays nothing for TLS existing).
+pub(crate) async fn serve<S>(stream: S, peer: Option<std::net::IpAddr>, ctx: Rc<ShardContext>, guard: ConnectionGuard)
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
     // A write that cannot make progress (a client that stopped reading) for
     // the stall timeout fails, and the connection closes.
     let stall = Duration::from_millis(ctx.limits.stall_timeout_ms);
@@ -247,6 +294,7 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
         grant: std::cell::RefCell::new(None),
         grant_generation: Cell::new(0),
         revoked: Cell::new(false),
+        registered: Cell::new(false),
         peer,
     });
     let writer = glommio::spawn_local(write_loop(writer, outgoing, conn.clone(), stall)).detach();
@@ -268,7 +316,11 @@ pub(crate) async fn serve(stream: TcpStream, ctx: Rc<ShardContext>, guard: Conne
 }
 
 /// Reads and dispatches requests until EOF, an error or shutdown.
-async fn read_requests(reader: &mut ReadHalf<TcpStream>, conn: &Rc<Connection>, stall: Duration) -> Stop {
+async fn read_requests<S: AsyncRead + AsyncWrite>(
+    reader: &mut ReadHalf<S>,
+    conn: &Rc<Connection>,
+    stall: Duration,
+) -> Stop {
     let ctx = &conn.ctx;
     let limit = ctx.limits.max_in_flight_per_connection;
     let mut options = ReaderOptions::new();
@@ -479,19 +531,14 @@ impl Connection {
     fn refusal(&self, op: &Op) -> Option<ErrorReply> {
         let access = self.ctx.access.as_ref()?;
         // The tokens were reloaded since this connection's grant was
-        // checked: a grant whose token is gone or changed is revoked, and
-        // the connection closes after answering.
-        if access.generation() != self.grant_generation.get() {
-            self.grant_generation.set(access.generation());
-            let revoked = self.grant.borrow().as_ref().is_some_and(|g| !access.still_valid(g));
-            if revoked {
-                *self.grant.borrow_mut() = None;
-                self.revoked.set(true);
-                return Some(ErrorReply::new(
-                    ErrorCode::Unauthenticated,
-                    "this connection's token was revoked; the connection closes",
-                ));
-            }
+        // checked (and its shard has not got round to it yet): a grant
+        // whose token is gone or changed is revoked, and the connection
+        // closes after answering.
+        if self.recheck_grant(access) {
+            return Some(ErrorReply::new(
+                ErrorCode::Unauthenticated,
+                "this connection's token was revoked; the connection closes",
+            ));
         }
         if self.revoked.get() {
             return Some(ErrorReply::new(
@@ -516,22 +563,53 @@ impl Connection {
         }
     }
 
+    /// Puts the connection on its shard's list of token-bound connections
+    /// (once), pruning the list of closed ones whenever its length doubles.
+    fn register(self: &Rc<Self>) {
+        if self.registered.replace(true) {
+            return;
+        }
+        let mut bound = self.ctx.bound.0.borrow_mut();
+        if bound.len() >= 64 && bound.len().is_power_of_two() {
+            bound.retain(|c| c.strong_count() > 0);
+        }
+        bound.push(Rc::downgrade(self));
+    }
+
+    /// Re-checks the grant if the tokens moved since it was last checked;
+    /// true if that revoked it just now.
+    fn recheck_grant(&self, access: &Access) -> bool {
+        if access.generation() == self.grant_generation.get() {
+            return false;
+        }
+        self.grant_generation.set(access.generation());
+        let revoked = self.grant.borrow().as_ref().is_some_and(|g| !access.still_valid(g));
+        if revoked {
+            *self.grant.borrow_mut() = None;
+            self.revoked.set(true);
+        }
+        revoked
+    }
+
     /// `auth`: binds the connection to the token's grant, or counts a
     /// failure against the client's address and answers it late.
-    async fn authenticate(&self, auth: &ops::Auth) -> Result<Reply, ErrorReply> {
+    async fn authenticate(self: &Rc<Self>, auth: &ops::Auth) -> Result<Reply, ErrorReply> {
         let Some(access) = &self.ctx.access else {
             return Err(ErrorReply::new(
                 ErrorCode::InvalidArgument,
                 "this server has no --auth-file: no token is needed",
             ));
         };
+        // Read before the tokens: a reload in between is then seen as new.
+        let generation = access.generation();
         if let Some(grant) = access.verify(&auth.token) {
             if let Some(addr) = self.peer {
                 access.succeeded(addr);
             }
             let tenant = grant.tenant.clone();
-            self.grant_generation.set(access.generation());
+            self.grant_generation.set(generation);
             *self.grant.borrow_mut() = Some(grant);
+            self.register();
             return Ok(Reply::Authenticated(tenant));
         }
         let addr = self
@@ -677,8 +755,13 @@ async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
 
 /// Tells a client the server cannot take why it is being closed, waiting at
 /// most `linger` for it to finish sending (see [`LINGER`]).
-pub(crate) async fn refuse(stream: TcpStream, why: &str, linger: Duration) {
-    let error = ErrorReply::new(ErrorCode::Unavailable, why);
+pub(crate) async fn refuse<S: AsyncRead + AsyncWrite>(stream: S, why: &str, linger: Duration) {
+    refuse_with(stream, ErrorReply::new(ErrorCode::Unavailable, why), linger).await;
+}
+
+/// Answers `error` about the connection (id 0), then closes it as
+/// [`refuse`] does.
+pub(crate) async fn refuse_with<S: AsyncRead + AsyncWrite>(stream: S, error: ErrorReply, linger: Duration) {
     let message = encode_response(&Response {
         id: 0,
         result: Err(error),
@@ -694,7 +777,7 @@ pub(crate) async fn refuse(stream: TcpStream, why: &str, linger: Duration) {
 /// Reads and drops what the client still sends, until its EOF or `linger`.
 /// Closing a socket with unread bytes makes the kernel send a reset, which
 /// can destroy answers the client has not read yet.
-async fn discard_until_eof(reader: &mut ReadHalf<TcpStream>, linger: Duration) {
+async fn discard_until_eof<S: AsyncRead>(reader: &mut ReadHalf<S>, linger: Duration) {
     let mut sink = [0u8; 4096];
     let _ = within(linger, async {
         while let Ok(n) = reader.read(&mut sink).await {

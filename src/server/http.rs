@@ -1,5 +1,5 @@
 //! The metrics endpoint: `GET /metrics`, `/healthz` and `/readyz` over
-//! plain HTTP/1.1, on an executor thread of its own.
+//! HTTP/1.1 (over TLS with `--metrics-tls`), on an executor thread of its own.
 //!
 //! Its own thread because it must answer before the shards exist (`/readyz`
 //! is 503 while the data directory is recovered) and because no scraper,
@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures::io::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpListener;
 
 use super::core::CoreHandle;
 use super::ServerError;
@@ -100,7 +100,12 @@ pub(crate) struct Endpoint {
 
 impl Endpoint {
     /// Binds `addr` and serves it on a new executor thread.
-    pub(crate) fn start(addr: SocketAddr, status: Arc<Status>, io_memory: usize) -> Result<Endpoint, ServerError> {
+    pub(crate) fn start(
+        addr: SocketAddr,
+        status: Arc<Status>,
+        io_memory: usize,
+        tls: Option<crate::tls::ServerTls>,
+    ) -> Result<Endpoint, ServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (bound_tx, bound_rx) = crossbeam_channel::bounded(1);
         let stopped = stop.clone();
@@ -114,7 +119,7 @@ impl Endpoint {
                     }
                 };
                 let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
-                let server = glommio::spawn_local(serve(listener, status)).detach();
+                let server = glommio::spawn_local(serve(listener, status, tls)).detach();
                 while !stopped.load(Ordering::SeqCst) {
                     glommio::timer::sleep(STOP_POLL).await;
                 }
@@ -153,7 +158,7 @@ impl Drop for Endpoint {
     }
 }
 
-async fn serve(listener: TcpListener, status: Arc<Status>) {
+async fn serve(listener: TcpListener, status: Arc<Status>, tls: Option<crate::tls::ServerTls>) {
     let active = Rc::new(std::cell::Cell::new(0usize));
     loop {
         let stream = match listener.accept().await {
@@ -168,9 +173,16 @@ async fn serve(listener: TcpListener, status: Arc<Status>) {
             continue;
         }
         active.set(active.get() + 1);
-        let (status, active) = (status.clone(), active.clone());
+        let (status, active, tls) = (status.clone(), active.clone(), tls.clone());
         glommio::spawn_local(async move {
-            answer(stream, &status).await;
+            match tls {
+                None => answer(stream, &status).await,
+                Some(tls) => {
+                    if let Some(Ok(stream)) = within(IO_TIMEOUT, tls.accept(stream)).await {
+                        answer(stream, &status).await;
+                    }
+                }
+            }
             active.set(active.get() - 1);
         })
         .detach();
@@ -225,7 +237,7 @@ impl Response {
     }
 }
 
-async fn answer(mut stream: TcpStream, status: &Status) {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, status: &Status) {
     let mut buf = vec![0u8; MAX_REQUEST_BYTES];
     let mut len = 0;
     let head = loop {

@@ -4,7 +4,8 @@
 //! each pinned to its own CPU. Every shard:
 //!
 //! * binds the listen address with SO_REUSEPORT and accepts its own
-//!   connections ([`connection`]);
+//!   connections ([`connection`]), after a TLS handshake when the port
+//!   speaks TLS ([`handshake`]);
 //! * owns the queues whose stable hash maps to it, through its own
 //!   [`ShardStore`] driven by its [`core`] (coalescer, long-poll waiters,
 //!   sweeper) on its blocking-offload thread;
@@ -20,6 +21,7 @@ mod budget;
 pub mod config;
 mod connection;
 mod core;
+mod handshake;
 mod http;
 mod router;
 
@@ -56,6 +58,8 @@ pub enum ServerError {
     },
     #[error("shard executor: {0}")]
     Executor(String),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// How long shutdown waits for open connections to finish their requests.
@@ -177,7 +181,16 @@ pub fn start_with_stop(
     let status = http::Status::new(config.metrics_max_queues);
     let metrics = match config.metrics_listen {
         Some(addr) => {
-            let endpoint = http::Endpoint::start(addr, status.clone(), config.io_memory)?;
+            let tls = match (&config.tls, config.metrics_tls) {
+                (Some(tls), true) => Some(tls.clone()),
+                (None, true) => {
+                    return Err(ServerError::Config(
+                        "--metrics-tls needs --tls-cert and --tls-key".into(),
+                    ))
+                }
+                (_, false) => None,
+            };
+            let endpoint = http::Endpoint::start(addr, status.clone(), config.io_memory, tls)?;
             tracing::info!(addr = %endpoint.local_addr(), "metrics endpoint listening");
             Some(endpoint)
         }
@@ -246,6 +259,7 @@ pub fn start_with_stop(
             status: status.clone(),
             slow_request: config.slow_request,
             access: config.access.clone(),
+            tls: config.tls.clone(),
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);
@@ -270,7 +284,7 @@ pub fn start_with_stop(
             }
         }
     }
-    tracing::info!(%addr, shards, durability = ?config.durability, data_dir = %config.data_dir.display(), "queueber listening");
+    tracing::info!(%addr, shards, tls = config.tls.is_some(), durability = ?config.durability, data_dir = %config.data_dir.display(), "queueber listening");
     status.set_ready();
     Ok(ServerHandle {
         addr,
@@ -300,6 +314,7 @@ struct Shard {
     status: Arc<http::Status>,
     slow_request: Option<Duration>,
     access: Option<Arc<crate::auth::Access>>,
+    tls: Option<crate::tls::ServerTls>,
 }
 
 impl Shard {
@@ -337,9 +352,12 @@ impl Shard {
             metrics,
             slow_request: self.slow_request,
             access: self.access,
+            tls: self.tls,
+            bound: Default::default(),
         });
         drop(self.engine);
         let acceptor = glommio::spawn_local(accept::accept_loop(listener, ctx.clone())).detach();
+        let revoker = glommio::spawn_local(connection::revoke_on_reload(ctx.clone())).detach();
 
         while !self.stop.load(Ordering::SeqCst) {
             glommio::timer::sleep(STOP_POLL).await;
@@ -349,6 +367,7 @@ impl Shard {
         ctx.shutdown.fire();
         core.drain();
         acceptor.await;
+        revoker.await;
         // Requests routed here from other shards' connections may still be
         // running: wait until no connection anywhere is open.
         let deadline = Instant::now() + DRAIN_TIMEOUT;

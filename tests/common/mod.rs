@@ -13,6 +13,8 @@ use queueber::names::QueueName;
 use queueber::server::{self, ServerConfig, ServerHandle, ServerLimits};
 use queueber::storage::Durability;
 
+pub mod pki;
+
 /// Longest any single test scenario may take before it is declared hung.
 pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -48,16 +50,29 @@ where
     F: FnOnce(Vec<Client>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
 {
+    on_client_executor(move || async move {
+        let mut clients = Vec::new();
+        for _ in 0..connections {
+            let stream = glommio::net::TcpStream::connect(addr).await.expect("connect");
+            let (client, driver) = Client::new(stream);
+            glommio::spawn_local(driver).detach();
+            clients.push(client);
+        }
+        scenario(clients).await
+    })
+}
+
+/// Runs the future `make` makes on a new client executor thread and returns
+/// its result; panics if it takes longer than [`SCENARIO_TIMEOUT`].
+pub fn on_client_executor<T, M, Fut>(make: M) -> T
+where
+    T: Send + 'static,
+    M: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
     queueber::runtime::executor("test-client", None, 256 << 10)
         .spawn(move || async move {
-            let mut clients = Vec::new();
-            for _ in 0..connections {
-                let stream = glommio::net::TcpStream::connect(addr).await.expect("connect");
-                let (client, driver) = Client::new(stream);
-                glommio::spawn_local(driver).detach();
-                clients.push(client);
-            }
-            queueber::runtime::within(SCENARIO_TIMEOUT, scenario(clients))
+            queueber::runtime::within(SCENARIO_TIMEOUT, make())
                 .await
                 .expect("scenario timed out")
         })

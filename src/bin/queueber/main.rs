@@ -33,8 +33,45 @@ struct Cli {
     /// first on a server with --auth-file.
     #[arg(long, env = "QUEUEBER_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach a server (or `top`'s https:// metrics endpoint) over TLS.
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// Connect with TLS (trusting the system's roots, or --tls-ca).
+    #[arg(long, env = "QUEUEBER_TLS", global = true)]
+    tls: bool,
+    /// Trust the CA certificates in this PEM file (implies --tls).
+    #[arg(long, env = "QUEUEBER_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Present this client certificate chain (PEM) to a server that
+    /// requires one (queueberd --tls-client-ca); needs --tls-client-key.
+    #[arg(long, env = "QUEUEBER_TLS_CLIENT_CERT", global = true, requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// The private key of --tls-client-cert (PEM).
+    #[arg(long, env = "QUEUEBER_TLS_CLIENT_KEY", global = true, requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
+    /// The name the server's certificate must have (default: the host of
+    /// --addr, an IP address).
+    #[arg(long, env = "QUEUEBER_TLS_SERVER_NAME", global = true)]
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The client TLS configuration these flags ask for, if any.
+    fn client(&self) -> Result<Option<queueber::tls::ClientTls>, String> {
+        if !(self.tls || self.tls_ca.is_some() || self.tls_client_cert.is_some()) {
+            return Ok(None);
+        }
+        let identity = self.tls_client_cert.as_deref().zip(self.tls_client_key.as_deref());
+        queueber::tls::ClientTls::new(self.tls_ca.as_deref(), identity)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -420,11 +457,19 @@ fn main() -> ExitCode {
         tenant,
         json,
         token,
+        tls,
         command,
     } = cli;
-    // top reads the metrics endpoint over plain blocking HTTP: no runtime.
+    let client_tls = match tls.client() {
+        Ok(client_tls) => client_tls,
+        Err(e) => {
+            eprintln!("queueber: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // top reads the metrics endpoint over blocking HTTP(S): no runtime.
     let command = match command {
-        Command::Top(args) => return top::run(args, json),
+        Command::Top(args) => return top::run(args, json, client_tls),
         Command::Token(TokenCommand::New { tenant, perms, queues }) => return token_new(&tenant, &perms, &queues),
         other => other,
     };
@@ -437,8 +482,24 @@ fn main() -> ExitCode {
         let stream = glommio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| CliError::Io(std::io::Error::other(format!("connecting to {addr}: {e}"))))?;
-        let (client, driver) = Client::new(stream);
-        glommio::spawn_local(driver).detach();
+        let _ = stream.set_nodelay(true);
+        let client = match &client_tls {
+            None => {
+                let (client, driver) = Client::new(stream);
+                glommio::spawn_local(driver).detach();
+                client
+            }
+            Some(client_tls) => {
+                let name = tls.tls_server_name.clone().unwrap_or_else(|| addr.ip().to_string());
+                let stream = client_tls
+                    .connect(&name, stream)
+                    .await
+                    .map_err(|e| CliError::Io(std::io::Error::other(format!("TLS with {addr} ({name}): {e}"))))?;
+                let (client, driver) = Client::new(stream);
+                glommio::spawn_local(driver).detach();
+                client
+            }
+        };
         if let Some(token) = &token {
             client.auth(token).await?;
         }

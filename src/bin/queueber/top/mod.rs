@@ -27,7 +27,8 @@ use scrape::Endpoint;
 #[derive(Debug, clap::Args)]
 pub struct TopArgs {
     /// The server's metrics endpoint: HOST:PORT (queueberd --metrics-listen),
-    /// or http://HOST:PORT/PATH.
+    /// or http[s]://HOST:PORT/PATH (https: queueberd --metrics-tls; trusts
+    /// --tls-ca or the system's roots, presents --tls-client-cert).
     #[arg(
         long = "metrics",
         value_name = "ADDR",
@@ -94,9 +95,10 @@ arrows, PgUp/PgDn, Home/End scroll the queues; q, Esc or Ctrl-C quit.
 (times in seconds, rates per second, null where there is none yet).";
 
 /// Runs `top`; `json` is the CLI's global --json.
-pub fn run(args: TopArgs, json: bool) -> ExitCode {
+pub fn run(args: TopArgs, json: bool, tls: Option<queueber::tls::ClientTls>) -> ExitCode {
     let interval = Duration::from_millis(args.interval_ms);
-    let result = Endpoint::parse(&args.metrics).and_then(|endpoint| {
+    let result = Endpoint::parse(&args.metrics).and_then(|mut endpoint| {
+        endpoint.tls = tls;
         if args.once {
             once(&endpoint, interval, args.sort, json)
         } else if json {

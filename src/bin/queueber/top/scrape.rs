@@ -1,4 +1,5 @@
-//! One `GET /metrics` over a plain blocking TCP connection. The endpoint
+//! One `GET /metrics` over a blocking TCP connection, plain or TLS (rustls's
+//! blocking stream, for a server started with --metrics-tls). The endpoint
 //! answers HTTP/1.1 with `content-length` and `connection: close`, so a
 //! request, a read to the end of the body and a few header checks are all
 //! the HTTP this needs (no client library, no async runtime).
@@ -10,19 +11,28 @@ use std::time::{Duration, Instant};
 /// Largest answer read (a scrape of many queues is a few MiB at most).
 const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
-/// Where the metrics are: `HOST:PORT`, or `http://HOST:PORT[/PATH]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the metrics are: `HOST:PORT`, or `http[s]://HOST:PORT[/PATH]`.
+#[derive(Debug, Clone)]
 pub struct Endpoint {
     /// `HOST:PORT`, as given (also the `Host` header).
     pub authority: String,
     pub path: String,
+    /// `https://`: TLS, trusting [`Endpoint::tls`] (the CLI's --tls-ca) or
+    /// the system's roots.
+    pub https: bool,
+    pub tls: Option<queueber::tls::ClientTls>,
 }
 
 impl Endpoint {
     pub fn parse(s: &str) -> Result<Endpoint, String> {
-        let rest = s.strip_prefix("http://").unwrap_or(s);
+        let (https, rest) = match s.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (false, s.strip_prefix("http://").unwrap_or(s)),
+        };
         if rest.contains("://") {
-            return Err(format!("{s:?}: only http:// metrics endpoints are supported"));
+            return Err(format!(
+                "{s:?}: only http:// and https:// metrics endpoints are supported"
+            ));
         }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -34,11 +44,23 @@ impl Endpoint {
         Ok(Endpoint {
             authority: authority.to_string(),
             path: path.to_string(),
+            https,
+            tls: None,
         })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.authority, self.path)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.authority, self.path)
+    }
+
+    /// The host part of the authority: the name a TLS certificate must have.
+    fn host(&self) -> &str {
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
     }
 
     fn addrs(&self) -> Result<Vec<SocketAddr>, String> {
@@ -72,8 +94,35 @@ impl Endpoint {
                 Err(e) => last_error = e.to_string(),
             }
         }
-        let mut stream = stream.ok_or(last_error)?;
-        stream
+        let socket = stream.ok_or(last_error)?;
+        if !self.https {
+            return self.talk(
+                socket.try_clone().map_err(|e| e.to_string())?,
+                &socket,
+                deadline,
+                timeout,
+            );
+        }
+        let tls = match &self.tls {
+            Some(tls) => tls.clone(),
+            None => queueber::tls::ClientTls::new(None, None).map_err(|e| e.to_string())?,
+        };
+        let name = queueber::tls::ClientTls::server_name(self.host()).map_err(|e| e.to_string())?;
+        let connection = rustls::ClientConnection::new(tls.config(), name).map_err(|e| e.to_string())?;
+        let stream = rustls::StreamOwned::new(connection, socket.try_clone().map_err(|e| e.to_string())?);
+        self.talk(stream, &socket, deadline, timeout)
+    }
+
+    /// The request and its answer over `stream`, whose socket is `socket`
+    /// (for the timeouts).
+    fn talk<S: Read + Write>(
+        &self,
+        mut stream: S,
+        socket: &TcpStream,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        socket
             .set_write_timeout(Some(remaining(deadline)?))
             .map_err(|e| e.to_string())?;
         let request = format!(
@@ -87,7 +136,7 @@ impl Endpoint {
             if let Some(body) = complete(&raw)? {
                 return Ok(body);
             }
-            stream
+            socket
                 .set_read_timeout(Some(remaining(deadline)?))
                 .map_err(|e| e.to_string())?;
             let n = match stream.read(&mut chunk) {
@@ -196,7 +245,12 @@ mod tests {
         let e = Endpoint::parse("http://localhost:1234/other").unwrap();
         assert_eq!((e.authority.as_str(), e.path.as_str()), ("localhost:1234", "/other"));
         assert_eq!(e.url(), "http://localhost:1234/other");
-        assert!(Endpoint::parse("https://x:1").is_err());
+        let e = Endpoint::parse("https://metrics.example:9420").unwrap();
+        assert!(e.https);
+        assert_eq!(e.host(), "metrics.example");
+        assert_eq!(e.url(), "https://metrics.example:9420/metrics");
+        assert_eq!(Endpoint::parse("https://[::1]:9420").unwrap().host(), "::1");
+        assert!(Endpoint::parse("ftp://x:1").is_err());
         assert!(Endpoint::parse("localhost").is_err());
     }
 
