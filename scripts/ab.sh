@@ -5,7 +5,14 @@
 # throughput and server CPU per message.
 #
 #   scripts/ab.sh --a BIN --b BIN [--runs 3] [--shards 1] [--durability periodic]
-#                 [--loadgen BIN] [-- loadgen flags...]
+#                 [--loadgen BIN] [--a-flags "..."] [--b-flags "..."]
+#                 [--a-loadgen-flags "..."] [--b-loadgen-flags "..."]
+#                 [-- loadgen flags...]
+#
+# --a-flags/--b-flags add server flags to one side only, and
+# --a-loadgen-flags/--b-loadgen-flags loadgen flags (split on spaces): the
+# same binary with and without a feature, e.g. --b-flags "--auth-file F"
+# --b-loadgen-flags "--token T".
 #
 # Default loadgen flags: -B 32 -P 2 -C 2 -Q 1 --duration 5 --warmup 1.
 # Servers listen on 127.0.0.1 and are stopped by PID after each run.
@@ -14,6 +21,7 @@ source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 a="" b="" runs=3 shards=1 durability=periodic
+a_flags="" b_flags="" a_loadgen_flags="" b_loadgen_flags=""
 loadgen="${CARGO_TARGET_DIR:-$HOME/.cache/queueber/target}/release/loadgen"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,6 +31,10 @@ while [ $# -gt 0 ]; do
     --shards) shards="$2"; shift 2 ;;
     --durability) durability="$2"; shift 2 ;;
     --loadgen) loadgen="$2"; shift 2 ;;
+    --a-flags) a_flags="$2"; shift 2 ;;
+    --b-flags) b_flags="$2"; shift 2 ;;
+    --a-loadgen-flags) a_loadgen_flags="$2"; shift 2 ;;
+    --b-loadgen-flags) b_loadgen_flags="$2"; shift 2 ;;
     --) shift; break ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
@@ -36,13 +48,16 @@ pid=""
 trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; rm -rf "$work"' EXIT
 for round in $(seq 1 "$runs"); do
   for side in a b; do
-    bin=$a; [ "$side" = b ] && bin=$b
+    bin=$a flags=$a_flags lg_flags=$a_loadgen_flags
+    [ "$side" = b ] && { bin=$b flags=$b_flags lg_flags=$b_loadgen_flags; }
     rm -rf "$work/data"
+    # shellcheck disable=SC2086 # the extra flags are split on purpose
     "$bin" --listen "127.0.0.1:$port" --data-dir "$work/data" --shards "$shards" \
-      --durability "$durability" --log warn &
+      --durability "$durability" --log warn $flags &
     pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-    "$loadgen" --addr "127.0.0.1:$port" --server-pid "$pid" --label "$side" "${args[@]}" \
+    # shellcheck disable=SC2086
+    "$loadgen" --addr "127.0.0.1:$port" --server-pid "$pid" --label "$side" "${args[@]}" $lg_flags \
       2>/dev/null | tail -1 | sed "s/^/$side $round /" | tee -a "$work/results"
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
   done

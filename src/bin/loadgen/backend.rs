@@ -39,6 +39,13 @@ impl Kind {
     }
 }
 
+/// How queueber connections are made: TLS, and a token to present.
+#[derive(Clone, Default)]
+pub struct Secure {
+    pub tls: Option<queueber::tls::ClientTls>,
+    pub token: Option<String>,
+}
+
 /// One connection to the server under test.
 #[derive(Clone)]
 pub enum Conn {
@@ -47,14 +54,34 @@ pub enum Conn {
 }
 
 impl Conn {
-    pub async fn connect(kind: Kind, addr: SocketAddr) -> Result<Conn, String> {
+    /// Connects; a queueber connection goes over TLS when `secure` has it,
+    /// and presents its token first.
+    pub async fn connect(kind: Kind, addr: SocketAddr, secure: &Secure) -> Result<Conn, String> {
         let stream = glommio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
         Ok(match kind {
             Kind::Queueber => {
-                let (client, driver) = Client::new(stream);
-                glommio::spawn_local(driver).detach();
+                let _ = stream.set_nodelay(true);
+                let client = match &secure.tls {
+                    None => {
+                        let (client, driver) = Client::new(stream);
+                        glommio::spawn_local(driver).detach();
+                        client
+                    }
+                    Some(tls) => {
+                        let stream = tls
+                            .connect(&addr.ip().to_string(), stream)
+                            .await
+                            .map_err(|e| format!("TLS with {addr}: {e}"))?;
+                        let (client, driver) = Client::new(stream);
+                        glommio::spawn_local(driver).detach();
+                        client
+                    }
+                };
+                if let Some(token) = &secure.token {
+                    client.auth(token).await.map_err(|e| format!("auth: {e}"))?;
+                }
                 Conn::Queueber(client)
             }
             Kind::Redis => {

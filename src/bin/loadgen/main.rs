@@ -84,6 +84,13 @@ pub struct Args {
     /// A label for the JSON line (scenario name).
     #[arg(long, default_value = "")]
     pub label: String,
+    /// Access token to present on every connection (queueberd --auth-file).
+    #[arg(long, env = "QUEUEBER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Connect with TLS, trusting this CA (PEM); the certificate must name
+    /// the IP of --addr.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Seconds to wait for the drain at the end before counting messages lost.
     #[arg(long, default_value_t = 15.0)]
     pub drain_timeout: f64,

@@ -123,7 +123,15 @@ fn assignment(w: usize, workers: usize, queues: usize) -> Vec<usize> {
 }
 
 async fn connect(args: &Args) -> Result<Conn, String> {
-    Conn::connect(args.backend, args.addr).await
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(queueber::tls::ClientTls::new(Some(ca), None).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let secure = crate::backend::Secure {
+        tls,
+        token: args.token.clone(),
+    };
+    Conn::connect(args.backend, args.addr, &secure).await
 }
 
 /// The connection a worker's `nth` task uses: the worker's own when it can be
