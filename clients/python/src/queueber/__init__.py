@@ -11,7 +11,7 @@
 from . import aio, errors, types
 from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, Internal,
                      InvalidArgument, InvalidName, MalformedFrame, PayloadTooLarge,
-                     QueueberError, ShuttingDown, TooManyInFlight, TooManyMessages,
+                     QueueberError, ShuttingDown, TLSError, TooManyInFlight, TooManyMessages,
                      Unauthenticated, Unavailable, UnknownOperation, UnknownQueue,
                      PermissionDenied)
 from .sync import Client, SyncConsumer, SyncMessage, connect
@@ -29,5 +29,5 @@ __all__ = [
     "PayloadTooLarge", "TooManyMessages", "FrameTooLarge", "MalformedFrame",
     "UnknownOperation", "TooManyInFlight", "ShuttingDown", "Unavailable", "DiskFull",
     "Unauthenticated", "PermissionDenied",
-    "ConnectionClosed", "ConnectTimeout",
+    "ConnectionClosed", "ConnectTimeout", "TLSError",
 ]

@@ -18,6 +18,11 @@ except the ones that are safe to send twice (``hello``, ``stats``,
 ``queues``, ``extend``), which are sent again once on a new connection. The
 next request after a loss reconnects first. An ``add`` is never sent again
 by the client.
+
+TLS: ``tls=True`` (or a CA, or a client certificate, or the ``QUEUEBER_TLS*``
+environment variables the CLI reads) connects with TLS 1.2 or newer,
+verifying the server's certificate for the host connected to; see
+:class:`Client`.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import collections
 import copy
 import logging
 import os
+import ssl
 from typing import (Any, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence,
                     Set, Tuple, Union)
 
 import capnp  # type: ignore[import-untyped]
 
-from . import _wire
-from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError
+from . import _tls, _wire
+from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError, TLSError
 from .types import (Lease, Message, NewMessage, Payload, Peeked, QueueRef, QueueStats,
                     ServerInfo)
 from .worker import Consumer
@@ -66,14 +72,37 @@ def parse_address(address: Address) -> Tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+#: Plaintext read from TLS at a time (a record holds at most 16 KiB).
+_TLS_READ_SIZE = 64 * 1024
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection: writes request frames, splits the byte stream
-    into reply frames and hands each to the request waiting for its id."""
+    into reply frames and hands each to the request waiting for its id.
 
-    def __init__(self, client: "Client") -> None:
+    With TLS it runs the TLS session itself (an :class:`ssl.SSLObject` over
+    memory BIOs) rather than through asyncio's SSL transport, because the
+    protocol ends a connection with a half-close: the client says it has no
+    more requests and goes on reading the answers to those it sent. asyncio's
+    SSL transport cannot half-close (no ``write_eof``) and drops what comes
+    after its ``close_notify``; here ``write_eof`` sends ``close_notify``
+    and a TCP FIN, and reading goes on until the server's ``close_notify``
+    or EOF."""
+
+    def __init__(self, client: "Client", tls: Optional[ssl.SSLContext] = None,
+                 server_name: Optional[str] = None) -> None:
         self._client = client
         self._loop = asyncio.get_running_loop()
         self.transport: Optional[asyncio.Transport] = None
+        self._tls_context = tls
+        self._server_name = server_name
+        self._ssl: Optional[ssl.SSLObject] = None
+        self._ssl_in = ssl.MemoryBIO()
+        self._ssl_out = ssl.MemoryBIO()
+        #: With TLS: done when the handshake is (or failed with TLSError).
+        self.handshake: "Optional[asyncio.Future[None]]" = \
+            self._loop.create_future() if tls is not None else None
+        self._eof_sent = False
         self.pending: Dict[int, _Pending] = {}
         #: False once no new request may be sent here (lost, closing, or an
         #: id-0 error): the client then opens a new connection.
@@ -94,8 +123,20 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self._tls_context is not None:
+            self._ssl = self._tls_context.wrap_bio(self._ssl_in, self._ssl_out,
+                                                   server_side=False,
+                                                   server_hostname=self._server_name)
+            self._tls_handshake()  # sends the ClientHello
 
     def data_received(self, data: bytes) -> None:
+        if self._ssl is not None:
+            self._tls_received(data)
+        else:
+            self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        """Plaintext from the server: split into reply frames."""
         if self._rbuf:
             self._rbuf += data
             if len(self._rbuf) < self._need:
@@ -125,6 +166,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.usable = False
+        if self.handshake is not None and not self.handshake.done():
+            self.handshake.set_exception(
+                self._fatal or ConnectionClosed(f"connection lost during the TLS handshake"
+                                                f"{': ' + str(exc) if exc else ''}"))
+            self.handshake.exception()  # retrieved: _open may have stopped waiting
         if self._fatal is not None:
             err: QueueberError = self._fatal
         elif exc is not None:
@@ -161,9 +207,21 @@ class _Connection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         buf, self._wbuf = self._wbuf, []
-        if self.transport is None or self.transport.is_closing() or not buf:
+        if self.transport is None or self.transport.is_closing() or self._eof_sent or not buf:
             return
-        self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        if self._ssl is None:
+            self.transport.write(data)
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                n = self._ssl.write(view)
+                view = view[n:]
+        except ssl.SSLError as e:
+            self._tls_failed(e)
+            return
+        self._tls_send()
 
     async def wait_writable(self) -> None:
         """Wait while the transport's write buffer is over its high-water
@@ -176,11 +234,25 @@ class _Connection(asyncio.Protocol):
         self.usable = False
         self._flush()
         t = self.transport
-        if t is not None and not t.is_closing() and t.can_write_eof():
-            try:
-                t.write_eof()
-            except OSError:
-                t.abort()
+        if t is not None and not t.is_closing() and not self._eof_sent:
+            if self._ssl is not None:
+                if self.handshake is not None and not self.handshake.done():
+                    t.abort()  # nothing sent yet: no answers to wait for
+                    self._wake_all()
+                    return
+                try:
+                    self._ssl.unwrap()  # queues our close_notify
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass  # the server's close_notify has not come yet: expected
+                except (ssl.SSLError, ValueError):
+                    pass  # the session is already broken or shut down
+                self._tls_send()
+            self._eof_sent = True
+            if t.can_write_eof():
+                try:
+                    t.write_eof()
+                except OSError:
+                    t.abort()
         self._wake_all()
 
     # -- in-flight slots -----------------------------------------------------
@@ -261,6 +333,96 @@ class _Connection(asyncio.Protocol):
             self._fatal = err
         self.usable = False
 
+    # -- TLS -------------------------------------------------------------------
+
+    def _tls_send(self) -> None:
+        """Write what the TLS session has to send (records, alerts)."""
+        out = self._ssl_out.read()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _tls_handshake(self) -> bool:
+        """Advance the handshake; True once it is done."""
+        assert self._ssl is not None and self.handshake is not None
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._tls_send()
+            return False
+        except ssl.SSLError as e:
+            self._tls_failed(e)
+            return False
+        self._tls_send()
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+        return True
+
+    def _tls_received(self, data: bytes) -> None:
+        """Bytes from the socket: decrypt and pass the plaintext on."""
+        assert self._ssl is not None and self.handshake is not None
+        self._ssl_in.write(data)
+        if not self.handshake.done() and not self._tls_handshake():
+            return
+        chunks: List[bytes] = []
+        closed = False
+        try:
+            while True:
+                chunk = self._ssl.read(_TLS_READ_SIZE)
+                if not chunk:
+                    closed = True
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            closed = True  # the server's close_notify: its EOF
+        except ssl.SSLError as e:
+            # What was decrypted before the error still counts (answers).
+            if chunks:
+                self._received(b"".join(chunks))
+            self._tls_failed(e)
+            return
+        self._tls_send()  # e.g. a KeyUpdate answer
+        if chunks:
+            self._received(b"".join(chunks))
+        if closed and self.transport is not None:
+            # As eof_received: nothing more comes, so nothing pending will be
+            # answered.
+            self.transport.close()
+
+    def _tls_failed(self, e: ssl.SSLError) -> None:
+        """A TLS error: the handshake or the session failed. Fail what is
+        pending with it and close (sending our alert, if any)."""
+        host, port = self._client.address
+        if self.handshake is not None and not self.handshake.done():
+            what = f"TLS handshake with {host}:{port} (server name {self._server_name!r}) failed"
+        else:
+            what = f"TLS with {host}:{port} failed"
+        reason = getattr(e, "verify_message", None) or str(e)
+        hint = _tls_hint(e)
+        err = TLSError(f"{what}: {reason}{hint}")
+        self._fail(err)
+        if self.handshake is not None and not self.handshake.done():
+            self.handshake.set_exception(copy.copy(err))
+            self.handshake.exception()  # retrieved: _open may have stopped waiting
+        self._tls_send()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _tls_hint(e: ssl.SSLError) -> str:
+    """A hint for the usual TLS failures, after the error."""
+    text = str(e).upper()
+    if "WRONG_VERSION_NUMBER" in text or "RECORD_LAYER_FAILURE" in text \
+            or "PACKET_LENGTH_TOO_LONG" in text:
+        return " (does the server serve TLS on this port?)"
+    if "CERTIFICATE_REQUIRED" in text:
+        return (" (the server requires a client certificate: tls_client_cert= and "
+                "tls_client_key=)")
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return " (tls_ca= names the CA to trust, tls_server_name= the name to expect)"
+    return ""
+
 
 class Client:
     """An asyncio queueber client over one TCP connection.
@@ -280,12 +442,42 @@ class Client:
             connect and on every reconnect.
         max_in_flight: most requests outstanding at once; default (``None``)
             the server's ``max_in_flight_per_connection``.
+        token: the access token presented on every connection (servers with
+            ``--auth-file``); default ``$QUEUEBER_TOKEN``.
+        tls: connect with TLS (``True``), not (``False``), or with this
+            :class:`ssl.SSLContext` as it is. Default (``None``):
+            ``$QUEUEBER_TLS`` (``true``/``false``), and TLS whenever a CA or
+            a client certificate is given.
+        tls_ca: PEM file of the CA certificates to trust (implies TLS);
+            default ``$QUEUEBER_TLS_CA``, else the system's roots.
+        tls_client_cert: PEM file of a client certificate (chain) to present,
+            for servers started with ``--tls-client-ca`` (implies TLS; needs
+            ``tls_client_key``); default ``$QUEUEBER_TLS_CLIENT_CERT``.
+        tls_client_key: PEM file of its private key; default
+            ``$QUEUEBER_TLS_CLIENT_KEY``.
+        tls_server_name: the name (or IP address) the server's certificate
+            must be valid for; default ``$QUEUEBER_TLS_SERVER_NAME``, else
+            the host of ``address``.
+
+    TLS is 1.2 or newer. The settings are checked here (a file that cannot
+    be loaded raises :class:`ValueError`); a handshake that fails raises
+    :class:`~queueber.errors.TLSError` at connect.
     """
 
     def __init__(self, address: Address = DEFAULT_ADDRESS, *, tenant: str = "default",
                  connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
-                 token: Optional[str] = None) -> None:
+                 token: Optional[str] = None, tls: _tls.TLSArg = None,
+                 tls_ca: _tls.PathArg = None, tls_client_cert: _tls.PathArg = None,
+                 tls_client_key: _tls.PathArg = None,
+                 tls_server_name: Optional[str] = None) -> None:
         self.address: Tuple[str, int] = parse_address(address)
+        #: The TLS context connections use; ``None``: plaintext.
+        self.tls_context: Optional[ssl.SSLContext] = _tls.resolve(
+            tls, tls_ca, tls_client_cert, tls_client_key)
+        #: The name the server's certificate is checked against (with TLS).
+        self.tls_server_name: Optional[str] = (
+            _tls.server_name(tls_server_name, self.address[0])
+            if self.tls_context is not None else None)
         self.tenant: str = tenant
         # Presented on every (re)connect, after hello; default from the
         # environment like the CLI's.
@@ -395,13 +587,26 @@ class Client:
         deadline = loop.time() + self.connect_timeout
         try:
             _t, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self), host, port),
+                loop.create_connection(
+                    lambda: _Connection(self, self.tls_context, self.tls_server_name),
+                    host, port),
                 self.connect_timeout)
         except asyncio.TimeoutError:
             raise ConnectTimeout(f"connecting to {host}:{port} timed out after "
                                  f"{self.connect_timeout} s") from None
         except OSError as e:
             raise ConnectionClosed(f"cannot connect to {host}:{port}: {e}") from e
+        if conn.handshake is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.handshake),
+                                       max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                conn.transport.abort()  # type: ignore[union-attr]
+                raise ConnectTimeout(f"the TLS handshake with {host}:{port} did not finish "
+                                     f"within {self.connect_timeout} s") from None
+            except BaseException:
+                conn.transport.abort()  # type: ignore[union-attr]
+                raise
         try:
             fut = self._submit(conn, "hello", _wire.encode_hello, ())
             info: ServerInfo = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
@@ -436,6 +641,12 @@ class Client:
             raise ValueError(f"cannot encode the {kind} request: "
                              f"{str(e).splitlines()[0]}") from None
         fut: "asyncio.Future[Any]" = conn._loop.create_future()
+        if conn.closed.done():
+            # Ended before this could be sent (between a TLS handshake and
+            # hello, say): nothing would ever answer it.
+            fut.set_exception(copy.copy(conn._fatal) if conn._fatal is not None else
+                              ConnectionClosed("the connection is closed"))
+            return fut
         conn.pending[rid] = (fut, kind, ctx)
         conn.send(frame)
         return fut
@@ -657,14 +868,21 @@ class _Connector:
 
 def connect(address: Address = DEFAULT_ADDRESS, *, tenant: str = "default",
             connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
-            token: Optional[str] = None) -> _Connector:
+            token: Optional[str] = None, tls: _tls.TLSArg = None,
+            tls_ca: _tls.PathArg = None, tls_client_cert: _tls.PathArg = None,
+            tls_client_key: _tls.PathArg = None,
+            tls_server_name: Optional[str] = None) -> _Connector:
     """Connect to a queueber server::
 
         async with queueber.aio.connect("127.0.0.1:7420", tenant="acme") as qb:
             ...
         qb = await queueber.aio.connect("127.0.0.1:7420")   # then await qb.close()
+        async with queueber.aio.connect("qb.example:7420", tls_ca="ca.pem") as qb:
+            ...                                               # over TLS
 
     See :class:`Client` for the arguments.
     """
     return _Connector(Client(address, tenant=tenant, connect_timeout=connect_timeout,
-                             max_in_flight=max_in_flight, token=token))
+                             max_in_flight=max_in_flight, token=token, tls=tls, tls_ca=tls_ca,
+                             tls_client_cert=tls_client_cert, tls_client_key=tls_client_key,
+                             tls_server_name=tls_server_name))

@@ -35,6 +35,7 @@ __all__ = [
     "PermissionDenied",
     "ConnectionClosed",
     "ConnectTimeout",
+    "TLSError",
     "error_for_code",
 ]
 
@@ -194,7 +195,18 @@ class ConnectionClosed(QueueberError, ConnectionError):
 
 
 class ConnectTimeout(ConnectionClosed, TimeoutError):
-    """Connecting (TCP connect and ``hello``) took longer than the timeout."""
+    """Connecting (TCP connect, the TLS handshake and ``hello``) took longer
+    than the timeout."""
+
+
+class TLSError(ConnectionClosed):
+    """TLS failed: the handshake (the server's certificate is not trusted or
+    not for the name connected to, the server does not speak TLS, no TLS
+    version in common) or the connection later (the server refused the
+    client certificate, or wanted one). Not retryable: the settings have to
+    change. The message has the :mod:`ssl` module's reason."""
+
+    retryable = False
 
 
 _BY_NUMBER: Dict[int, Type[QueueberError]] = {

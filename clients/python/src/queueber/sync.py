@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ssl
 import threading
 from typing import (Any, Callable, Coroutine, Iterable, Iterator, List, Optional, Sequence,
                     TypeVar, Union)
 
-from . import aio
+from . import _tls, aio
 from .errors import ConnectionClosed
 from .types import Lease, NewMessage, Payload, Peeked, QueueRef, QueueStats, ServerInfo
 from .worker import ConsumedMessage, Consumer
@@ -42,19 +43,29 @@ class Client:
         connect_timeout: seconds for TCP connect plus ``hello``.
         max_in_flight: most requests outstanding at once (default: the
             server's limit).
+        token: the access token (default ``$QUEUEBER_TOKEN``).
+        tls, tls_ca, tls_client_cert, tls_client_key, tls_server_name: TLS,
+            as for :class:`queueber.aio.Client` (defaults from the
+            ``QUEUEBER_TLS*`` environment variables).
 
     Methods and results are those of :class:`queueber.aio.Client`.
     """
 
     def __init__(self, address: aio.Address = aio.DEFAULT_ADDRESS, *, tenant: str = "default",
                  connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
-                 token: Optional[str] = None) -> None:
+                 token: Optional[str] = None, tls: _tls.TLSArg = None,
+                 tls_ca: _tls.PathArg = None, tls_client_cert: _tls.PathArg = None,
+                 tls_client_key: _tls.PathArg = None,
+                 tls_server_name: Optional[str] = None) -> None:
+        # Made first: bad settings raise before there is a thread to stop.
+        self._aio = aio.Client(address, tenant=tenant, connect_timeout=connect_timeout,
+                               max_in_flight=max_in_flight, token=token, tls=tls,
+                               tls_ca=tls_ca, tls_client_cert=tls_client_cert,
+                               tls_client_key=tls_client_key, tls_server_name=tls_server_name)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="queueber-client", daemon=True)
         self._thread.start()
-        self._aio = aio.Client(address, tenant=tenant, connect_timeout=connect_timeout,
-                               max_in_flight=max_in_flight, token=token)
         self._closed = False
         try:
             self._run(self._aio.connect())
@@ -66,6 +77,11 @@ class Client:
     def tenant(self) -> str:
         """The tenant of every queue this client names."""
         return self._aio.tenant
+
+    @property
+    def tls_context(self) -> Optional[ssl.SSLContext]:
+        """The TLS context connections use; ``None``: plaintext."""
+        return self._aio.tls_context
 
     @property
     def connected(self) -> bool:
@@ -207,10 +223,15 @@ class Client:
 
 def connect(address: aio.Address = aio.DEFAULT_ADDRESS, *, tenant: str = "default",
             connect_timeout: float = 10.0, max_in_flight: Optional[int] = None,
-            token: Optional[str] = None) -> Client:
+            token: Optional[str] = None, tls: _tls.TLSArg = None,
+            tls_ca: _tls.PathArg = None, tls_client_cert: _tls.PathArg = None,
+            tls_client_key: _tls.PathArg = None,
+            tls_server_name: Optional[str] = None) -> Client:
     """Connect a blocking :class:`Client` (also a context manager)."""
     return Client(address, tenant=tenant, connect_timeout=connect_timeout,
-                  max_in_flight=max_in_flight, token=token)
+                  max_in_flight=max_in_flight, token=token, tls=tls, tls_ca=tls_ca,
+                  tls_client_cert=tls_client_cert, tls_client_key=tls_client_key,
+                  tls_server_name=tls_server_name)
 
 
 class SyncMessage:
