@@ -150,6 +150,7 @@ impl ShardStore {
             floor = low.to_vec();
         }
         q.counters.floor = Some(floor);
+        q.note_ready_change();
         q.counters.ready -= messages.len() as u64;
         q.dirty = true;
         q.leases.insert(
@@ -176,8 +177,12 @@ impl ShardStore {
         let Some(q) = self.queues.get(&qid) else {
             return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));
         };
+        let disk_full = self.engine.disk().is_full();
+        if let Some(stats) = known_head_stats(q, now, disk_full) {
+            return Ok(stats);
+        }
         let mut it = self.engine.db().raw_iterator_cf(self.engine.cf(CF_READY)?);
-        queue_stats(q, &mut it, now, self.engine.disk().is_full())
+        queue_stats(q, &mut it, now, disk_full)
     }
 
     /// Up to `max_items` visible messages from the floor (or just after
@@ -247,6 +252,7 @@ impl ShardStore {
         ready.purge(&mut batch.writes, qid);
         leases.purge(&mut batch.writes, qid);
         q.counters = Counters::default();
+        q.note_ready_change();
         q.delayed = 0;
         q.leases.clear();
         q.holders.clear();
@@ -261,18 +267,56 @@ impl ShardStore {
     /// heads read with one iterator (creating one costs more than seeking).
     pub(super) fn snapshot(&mut self, names: Vec<QueueName>, now: u64) -> Result<Vec<QueueSnapshot>, StoreError> {
         let disk_full = self.engine.disk().is_full();
-        let mut it = self.engine.db().raw_iterator_cf(self.engine.cf(CF_READY)?);
+        // Made on the first head that is not known already: a chunk of idle
+        // queues creates none.
+        let mut it = None;
         let mut out = Vec::with_capacity(names.len());
         for queue in names {
             let Some(q) = self.names.get(&queue).and_then(|qid| self.queues.get(qid)) else {
                 continue;
             };
-            let stats = queue_stats(q, &mut it, now, disk_full)?;
+            let stats = match known_head_stats(q, now, disk_full) {
+                Some(stats) => stats,
+                None => {
+                    let it = match &mut it {
+                        Some(it) => it,
+                        None => it.insert(self.engine.db().raw_iterator_cf(self.engine.cf(CF_READY)?)),
+                    };
+                    queue_stats(q, it, now, disk_full)?
+                }
+            };
             let counters = self.counters.get(&queue).copied().unwrap_or_default();
             out.push(QueueSnapshot { queue, stats, counters });
         }
         Ok(out)
     }
+}
+
+/// A queue's counts, from memory.
+fn counts(q: &QueueState, disk_full: bool) -> QueueStats {
+    QueueStats {
+        visible: q.visible(),
+        delayed: q.delayed,
+        in_flight: q.holders.len() as u64,
+        oldest_visible_age_ms: None,
+        disk_full,
+    }
+}
+
+/// A queue's stats without reading RocksDB, when memory has them all:
+/// nothing visible, or a head found since the queue's ready records last
+/// changed (`QueueState::head_seen`).
+fn known_head_stats(q: &QueueState, now: u64, disk_full: bool) -> Option<QueueStats> {
+    let mut stats = counts(q, disk_full);
+    if stats.visible == 0 {
+        return Some(stats);
+    }
+    let (generation, enqueued_at) = q.head_seen.get()?;
+    if generation != q.ready_generation {
+        return None;
+    }
+    stats.oldest_visible_age_ms = Some(now.saturating_sub(enqueued_at));
+    Some(stats)
 }
 
 /// A queue's counts (in memory) and the age of its head: one seek to the
@@ -285,13 +329,10 @@ fn queue_stats(
     now: u64,
     disk_full: bool,
 ) -> Result<QueueStats, StoreError> {
-    let mut stats = QueueStats {
-        visible: q.visible(),
-        delayed: q.delayed,
-        in_flight: q.holders.len() as u64,
-        oldest_visible_age_ms: None,
-        disk_full,
-    };
+    if let Some(stats) = known_head_stats(q, now, disk_full) {
+        return Ok(stats);
+    }
+    let mut stats = counts(q, disk_full);
     if stats.visible > 0 {
         let start = q.scan_start();
         let end = keys::ready_visible_end(q.qid, now);
@@ -300,6 +341,11 @@ fn queue_stats(
             if k >= &start[..] && k < &end[..] {
                 if let Some((header, _)) = keys::parse_record(v) {
                     stats.oldest_visible_age_ms = Some(now.saturating_sub(header.enqueued_at));
+                    // Not while this batch has written records the seek
+                    // could not see: one of them may be the head at commit.
+                    if q.batch_low.is_none() {
+                        q.head_seen.set(Some((q.ready_generation, header.enqueued_at)));
+                    }
                 }
             }
         }

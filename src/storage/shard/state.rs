@@ -24,6 +24,16 @@ pub(super) struct QueueState {
     /// the floor must not move past them.
     pub(super) batch_low: Option<ReadyKey>,
     pub(super) dirty: bool,
+    /// Moves with every change to the queue's ready records (a record
+    /// written or taken, a purge): while it stands still the ready index of
+    /// the queue is what it was, and so is its head.
+    pub(super) ready_generation: u64,
+    /// The visible head the last stats read found: `(ready_generation,
+    /// enqueued_at)`. While the generation is unchanged that record is still
+    /// the head (and still visible: time only moves forward), so a scrape of
+    /// thousands of idle queues reads its ages from memory instead of
+    /// seeking each queue's head in RocksDB.
+    pub(super) head_seen: std::cell::Cell<Option<(u64, u64)>>,
 }
 
 impl QueueState {
@@ -37,7 +47,14 @@ impl QueueState {
             holders: HashMap::new(),
             batch_low: None,
             dirty: false,
+            ready_generation: 0,
+            head_seen: std::cell::Cell::new(None),
         }
+    }
+
+    /// The queue's ready records changed (see `ready_generation`).
+    pub(super) fn note_ready_change(&mut self) {
+        self.ready_generation = self.ready_generation.wrapping_add(1);
     }
 
     pub(super) fn visible(&self) -> u64 {
@@ -46,6 +63,7 @@ impl QueueState {
 
     /// Bookkeeping for a record written to the ready index in this batch.
     pub(super) fn note_ready_insert(&mut self, key: &ReadyKey) {
+        self.note_ready_change();
         self.counters.ready += 1;
         if self.counters.floor.as_deref().is_some_and(|f| &key[..] < f) {
             self.counters.floor = Some(key.to_vec());
