@@ -64,6 +64,10 @@ enum Op {
     },
     Expire,
     Reopen,
+    /// A metrics walk over every queue, `chunk` queues per call.
+    Snapshot {
+        chunk: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -82,6 +86,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Expire),
         1 => (0..QUEUES).prop_map(|q| Op::Purge { q }),
         1 => Just(Op::Reopen),
+        1 => (1..4usize).prop_map(|chunk| Op::Snapshot { chunk }),
     ]
 }
 
@@ -472,6 +477,37 @@ impl Harness {
                 self.live.retain(|_, owner| *owner != q);
                 let gone: BTreeSet<usize> = (0..self.leases.len()).filter(|&s| self.leases[s].q == q).collect();
                 self.held.retain(|_, (slot, _)| !gone.contains(slot));
+            }
+            Op::Snapshot { chunk } => {
+                let (mut real, mut model) = (Vec::new(), Vec::new());
+                for (store, out) in [(true, &mut real), (false, &mut model)] {
+                    let mut after = None;
+                    for step in 0.. {
+                        assert!(step <= QUEUES, "the walk did not end");
+                        let command = Command::Snapshot {
+                            after: after.clone(),
+                            max_queues: chunk,
+                        };
+                        let executed = if store {
+                            self.real().execute(vec![command])
+                        } else {
+                            self.model.execute(vec![command])
+                        };
+                        let Ok(Outcome::Snapshot(queues)) = only_outcome(executed) else {
+                            panic!("a snapshot failed");
+                        };
+                        assert!(queues.len() <= chunk);
+                        let last_chunk = queues.len() < chunk;
+                        after = queues.last().map(|q| q.queue.clone()).or(after);
+                        // Names and gauges (the counters since open are the
+                        // real store's own: they restart at a reopen).
+                        out.extend(queues.into_iter().map(|q| (q.queue, q.stats)));
+                        if last_chunk {
+                            break;
+                        }
+                    }
+                }
+                assert_eq!(real, model, "snapshot walk at {now}");
             }
             Op::Expire => {
                 self.real().expire_due();

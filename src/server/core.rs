@@ -232,8 +232,6 @@ enum Finish {
     Poll(Parked),
     /// A poll that did not run: its connection has no room for a reply.
     PollNoRoom(Parked),
-    /// The list of queues a scrape goes through.
-    ScrapeList,
     /// One chunk of a scrape's queue figures.
     ScrapeChunk,
 }
@@ -426,8 +424,9 @@ const SNAPSHOT_CHUNK: usize = 256;
 struct Scrape {
     /// Who waits for it (scrapes arriving meanwhile share it).
     replies: Vec<oneshot::Sender<ShardSnapshot>>,
-    /// Queues still to snapshot, in reverse order; `None` until listed.
-    todo: Option<Vec<QueueName>>,
+    /// Where the walk over the shard's queues (in name order) resumes:
+    /// after the last queue snapshotted.
+    after: Option<QueueName>,
     /// A chunk is in the batch being run.
     asked: bool,
     done: Vec<QueueSnapshot>,
@@ -439,17 +438,11 @@ impl Scrape {
         if self.asked {
             return;
         }
-        match &mut self.todo {
-            None => {
-                commands.push(Command::OwnedQueues);
-                finishes.push(Finish::ScrapeList);
-            }
-            Some(todo) => {
-                let chunk: Vec<QueueName> = (0..SNAPSHOT_CHUNK).map_while(|_| todo.pop()).collect();
-                commands.push(Command::Snapshot { queues: chunk });
-                finishes.push(Finish::ScrapeChunk);
-            }
-        }
+        commands.push(Command::Snapshot {
+            after: self.after.clone(),
+            max_queues: SNAPSHOT_CHUNK,
+        });
+        finishes.push(Finish::ScrapeChunk);
         self.asked = true;
     }
 
@@ -463,15 +456,11 @@ impl Scrape {
     ) -> bool {
         self.asked = false;
         let finished = match outcome {
-            Some(Ok(Outcome::Queues(mut names))) => {
-                names.reverse();
-                let empty = names.is_empty();
-                self.todo = Some(names);
-                empty
-            }
             Some(Ok(Outcome::Snapshot(mut queues))) => {
+                let last_chunk = queues.len() < SNAPSHOT_CHUNK;
+                self.after = queues.last().map(|q| q.queue.clone());
                 self.done.append(&mut queues);
-                self.todo.as_ref().is_none_or(Vec::is_empty)
+                last_chunk
             }
             _ => true,
         };
@@ -821,7 +810,7 @@ fn finish(
             Finish::PollNoRoom(parked) => {
                 park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now, batch)
             }
-            Finish::ScrapeList | Finish::ScrapeChunk => {
+            Finish::ScrapeChunk => {
                 let outcome = outcomes.next();
                 if let Some(s) = scrape.as_mut() {
                     if s.take(outcome, reporter, waiters) {

@@ -165,13 +165,13 @@ pub enum Command {
         max_items: u32,
         cursor: Option<PeekCursor>,
     },
-    /// The queues this store owns, sorted (metrics: what to snapshot).
-    OwnedQueues,
-    /// The gauges and counters of these queues (those that still exist).
-    /// A scrape asks in chunks, so that no batch grows with the number of
-    /// queues.
+    /// The gauges and counters of up to `max_queues` of the queues this
+    /// store owns, in name order, starting after `after` (from the first
+    /// when `None`). A scrape walks them in chunks, so that no batch grows
+    /// with the number of queues; fewer than `max_queues` ends the walk.
     Snapshot {
-        queues: Vec<QueueName>,
+        after: Option<QueueName>,
+        max_queues: usize,
     },
 }
 
@@ -191,7 +191,6 @@ impl Command {
             | Command::Stats { .. }
             | Command::ListQueues
             | Command::Peek { .. }
-            | Command::OwnedQueues
             | Command::Snapshot { .. } => false,
         }
     }

@@ -281,20 +281,23 @@ impl ModelStore {
                 }
                 Ok(Outcome::Peeked(peeked))
             }
-            Command::OwnedQueues => Ok(Outcome::Queues(self.queues.keys().cloned().collect())),
-            Command::Snapshot { queues } => Ok(Outcome::Snapshot(
-                queues
-                    .into_iter()
-                    .filter_map(|name| {
-                        let q = self.queues.get(&name)?;
-                        Some(QueueSnapshot {
+            Command::Snapshot { after, max_queues } => {
+                let from = match after {
+                    Some(after) => std::ops::Bound::Excluded(after),
+                    None => std::ops::Bound::Unbounded,
+                };
+                Ok(Outcome::Snapshot(
+                    self.queues
+                        .range((from, std::ops::Bound::Unbounded))
+                        .take(max_queues)
+                        .map(|(name, q)| QueueSnapshot {
                             stats: q.stats(now),
                             counters: q.counters,
-                            queue: name,
+                            queue: name.clone(),
                         })
-                    })
-                    .collect(),
-            )),
+                        .collect(),
+                ))
+            }
         }
     }
 }

@@ -40,6 +40,7 @@ impl ShardStore {
                 self.apply_purge(qid, batch)?;
                 Registry::of(&self.engine)?.unregister(&mut batch.writes, &queue, qid);
                 self.names.remove(&queue);
+                self.sorted = None;
                 self.queues.remove(&qid);
                 batch.deleted.push(queue);
                 Ok(Outcome::Deleted)
@@ -50,12 +51,9 @@ impl ShardStore {
                 max_items,
                 cursor,
             } => self.apply_peek(&queue, max_items, cursor, now).map(Outcome::Peeked),
-            Command::OwnedQueues => {
-                let mut names: Vec<QueueName> = self.names.keys().cloned().collect();
-                names.sort();
-                Ok(Outcome::Queues(names))
+            Command::Snapshot { after, max_queues } => {
+                self.snapshot(after.as_ref(), max_queues, now).map(Outcome::Snapshot)
             }
-            Command::Snapshot { queues } => self.snapshot(queues, now).map(Outcome::Snapshot),
         }
     }
 }

@@ -53,6 +53,10 @@ pub struct ShardStore {
     owns: Ownership,
     ids: IdGenerator,
     names: HashMap<QueueName, QueueId>,
+    /// `names` in name order, for scrapes that walk every queue; built on
+    /// the first walk after a queue was created or deleted (`None` until
+    /// then), so a scrape of a stable set of queues sorts nothing.
+    sorted: Option<Vec<(QueueName, QueueId)>>,
     queues: HashMap<QueueId, QueueState>,
     lease_deadlines: BTreeSet<(u64, QueueId, LeaseId)>,
     delay_deadlines: BTreeMap<(u64, QueueId), u64>,
@@ -82,6 +86,7 @@ impl ShardStore {
             owns,
             ids: IdGenerator::new(),
             names: HashMap::new(),
+            sorted: None,
             queues: HashMap::new(),
             lease_deadlines: BTreeSet::new(),
             delay_deadlines: BTreeMap::new(),

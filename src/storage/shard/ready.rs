@@ -32,6 +32,7 @@ impl ShardStore {
                 let qid = self.engine.allocate_qid()?;
                 Registry::of(&self.engine)?.register(&mut batch.writes, &queue, qid);
                 self.names.insert(queue.clone(), qid);
+                self.sorted = None;
                 let mut state = QueueState::new(queue, qid, Counters::default());
                 state.dirty = true;
                 self.queues.insert(qid, state);
@@ -263,16 +264,32 @@ impl ShardStore {
         Ok(dropped)
     }
 
-    /// The gauges and counters of `names` (those that still exist), all
-    /// heads read with one iterator (creating one costs more than seeking).
-    pub(super) fn snapshot(&mut self, names: Vec<QueueName>, now: u64) -> Result<Vec<QueueSnapshot>, StoreError> {
+    /// The gauges and counters of up to `max_queues` queues after `after`
+    /// in name order, all heads read with one iterator (creating one costs
+    /// more than seeking).
+    pub(super) fn snapshot(
+        &mut self,
+        after: Option<&QueueName>,
+        max_queues: usize,
+        now: u64,
+    ) -> Result<Vec<QueueSnapshot>, StoreError> {
         let disk_full = self.engine.disk().is_full();
+        let names = &self.names;
+        let sorted = self.sorted.get_or_insert_with(|| {
+            let mut sorted: Vec<(QueueName, QueueId)> = names.iter().map(|(n, &qid)| (n.clone(), qid)).collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            sorted
+        });
+        let start = after.map_or(0, |after| sorted.partition_point(|(name, _)| name <= after));
         // Made on the first head that is not known already: a chunk of idle
         // queues creates none.
         let mut it = None;
-        let mut out = Vec::with_capacity(names.len());
-        for queue in names {
-            let Some(q) = self.names.get(&queue).and_then(|qid| self.queues.get(qid)) else {
+        let mut out = Vec::with_capacity(max_queues.min(sorted.len() - start));
+        for (queue, qid) in &sorted[start..] {
+            if out.len() >= max_queues {
+                break;
+            }
+            let Some(q) = self.queues.get(qid) else {
                 continue;
             };
             let stats = match known_head_stats(q, now, disk_full) {
@@ -285,8 +302,12 @@ impl ShardStore {
                     queue_stats(q, it, now, disk_full)?
                 }
             };
-            let counters = self.counters.get(&queue).copied().unwrap_or_default();
-            out.push(QueueSnapshot { queue, stats, counters });
+            let counters = self.counters.get(queue).copied().unwrap_or_default();
+            out.push(QueueSnapshot {
+                queue: queue.clone(),
+                stats,
+                counters,
+            });
         }
         Ok(out)
     }

@@ -7,6 +7,7 @@ use super::*;
 impl ShardStore {
     pub(super) fn load_all(&mut self) -> Result<(), StoreError> {
         self.names.clear();
+        self.sorted = None;
         self.queues.clear();
         self.lease_deadlines.clear();
         self.delay_deadlines.clear();
@@ -94,6 +95,7 @@ impl ShardStore {
         it.status().map_err(StoreError::rocks("scan delayed messages"))?;
 
         self.names.insert(name, qid);
+        self.sorted = None;
         self.queues.insert(qid, q);
         Ok(())
     }
