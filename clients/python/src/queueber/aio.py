@@ -596,27 +596,24 @@ class Client:
                                  f"{self.connect_timeout} s") from None
         except OSError as e:
             raise ConnectionClosed(f"cannot connect to {host}:{port}: {e}") from e
-        if conn.handshake is not None:
+
+        async def by_deadline(step: "asyncio.Future[Any]", late: str) -> Any:
+            # A step of opening the connection: past the deadline, or on
+            # any failure, the half-open connection is dropped.
             try:
-                await asyncio.wait_for(asyncio.shield(conn.handshake),
-                                       max(0.0, deadline - loop.time()))
+                return await asyncio.wait_for(step, max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 conn.transport.abort()  # type: ignore[union-attr]
-                raise ConnectTimeout(f"the TLS handshake with {host}:{port} did not finish "
-                                     f"within {self.connect_timeout} s") from None
+                raise ConnectTimeout(f"{late} within {self.connect_timeout} s") from None
             except BaseException:
                 conn.transport.abort()  # type: ignore[union-attr]
                 raise
-        try:
-            fut = self._submit(conn, "hello", _wire.encode_hello, ())
-            info: ServerInfo = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            conn.transport.abort()  # type: ignore[union-attr]
-            raise ConnectTimeout(f"no hello from {host}:{port} within "
-                                 f"{self.connect_timeout} s") from None
-        except BaseException:
-            conn.transport.abort()  # type: ignore[union-attr]
-            raise
+
+        if conn.handshake is not None:
+            await by_deadline(asyncio.shield(conn.handshake),
+                              f"the TLS handshake with {host}:{port} did not finish")
+        info: ServerInfo = await by_deadline(self._submit(conn, "hello", _wire.encode_hello, ()),
+                                             f"no hello from {host}:{port}")
         conn.max_in_flight = self._max_in_flight or info.limits.max_in_flight_per_connection
         if self._token:
             try:
