@@ -55,11 +55,12 @@ use futures::StreamExt;
 
 use crate::ids::{LeaseId, MessageId};
 use crate::names::QueueName;
+use crate::ops::create_queue::QueueCreated;
 use crate::ops::{self, Dispatch};
 use crate::protocol::{
     decode_response, encode_request, ErrorCode, ErrorReply, Op, Reply, Request, ResponseDecodeError, ServerInfo,
 };
-use crate::types::{Lease, NewMessage, PeekCursor, Peeked, QueueStats};
+use crate::types::{Lease, NewMessage, PeekCursor, Peeked, PolicyInfo, QueuePolicy, QueueStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -104,6 +105,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::DiskFull => "disk_full",
         ErrorCode::Unauthenticated => "unauthenticated",
         ErrorCode::PermissionDenied => "permission_denied",
+        ErrorCode::QueueFull => "queue_full",
     }
 }
 
@@ -274,6 +276,29 @@ impl Client {
             queue: queue.clone(),
             max_items,
             cursor,
+        })
+        .await
+    }
+
+    /// Creates `queue` with `policy`; a queue that exists with the same
+    /// policy is answered as it is (`created` false), with another refused.
+    pub async fn create_queue(&self, queue: &QueueName, policy: QueuePolicy) -> Result<QueueCreated, ClientError> {
+        self.send(ops::CreateQueue {
+            queue: queue.clone(),
+            policy,
+        })
+        .await
+    }
+
+    pub async fn get_policy(&self, queue: &QueueName) -> Result<PolicyInfo, ClientError> {
+        self.send(ops::GetPolicy { queue: queue.clone() }).await
+    }
+
+    /// Replaces the queue's policy whole; returns it with its new version.
+    pub async fn set_policy(&self, queue: &QueueName, policy: QueuePolicy) -> Result<PolicyInfo, ClientError> {
+        self.send(ops::SetPolicy {
+            queue: queue.clone(),
+            policy,
         })
         .await
     }

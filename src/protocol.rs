@@ -124,7 +124,7 @@ pub fn decode_response<S: ReaderSegments>(message: &Reader<S>) -> Result<Respons
 }
 
 /// Every error code, for docs and exhaustive tests.
-pub const ERROR_CODES: [ErrorCode; 15] = [
+pub const ERROR_CODES: [ErrorCode; 16] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::InvalidName,
@@ -140,6 +140,7 @@ pub const ERROR_CODES: [ErrorCode; 15] = [
     ErrorCode::DiskFull,
     ErrorCode::Unauthenticated,
     ErrorCode::PermissionDenied,
+    ErrorCode::QueueFull,
 ];
 
 #[cfg(test)]
@@ -347,7 +348,7 @@ mod tests {
         // last request arm.
         let resp = Response {
             id: 9,
-            result: Ok(Reply::Authenticated("t".into())),
+            result: Ok(Reply::PolicySet(crate::types::PolicyInfo::default())),
         };
         let bytes = capnp::serialize::write_message_to_words(&encode_response(&resp));
         let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();

@@ -99,3 +99,48 @@ pub struct Peeked {
     /// Set when more visible messages follow the last one returned.
     pub cursor: Option<PeekCursor>,
 }
+
+/// `max_depth` or `max_bytes` without a bound (on the wire: all ones).
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// A queue's own settings. `None` leaves a field to the server's default
+/// (`queueberd --default-*` flags); on the wire, 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// The lease, in milliseconds, of a poll that names none (`leaseMs` 0).
+    pub lease_ms: Option<u64>,
+    /// Most messages the queue holds (visible, delayed and in flight); an
+    /// add that would go past it is refused whole (`queueFull`).
+    /// [`UNLIMITED`] for no bound.
+    pub max_depth: Option<u64>,
+    /// Most payload bytes the queue holds (visible, delayed and in flight);
+    /// same refusal. [`UNLIMITED`] for no bound.
+    pub max_bytes: Option<u64>,
+    /// Largest payload of one message in this queue: at most the server's
+    /// `--max-payload-bytes`.
+    pub max_payload_bytes: Option<u64>,
+}
+
+impl QueuePolicy {
+    /// Each field of `self`, or else `defaults`'s.
+    pub fn or(self, defaults: QueuePolicy) -> QueuePolicy {
+        QueuePolicy {
+            lease_ms: self.lease_ms.or(defaults.lease_ms),
+            max_depth: self.max_depth.or(defaults.max_depth),
+            max_bytes: self.max_bytes.or(defaults.max_bytes),
+            max_payload_bytes: self.max_payload_bytes.or(defaults.max_payload_bytes),
+        }
+    }
+}
+
+/// A queue's policy as stored, with what applies once the server's
+/// defaults fill the fields it leaves unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyInfo {
+    /// 0 until a policy is set (at `createQueue` or by `setPolicy`), then
+    /// one more with every change.
+    pub version: u64,
+    pub policy: QueuePolicy,
+    /// Every field set: the queue's own, else the server's default.
+    pub effective: QueuePolicy,
+}

@@ -341,6 +341,18 @@ fn no_frame_executes_anything_before_auth() {
             max_items: 10,
             cursor: None,
         }),
+        Op::CreateQueue(ops::CreateQueue {
+            queue: q("acme", "made"),
+            policy: queueber::types::QueuePolicy::default(),
+        }),
+        Op::GetPolicy(ops::GetPolicy { queue: jobs.clone() }),
+        Op::SetPolicy(ops::SetPolicy {
+            queue: jobs.clone(),
+            policy: queueber::types::QueuePolicy {
+                max_depth: Some(1),
+                ..Default::default()
+            },
+        }),
     ];
     assert_eq!(every_op.len() + 1, Op::NAMES.len(), "a new operation belongs here");
     let frames: Vec<Vec<u8>> = every_op

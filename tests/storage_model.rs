@@ -12,8 +12,9 @@ use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::storage::{
     Command, CommandError, Durability, Engine, EngineOptions, Executed, Lease, ModelStore, NewMessage, Outcome,
-    QueueStore, ReplyBudget, ShardStore, StoreError,
+    QueuePolicy, QueueStore, ReplyBudget, ShardStore, StoreError,
 };
+use queueber::types::UNLIMITED;
 
 const QUEUES: usize = 2;
 const T0: u64 = 1_700_000_000_000;
@@ -68,13 +69,42 @@ enum Op {
     Snapshot {
         chunk: usize,
     },
+    CreateQueue {
+        q: usize,
+        policy: QueuePolicy,
+    },
+    SetPolicy {
+        q: usize,
+        policy: QueuePolicy,
+    },
+    GetPolicy {
+        q: usize,
+    },
+}
+
+/// Policies small enough for the generated adds (8-byte payloads, 1 to 3
+/// per add) to run into every bound, and leases short enough to expire.
+fn policy() -> impl Strategy<Value = QueuePolicy> {
+    use prop::option::of;
+    (
+        of(1..60u64),
+        of(prop_oneof![1..8u64, Just(UNLIMITED)]),
+        of(prop_oneof![8..80u64, Just(UNLIMITED)]),
+        of(prop_oneof![Just(4u64), Just(8u64), Just(1024u64)]),
+    )
+        .prop_map(|(lease_ms, max_depth, max_bytes, max_payload_bytes)| QueuePolicy {
+            lease_ms,
+            max_depth,
+            max_bytes,
+            max_payload_bytes,
+        })
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..QUEUES, 1..4usize, prop_oneof![3 => Just(0u64), 1 => 1..40u64])
             .prop_map(|(q, n, delay)| Op::Add { q, n, delay }),
-        4 => (0..QUEUES, 1..4u32, 1..60u64, prop::option::weighted(0.3, 0usize..200))
+        4 => (0..QUEUES, 1..4u32, prop_oneof![4 => 1..60u64, 1 => Just(0u64)], prop::option::weighted(0.3, 0usize..200))
             .prop_map(|(q, max, lease_ms, budget)| Op::Poll { q, max, lease_ms, budget }),
         3 => any::<usize>().prop_map(|pick| Op::Remove { pick }),
         1 => (any::<usize>(), any::<usize>()).prop_map(|(pick, other)| Op::RemoveWithWrongLease { pick, other }),
@@ -87,6 +117,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..QUEUES).prop_map(|q| Op::Purge { q }),
         1 => Just(Op::Reopen),
         1 => (1..4usize).prop_map(|chunk| Op::Snapshot { chunk }),
+        1 => (0..QUEUES, policy()).prop_map(|(q, policy)| Op::CreateQueue { q, policy }),
+        1 => (0..QUEUES, policy()).prop_map(|(q, policy)| Op::SetPolicy { q, policy }),
+        1 => (0..QUEUES).prop_map(|q| Op::GetPolicy { q }),
     ]
 }
 
@@ -234,16 +267,22 @@ impl Harness {
                         NewMessage::delayed(self.next_payload.to_be_bytes().to_vec(), delay)
                     })
                     .collect();
-                for m in &messages {
-                    self.live.insert(m.payload.clone(), q);
-                }
+                let payloads: Vec<_> = messages.iter().map(|m| m.payload.clone()).collect();
                 let (r, m) = self.same(Command::Add {
                     queue: self.names[q].clone(),
                     messages,
                 });
+                // Refused by a policy (full, payload too large): both, and
+                // nothing of it is stored (the drain checks that).
+                if Self::assert_errors_match(&r, &m) {
+                    return;
+                }
                 match (r, m) {
                     (Ok(Outcome::Added(a)), Ok(Outcome::Added(b))) => assert_eq!(a.len(), b.len()),
                     other => panic!("add: {other:?}"),
+                }
+                for p in payloads {
+                    self.live.insert(p, q);
                 }
             }
             Op::Poll {
@@ -508,6 +547,32 @@ impl Harness {
                     }
                 }
                 assert_eq!(real, model, "snapshot walk at {now}");
+            }
+            Op::CreateQueue { q, policy } => {
+                let (r, m) = self.same(Command::CreateQueue {
+                    queue: self.names[q].clone(),
+                    policy,
+                });
+                if !Self::assert_errors_match(&r, &m) {
+                    assert_eq!(r.ok(), m.ok(), "createQueue");
+                }
+            }
+            Op::SetPolicy { q, policy } => {
+                let (r, m) = self.same(Command::SetPolicy {
+                    queue: self.names[q].clone(),
+                    policy,
+                });
+                if !Self::assert_errors_match(&r, &m) {
+                    assert_eq!(r.ok(), m.ok(), "setPolicy");
+                }
+            }
+            Op::GetPolicy { q } => {
+                let (r, m) = self.same(Command::GetPolicy {
+                    queue: self.names[q].clone(),
+                });
+                if !Self::assert_errors_match(&r, &m) {
+                    assert_eq!(r.ok(), m.ok(), "getPolicy");
+                }
             }
             Op::Expire => {
                 self.real().expire_due();

@@ -151,6 +151,22 @@ struct Args {
     #[arg(long, env = "QUEUEBER_METRICS_TLS", requires = "tls_cert")]
     metrics_tls: bool,
 
+    /// The lease, in milliseconds, of a poll that names none (leaseMs 0) on
+    /// a queue whose policy sets none.
+    #[arg(long, env = "QUEUEBER_DEFAULT_LEASE_MS", default_value_t = queueber::storage::engine::DEFAULT_LEASE_MS,
+          value_parser = clap::value_parser!(u64).range(1..=queueber::storage::MAX_DURATION_MS))]
+    default_lease_ms: u64,
+
+    /// Most messages a queue holds (visible, delayed, in flight) where its
+    /// policy sets no max-depth: a number, or `unlimited`.
+    #[arg(long, env = "QUEUEBER_DEFAULT_MAX_DEPTH", default_value = "unlimited", value_parser = parse_bound)]
+    default_max_depth: u64,
+
+    /// Most payload bytes a queue holds where its policy sets no max-bytes:
+    /// a number, or `unlimited`.
+    #[arg(long, env = "QUEUEBER_DEFAULT_MAX_BYTES", default_value = "unlimited", value_parser = parse_bound)]
+    default_max_bytes: u64,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -162,6 +178,17 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "QUEUEBER_LOG_JSON")]
     log_json: bool,
+}
+
+/// A queue bound: a positive number, or `unlimited`.
+fn parse_bound(value: &str) -> Result<u64, String> {
+    if value.eq_ignore_ascii_case("unlimited") {
+        return Ok(queueber::types::UNLIMITED);
+    }
+    match value.parse::<u64>() {
+        Ok(0) | Err(_) => Err(format!("{value:?}: expected a positive number, or unlimited")),
+        Ok(n) => Ok(n),
+    }
 }
 
 /// `--metrics-listen`: an address, or `off`.
@@ -265,6 +292,12 @@ fn main() -> ExitCode {
         stall_timeout_ms: args.stall_timeout_ms,
     };
     config.min_free_disk_bytes = args.min_free_disk_mib << 20;
+    config.default_policy = queueber::types::QueuePolicy {
+        lease_ms: Some(args.default_lease_ms),
+        max_depth: Some(args.default_max_depth),
+        max_bytes: Some(args.default_max_bytes),
+        max_payload_bytes: None,
+    };
     config.metrics_listen = args.metrics_listen.0;
     config.metrics_max_queues = args.metrics_max_queues;
     config.slow_request = (args.slow_request_ms > 0).then(|| Duration::from_millis(args.slow_request_ms));

@@ -78,3 +78,77 @@ pub(crate) fn read_error(
         .map_err(|e| bad("error message", e.to_string()))?;
     Ok(ErrorReply::new(code, message))
 }
+
+/// A policy of a request: 0 = unset. Checked against the server's limits
+/// by [`check_policy`].
+pub(crate) fn read_policy(
+    r: capnp::Result<crate::queueber_capnp::queue_policy::Reader<'_>>,
+) -> Result<crate::types::QueuePolicy, ErrorReply> {
+    let r = r.map_err(malformed)?;
+    Ok(policy_of(&r))
+}
+
+fn policy_of(r: &crate::queueber_capnp::queue_policy::Reader<'_>) -> crate::types::QueuePolicy {
+    let set = |v: u64| (v != 0).then_some(v);
+    crate::types::QueuePolicy {
+        lease_ms: set(r.get_lease_ms()),
+        max_depth: set(r.get_max_depth()),
+        max_bytes: set(r.get_max_bytes()),
+        max_payload_bytes: set(r.get_max_payload_bytes()),
+    }
+}
+
+pub(crate) fn set_policy(mut b: crate::queueber_capnp::queue_policy::Builder<'_>, p: &crate::types::QueuePolicy) {
+    b.set_lease_ms(p.lease_ms.unwrap_or(0));
+    b.set_max_depth(p.max_depth.unwrap_or(0));
+    b.set_max_bytes(p.max_bytes.unwrap_or(0));
+    b.set_max_payload_bytes(p.max_payload_bytes.unwrap_or(0));
+}
+
+/// What the server can hold to: a lease within the longest duration, a
+/// payload limit within the server's own.
+#[cfg(feature = "server")]
+pub(crate) fn check_policy(
+    p: &crate::types::QueuePolicy,
+    limits: &crate::server::ServerLimits,
+) -> Result<(), ErrorReply> {
+    if let Some(lease) = p.lease_ms.filter(|&l| l > crate::storage::MAX_DURATION_MS) {
+        return Err(invalid(format!(
+            "leaseMs {lease} is over the longest lease, {} ms",
+            crate::storage::MAX_DURATION_MS
+        )));
+    }
+    if let Some(max) = p.max_payload_bytes.filter(|&m| m > limits.max_payload_bytes as u64) {
+        return Err(invalid(format!(
+            "maxPayloadBytes {max} is over the server's max-payload-bytes {}",
+            limits.max_payload_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// The answer of `createQueue`, `getPolicy` and `setPolicy`.
+pub(crate) fn set_policy_reply(
+    mut b: crate::queueber_capnp::policy_reply::Builder<'_>,
+    info: &crate::types::PolicyInfo,
+    created: bool,
+) {
+    b.set_version(info.version);
+    set_policy(b.reborrow().init_policy(), &info.policy);
+    set_policy(b.reborrow().init_effective(), &info.effective);
+    b.set_created(created);
+}
+
+pub(crate) fn read_policy_reply(
+    r: capnp::Result<crate::queueber_capnp::policy_reply::Reader<'_>>,
+) -> Result<(crate::types::PolicyInfo, bool), ResponseDecodeError> {
+    let r = r?;
+    Ok((
+        crate::types::PolicyInfo {
+            version: r.get_version(),
+            policy: policy_of(&r.get_policy()?),
+            effective: policy_of(&r.get_effective()?),
+        },
+        r.get_created(),
+    ))
+}

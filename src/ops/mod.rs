@@ -22,8 +22,10 @@ pub(crate) mod fields;
 
 pub mod add;
 pub mod auth;
+pub mod create_queue;
 pub mod delete;
 pub mod extend;
+pub mod get_policy;
 pub mod hello;
 pub mod list_queues;
 pub mod peek;
@@ -31,6 +33,7 @@ pub mod poll;
 pub mod purge;
 pub mod release;
 pub mod remove;
+pub mod set_policy;
 pub mod stats;
 
 /// What an operation is on the wire: both directions of its codec.
@@ -61,6 +64,9 @@ pub trait Operation: Sized {
 pub trait Dispatch: Operation + Into<Op> {
     /// The reply as this operation's own type, or the reply back when the
     /// server answered something else.
+    // The error hands the whole reply back (a server that answered another
+    // operation, a cold path); boxing it would cost every call instead.
+    #[allow(clippy::result_large_err)]
     fn reply_of(reply: Reply) -> Result<Self::Reply, Reply>;
     fn wrap_reply(reply: Self::Reply) -> Reply;
 }
@@ -321,4 +327,7 @@ operations! {
     Delete(delete::Delete) -> Deleted,
     Peek(peek::Peek) -> Peeked,
     Auth(auth::Auth) -> Authenticated,
+    CreateQueue(create_queue::CreateQueue) -> QueueCreated,
+    GetPolicy(get_policy::GetPolicy) -> Policy,
+    SetPolicy(set_policy::SetPolicy) -> PolicySet,
 }

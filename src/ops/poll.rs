@@ -91,7 +91,6 @@ impl Operation for Poll {
 #[cfg(feature = "server")]
 mod serve {
     use super::*;
-    use crate::ops::fields::invalid;
     use crate::ops::{one, Outcomes, Plan, Route, Serve};
     use crate::server::ServerLimits;
     use crate::storage::{Command, Outcome, ReplyBudget};
@@ -109,13 +108,11 @@ mod serve {
     }
 
     impl Serve for Poll {
-        /// `lease_ms` must be positive; `max_items` 0 means 1 and is capped,
-        /// waits over the limit are capped. The lease's clamp to the
-        /// longest duration is the store's.
+        /// `max_items` 0 means 1 and is capped, waits over the limit are
+        /// capped. `lease_ms` 0 is the queue policy's lease (the store's to
+        /// resolve), and the lease's clamp to the longest duration is the
+        /// store's too.
         fn admit(self, limits: &ServerLimits) -> Result<Self, ErrorReply> {
-            if self.lease_ms == 0 {
-                return Err(invalid("poll leaseMs must be greater than 0"));
-            }
             Ok(Poll {
                 max_items: self.max_items.clamp(1, limits.max_items_per_poll.max(1)),
                 wait_ms: self.wait_ms.min(limits.max_wait_ms),
@@ -150,7 +147,6 @@ mod serve {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use crate::protocol::ErrorCode;
 
         #[test]
         fn polls_are_normalised() {
@@ -171,10 +167,8 @@ mod serve {
                 poll(99, u64::MAX, 1000).admit(&limits).unwrap(),
                 poll(10, u64::MAX, 100)
             );
-            assert_eq!(
-                poll(1, 0, 0).admit(&limits).unwrap_err().code,
-                ErrorCode::InvalidArgument
-            );
+            // No lease named: the queue's policy decides, in the store.
+            assert_eq!(poll(1, 0, 0).admit(&limits).unwrap(), poll(1, 0, 0));
         }
     }
 }

@@ -42,6 +42,11 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::ServerTls>,
     /// Serve the metrics endpoint over TLS too, with the same certificate.
     pub metrics_tls: bool,
+    /// What applies to a queue where its policy sets nothing
+    /// (`--default-lease-ms`, `--default-max-depth`, `--default-max-bytes`);
+    /// unset fields take the built-in defaults
+    /// ([`crate::storage::engine::complete_defaults`]).
+    pub default_policy: crate::types::QueuePolicy,
 }
 
 impl ServerConfig {
@@ -65,6 +70,7 @@ impl ServerConfig {
             access: None,
             tls: None,
             metrics_tls: false,
+            default_policy: crate::types::QueuePolicy::default(),
         }
     }
 }

@@ -79,6 +79,8 @@ impl From<&CommandError> for ErrorReply {
             CommandError::UnknownQueue(_) => ErrorCode::UnknownQueue,
             CommandError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             CommandError::DiskFull(_) => ErrorCode::DiskFull,
+            CommandError::QueueFull { .. } => ErrorCode::QueueFull,
+            CommandError::QueueExists(_) => ErrorCode::InvalidArgument,
             CommandError::WrongShard(_) | CommandError::QueueIdsExhausted => ErrorCode::Internal,
         };
         ErrorReply::new(code, e.to_string())

@@ -211,6 +211,7 @@ pub fn start_with_stop(
             block_cache_bytes: config.block_cache_bytes,
             write_buffer_bytes: config.write_buffer_bytes,
             min_free_disk_bytes: config.min_free_disk_bytes,
+            default_policy: config.default_policy,
         },
         clock,
     )?;

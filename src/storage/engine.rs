@@ -68,6 +68,35 @@ pub struct EngineOptions {
     /// Adds are refused while the data filesystem has less free space than
     /// this (see [`super::disk`]).
     pub min_free_disk_bytes: u64,
+    /// What applies to a queue where its policy sets nothing (the
+    /// `queueberd --default-*` flags). Its `max_payload_bytes` is at most
+    /// `max_payload_bytes`.
+    pub default_policy: crate::types::QueuePolicy,
+}
+
+/// The default of the server-wide default lease (`--default-lease-ms`).
+pub const DEFAULT_LEASE_MS: u64 = 30_000;
+
+impl EngineOptions {
+    /// Every field of the default policy set (see [`complete_defaults`]).
+    pub fn defaults(&self) -> crate::types::QueuePolicy {
+        complete_defaults(self.default_policy, self.max_payload_bytes)
+    }
+}
+
+/// `defaults` with every field set, the built-in value where it has none
+/// (a 30 s lease, no depth or byte bound, the server's payload limit), and
+/// `max_payload_bytes` within `max_payload_bytes`.
+pub fn complete_defaults(defaults: crate::types::QueuePolicy, max_payload_bytes: usize) -> crate::types::QueuePolicy {
+    let limit = max_payload_bytes as u64;
+    let mut p = defaults.or(crate::types::QueuePolicy {
+        lease_ms: Some(DEFAULT_LEASE_MS),
+        max_depth: Some(crate::types::UNLIMITED),
+        max_bytes: Some(crate::types::UNLIMITED),
+        max_payload_bytes: Some(limit),
+    });
+    p.max_payload_bytes = p.max_payload_bytes.map(|m| m.min(limit));
+    p
 }
 
 impl Default for EngineOptions {
@@ -80,6 +109,7 @@ impl Default for EngineOptions {
             write_buffer_bytes: 64 << 20,
             // Off for tools and tests; the server sets its own default.
             min_free_disk_bytes: 0,
+            default_policy: crate::types::QueuePolicy::default(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! | `leases`      | qid · lease id · message id (36)  | record                        |
 //! | `registry`    | `n` · len · tenant · queue        | qid (4)                       |
 //! | `registry`    | `c` · qid (5)                     | counters                      |
+//! | `registry`    | `p` · qid (5)                     | policy (version · 4 fields)   |
 //!
 //! A *record* is `enqueued_at (8) · delivery_count (4) · payload`: the same
 //! bytes whether the message is ready or leased, so moving it is a copy.
@@ -133,6 +134,7 @@ pub fn parse_record(v: &[u8]) -> Option<(RecordHeader, &[u8])> {
 
 pub const REGISTRY_NAME_TAG: u8 = b'n';
 pub const REGISTRY_COUNTERS_TAG: u8 = b'c';
+pub const REGISTRY_POLICY_TAG: u8 = b'p';
 
 /// Registry key of a queue name. Names are at most 128 bytes a part, so one
 /// length byte delimits the tenant without escaping.
@@ -157,10 +159,51 @@ pub fn parse_name_key(k: &[u8]) -> Option<QueueName> {
 }
 
 pub fn counters_key(qid: QueueId) -> [u8; 1 + QID_LEN] {
+    tagged_key(REGISTRY_COUNTERS_TAG, qid)
+}
+
+pub fn policy_key(qid: QueueId) -> [u8; 1 + QID_LEN] {
+    tagged_key(REGISTRY_POLICY_TAG, qid)
+}
+
+fn tagged_key(tag: u8, qid: QueueId) -> [u8; 1 + QID_LEN] {
     let mut k = [0u8; 1 + QID_LEN];
-    k[0] = REGISTRY_COUNTERS_TAG;
+    k[0] = tag;
     k[1..].copy_from_slice(&qid.to_be_bytes());
     k
+}
+
+/// A stored policy: version, then each field (0 = unset).
+pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> [u8; 40] {
+    let mut v = [0u8; 40];
+    let fields = [
+        version,
+        p.lease_ms.unwrap_or(0),
+        p.max_depth.unwrap_or(0),
+        p.max_bytes.unwrap_or(0),
+        p.max_payload_bytes.unwrap_or(0),
+    ];
+    for (i, f) in fields.iter().enumerate() {
+        v[i * 8..i * 8 + 8].copy_from_slice(&f.to_be_bytes());
+    }
+    v
+}
+
+pub fn parse_policy(v: &[u8]) -> Option<(u64, crate::types::QueuePolicy)> {
+    if v.len() != 40 {
+        return None;
+    }
+    let field = |i: usize| u64::from_be_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    let set = |i: usize| Some(field(i)).filter(|&f| f != 0);
+    Some((
+        field(0),
+        crate::types::QueuePolicy {
+            lease_ms: set(1),
+            max_depth: set(2),
+            max_bytes: set(3),
+            max_payload_bytes: set(4),
+        },
+    ))
 }
 
 /// Counters persisted with every batch that changes a queue, so that opening a
@@ -169,14 +212,24 @@ pub fn counters_key(qid: QueueId) -> [u8; 1 + QID_LEN] {
 pub struct Counters {
     /// Ready records (visible and delayed).
     pub ready: u64,
+    /// Payload bytes of the queue's messages, ready and leased (`max_bytes`).
+    /// `None` in counters written before it was kept: recovery counts them.
+    pub bytes: Option<u64>,
     /// Every ready key of the queue sorts at or after this one; polls seek here
     /// instead of wading through the tombstones of consumed messages.
     pub floor: Option<Vec<u8>>,
 }
 
+/// The first byte of counters that carry `bytes`. The first format began
+/// with the high byte of `ready`, which stays 0 below 2^56 messages, so
+/// this tag can never be mistaken for it.
+const COUNTERS_V2: u8 = 2;
+
 pub fn encode_counters(c: &Counters) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + 32);
+    let mut v = Vec::with_capacity(1 + 16 + 32);
+    v.push(COUNTERS_V2);
     v.extend_from_slice(&c.ready.to_be_bytes());
+    v.extend_from_slice(&c.bytes.unwrap_or(0).to_be_bytes());
     if let Some(f) = &c.floor {
         v.extend_from_slice(f);
     }
@@ -184,9 +237,21 @@ pub fn encode_counters(c: &Counters) -> Vec<u8> {
 }
 
 pub fn parse_counters(v: &[u8]) -> Option<Counters> {
-    let ready = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let u64_at = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
+    if v.first() == Some(&COUNTERS_V2) {
+        let floor = (v.len() > 17).then(|| v[17..].to_vec());
+        return Some(Counters {
+            ready: u64_at(1)?,
+            bytes: Some(u64_at(9)?),
+            floor,
+        });
+    }
     let floor = (v.len() > 8).then(|| v[8..].to_vec());
-    Some(Counters { ready, floor })
+    Some(Counters {
+        ready: u64_at(0)?,
+        bytes: None,
+        floor,
+    })
 }
 
 #[cfg(test)]
@@ -258,11 +323,37 @@ mod tests {
     fn counters_round_trip() {
         let c = Counters {
             ready: 9,
+            bytes: Some(1234),
             floor: Some(ready_key(1, 2, &mid(3)).to_vec()),
         };
         assert_eq!(parse_counters(&encode_counters(&c)), Some(c));
-        let empty = Counters::default();
+        let empty = Counters {
+            bytes: Some(0),
+            ..Counters::default()
+        };
         assert_eq!(parse_counters(&encode_counters(&empty)), Some(empty));
         assert_eq!(parse_counters(&[1, 2]), None);
+    }
+
+    #[test]
+    fn counters_of_the_first_format_still_parse_without_bytes() {
+        let floor = ready_key(1, 2, &mid(3));
+        let mut old = 9u64.to_be_bytes().to_vec();
+        old.extend_from_slice(&floor);
+        let c = parse_counters(&old).unwrap();
+        assert_eq!((c.ready, c.bytes, c.floor), (9, None, Some(floor.to_vec())));
+        assert_eq!(parse_counters(&7u64.to_be_bytes()).unwrap().ready, 7);
+    }
+
+    #[test]
+    fn policies_round_trip_with_unset_fields() {
+        let p = crate::types::QueuePolicy {
+            lease_ms: Some(5_000),
+            max_depth: Some(crate::types::UNLIMITED),
+            max_bytes: None,
+            max_payload_bytes: Some(1024),
+        };
+        assert_eq!(parse_policy(&encode_policy(3, &p)), Some((3, p)));
+        assert_eq!(parse_policy(&[0; 39]), None);
     }
 }

@@ -37,7 +37,7 @@ pub use model::ModelStore;
 pub use shard::ShardStore;
 // The values clients and the server exchange live outside the storage layer
 // (so a client builds without RocksDB); storage speaks them too.
-pub use crate::types::{Delivery, Lease, NewMessage, PeekCursor, Peeked, QueueStats};
+pub use crate::types::{Delivery, Lease, NewMessage, PeekCursor, Peeked, PolicyInfo, QueuePolicy, QueueStats};
 
 /// Default per-message payload limit (256 KiB).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -126,6 +126,7 @@ pub enum Command {
     Poll {
         queue: QueueName,
         max_items: u32,
+        /// 0: the queue's policy's lease, or the server's default.
         lease_ms: u64,
         /// Byte budget of this poll's reply (capped by the store's own limit).
         max_bytes: ReplyBudget,
@@ -158,6 +159,21 @@ pub enum Command {
     /// Every queue in the database (all shards), sorted: a read of the
     /// registry every shard shares.
     ListQueues,
+    /// Creates a queue with a policy. A queue that exists already is left
+    /// as it is when its policy is the same, and refused otherwise.
+    CreateQueue {
+        queue: QueueName,
+        policy: QueuePolicy,
+    },
+    GetPolicy {
+        queue: QueueName,
+    },
+    /// Replaces a queue's policy whole (unset fields go back to the
+    /// server's defaults); it applies from the next command on.
+    SetPolicy {
+        queue: QueueName,
+        policy: QueuePolicy,
+    },
     /// Up to `max_items` visible messages from the head (or after
     /// `cursor`), without leasing them.
     Peek {
@@ -183,7 +199,13 @@ impl Command {
     /// says so (the one rule; nothing sets sync flags by hand).
     pub fn needs_sync(&self) -> bool {
         match self {
-            Command::Add { .. } | Command::Purge { .. } | Command::Delete { .. } => true,
+            // A policy is acknowledged configuration: it must not come back
+            // older after a power cut.
+            Command::Add { .. }
+            | Command::Purge { .. }
+            | Command::Delete { .. }
+            | Command::CreateQueue { .. }
+            | Command::SetPolicy { .. } => true,
             Command::Poll { .. }
             | Command::Remove { .. }
             | Command::Extend { .. }
@@ -191,6 +213,7 @@ impl Command {
             | Command::Stats { .. }
             | Command::ListQueues
             | Command::Peek { .. }
+            | Command::GetPolicy { .. }
             | Command::Snapshot { .. } => false,
         }
     }
@@ -211,6 +234,13 @@ pub enum Outcome {
     Deleted,
     Queues(Vec<QueueName>),
     Peeked(Peeked),
+    /// `createQueue`: whether it created the queue, and its policy.
+    /// (Boxed: a policy is several times the size of any other outcome.)
+    Created {
+        created: bool,
+        policy: Box<PolicyInfo>,
+    },
+    Policy(Box<PolicyInfo>),
     /// One entry per asked queue that exists, in the asked order.
     Snapshot(Vec<QueueSnapshot>),
 }
@@ -305,6 +335,13 @@ pub enum CommandError {
     /// The data filesystem is under its free-space reserve: adds are refused.
     #[error("{0}")]
     DiskFull(disk::DiskFull),
+    /// An add would take the queue past its `max_depth` or `max_bytes`:
+    /// nothing of it was stored.
+    #[error("queue {queue} is full: {detail}")]
+    QueueFull { queue: QueueName, detail: String },
+    /// `createQueue` of a queue that exists with another policy.
+    #[error("queue {0} exists with another policy (setPolicy changes it)")]
+    QueueExists(QueueName),
 }
 
 /// A failure of the storage itself: nothing of the batch it happened in was

@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::{
-    deadline, Command, CommandError, Delivery, Executed, Lease, Outcome, QueueCounters, QueueSnapshot, QueueStats,
-    QueueStore, StoreError, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES, POLL_MESSAGE_OVERHEAD,
+    deadline, Command, CommandError, Delivery, Executed, Lease, Outcome, PolicyInfo, QueueCounters, QueuePolicy,
+    QueueSnapshot, QueueStats, QueueStore, StoreError, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES,
+    POLL_MESSAGE_OVERHEAD,
 };
 use crate::clock::Clock;
 use crate::ids::{IdGenerator, LeaseId, MessageId};
@@ -30,6 +31,8 @@ struct Queue {
     messages: BTreeMap<MessageId, Message>,
     leases: HashMap<LeaseId, u64>,
     counters: QueueCounters,
+    policy: QueuePolicy,
+    policy_version: u64,
 }
 
 impl Queue {
@@ -77,6 +80,18 @@ impl Queue {
         stats
     }
 
+    fn bytes(&self) -> u64 {
+        self.messages.values().map(|m| m.payload.len() as u64).sum()
+    }
+
+    fn policy_info(&self, defaults: QueuePolicy) -> PolicyInfo {
+        PolicyInfo {
+            version: self.policy_version,
+            policy: self.policy,
+            effective: self.policy.or(defaults),
+        }
+    }
+
     fn holds(&self, id: &MessageId, lease: &LeaseId, now: u64) -> bool {
         self.messages.get(id).is_some_and(|m| m.lease == Some(*lease))
             && self.leases.get(lease).is_some_and(|&e| e > now)
@@ -89,6 +104,8 @@ pub struct ModelStore {
     queues: BTreeMap<QueueName, Queue>,
     max_payload_bytes: usize,
     max_poll_bytes: usize,
+    /// The server's policy defaults (as `EngineOptions::default_policy`).
+    default_policy: QueuePolicy,
     last_now: u64,
 }
 
@@ -100,8 +117,19 @@ impl ModelStore {
             queues: BTreeMap::new(),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_poll_bytes: DEFAULT_MAX_POLL_BYTES,
+            default_policy: QueuePolicy::default(),
             last_now: 0,
         }
+    }
+
+    /// With the server's policy defaults set to `defaults`.
+    pub fn with_default_policy(mut self, defaults: QueuePolicy) -> Self {
+        self.default_policy = defaults;
+        self
+    }
+
+    fn defaults(&self) -> QueuePolicy {
+        super::engine::complete_defaults(self.default_policy, self.max_payload_bytes)
     }
 
     fn queue(&mut self, name: &QueueName) -> Result<&mut Queue, StoreError> {
@@ -113,10 +141,24 @@ impl ModelStore {
     fn apply(&mut self, command: Command, now: u64, deleted: &mut Vec<QueueName>) -> Result<Outcome, StoreError> {
         match command {
             Command::Add { queue, messages } => {
-                if let Some(m) = messages.iter().find(|m| m.payload.len() > self.max_payload_bytes) {
+                let defaults = self.defaults();
+                let existing = self.queues.get(&queue);
+                let policy = existing.map_or(defaults, |q| q.policy.or(defaults));
+                let limit = policy.max_payload_bytes.unwrap_or(u64::MAX);
+                if let Some(m) = messages.iter().find(|m| m.payload.len() as u64 > limit) {
                     return Err(StoreError::Command(CommandError::PayloadTooLarge {
                         size: m.payload.len(),
-                        limit: self.max_payload_bytes,
+                        limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                    }));
+                }
+                let (depth, bytes) = existing.map_or((0, 0), |q| (q.messages.len() as u64, q.bytes()));
+                let adding: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+                let too_deep = policy.max_depth.is_some_and(|m| depth + messages.len() as u64 > m);
+                let too_big = policy.max_bytes.is_some_and(|m| bytes + adding > m);
+                if too_deep || too_big {
+                    return Err(StoreError::Command(CommandError::QueueFull {
+                        queue,
+                        detail: "over max-depth or max-bytes".into(),
                     }));
                 }
                 let mut ids = Vec::new();
@@ -146,7 +188,16 @@ impl ModelStore {
             } => {
                 let lease = self.ids.lease_id(now);
                 let budget = self.max_poll_bytes;
+                let defaults = self.defaults();
                 let q = self.queue(&queue)?;
+                let lease_ms = match lease_ms {
+                    0 => q
+                        .policy
+                        .or(defaults)
+                        .lease_ms
+                        .unwrap_or(super::engine::DEFAULT_LEASE_MS),
+                    named => named,
+                };
                 let mut bytes = 0;
                 let ids: Vec<_> = q
                     .visible_in_order(now)
@@ -244,6 +295,36 @@ impl ModelStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
+            Command::CreateQueue { queue, policy } => {
+                let defaults = self.defaults();
+                if let Some(q) = self.queues.get(&queue) {
+                    if q.policy != policy {
+                        return Err(StoreError::Command(CommandError::QueueExists(queue)));
+                    }
+                    return Ok(Outcome::Created {
+                        created: false,
+                        policy: Box::new(q.policy_info(defaults)),
+                    });
+                }
+                let q = self.queues.entry(queue).or_default();
+                q.policy = policy;
+                q.policy_version = 1;
+                Ok(Outcome::Created {
+                    created: true,
+                    policy: Box::new(q.policy_info(defaults)),
+                })
+            }
+            Command::GetPolicy { queue } => {
+                let defaults = self.defaults();
+                Ok(Outcome::Policy(Box::new(self.queue(&queue)?.policy_info(defaults))))
+            }
+            Command::SetPolicy { queue, policy } => {
+                let defaults = self.defaults();
+                let q = self.queue(&queue)?;
+                q.policy = policy;
+                q.policy_version += 1;
+                Ok(Outcome::Policy(Box::new(q.policy_info(defaults))))
+            }
             Command::Peek {
                 queue,
                 max_items,

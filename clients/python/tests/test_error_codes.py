@@ -36,7 +36,6 @@ async def test_invalid_argument(server: Server, queue: str) -> None:
         await qb.add(queue, [b"x"])
         lease = await qb.poll(queue)
         cases = [
-            qb.poll(queue, lease_ms=0),
             qb.extend(queue, lease, 0),
             qb.remove(queue, lease, []),
             qb.remove(queue, b"short", lease.messages),

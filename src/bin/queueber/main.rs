@@ -14,7 +14,7 @@ use queueber::client::{code_name, Client, ClientError};
 use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::storage::{Lease, NewMessage};
-use queueber::types::PeekCursor;
+use queueber::types::{PeekCursor, PolicyInfo, QueuePolicy};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
@@ -136,6 +136,15 @@ enum Command {
         #[arg(long)]
         cursor: Option<String>,
     },
+    /// Create a queue with a policy (an add creates one with the defaults).
+    Create {
+        queue: String,
+        #[command(flatten)]
+        policy: PolicyFlags,
+    },
+    /// Read or change a queue's policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// List every queue.
     Queues,
     /// Drop every message of a queue.
@@ -148,6 +157,103 @@ enum Command {
     /// Access tokens (for a server's --auth-file).
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// The queue's policy (version, as set, and what applies).
+    Get { queue: String },
+    /// Change the fields given; the others stay as they are.
+    Set {
+        queue: String,
+        #[command(flatten)]
+        policy: PolicyFlags,
+    },
+}
+
+/// A policy's fields: a number, `unlimited` (depth and bytes), or
+/// `default` (unset: the server's default applies).
+#[derive(Debug, clap::Args)]
+struct PolicyFlags {
+    /// Lease of a poll that names none, in milliseconds.
+    #[arg(long, value_name = "MS|default")]
+    lease_ms: Option<String>,
+    /// Most messages held (visible, delayed, in flight).
+    #[arg(long, value_name = "N|unlimited|default")]
+    max_depth: Option<String>,
+    /// Most payload bytes held.
+    #[arg(long, value_name = "N|unlimited|default")]
+    max_bytes: Option<String>,
+    /// Largest payload of one message (at most the server's limit).
+    #[arg(long, value_name = "N|default")]
+    max_payload_bytes: Option<String>,
+}
+
+impl PolicyFlags {
+    /// `base` with the given fields changed.
+    fn apply(&self, mut base: QueuePolicy) -> Result<QueuePolicy, CliError> {
+        let field =
+            |flag: &str, value: &Option<String>, unlimited: bool, old: Option<u64>| -> Result<Option<u64>, CliError> {
+                match value.as_deref() {
+                    None => Ok(old),
+                    Some("default") => Ok(None),
+                    Some("unlimited") if unlimited => Ok(Some(queueber::types::UNLIMITED)),
+                    Some(v) => match v.parse::<u64>() {
+                        Ok(n) if n > 0 => Ok(Some(n)),
+                        _ => Err(CliError::Usage(format!(
+                            "--{flag} {v:?}: expected a positive number{}, or default",
+                            if unlimited { ", unlimited" } else { "" }
+                        ))),
+                    },
+                }
+            };
+        base.lease_ms = field("lease-ms", &self.lease_ms, false, base.lease_ms)?;
+        base.max_depth = field("max-depth", &self.max_depth, true, base.max_depth)?;
+        base.max_bytes = field("max-bytes", &self.max_bytes, true, base.max_bytes)?;
+        base.max_payload_bytes = field(
+            "max-payload-bytes",
+            &self.max_payload_bytes,
+            false,
+            base.max_payload_bytes,
+        )?;
+        Ok(base)
+    }
+}
+
+/// A policy as text and JSON.
+fn show_policy(info: &PolicyInfo) -> (String, Value) {
+    let text_of = |v: Option<u64>| match v {
+        None => "default".to_string(),
+        Some(queueber::types::UNLIMITED) => "unlimited".to_string(),
+        Some(n) => n.to_string(),
+    };
+    let json_of = |v: Option<u64>| match v {
+        None => Value::Null,
+        Some(queueber::types::UNLIMITED) => json!("unlimited"),
+        Some(n) => json!(n),
+    };
+    let fields = |p: &QueuePolicy| {
+        [
+            ("lease_ms", p.lease_ms),
+            ("max_depth", p.max_depth),
+            ("max_bytes", p.max_bytes),
+            ("max_payload_bytes", p.max_payload_bytes),
+        ]
+    };
+    let mut text = format!("version {}", info.version);
+    for ((name, own), (_, effective)) in fields(&info.policy).into_iter().zip(fields(&info.effective)) {
+        text.push_str(&format!("\n{name} {} (applies: {})", text_of(own), text_of(effective)));
+    }
+    let object = |p: &QueuePolicy| {
+        Value::Object(
+            fields(p)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json_of(v)))
+                .collect(),
+        )
+    };
+    let json = json!({ "version": info.version, "policy": object(&info.policy), "effective": object(&info.effective) });
+    (text, json)
 }
 
 #[derive(Debug, Subcommand)]
@@ -372,6 +478,26 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
                 ),
                 json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "oldest_visible_age_ms": s.oldest_visible_age_ms, "disk_full": s.disk_full }),
             )
+        }
+        Command::Create { queue: name, policy } => {
+            let created = client
+                .create_queue(&queue(&name)?, policy.apply(QueuePolicy::default())?)
+                .await?;
+            let (text, mut json) = show_policy(&created.policy);
+            json["created"] = json!(created.created);
+            let head = if created.created {
+                "created"
+            } else {
+                "exists with this policy"
+            };
+            (format!("{head}\n{text}"), json)
+        }
+        Command::Policy(PolicyCommand::Get { queue: name }) => show_policy(&client.get_policy(&queue(&name)?).await?),
+        Command::Policy(PolicyCommand::Set { queue: name, policy }) => {
+            let q = queue(&name)?;
+            // Read, change the fields given, write back: the others stay.
+            let current = client.get_policy(&q).await?;
+            show_policy(&client.set_policy(&q, policy.apply(current.policy)?).await?)
         }
         Command::Queues => {
             let names = client.list_queues().await?;

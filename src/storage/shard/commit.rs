@@ -46,6 +46,17 @@ impl ShardStore {
                 Ok(Outcome::Deleted)
             }
             Command::ListQueues => self.list_queues().map(Outcome::Queues),
+            Command::CreateQueue { queue, policy } => {
+                self.apply_create_queue(&queue, policy, batch)
+                    .map(|(created, policy)| Outcome::Created {
+                        created,
+                        policy: Box::new(policy),
+                    })
+            }
+            Command::GetPolicy { queue } => self.apply_get_policy(&queue).map(|p| Outcome::Policy(Box::new(p))),
+            Command::SetPolicy { queue, policy } => self
+                .apply_set_policy(&queue, policy, batch)
+                .map(|p| Outcome::Policy(Box::new(p))),
             Command::Peek {
                 queue,
                 max_items,

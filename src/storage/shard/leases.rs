@@ -49,7 +49,7 @@ impl ShardStore {
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
                 (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
-                    if leases.take_member(&mut batch.writes, q, &member, lease, id) {
+                    if leases.take_member(&mut batch.writes, q, &member, lease, id).is_some() {
                         ready.insert(&mut batch.writes, q, keys::ready_key(qid, expired_at, &id), v);
                         returned += 1;
                     }
@@ -67,19 +67,22 @@ impl ShardStore {
     }
 
     /// Drops `id` from `lease` in memory and stages the deletes; the lease
-    /// record goes with its last member.
+    /// record goes with its last member. Returns the payload size of the
+    /// message taken.
     pub(super) fn take_member(
         &mut self,
         qid: QueueId,
         id: MessageId,
         lease: LeaseId,
         batch: &mut Batch,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u32, StoreError> {
         let leases = LeaseTable::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
-            return Ok(());
+            return Ok(0);
         };
-        leases.take_member(&mut batch.writes, q, &keys::member_key(qid, &lease, &id), lease, id);
+        let bytes = leases
+            .take_member(&mut batch.writes, q, &keys::member_key(qid, &lease, &id), lease, id)
+            .unwrap_or(0);
         if let Some(state) = q.leases.get_mut(&lease) {
             state.live = state.live.saturating_sub(1);
             if state.live == 0 {
@@ -89,13 +92,13 @@ impl ShardStore {
                 leases.delete_expiry(&mut batch.writes, &keys::lease_key(qid, &lease));
             }
         }
-        Ok(())
+        Ok(bytes)
     }
 
     pub(super) fn holds(&self, qid: QueueId, id: &MessageId, lease: &LeaseId, now: u64) -> bool {
         self.queues
             .get(&qid)
-            .is_some_and(|q| q.holders.get(id) == Some(lease) && q.lease_valid(lease, now))
+            .is_some_and(|q| q.holders.get(id).is_some_and(|h| h.lease == *lease) && q.lease_valid(lease, now))
     }
 
     pub(super) fn apply_remove(
@@ -110,7 +113,11 @@ impl ShardStore {
         if !self.holds(qid, &id, &lease, now) {
             return Ok(false);
         }
-        self.take_member(qid, id, lease, batch)?;
+        let bytes = self.take_member(qid, id, lease, batch)?;
+        if let Some(q) = self.queues.get_mut(&qid) {
+            q.take_bytes(u64::from(bytes));
+        }
+        batch.touched.push(qid);
         batch.counted.entry(qid).or_default().removed += 1;
         Ok(true)
     }

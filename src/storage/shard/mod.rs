@@ -17,10 +17,12 @@
 //!
 //! Layout: [`state`] (in-memory queue state, the batch), [`recovery`]
 //! (rebuilding it at open), [`ready`] (adds, polls, stats, purges),
-//! [`leases`] (expiry, remove, extend, release), [`commit`] (one batch).
+//! [`leases`] (expiry, remove, extend, release), [`policy`] (queue
+//! policies, created and changed), [`commit`] (one batch).
 
 mod commit;
 mod leases;
+mod policy;
 mod ready;
 mod recovery;
 mod state;
@@ -36,13 +38,13 @@ use rocksdb::WriteBatch;
 use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
 use super::{
-    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, PeekCursor, Peeked, QueueCounters,
-    QueueSnapshot, QueueStats, QueueStore, ReplyBudget, StorageError, StoreError,
+    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, PeekCursor, Peeked, PolicyInfo,
+    QueueCounters, QueuePolicy, QueueSnapshot, QueueStats, QueueStore, ReplyBudget, StorageError, StoreError,
 };
 use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
-use state::{Batch, LeaseState, QueueState};
+use state::{Batch, Held, LeaseState, QueueState};
 use tables::{LeaseTable, MemberKey, ReadyIndex, Registry};
 
 /// Decides whether this shard owns a queue (the server's stable hash).

@@ -11,39 +11,56 @@ impl ShardStore {
         now: u64,
         batch: &mut Batch,
     ) -> Result<Vec<MessageId>, StoreError> {
-        let limit = self.engine.options().max_payload_bytes;
-        if let Some(m) = messages.iter().find(|m| m.payload.len() > limit) {
+        // The queue's limits, or the server's for a queue this add creates.
+        let defaults = self.engine.options().defaults();
+        let existing = self.names.get(&queue).and_then(|qid| self.queues.get(qid));
+        let policy = existing.map_or(defaults, |q| q.policy.or(defaults));
+        let limit = policy.max_payload_bytes.unwrap_or(u64::MAX);
+        if let Some(m) = messages.iter().find(|m| m.payload.len() as u64 > limit) {
             return Err(StoreError::Command(CommandError::PayloadTooLarge {
                 size: m.payload.len(),
-                limit,
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
             }));
+        }
+        // All or nothing: the whole add fits under the queue's bounds, or
+        // none of it is stored.
+        let adding: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+        let (depth, bytes) = existing.map_or((0, 0), |q| (q.depth(), q.bytes()));
+        let full = |detail: String| {
+            StoreError::Command(CommandError::QueueFull {
+                queue: queue.clone(),
+                detail,
+            })
+        };
+        if let Some(max) = policy
+            .max_depth
+            .filter(|&m| depth.saturating_add(messages.len() as u64) > m)
+        {
+            return Err(full(format!(
+                "{depth} messages and max-depth {max}: {} more do not fit",
+                messages.len()
+            )));
+        }
+        if let Some(max) = policy.max_bytes.filter(|&m| bytes.saturating_add(adding) > m) {
+            return Err(full(format!(
+                "{bytes} payload bytes and max-bytes {max}: {adding} more do not fit"
+            )));
         }
         // Checked before the queue is created: a refused add leaves nothing.
         if let Some(full) = self.engine.disk().refusal() {
             return Err(StoreError::Command(CommandError::DiskFull(full)));
         }
-        let ready = ReadyIndex::of(&self.engine)?;
         let qid = match self.names.get(&queue) {
             Some(&qid) => qid,
-            None => {
-                if !(self.owns)(&queue) {
-                    return Err(StoreError::Command(CommandError::WrongShard(queue)));
-                }
-                let qid = self.engine.allocate_qid()?;
-                Registry::of(&self.engine)?.register(&mut batch.writes, &queue, qid);
-                self.names.insert(queue.clone(), qid);
-                self.sorted = None;
-                let mut state = QueueState::new(queue, qid, Counters::default());
-                state.dirty = true;
-                self.queues.insert(qid, state);
-                qid
-            }
+            None => self.create_queue(&queue, batch)?,
         };
+        let ready = ReadyIndex::of(&self.engine)?;
         let q = self
             .queues
             .get_mut(&qid)
             .ok_or_else(|| StoreError::Storage(StorageError::Unavailable(format!("queue id {qid} has no state"))))?;
         batch.touched.push(qid);
+        q.add_bytes(adding);
         let header = RecordHeader {
             enqueued_at: now,
             delivery_count: 0,
@@ -96,6 +113,15 @@ impl ShardStore {
             .scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
 
         let lease = self.ids.lease_id(now);
+        // A poll that names no lease gets the queue's (or the server's).
+        let lease_ms = match lease_ms {
+            0 => q
+                .policy
+                .or(self.engine.options().defaults())
+                .lease_ms
+                .unwrap_or(crate::storage::engine::DEFAULT_LEASE_MS),
+            named => named,
+        };
         let expires_at = deadline(now, lease_ms);
         let mut messages = Vec::with_capacity(want as usize);
         let mut last_key: Option<ReadyKey> = None;
@@ -252,7 +278,10 @@ impl ShardStore {
         batch.touched.push(qid);
         ready.purge(&mut batch.writes, qid);
         leases.purge(&mut batch.writes, qid);
-        q.counters = Counters::default();
+        q.counters = Counters {
+            bytes: Some(0),
+            ..Counters::default()
+        };
         q.note_ready_change();
         q.delayed = 0;
         q.leases.clear();

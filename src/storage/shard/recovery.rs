@@ -36,6 +36,22 @@ impl ShardStore {
             None => Counters::default(),
         };
         let mut q = QueueState::new(name.clone(), qid, counters);
+        if let Some(v) = db
+            .get_pinned_cf(engine.cf(CF_REGISTRY)?, keys::policy_key(qid))
+            .map_err(StoreError::rocks("read a queue policy"))?
+        {
+            (q.policy_version, q.policy) = keys::parse_policy(&v).ok_or_else(|| {
+                StoreError::Storage(StorageError::Corrupt {
+                    cf: CF_REGISTRY,
+                    detail: format!("policy of {name} is {} bytes", v.len()),
+                })
+            })?;
+        }
+        // Counters from before payload bytes were kept: count them once
+        // (leased payloads below, ready ones after), and persist them with
+        // the queue's next batch.
+        let count_bytes = q.counters.bytes.is_none();
+        let mut leased_bytes = 0u64;
 
         // Leases: a header (expiry) followed by its members, in key order.
         let mut it = engine.scan(CF_LEASES, &keys::queue_prefix(qid), keys::queue_end(qid).to_vec())?;
@@ -58,7 +74,9 @@ impl ShardStore {
                         .entry(lease)
                         .or_insert(LeaseState { expires_at: 0, live: 0 })
                         .live += 1;
-                    q.holders.insert(id, lease);
+                    let bytes = v.len().saturating_sub(keys::RECORD_HEADER_LEN) as u32;
+                    leased_bytes += u64::from(bytes);
+                    q.holders.insert(id, Held { lease, bytes });
                 }
                 None => {
                     return Err(StoreError::Storage(StorageError::Corrupt {
@@ -93,6 +111,19 @@ impl ShardStore {
             it.next();
         }
         it.status().map_err(StoreError::rocks("scan delayed messages"))?;
+        drop(it);
+        if count_bytes {
+            let mut ready_bytes = 0u64;
+            let mut it = engine.scan(CF_READY, &keys::queue_prefix(qid), keys::queue_end(qid).to_vec())?;
+            while let Some(v) = it.value() {
+                ready_bytes += v.len().saturating_sub(keys::RECORD_HEADER_LEN) as u64;
+                it.next();
+            }
+            it.status()
+                .map_err(StoreError::rocks("count a queue's payload bytes"))?;
+            q.counters.bytes = Some(leased_bytes + ready_bytes);
+            q.dirty = true;
+        }
 
         self.names.insert(name, qid);
         self.sorted = None;

@@ -10,6 +10,14 @@ pub(super) struct LeaseState {
     pub(super) live: u32,
 }
 
+/// Who holds a leased message, and its payload's size (what a remove takes
+/// off the queue's bytes without reading the record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Held {
+    pub(super) lease: LeaseId,
+    pub(super) bytes: u32,
+}
+
 #[derive(Debug)]
 pub(super) struct QueueState {
     pub(super) name: QueueName,
@@ -18,7 +26,10 @@ pub(super) struct QueueState {
     /// Ready records whose visible time is still in the future.
     pub(super) delayed: u64,
     pub(super) leases: HashMap<LeaseId, LeaseState>,
-    pub(super) holders: HashMap<MessageId, LeaseId>,
+    pub(super) holders: HashMap<MessageId, Held>,
+    /// The queue's own policy and its version (0: never set).
+    pub(super) policy: QueuePolicy,
+    pub(super) policy_version: u64,
     /// The lowest ready key written by the batch in progress. Polls in the
     /// same batch cannot see those records yet (they are not committed), so
     /// the floor must not move past them.
@@ -45,6 +56,8 @@ impl QueueState {
             delayed: 0,
             leases: HashMap::new(),
             holders: HashMap::new(),
+            policy: QueuePolicy::default(),
+            policy_version: 0,
             batch_low: None,
             dirty: false,
             ready_generation: 0,
@@ -80,6 +93,34 @@ impl QueueState {
         match &self.counters.floor {
             Some(floor) => std::borrow::Cow::Borrowed(floor),
             None => std::borrow::Cow::Owned(keys::queue_prefix(self.qid).to_vec()),
+        }
+    }
+
+    /// Payload bytes held (ready and leased).
+    pub(super) fn bytes(&self) -> u64 {
+        self.counters.bytes.unwrap_or(0)
+    }
+
+    pub(super) fn add_bytes(&mut self, n: u64) {
+        self.counters.bytes = Some(self.bytes().saturating_add(n));
+        self.dirty = true;
+    }
+
+    pub(super) fn take_bytes(&mut self, n: u64) {
+        self.counters.bytes = Some(self.bytes().saturating_sub(n));
+        self.dirty = true;
+    }
+
+    /// Messages held: visible, delayed and in flight.
+    pub(super) fn depth(&self) -> u64 {
+        self.counters.ready + self.holders.len() as u64
+    }
+
+    pub(super) fn policy_info(&self, defaults: QueuePolicy) -> PolicyInfo {
+        PolicyInfo {
+            version: self.policy_version,
+            policy: self.policy,
+            effective: self.policy.or(defaults),
         }
     }
 

@@ -70,11 +70,12 @@ impl<'e> LeaseTable<'e> {
         record: &[u8],
     ) {
         writes.put_cf(self.0, keys::member_key(q.qid, &lease, &id), record);
-        q.holders.insert(id, lease);
+        let bytes = record.len().saturating_sub(keys::RECORD_HEADER_LEN) as u32;
+        q.holders.insert(id, Held { lease, bytes });
     }
 
     /// Deletes a member record, and its holder entry when `lease` still
-    /// holds the message; returns whether it did.
+    /// holds the message; returns the payload size of what it took then.
     pub(super) fn take_member(
         &self,
         writes: &mut WriteBatch,
@@ -82,10 +83,10 @@ impl<'e> LeaseTable<'e> {
         key: &MemberKey,
         lease: LeaseId,
         id: MessageId,
-    ) -> bool {
+    ) -> Option<u32> {
         writes.single_delete_cf(self.0, key);
-        let held = q.holders.get(&id) == Some(&lease);
-        if held {
+        let held = q.holders.get(&id).filter(|h| h.lease == lease).map(|h| h.bytes);
+        if held.is_some() {
             q.holders.remove(&id);
         }
         held
@@ -122,6 +123,16 @@ impl<'e> Registry<'e> {
     pub(super) fn unregister(&self, writes: &mut WriteBatch, name: &QueueName, qid: QueueId) {
         writes.delete_cf(self.0, keys::name_key(name));
         writes.delete_cf(self.0, keys::counters_key(qid));
+        writes.delete_cf(self.0, keys::policy_key(qid));
+    }
+
+    /// Writes a queue's policy (rewritten by every change: deleted plainly).
+    pub(super) fn put_policy(&self, writes: &mut WriteBatch, q: &QueueState) {
+        writes.put_cf(
+            self.0,
+            keys::policy_key(q.qid),
+            keys::encode_policy(q.policy_version, &q.policy),
+        );
     }
 
     /// Persists a queue's counters if they changed since the last batch.

@@ -32,7 +32,36 @@ struct Request {
     delete @10 :QueueRef;
     peek @11 :PeekRequest;
     auth @12 :AuthRequest;
+    createQueue @13 :CreateQueueRequest;
+    getPolicy @14 :QueueRef;
+    setPolicy @15 :SetPolicyRequest;
   }
+}
+
+struct QueuePolicy {
+  # A queue's own settings; 0 in any field = unset (the server's default
+  # applies). maxDepth and maxBytes: 0xFFFFFFFFFFFFFFFF = unlimited.
+  leaseMs @0 :UInt64;         # the lease of a poll with leaseMs = 0
+  maxDepth @1 :UInt64;        # most messages held (visible, delayed, in flight)
+  maxBytes @2 :UInt64;        # most payload bytes held
+  maxPayloadBytes @3 :UInt64; # largest payload (at most the server's limit)
+}
+
+struct CreateQueueRequest {
+  queue @0 :QueueRef;
+  policy @1 :QueuePolicy;
+}
+
+struct SetPolicyRequest {
+  queue @0 :QueueRef;
+  policy @1 :QueuePolicy;     # replaces the whole policy
+}
+
+struct PolicyReply {
+  version @0 :UInt64;         # 0 until a policy is set; +1 with every change
+  policy @1 :QueuePolicy;     # as stored
+  effective @2 :QueuePolicy;  # every field set: the queue's, else the default
+  created @3 :Bool;           # createQueue only: the queue is new
 }
 
 struct AddRequest {
@@ -43,7 +72,7 @@ struct AddRequest {
 struct PollRequest {
   queue @0 :QueueRef;
   maxItems @1 :UInt32;  # 0 means 1; capped by the server's limit
-  leaseMs @2 :UInt64;   # must be > 0
+  leaseMs @2 :UInt64;   # 0 = the queue's policy's lease, else the server's default
   waitMs @3 :UInt64;    # 0 = answer at once; capped by the server's limit
 }
 
@@ -92,6 +121,9 @@ struct Response {
     delete @11 :Void;
     peek @12 :PeekReply;
     auth @13 :AuthReply;
+    createQueue @14 :PolicyReply;
+    getPolicy @15 :PolicyReply;
+    setPolicy @16 :PolicyReply;
   }
 }
 
@@ -116,6 +148,8 @@ enum ErrorCode {
   permissionDenied @14; # the connection's token does not allow this request
                         # (another tenant, a missing permission, a queue
                         # outside its patterns); nothing was executed
+  queueFull @15;        # the add would take the queue past its maxDepth or
+                        # maxBytes; nothing of it was stored
 }
 
 struct Error {
