@@ -19,8 +19,8 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 import capnp  # type: ignore[import-untyped]
 
 from .errors import Internal, error_for_code
-from .types import (Limits, Message, NewMessage, Payload, Peeked, QueueRef, QueueStats,
-                    ServerInfo)
+from .types import (Limits, Message, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated,
+                    QueuePolicy, QueueRef, QueueStats, ServerInfo)
 
 SCHEMA_PATH = Path(__file__).with_name("queueber.capnp")
 schema: Any = capnp.load(str(SCHEMA_PATH))
@@ -182,8 +182,38 @@ def encode_auth(rid: int, token: str) -> bytes:
     return req.to_bytes()  # type: ignore[no-any-return]
 
 
+def _set_policy(b: Any, policy: Optional[QueuePolicy]) -> None:
+    """A QueuePolicy struct: ``None`` (the policy or a field) is 0, unset."""
+    if policy is None:
+        return
+    if not isinstance(policy, QueuePolicy):
+        raise TypeError(f"policy must be a QueuePolicy or None, not {type(policy).__name__}")
+    b.leaseMs = policy.lease_ms or 0
+    b.maxDepth = policy.max_depth or 0
+    b.maxBytes = policy.max_bytes or 0
+    b.maxPayloadBytes = policy.max_payload_bytes or 0
+
+
+def encode_create_queue(rid: int, tenant: str, queue: str,
+                        policy: Optional[QueuePolicy]) -> bytes:
+    req = _new(rid)
+    cq = req.init("createQueue")
+    _queue(cq.queue, tenant, queue)
+    _set_policy(cq.init("policy"), policy)
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_set_policy(rid: int, tenant: str, queue: str, policy: QueuePolicy) -> bytes:
+    req = _new(rid)
+    sp = req.init("setPolicy")
+    _queue(sp.queue, tenant, queue)
+    _set_policy(sp.init("policy"), policy)
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
 def encode_queue_op(rid: int, op: str, tenant: str, queue: str) -> bytes:
-    """``stats``, ``purge`` or ``delete``: a request that is just a QueueRef."""
+    """``stats``, ``purge``, ``delete`` or ``getPolicy``: a request that is
+    just a QueueRef."""
     req = _new(rid)
     _queue(req.init(op), tenant, queue)
     return req.to_bytes()  # type: ignore[no-any-return]
@@ -248,6 +278,17 @@ def _stats(s: Any) -> QueueStats:
                       g("oldestVisibleAgeMs") if g("hasVisible") else None, g("diskFull"))
 
 
+def _policy(p: Any) -> QueuePolicy:
+    g = p._get
+    return QueuePolicy(g("leaseMs") or None, g("maxDepth") or None, g("maxBytes") or None,
+                       g("maxPayloadBytes") or None)
+
+
+def _policy_info(r: Any) -> PolicyInfo:
+    g = r._get
+    return PolicyInfo(g("version"), _policy(g("policy")), _policy(g("effective")))
+
+
 def _queue_refs(refs: Any) -> List[QueueRef]:
     return [QueueRef(q._get("tenant"), q._get("queue")) for q in refs]
 
@@ -265,6 +306,9 @@ _CONVERT: Any = {
     "purge": lambda p: p._get("purged"),
     "peek": _peek,
     "auth": lambda a: a._get("tenant"),
+    "createQueue": lambda r: QueueCreated(r._get("created"), _policy_info(r)),
+    "getPolicy": _policy_info,
+    "setPolicy": _policy_info,
 }
 
 

@@ -15,9 +15,11 @@ wait for a slot.
 Reconnection: when the connection is lost, the requests in flight on it fail
 with :class:`~queueber.errors.ConnectionClosed` (their outcome is unknown),
 except the ones that are safe to send twice (``hello``, ``stats``,
-``queues``, ``extend``), which are sent again once on a new connection. The
-next request after a loss reconnects first. An ``add`` is never sent again
-by the client.
+``queues``, ``peek``, ``extend``, ``get_policy``), which are sent again once
+on a new connection. The next request after a loss reconnects first. An
+``add`` is never sent again by the client, nor are ``create_queue`` (its
+``created`` would be wrong the second time) and ``set_policy`` (it would
+move the version on twice).
 
 TLS: ``tls=True`` (or a CA, or a client certificate, or the ``QUEUEBER_TLS*``
 environment variables the CLI reads) connects with TLS 1.2 or newer,
@@ -40,8 +42,8 @@ import capnp  # type: ignore[import-untyped]
 
 from . import _tls, _wire
 from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError, TLSError
-from .types import (Lease, Message, NewMessage, Payload, Peeked, QueueRef, QueueStats,
-                    ServerInfo)
+from .types import (Lease, Message, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated,
+                    QueuePolicy, QueueRef, QueueStats, ServerInfo)
 from .worker import Consumer
 
 __all__ = ["Client", "connect", "DEFAULT_ADDRESS"]
@@ -752,18 +754,22 @@ class Client:
                                             messages, delay_ms)
         return ids
 
-    async def poll(self, queue: str, max_items: int = 1, lease_ms: int = 30000,
+    async def poll(self, queue: str, max_items: int = 1, lease_ms: Optional[int] = 30000,
                    wait_ms: int = 0) -> Lease:
         """Lease up to ``max_items`` visible messages for ``lease_ms``.
 
-        With ``wait_ms`` > 0 and nothing visible, the server waits that long
-        (capped by its ``max_wait_ms``) for messages. Returns a
+        ``lease_ms=None`` (or 0) leaves the lease to the server: the queue
+        policy's ``lease_ms``, else the server's ``--default-lease-ms``
+        (servers older than queue policies refuse it with
+        :class:`~queueber.errors.InvalidArgument`). With ``wait_ms`` > 0 and
+        nothing visible, the server waits that long (capped by its
+        ``max_wait_ms``) for messages. Returns a
         :class:`~queueber.types.Lease`, empty (falsy) when nothing came. If
         the caller is cancelled after the server leased messages, they are
         released.
         """
         lease, expires, messages = await self._call(
-            "poll", _wire.encode_poll, self.tenant, queue, max_items, lease_ms, wait_ms,
+            "poll", _wire.encode_poll, self.tenant, queue, max_items, lease_ms or 0, wait_ms,
             ctx=(self.tenant, queue))
         return Lease(lease, expires, messages)
 
@@ -821,6 +827,39 @@ class Client:
     async def delete(self, queue: str) -> None:
         """Purge ``queue`` and remove it."""
         await self._call("delete", _wire.encode_queue_op, "delete", self.tenant, queue)
+
+    async def create_queue(self, queue: str,
+                           policy: Optional[QueuePolicy] = None) -> QueueCreated:
+        """Create ``queue`` with ``policy`` (``None``: every field left to
+        the server's defaults).
+
+        Idempotent: a queue that exists with the same policy is answered
+        with ``created=False``; one with another policy raises
+        :class:`~queueber.errors.InvalidArgument` (change policies with
+        :meth:`set_policy`). A policy the server cannot hold to (a
+        ``max_payload_bytes`` over its own limit) raises ``InvalidArgument``
+        too. Needs the admin permission on servers with access control.
+        """
+        created: QueueCreated = await self._call(
+            "createQueue", _wire.encode_create_queue, self.tenant, queue, policy)
+        return created
+
+    async def get_policy(self, queue: str) -> PolicyInfo:
+        """``queue``'s policy as stored (``None`` fields: the server's
+        default), its version, and the effective one (every field set).
+        :class:`~queueber.errors.UnknownQueue` if it does not exist."""
+        info: PolicyInfo = await self._call("getPolicy", _wire.encode_queue_op, "getPolicy",
+                                            self.tenant, queue, resend=True)
+        return info
+
+    async def set_policy(self, queue: str, policy: QueuePolicy) -> PolicyInfo:
+        """Replace ``queue``'s whole policy (fields left ``None`` go back to
+        the server's defaults); the version goes up by one. It applies from
+        the next request: messages already held stay, and a lower
+        ``max_depth`` refuses adds until the queue drains under it."""
+        info: PolicyInfo = await self._call("setPolicy", _wire.encode_set_policy, self.tenant,
+                                            queue, policy)
+        return info
 
     def consume(self, queue: str, *, batch: int = 32, lease_ms: int = 30000,
                 wait_ms: int = 5000, max_held: Optional[int] = None,

@@ -33,6 +33,7 @@ __all__ = [
     "DiskFull",
     "Unauthenticated",
     "PermissionDenied",
+    "QueueFull",
     "ConnectionClosed",
     "ConnectTimeout",
     "TLSError",
@@ -84,7 +85,10 @@ class Internal(QueueberError):
 
 class InvalidArgument(QueueberError):
     """``invalidArgument`` (1): a number out of range or a malformed id
-    (``lease_ms=0``, an id that is not 16 bytes, an empty add or remove)."""
+    (``extend`` with ``lease_ms=0``, an id that is not 16 bytes, an empty add
+    or remove), or a queue policy the server cannot hold to (a
+    ``max_payload_bytes`` over its own limit, a lease over its longest;
+    ``create_queue`` of an existing queue with another policy)."""
 
     code, code_number = "invalidArgument", 1
 
@@ -97,15 +101,15 @@ class InvalidName(QueueberError):
 
 
 class UnknownQueue(QueueberError):
-    """``unknownQueue`` (3): the queue does not exist (only ``add`` creates
-    queues)."""
+    """``unknownQueue`` (3): the queue does not exist (only ``add`` and
+    ``create_queue`` create queues)."""
 
     code, code_number = "unknownQueue", 3
 
 
 class PayloadTooLarge(QueueberError):
     """``payloadTooLarge`` (4): a payload is over the server's
-    ``max_payload_bytes``; nothing was added."""
+    ``max_payload_bytes``, or over the queue policy's; nothing was added."""
 
     code, code_number = "payloadTooLarge", 4
 
@@ -183,6 +187,19 @@ class PermissionDenied(QueueberError):
     code, code_number, retryable = "permissionDenied", 14, False
 
 
+class QueueFull(QueueberError):
+    """``queueFull`` (15): the add would take the queue past its policy's
+    ``max_depth`` (messages held: visible, delayed and in flight) or
+    ``max_bytes`` (payload bytes held). Nothing of it was stored (an add to
+    a queue that did not exist created none).
+
+    Retryable, like :class:`DiskFull`: the same add succeeds once consumers
+    have removed enough (or the policy is raised). An add that alone is
+    larger than the bound never fits; split it or raise the policy."""
+
+    code, code_number, retryable = "queueFull", 15, True
+
+
 class ConnectionClosed(QueueberError, ConnectionError):
     """The connection could not be made, or ended before the request was
     answered: the request may or may not have run. Made by the client, never
@@ -214,7 +231,7 @@ _BY_NUMBER: Dict[int, Type[QueueberError]] = {
     for cls in (Internal, InvalidArgument, InvalidName, UnknownQueue, PayloadTooLarge,
                 TooManyMessages, FrameTooLarge, MalformedFrame, UnknownOperation,
                 TooManyInFlight, ShuttingDown, Unavailable, DiskFull, Unauthenticated,
-                PermissionDenied)
+                PermissionDenied, QueueFull)
 }
 
 

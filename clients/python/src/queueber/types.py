@@ -14,6 +14,10 @@ __all__ = [
     "QueueRef",
     "Limits",
     "ServerInfo",
+    "UNLIMITED",
+    "QueuePolicy",
+    "PolicyInfo",
+    "QueueCreated",
 ]
 
 #: What ``add`` accepts as a payload: bytes-like, or ``str`` (sent as UTF-8).
@@ -134,3 +138,69 @@ class ServerInfo:
     limits: Limits
     #: The server refuses adds for lack of disk space (a snapshot).
     disk_full: bool = False
+
+
+#: ``max_depth`` / ``max_bytes`` of a :class:`QueuePolicy` with no bound
+#: (2**64 - 1 on the wire), whatever the server's ``--default-max-*`` are.
+UNLIMITED = 0xFFFF_FFFF_FFFF_FFFF
+
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """A queue's own settings (``create_queue``, ``set_policy``).
+
+    ``None`` leaves a field to the server's default (its ``--default-*``
+    flags; on the wire, 0). A set field is a positive integer: 0 is refused
+    here, since on the wire it would mean "unset", not "none allowed".
+    """
+
+    #: The lease, in ms, of a ``poll`` that names none (``lease_ms=None``
+    #: or 0).
+    lease_ms: Optional[int] = None
+    #: Most messages the queue holds (visible, delayed and in flight); an
+    #: add that would go past it raises ``QueueFull``. :data:`UNLIMITED`
+    #: for no bound.
+    max_depth: Optional[int] = None
+    #: Most payload bytes the queue holds (visible, delayed and in flight);
+    #: same refusal. :data:`UNLIMITED` for no bound.
+    max_bytes: Optional[int] = None
+    #: Largest payload of one message in this queue (``PayloadTooLarge``
+    #: over it); at most the server's ``max_payload_bytes``.
+    max_payload_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("lease_ms", "max_depth", "max_bytes", "max_payload_bytes"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"QueuePolicy.{name} must be an int or None, "
+                                f"not {type(value).__name__}")
+            if not 1 <= value <= _U64_MAX:
+                raise ValueError(f"QueuePolicy.{name} must be None (the server's default) "
+                                 f"or 1..2**64-1, not {value}")
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """A queue's policy as ``get_policy`` and ``set_policy`` answer it."""
+
+    #: 0 until a policy is set (by ``create_queue`` or ``set_policy``);
+    #: one more with every change.
+    version: int
+    #: As stored: ``None`` where the queue leaves a field to the server.
+    policy: QueuePolicy
+    #: What applies: every field set, the queue's own or else the server's
+    #: default (``max_depth``/``max_bytes`` :data:`UNLIMITED` when unbounded).
+    effective: QueuePolicy
+
+
+@dataclass(frozen=True)
+class QueueCreated:
+    """The answer to ``create_queue``."""
+
+    #: The queue is new; ``False``: it already existed with this policy.
+    created: bool
+    policy: PolicyInfo
