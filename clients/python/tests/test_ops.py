@@ -254,5 +254,10 @@ def test_tokens_bind_a_connection(tmp_path) -> None:  # type: ignore[no-untyped-
             assert len(qb.poll("jobs")) == 1
             with pytest.raises(queueber.PermissionDenied):
                 qb.stats("jobs")  # admin only
+            # Policies are admin operations too.
+            for op in (lambda: qb.create_queue("jobs2"), lambda: qb.get_policy("jobs"),
+                       lambda: qb.set_policy("jobs", queueber.QueuePolicy(max_depth=1))):
+                with pytest.raises(queueber.PermissionDenied):
+                    op()
     finally:
         server.stop()

@@ -26,6 +26,7 @@ CODES = {
     "diskFull": (12, errors.DiskFull),
     "unauthenticated": (13, errors.Unauthenticated),
     "permissionDenied": (14, errors.PermissionDenied),
+    "queueFull": (15, errors.QueueFull),
 }
 
 
@@ -91,7 +92,8 @@ def test_connection_closed_is_a_connection_error() -> None:
 
 def test_retryable_codes() -> None:
     retryable = {c for c, (_n, cls) in CODES.items() if cls.retryable}
-    assert retryable == {"internal", "tooManyInFlight", "shuttingDown", "unavailable", "diskFull"}
+    assert retryable == {"internal", "tooManyInFlight", "shuttingDown", "unavailable", "diskFull",
+                         "queueFull"}
 
 
 def test_unknown_reply_member_fails_only_that_request() -> None:
@@ -161,3 +163,56 @@ def test_parse_address() -> None:
     assert parse_address(("h", 1)) == ("h", 1)
     with pytest.raises(ValueError):
         parse_address("nohost")
+
+
+def test_queue_policy_fields_are_unset_or_positive() -> None:
+    assert queueber.QueuePolicy() == queueber.QueuePolicy(None, None, None, None)
+    queueber.QueuePolicy(lease_ms=1, max_depth=queueber.UNLIMITED, max_bytes=2 ** 64 - 1)
+    assert queueber.UNLIMITED == 2 ** 64 - 1
+    for bad in (0, -1, 2 ** 64):
+        with pytest.raises(ValueError):
+            queueber.QueuePolicy(max_depth=bad)
+    for wrong in ("5", 1.5, True):
+        with pytest.raises(TypeError):
+            queueber.QueuePolicy(lease_ms=wrong)  # type: ignore[arg-type]
+
+
+def test_policy_requests_encode_unset_fields_as_zero() -> None:
+    policy = queueber.QueuePolicy(lease_ms=1500, max_bytes=queueber.UNLIMITED)
+    with wire.schema.Request.from_bytes(wire.encode_create_queue(4, "t", "q", policy)) as r:
+        assert r.which() == "createQueue" and r.id == 4
+        cq = r.createQueue
+        assert (cq.queue.tenant, cq.queue.queue) == ("t", "q")
+        p = cq.policy
+        assert (p.leaseMs, p.maxDepth, p.maxBytes, p.maxPayloadBytes) == (
+            1500, 0, 2 ** 64 - 1, 0)
+    with wire.schema.Request.from_bytes(wire.encode_create_queue(5, "t", "q", None)) as r:
+        p = r.createQueue.policy
+        assert (p.leaseMs, p.maxDepth, p.maxBytes, p.maxPayloadBytes) == (0, 0, 0, 0)
+    with wire.schema.Request.from_bytes(wire.encode_set_policy(6, "t", "q", policy)) as r:
+        assert r.which() == "setPolicy" and r.setPolicy.policy.leaseMs == 1500
+    with wire.schema.Request.from_bytes(wire.encode_queue_op(7, "getPolicy", "t", "q")) as r:
+        assert r.which() == "getPolicy" and r.getPolicy.queue == "q"
+    with pytest.raises(TypeError):
+        wire.encode_set_policy(8, "t", "q", {"max_depth": 3})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["createQueue", "getPolicy", "setPolicy"])
+def test_policy_replies_decode(kind: str) -> None:
+    resp = wire.schema.Response.new_message()
+    resp.id = 11
+    reply = resp.init(kind)
+    reply.version = 3
+    reply.policy.maxDepth = 10
+    eff = reply.effective
+    eff.leaseMs, eff.maxDepth, eff.maxBytes, eff.maxPayloadBytes = 30000, 10, 2 ** 64 - 1, 1024
+    reply.created = True
+    rid, got_kind, value = wire.decode(resp.to_bytes())
+    assert (rid, got_kind) == (11, kind)
+    info = queueber.PolicyInfo(
+        3, queueber.QueuePolicy(max_depth=10),
+        queueber.QueuePolicy(30000, 10, queueber.UNLIMITED, 1024))
+    if kind == "createQueue":
+        assert value == queueber.QueueCreated(True, info)
+    else:
+        assert value == info

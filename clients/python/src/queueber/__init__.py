@@ -5,7 +5,8 @@
 * :mod:`queueber.errors` — one exception per protocol error code, all
   :class:`QueueberError`.
 * :mod:`queueber.types` — the result types (:class:`Message`,
-  :class:`Lease`, :class:`QueueStats`, :class:`ServerInfo`, ...).
+  :class:`Lease`, :class:`QueueStats`, :class:`ServerInfo`,
+  :class:`QueuePolicy`, ...).
 """
 
 from . import aio, errors, types
@@ -13,9 +14,10 @@ from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, 
                      InvalidArgument, InvalidName, MalformedFrame, PayloadTooLarge,
                      QueueberError, ShuttingDown, TLSError, TooManyInFlight, TooManyMessages,
                      Unauthenticated, Unavailable, UnknownOperation, UnknownQueue,
-                     PermissionDenied)
+                     PermissionDenied, QueueFull)
 from .sync import Client, SyncConsumer, SyncMessage, connect
-from .types import Lease, Limits, Message, NewMessage, Peeked, QueueRef, QueueStats, ServerInfo
+from .types import (UNLIMITED, Lease, Limits, Message, NewMessage, Peeked, PolicyInfo,
+                    QueueCreated, QueuePolicy, QueueRef, QueueStats, ServerInfo)
 from .worker import ConsumedMessage, Consumer
 
 __version__ = "0.1.0"
@@ -25,9 +27,10 @@ __all__ = [
     "Client", "connect", "SyncConsumer", "SyncMessage",
     "Consumer", "ConsumedMessage",
     "Lease", "Limits", "Message", "NewMessage", "Peeked", "QueueRef", "QueueStats", "ServerInfo",
+    "QueuePolicy", "PolicyInfo", "QueueCreated", "UNLIMITED",
     "QueueberError", "Internal", "InvalidArgument", "InvalidName", "UnknownQueue",
     "PayloadTooLarge", "TooManyMessages", "FrameTooLarge", "MalformedFrame",
     "UnknownOperation", "TooManyInFlight", "ShuttingDown", "Unavailable", "DiskFull",
-    "Unauthenticated", "PermissionDenied",
+    "Unauthenticated", "PermissionDenied", "QueueFull",
     "ConnectionClosed", "ConnectTimeout", "TLSError",
 ]

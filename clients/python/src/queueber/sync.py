@@ -26,7 +26,8 @@ from typing import (Any, Callable, Coroutine, Iterable, Iterator, List, Optional
 
 from . import _tls, aio
 from .errors import ConnectionClosed
-from .types import Lease, NewMessage, Payload, Peeked, QueueRef, QueueStats, ServerInfo
+from .types import (Lease, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated, QueuePolicy,
+                    QueueRef, QueueStats, ServerInfo)
 from .worker import ConsumedMessage, Consumer
 
 __all__ = ["Client", "connect", "SyncConsumer", "SyncMessage"]
@@ -141,7 +142,7 @@ class Client:
         """See :meth:`queueber.aio.Client.add`."""
         return self._run(self._aio.add(queue, messages, delay_ms))
 
-    def poll(self, queue: str, max_items: int = 1, lease_ms: int = 30000,
+    def poll(self, queue: str, max_items: int = 1, lease_ms: Optional[int] = 30000,
              wait_ms: int = 0) -> Lease:
         """See :meth:`queueber.aio.Client.poll`."""
         return self._run(self._aio.poll(queue, max_items, lease_ms, wait_ms),
@@ -180,6 +181,18 @@ class Client:
     def delete(self, queue: str) -> None:
         """See :meth:`queueber.aio.Client.delete`."""
         self._run(self._aio.delete(queue))
+
+    def create_queue(self, queue: str, policy: Optional[QueuePolicy] = None) -> QueueCreated:
+        """See :meth:`queueber.aio.Client.create_queue`."""
+        return self._run(self._aio.create_queue(queue, policy))
+
+    def get_policy(self, queue: str) -> PolicyInfo:
+        """See :meth:`queueber.aio.Client.get_policy`."""
+        return self._run(self._aio.get_policy(queue))
+
+    def set_policy(self, queue: str, policy: QueuePolicy) -> PolicyInfo:
+        """See :meth:`queueber.aio.Client.set_policy`."""
+        return self._run(self._aio.set_policy(queue, policy))
 
     def consume(self, queue: str, *, batch: int = 32, lease_ms: int = 30000,
                 wait_ms: int = 5000, max_held: Optional[int] = None,

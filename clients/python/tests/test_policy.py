@@ -1,0 +1,285 @@
+"""Queue policies against a real server: create_queue (idempotent, refused
+with another policy), get_policy and set_policy with versions and the
+server's defaults; bounded queues (QueueFull leaves nothing behind); the
+policy's payload limit; a poll that names no lease gets the policy's."""
+
+import time
+from typing import Awaitable, Callable, Tuple
+
+import pytest
+from conftest import Server, aio_test
+
+import queueber
+from queueber import UNLIMITED, NewMessage, PolicyInfo, QueuePolicy, aio
+
+#: Slack for comparing a lease's expiry (server clock) with the local clock
+#: around the poll: the same machine, so only scheduling noise.
+CLOCK_SLACK_MS = 250
+
+
+def counts(stats: queueber.QueueStats) -> Tuple[int, int, int]:
+    return stats.visible, stats.delayed, stats.in_flight
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+async def timed(poll: Callable[[], Awaitable[queueber.Lease]]) -> Tuple[queueber.Lease, float,
+                                                                           float]:
+    before = now_ms()
+    lease = await poll()
+    return lease, before, now_ms()
+
+
+def assert_lease_of(lease: queueber.Lease, before: float, after: float, lease_ms: int) -> None:
+    assert lease, "the poll returned nothing"
+    assert before + lease_ms - CLOCK_SLACK_MS <= lease.expires_at_ms \
+        <= after + lease_ms + CLOCK_SLACK_MS, \
+        f"lease of about {lease.expires_at_ms - before:.0f} ms, wanted {lease_ms}"
+
+
+@aio_test
+async def test_create_get_set_round_trip(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        server_payload_limit = qb.server_info.limits.max_payload_bytes
+        policy = QueuePolicy(lease_ms=1500, max_depth=100)
+        created = await qb.create_queue(queue, policy)
+        assert created.created
+        assert created.policy.version == 1
+        assert created.policy.policy == policy
+        # Unset fields are the server's defaults (queueberd's own here).
+        assert created.policy.effective == QueuePolicy(
+            lease_ms=1500, max_depth=100, max_bytes=UNLIMITED,
+            max_payload_bytes=server_payload_limit)
+        assert await qb.get_policy(queue) == created.policy
+        assert queueber.QueueRef("default", queue) in await qb.queues()
+        assert (await qb.stats(queue)).visible == 0
+
+        # set_policy replaces the whole policy: lease_ms and max_depth go
+        # back to the defaults; every change moves the version on.
+        second = QueuePolicy(max_bytes=4096, max_payload_bytes=512)
+        info = await qb.set_policy(queue, second)
+        assert isinstance(info, PolicyInfo)
+        assert (info.version, info.policy) == (2, second)
+        assert info.effective == QueuePolicy(lease_ms=30000, max_depth=UNLIMITED,
+                                             max_bytes=4096, max_payload_bytes=512)
+        assert await qb.get_policy(queue) == info
+        again = await qb.set_policy(queue, second)  # the same policy still counts
+        assert again.version == 3
+        unbounded = await qb.set_policy(queue, QueuePolicy(max_depth=UNLIMITED))
+        assert unbounded.version == 4 and unbounded.policy.max_depth == UNLIMITED
+        assert (await qb.get_policy(queue)).version == 4
+
+
+@aio_test
+async def test_versions_of_queues_without_a_policy(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        # A queue made by an add has no policy of its own: version 0.
+        await qb.add(queue, [b"x"])
+        info = await qb.get_policy(queue)
+        assert (info.version, info.policy) == (0, QueuePolicy())
+        assert info.effective.lease_ms == 30000 and info.effective.max_depth == UNLIMITED
+        # create_queue without a policy on it: the same (empty) policy.
+        existing = await qb.create_queue(queue)
+        assert not existing.created and existing.policy == info
+        # create_queue without a policy on a new queue sets the empty one.
+        fresh = await qb.create_queue(queue + "-new")
+        assert fresh.created and fresh.policy.version == 1
+        assert fresh.policy.policy == QueuePolicy()
+        assert fresh.policy.effective == info.effective
+
+
+@aio_test
+async def test_create_queue_is_idempotent(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        policy = QueuePolicy(max_depth=5, max_bytes=1000)
+        first = await qb.create_queue(queue, policy)
+        await qb.add(queue, [b"kept"])
+        same = await qb.create_queue(queue, policy)
+        assert first.created and not same.created
+        assert same.policy == first.policy  # version 1 still
+        with pytest.raises(queueber.InvalidArgument) as e:
+            await qb.create_queue(queue, QueuePolicy(max_depth=6, max_bytes=1000))
+        assert not e.value.retryable
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.create_queue(queue)  # no policy is another policy too
+        # Refused: the queue, its policy and its messages are as they were.
+        assert await qb.get_policy(queue) == first.policy
+        assert (await qb.stats(queue)).visible == 1
+        with pytest.raises(queueber.InvalidName):
+            await qb.create_queue("bad name", policy)
+
+
+@aio_test
+async def test_queue_full_leaves_nothing_behind(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.create_queue(queue, QueuePolicy(max_depth=3, max_bytes=1000))
+        ids = await qb.add(queue, [b"a" * 100, NewMessage(b"b" * 100, delay_ms=60000)])
+        before = counts(await qb.stats(queue))
+        assert before == (1, 1, 0)
+
+        # Depth: 2 held (delayed ones count), 2 more would make 4 > 3.
+        with pytest.raises(queueber.QueueFull) as e:
+            await qb.add(queue, [b"c", b"d"])
+        assert e.value.code == "queueFull" and e.value.code_number == 15
+        assert e.value.retryable and not e.value.connection_level
+        assert counts(await qb.stats(queue)) == before
+        assert [m.id for m in await qb.peek(queue)] == ids[:1]
+
+        # In-flight messages count as well.
+        lease = await qb.poll(queue, lease_ms=60000)
+        assert [m.id for m in lease] == ids[:1]
+        await qb.add(queue, [b"e" * 100])  # 3 of 3
+        with pytest.raises(queueber.QueueFull):
+            await qb.add(queue, [b"f"])
+        assert counts(await qb.stats(queue)) == (1, 1, 1)
+
+        # Bytes: 300 held; 800 more would make 1100 > 1000 (depth raised).
+        await qb.set_policy(queue, QueuePolicy(max_depth=10, max_bytes=1000))
+        with pytest.raises(queueber.QueueFull):
+            await qb.add(queue, [b"g" * 400, b"h" * 400])
+        assert counts(await qb.stats(queue)) == (1, 1, 1)
+        await qb.add(queue, [b"i" * 700])  # exactly 1000
+        with pytest.raises(queueber.QueueFull):
+            await qb.add(queue, [b"j"])
+
+        # Removing frees room, in messages and in bytes.
+        assert await qb.remove(queue, lease, lease.messages) == [True]
+        await qb.add(queue, [b"k" * 100])
+        assert (await qb.stats(queue)).visible == 3
+
+
+@aio_test
+async def test_policy_payload_limit(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        server_limit = qb.server_info.limits.max_payload_bytes
+        await qb.create_queue(queue, QueuePolicy(max_payload_bytes=100))
+        await qb.add(queue, [b"x" * 100])
+        with pytest.raises(queueber.PayloadTooLarge):
+            await qb.add(queue, [b"ok", b"x" * 101])
+        assert counts(await qb.stats(queue)) == (1, 0, 0)
+        # A queue's limit cannot be over the server's.
+        with pytest.raises(queueber.InvalidArgument) as e:
+            await qb.set_policy(queue, QueuePolicy(max_payload_bytes=server_limit + 1))
+        assert "max-payload-bytes" in e.value.message
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.create_queue(queue + "-big", QueuePolicy(max_payload_bytes=server_limit + 1))
+        with pytest.raises(queueber.UnknownQueue):  # the refused create made no queue
+            await qb.get_policy(queue + "-big")
+        assert (await qb.get_policy(queue)).policy.max_payload_bytes == 100
+        # At the server's limit is fine.
+        info = await qb.set_policy(queue, QueuePolicy(max_payload_bytes=server_limit))
+        assert info.effective.max_payload_bytes == server_limit
+        await qb.add(queue, [b"x" * 101])
+
+
+@aio_test
+async def test_poll_without_a_lease_gets_the_policys(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.create_queue(queue, QueuePolicy(lease_ms=5000))
+        await qb.add(queue, [b"1", b"2", b"3", b"4"])
+        # None and 0 both leave the lease to the queue's policy.
+        lease, before, after = await timed(lambda: qb.poll(queue, lease_ms=None))
+        assert_lease_of(lease, before, after, 5000)
+        lease, before, after = await timed(lambda: qb.poll(queue, lease_ms=0))
+        assert_lease_of(lease, before, after, 5000)
+        # A lease named in the call wins; so does the default of poll().
+        lease, before, after = await timed(lambda: qb.poll(queue, lease_ms=60000))
+        assert_lease_of(lease, before, after, 60000)
+        lease, before, after = await timed(lambda: qb.poll(queue))
+        assert_lease_of(lease, before, after, 30000)
+        # A queue with no lease in its policy: the server's default.
+        await qb.add(queue + "-plain", [b"x"])
+        lease, before, after = await timed(lambda: qb.poll(queue + "-plain", lease_ms=None))
+        assert_lease_of(lease, before, after, 30000)
+        # An empty poll is still an empty lease.
+        assert not await qb.poll(queue, lease_ms=None)
+
+
+def test_server_defaults_apply_where_policies_leave_fields_unset(
+        make_server: Callable[..., Server]) -> None:
+    srv = make_server("--default-lease-ms", "4000", "--default-max-depth", "2",
+                      "--default-max-bytes", "5000")
+
+    @aio_test
+    async def body() -> None:
+        async with aio.connect(srv.addr) as qb:
+            await qb.add("plain", [b"x"])
+            info = await qb.get_policy("plain")
+            assert (info.version, info.policy) == (0, QueuePolicy())
+            assert info.effective == QueuePolicy(
+                lease_ms=4000, max_depth=2, max_bytes=5000,
+                max_payload_bytes=qb.server_info.limits.max_payload_bytes)
+            lease, before, after = await timed(lambda: qb.poll("plain", lease_ms=0))
+            assert_lease_of(lease, before, after, 4000)
+            # A refused add to a queue that does not exist creates none.
+            with pytest.raises(queueber.QueueFull):
+                await qb.add("fresh", [b"1", b"2", b"3"])
+            with pytest.raises(queueber.UnknownQueue):
+                await qb.stats("fresh")
+            assert queueber.QueueRef("default", "fresh") not in await qb.queues()
+            # A policy's own bound overrides the default, UNLIMITED included.
+            created = await qb.create_queue("big", QueuePolicy(max_depth=UNLIMITED))
+            assert created.policy.effective.max_depth == UNLIMITED
+            assert created.policy.effective.max_bytes == 5000
+            await qb.add("big", [b"m"] * 10)
+
+    body()
+
+
+@aio_test
+async def test_unknown_queue(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        with pytest.raises(queueber.UnknownQueue) as e:
+            await qb.get_policy(queue)
+        assert queue in e.value.message
+        with pytest.raises(queueber.UnknownQueue):
+            await qb.set_policy(queue, QueuePolicy(max_depth=3))
+        with pytest.raises(queueber.UnknownQueue):  # set_policy creates nothing
+            await qb.stats(queue)
+
+
+@aio_test
+async def test_invalid_policies_are_refused_before_sending(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        with pytest.raises(TypeError):
+            await qb.create_queue(queue, {"max_depth": 3})  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            await qb.create_queue(queue, QueuePolicy(max_depth=0))
+        with pytest.raises(queueber.UnknownQueue):
+            await qb.get_policy(queue)
+        # A lease over the server's longest is the server's to refuse.
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.create_queue(queue, QueuePolicy(lease_ms=UNLIMITED))
+
+
+def test_sync_policies(server: Server, queue: str) -> None:
+    with queueber.connect(server.addr, tenant="sync") as qb:
+        policy = QueuePolicy(lease_ms=3000, max_depth=2, max_payload_bytes=64)
+        created = qb.create_queue(queue, policy)
+        assert created.created and created.policy.version == 1
+        assert created.policy.policy == policy
+        assert not qb.create_queue(queue, policy).created
+        with pytest.raises(queueber.InvalidArgument):
+            qb.create_queue(queue, QueuePolicy(max_depth=3))
+        assert qb.get_policy(queue) == created.policy
+
+        qb.add(queue, [b"a", b"b"])
+        with pytest.raises(queueber.QueueFull):
+            qb.add(queue, [b"c"])
+        assert counts(qb.stats(queue)) == (2, 0, 0)
+
+        before = now_ms()
+        lease = qb.poll(queue, lease_ms=None)
+        assert_lease_of(lease, before, now_ms(), 3000)
+
+        info = qb.set_policy(queue, QueuePolicy(max_depth=3, max_payload_bytes=64))
+        assert info.version == 2 and info.effective.lease_ms == 30000
+        qb.add(queue, [b"c"])  # room for a third now
+        with pytest.raises(queueber.PayloadTooLarge):
+            qb.add(queue, [b"x" * 65])
+        with pytest.raises(queueber.UnknownQueue):
+            qb.get_policy(queue + "-missing")
+        with pytest.raises(queueber.UnknownQueue):
+            qb.set_policy(queue + "-missing", QueuePolicy())
