@@ -285,7 +285,7 @@ impl Client {
     pub async fn create_queue(&self, queue: &QueueName, policy: QueuePolicy) -> Result<QueueCreated, ClientError> {
         self.send(ops::CreateQueue {
             queue: queue.clone(),
-            policy,
+            policy: Box::new(policy),
         })
         .await
     }
@@ -298,7 +298,7 @@ impl Client {
     pub async fn set_policy(&self, queue: &QueueName, policy: QueuePolicy) -> Result<PolicyInfo, ClientError> {
         self.send(ops::SetPolicy {
             queue: queue.clone(),
-            policy,
+            policy: Box::new(policy),
         })
         .await
     }

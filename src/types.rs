@@ -103,8 +103,52 @@ pub struct Peeked {
 /// `max_depth` or `max_bytes` without a bound (on the wire: all ones).
 pub const UNLIMITED: u64 = u64::MAX;
 
+/// Most steps of a retry backoff.
+pub const MAX_BACKOFF_STEPS: usize = 8;
+
+/// Delays before a message whose delivery failed (its lease expired, or it
+/// was released without a delay of its own) is visible again: the n-th
+/// step after the n-th failed delivery, the last step repeating. A fixed
+/// array, so a policy stays `Copy` and checking it allocates nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryBackoff {
+    steps: [u64; MAX_BACKOFF_STEPS],
+    len: u8,
+}
+
+impl RetryBackoff {
+    /// At most [`MAX_BACKOFF_STEPS`] steps, in milliseconds.
+    pub fn new(steps: &[u64]) -> Result<RetryBackoff, String> {
+        if steps.len() > MAX_BACKOFF_STEPS {
+            return Err(format!("{} backoff steps: at most {MAX_BACKOFF_STEPS}", steps.len()));
+        }
+        let mut backoff = RetryBackoff {
+            len: steps.len() as u8,
+            ..RetryBackoff::default()
+        };
+        backoff.steps[..steps.len()].copy_from_slice(steps);
+        Ok(backoff)
+    }
+
+    pub fn steps(&self) -> &[u64] {
+        &self.steps[..usize::from(self.len)]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The delay after the `failures`-th failed delivery (1 for the first):
+    /// that step, or the last; 0 without steps.
+    pub fn after(&self, failures: u32) -> u64 {
+        let steps = self.steps();
+        let n = (failures.max(1) as usize).min(steps.len());
+        steps.get(n.wrapping_sub(1)).copied().unwrap_or(0)
+    }
+}
+
 /// A queue's own settings. `None` leaves a field to the server's default
-/// (`queueberd --default-*` flags); on the wire, 0.
+/// (`queueberd --default-*` flags); on the wire, 0 (an empty list).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueuePolicy {
     /// The lease, in milliseconds, of a poll that names none (`leaseMs` 0).
@@ -119,6 +163,9 @@ pub struct QueuePolicy {
     /// Largest payload of one message in this queue: at most the server's
     /// `--max-payload-bytes`.
     pub max_payload_bytes: Option<u64>,
+    /// Delays before a failed delivery's message is visible again (none by
+    /// default: at once).
+    pub retry_backoff_ms: Option<RetryBackoff>,
 }
 
 impl QueuePolicy {
@@ -129,6 +176,7 @@ impl QueuePolicy {
             max_depth: self.max_depth.or(defaults.max_depth),
             max_bytes: self.max_bytes.or(defaults.max_bytes),
             max_payload_bytes: self.max_payload_bytes.or(defaults.max_payload_bytes),
+            retry_backoff_ms: self.retry_backoff_ms.or(defaults.retry_backoff_ms),
         }
     }
 }
@@ -143,4 +191,22 @@ pub struct PolicyInfo {
     pub policy: QueuePolicy,
     /// Every field set: the queue's own, else the server's default.
     pub effective: QueuePolicy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_steps_repeat_the_last_and_are_bounded() {
+        let b = RetryBackoff::new(&[1000, 5000, 30000]).unwrap();
+        assert_eq!(
+            [b.after(1), b.after(2), b.after(3), b.after(9)],
+            [1000, 5000, 30000, 30000]
+        );
+        assert_eq!(b.after(0), 1000);
+        assert_eq!(RetryBackoff::default().after(3), 0);
+        assert!(RetryBackoff::new(&[1; MAX_BACKOFF_STEPS + 1]).is_err());
+        assert_eq!(RetryBackoff::new(&[7]).unwrap().steps(), &[7]);
+    }
 }

@@ -343,15 +343,15 @@ fn no_frame_executes_anything_before_auth() {
         }),
         Op::CreateQueue(ops::CreateQueue {
             queue: q("acme", "made"),
-            policy: queueber::types::QueuePolicy::default(),
+            policy: Box::default(),
         }),
         Op::GetPolicy(ops::GetPolicy { queue: jobs.clone() }),
         Op::SetPolicy(ops::SetPolicy {
             queue: jobs.clone(),
-            policy: queueber::types::QueuePolicy {
+            policy: Box::new(queueber::types::QueuePolicy {
                 max_depth: Some(1),
                 ..Default::default()
-            },
+            }),
         }),
     ];
     assert_eq!(every_op.len() + 1, Op::NAMES.len(), "a new operation belongs here");

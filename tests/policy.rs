@@ -40,6 +40,7 @@ fn policies_bound_queues_and_survive_a_restart() {
             max_depth: Some(3),
             max_bytes: Some(1_000),
             max_payload_bytes: Some(400),
+            retry_backoff_ms: None,
         };
         // Created with version 1; again with the same policy: unchanged.
         let created = c.create_queue(&q("jobs"), bounded).await.unwrap();
@@ -188,5 +189,53 @@ fn the_cli_creates_reads_and_changes_policies() {
     assert_eq!(v["version"], 2);
     let (ok, _, text) = cli(&["policy", "set", "jobs", "--max-depth", "lots"]);
     assert!(!ok, "{text}");
+    common::stop(server);
+}
+
+#[test]
+fn failed_deliveries_wait_out_the_retry_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), 1);
+    common::with_client(server.local_addr(), |c| async move {
+        let backoff = queueber::types::RetryBackoff::new(&[400, 900]).unwrap();
+        let policy = QueuePolicy {
+            retry_backoff_ms: Some(backoff),
+            ..QueuePolicy::default()
+        };
+        c.create_queue(&q("flaky"), policy).await.unwrap();
+        c.add(&q("flaky"), messages(1, 10)).await.unwrap();
+
+        // First delivery: the lease runs out after 100 ms; the message is
+        // back 400 ms after that, not before.
+        let first = c.poll(&q("flaky"), 1, 100, 0).await.unwrap().unwrap();
+        let expired_at = first.expires_at_ms;
+        let second = c.poll(&q("flaky"), 1, 60_000, 5_000).await.unwrap().unwrap();
+        let back_after = now_ms().saturating_sub(expired_at);
+        assert_eq!(second.messages[0].delivery_count, 2);
+        // The sweeper's precision: a few ms late at most, never early.
+        assert!(
+            (400..1_000).contains(&back_after),
+            "visible {back_after} ms after the expiry"
+        );
+        assert_eq!(c.stats(&q("flaky")).await.unwrap().in_flight, 1);
+
+        // Second failure, a release without a delay of its own: 900 ms.
+        let released_at = now_ms();
+        let id = second.messages[0].id;
+        assert!(c.release(&q("flaky"), second.id, id, 0).await.unwrap());
+        assert_eq!(c.stats(&q("flaky")).await.unwrap().delayed, 1);
+        let third = c.poll(&q("flaky"), 1, 60_000, 5_000).await.unwrap().unwrap();
+        let waited = now_ms() - released_at;
+        assert!((900..1_600).contains(&waited), "visible {waited} ms after the release");
+        // A release with its own delay keeps it (10 ms, not the backoff).
+        let id = third.messages[0].id;
+        assert!(c.release(&q("flaky"), third.id, id, 10).await.unwrap());
+        let started = now_ms();
+        c.poll(&q("flaky"), 1, 60_000, 5_000).await.unwrap().unwrap();
+        assert!(
+            now_ms() - started < 600,
+            "the explicit delay was replaced by the backoff"
+        );
+    });
     common::stop(server);
 }

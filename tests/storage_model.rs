@@ -14,7 +14,7 @@ use queueber::storage::{
     Command, CommandError, Durability, Engine, EngineOptions, Executed, Lease, ModelStore, NewMessage, Outcome,
     QueuePolicy, QueueStore, ReplyBudget, ShardStore, StoreError,
 };
-use queueber::types::UNLIMITED;
+use queueber::types::{RetryBackoff, UNLIMITED};
 
 const QUEUES: usize = 2;
 const T0: u64 = 1_700_000_000_000;
@@ -91,13 +91,17 @@ fn policy() -> impl Strategy<Value = QueuePolicy> {
         of(prop_oneof![1..8u64, Just(UNLIMITED)]),
         of(prop_oneof![8..80u64, Just(UNLIMITED)]),
         of(prop_oneof![Just(4u64), Just(8u64), Just(1024u64)]),
+        of(prop::collection::vec(1..40u64, 1..4)),
     )
-        .prop_map(|(lease_ms, max_depth, max_bytes, max_payload_bytes)| QueuePolicy {
-            lease_ms,
-            max_depth,
-            max_bytes,
-            max_payload_bytes,
-        })
+        .prop_map(
+            |(lease_ms, max_depth, max_bytes, max_payload_bytes, backoff)| QueuePolicy {
+                lease_ms,
+                max_depth,
+                max_bytes,
+                max_payload_bytes,
+                retry_backoff_ms: backoff.map(|steps| RetryBackoff::new(&steps).expect("at most 3 steps")),
+            },
+        )
 }
 
 fn op() -> impl Strategy<Value = Op> {

@@ -167,6 +167,12 @@ struct Args {
     #[arg(long, env = "QUEUEBER_DEFAULT_MAX_BYTES", default_value = "unlimited", value_parser = parse_bound)]
     default_max_bytes: u64,
 
+    /// Delays before a failed delivery's message is visible again, where a
+    /// queue's policy sets none: comma-separated milliseconds (the n-th
+    /// after the n-th failure, the last repeating, at most 8), or `none`.
+    #[arg(long, env = "QUEUEBER_DEFAULT_RETRY_BACKOFF_MS", default_value = "none", value_parser = parse_backoff)]
+    default_retry_backoff_ms: Backoff,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -178,6 +184,28 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "QUEUEBER_LOG_JSON")]
     log_json: bool,
+}
+
+/// `--default-retry-backoff-ms`: steps, or none.
+#[derive(Debug, Clone, Copy)]
+struct Backoff(Option<queueber::types::RetryBackoff>);
+
+fn parse_backoff(value: &str) -> Result<Backoff, String> {
+    if value.eq_ignore_ascii_case("none") {
+        return Ok(Backoff(None));
+    }
+    let steps = value
+        .split(',')
+        .map(|s| s.trim().parse::<u64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| format!("{value:?}: expected milliseconds like 1000,5000,30000, or none"))?;
+    if let Some(step) = steps.iter().find(|&&s| s > queueber::storage::MAX_DURATION_MS) {
+        return Err(format!(
+            "step {step} is over the longest delay, {} ms",
+            queueber::storage::MAX_DURATION_MS
+        ));
+    }
+    queueber::types::RetryBackoff::new(&steps).map(|b| Backoff(Some(b)))
 }
 
 /// A queue bound: a positive number, or `unlimited`.
@@ -297,6 +325,7 @@ fn main() -> ExitCode {
         max_depth: Some(args.default_max_depth),
         max_bytes: Some(args.default_max_bytes),
         max_payload_bytes: None,
+        retry_backoff_ms: args.default_retry_backoff_ms.0,
     };
     config.metrics_listen = args.metrics_listen.0;
     config.metrics_max_queues = args.metrics_max_queues;

@@ -85,17 +85,35 @@ pub(crate) fn read_policy(
     r: capnp::Result<crate::queueber_capnp::queue_policy::Reader<'_>>,
 ) -> Result<crate::types::QueuePolicy, ErrorReply> {
     let r = r.map_err(malformed)?;
-    Ok(policy_of(&r))
+    let steps = r.get_retry_backoff_ms().map_err(malformed)?;
+    policy_of(&r, steps.iter().collect()).map_err(|e| invalid(format!("retryBackoffMs: {e}")))
 }
 
-fn policy_of(r: &crate::queueber_capnp::queue_policy::Reader<'_>) -> crate::types::QueuePolicy {
+/// A policy's fields; an empty backoff is none.
+fn policy_of(
+    r: &crate::queueber_capnp::queue_policy::Reader<'_>,
+    steps: Vec<u64>,
+) -> Result<crate::types::QueuePolicy, String> {
     let set = |v: u64| (v != 0).then_some(v);
-    crate::types::QueuePolicy {
+    let retry_backoff_ms = match steps.is_empty() {
+        true => None,
+        false => Some(crate::types::RetryBackoff::new(&steps)?),
+    };
+    Ok(crate::types::QueuePolicy {
         lease_ms: set(r.get_lease_ms()),
         max_depth: set(r.get_max_depth()),
         max_bytes: set(r.get_max_bytes()),
         max_payload_bytes: set(r.get_max_payload_bytes()),
-    }
+        retry_backoff_ms,
+    })
+}
+
+fn reply_policy(
+    r: capnp::Result<crate::queueber_capnp::queue_policy::Reader<'_>>,
+) -> Result<crate::types::QueuePolicy, ResponseDecodeError> {
+    let r = r?;
+    let steps = r.get_retry_backoff_ms()?.iter().collect();
+    policy_of(&r, steps).map_err(|e| bad("retryBackoffMs", e))
 }
 
 pub(crate) fn set_policy(mut b: crate::queueber_capnp::queue_policy::Builder<'_>, p: &crate::types::QueuePolicy) {
@@ -103,6 +121,13 @@ pub(crate) fn set_policy(mut b: crate::queueber_capnp::queue_policy::Builder<'_>
     b.set_max_depth(p.max_depth.unwrap_or(0));
     b.set_max_bytes(p.max_bytes.unwrap_or(0));
     b.set_max_payload_bytes(p.max_payload_bytes.unwrap_or(0));
+    if let Some(backoff) = &p.retry_backoff_ms {
+        let steps = backoff.steps();
+        let mut list = b.init_retry_backoff_ms(steps.len() as u32);
+        for (i, step) in steps.iter().enumerate() {
+            list.set(i as u32, *step);
+        }
+    }
 }
 
 /// What the server can hold to: a lease within the longest duration, a
@@ -112,6 +137,13 @@ pub(crate) fn check_policy(
     p: &crate::types::QueuePolicy,
     limits: &crate::server::ServerLimits,
 ) -> Result<(), ErrorReply> {
+    let backoff = p.retry_backoff_ms.unwrap_or_default();
+    if let Some(step) = backoff.steps().iter().find(|&&s| s > crate::storage::MAX_DURATION_MS) {
+        return Err(invalid(format!(
+            "retryBackoffMs step {step} is over the longest delay, {} ms",
+            crate::storage::MAX_DURATION_MS
+        )));
+    }
     if let Some(lease) = p.lease_ms.filter(|&l| l > crate::storage::MAX_DURATION_MS) {
         return Err(invalid(format!(
             "leaseMs {lease} is over the longest lease, {} ms",
@@ -146,8 +178,8 @@ pub(crate) fn read_policy_reply(
     Ok((
         crate::types::PolicyInfo {
             version: r.get_version(),
-            policy: policy_of(&r.get_policy()?),
-            effective: policy_of(&r.get_effective()?),
+            policy: reply_policy(r.get_policy())?,
+            effective: reply_policy(r.get_effective())?,
         },
         r.get_created(),
     ))

@@ -13,7 +13,9 @@ use crate::types::{PolicyInfo, QueuePolicy};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetPolicy {
     pub queue: QueueName,
-    pub policy: QueuePolicy,
+    /// Boxed: a policy is larger than any other request's fields, and every
+    /// request travels as an `Op` between shards.
+    pub policy: Box<QueuePolicy>,
 }
 
 impl Operation for SetPolicy {
@@ -26,7 +28,7 @@ impl Operation for SetPolicy {
         let r = arm.map_err(super::fields::malformed)?;
         Ok(SetPolicy {
             queue: read_queue(r.get_queue())?,
-            policy: read_policy(r.get_policy())?,
+            policy: Box::new(read_policy(r.get_policy())?),
         })
     }
 
@@ -74,7 +76,7 @@ mod serve {
         fn plan(self, commands: &mut Vec<Command>) -> Plan {
             commands.push(Command::SetPolicy {
                 queue: self.queue,
-                policy: self.policy,
+                policy: *self.policy,
             });
             Plan::Commands(1)
         }

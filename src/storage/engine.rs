@@ -94,6 +94,8 @@ pub fn complete_defaults(defaults: crate::types::QueuePolicy, max_payload_bytes:
         max_depth: Some(crate::types::UNLIMITED),
         max_bytes: Some(crate::types::UNLIMITED),
         max_payload_bytes: Some(limit),
+        // No backoff unless asked: a failed delivery is visible at once.
+        retry_backoff_ms: None,
     });
     p.max_payload_bytes = p.max_payload_bytes.map(|m| m.min(limit));
     p

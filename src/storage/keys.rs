@@ -173,9 +173,10 @@ fn tagged_key(tag: u8, qid: QueueId) -> [u8; 1 + QID_LEN] {
     k
 }
 
-/// A stored policy: version, then each field (0 = unset).
-pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> [u8; 40] {
-    let mut v = [0u8; 40];
+/// A stored policy: version, then each number field (0 = unset), then the
+/// backoff's steps (a count, then each; nothing at all when unset, so the
+/// first format, without backoff, reads as it did).
+pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> Vec<u8> {
     let fields = [
         version,
         p.lease_ms.unwrap_or(0),
@@ -183,25 +184,43 @@ pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> [u8; 40] {
         p.max_bytes.unwrap_or(0),
         p.max_payload_bytes.unwrap_or(0),
     ];
-    for (i, f) in fields.iter().enumerate() {
-        v[i * 8..i * 8 + 8].copy_from_slice(&f.to_be_bytes());
+    let mut v = Vec::with_capacity(48);
+    for f in fields {
+        v.extend_from_slice(&f.to_be_bytes());
+    }
+    if let Some(backoff) = &p.retry_backoff_ms {
+        v.push(backoff.steps().len() as u8);
+        for step in backoff.steps() {
+            v.extend_from_slice(&step.to_be_bytes());
+        }
     }
     v
 }
 
 pub fn parse_policy(v: &[u8]) -> Option<(u64, crate::types::QueuePolicy)> {
-    if v.len() != 40 {
-        return None;
-    }
-    let field = |i: usize| u64::from_be_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-    let set = |i: usize| Some(field(i)).filter(|&f| f != 0);
+    let field = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
+    let set = |i: usize| field(i * 8).filter(|&f| f != 0);
+    let retry_backoff_ms = match v.get(40) {
+        None if v.len() == 40 => None,
+        None => return None,
+        Some(&n) => {
+            let steps = (0..usize::from(n))
+                .map(|i| field(41 + i * 8))
+                .collect::<Option<Vec<u64>>>()?;
+            if v.len() != 41 + steps.len() * 8 {
+                return None;
+            }
+            Some(crate::types::RetryBackoff::new(&steps).ok()?)
+        }
+    };
     Some((
-        field(0),
+        field(0)?,
         crate::types::QueuePolicy {
             lease_ms: set(1),
             max_depth: set(2),
             max_bytes: set(3),
             max_payload_bytes: set(4),
+            retry_backoff_ms,
         },
     ))
 }
@@ -352,8 +371,16 @@ mod tests {
             max_depth: Some(crate::types::UNLIMITED),
             max_bytes: None,
             max_payload_bytes: Some(1024),
+            retry_backoff_ms: None,
         };
         assert_eq!(parse_policy(&encode_policy(3, &p)), Some((3, p)));
+        assert_eq!(encode_policy(3, &p).len(), 40);
+        let with_backoff = crate::types::QueuePolicy {
+            retry_backoff_ms: Some(crate::types::RetryBackoff::new(&[1000, 5000]).unwrap()),
+            ..p
+        };
+        assert_eq!(parse_policy(&encode_policy(4, &with_backoff)), Some((4, with_backoff)));
         assert_eq!(parse_policy(&[0; 39]), None);
+        assert_eq!(parse_policy(&[0; 42]), None);
     }
 }

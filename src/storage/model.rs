@@ -36,14 +36,16 @@ struct Queue {
 }
 
 impl Queue {
-    /// Returns the messages of expired leases, visible from the expiry time.
-    fn settle(&mut self, now: u64) {
+    /// Returns the messages of expired leases, visible from the expiry time
+    /// plus the retry backoff of their delivery count.
+    fn settle(&mut self, now: u64, defaults: &QueuePolicy) {
+        let backoff = self.policy.or(*defaults).retry_backoff_ms.unwrap_or_default();
         for m in self.messages.values_mut() {
             if let Some(lease) = m.lease {
                 let expiry = self.leases.get(&lease).copied().unwrap_or(0);
                 if expiry <= now {
                     m.lease = None;
-                    m.visible_at = expiry;
+                    m.visible_at = deadline(expiry, backoff.after(m.delivery_count));
                     self.counters.leases_expired += 1;
                 }
             }
@@ -242,12 +244,13 @@ impl ModelStore {
                 })))
             }
             Command::Remove { queue, id, lease } => {
+                let defaults = self.defaults();
                 let q = self.queue(&queue)?;
                 if !q.holds(&id, &lease, now) {
                     return Ok(Outcome::Removed(false));
                 }
                 q.messages.remove(&id);
-                q.settle(now);
+                q.settle(now, &defaults);
                 q.counters.removed += 1;
                 Ok(Outcome::Removed(true))
             }
@@ -267,15 +270,23 @@ impl ModelStore {
                 lease,
                 delay_ms,
             } => {
+                let defaults = self.defaults();
                 let q = self.queue(&queue)?;
                 if !q.holds(&id, &lease, now) {
                     return Ok(Outcome::Released(false));
                 }
+                // Without a delay of its own, a released message waits out
+                // the queue's retry backoff.
+                let backoff = q.policy.or(defaults).retry_backoff_ms.unwrap_or_default();
                 if let Some(m) = q.messages.get_mut(&id) {
                     m.lease = None;
-                    m.visible_at = deadline(now, delay_ms);
+                    let delay = match delay_ms {
+                        0 => backoff.after(m.delivery_count),
+                        own => own,
+                    };
+                    m.visible_at = deadline(now, delay);
                 }
-                q.settle(now);
+                q.settle(now, &defaults);
                 q.counters.released += 1;
                 Ok(Outcome::Released(true))
             }
@@ -387,8 +398,9 @@ impl QueueStore for ModelStore {
     fn execute(&mut self, commands: Vec<Command>) -> Executed {
         self.last_now = self.last_now.max(self.clock.now_ms());
         let now = self.last_now;
+        let defaults = self.defaults();
         for q in self.queues.values_mut() {
-            q.settle(now);
+            q.settle(now, &defaults);
         }
         let mut outcomes = Vec::with_capacity(commands.len());
         let mut deleted = Vec::new();

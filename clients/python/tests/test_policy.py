@@ -283,3 +283,34 @@ def test_sync_policies(server: Server, queue: str) -> None:
             qb.get_policy(queue + "-missing")
         with pytest.raises(queueber.UnknownQueue):
             qb.set_policy(queue + "-missing", QueuePolicy())
+
+
+@aio_test
+async def test_retry_backoff_round_trips_and_delays_failed_deliveries(
+        server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        created = await qb.create_queue(queue, QueuePolicy(retry_backoff_ms=(300, 700)))
+        assert created.policy.policy.retry_backoff_ms == (300, 700)
+        assert (await qb.get_policy(queue)).effective.retry_backoff_ms == (300, 700)
+        await qb.add(queue, [b"job"])
+        lease = await qb.poll(queue, lease_ms=60000)
+        # Released without a delay of its own: the first step, 300 ms.
+        released = now_ms()
+        assert await qb.release(queue, lease, lease.messages[0].id)
+        assert counts(await qb.stats(queue)) == (0, 1, 0)
+        again = await qb.poll(queue, lease_ms=60000, wait_ms=5000)
+        assert again and again.messages[0].delivery_count == 2
+        assert now_ms() - released >= 300 - CLOCK_SLACK_MS / 5
+        # Back to no backoff: an empty list is unset.
+        info = await qb.set_policy(queue, QueuePolicy(retry_backoff_ms=()))
+        assert info.policy.retry_backoff_ms is None
+        assert await qb.release(queue, again, again.messages[0].id)
+        assert counts(await qb.stats(queue)) == (1, 0, 0)
+
+
+def test_retry_backoff_is_checked_locally() -> None:
+    with pytest.raises(ValueError):
+        QueuePolicy(retry_backoff_ms=tuple(range(1, 10)))
+    with pytest.raises(ValueError):
+        QueuePolicy(retry_backoff_ms=(1, -5))
+    assert QueuePolicy(retry_backoff_ms=[5, 6]).retry_backoff_ms == (5, 6)

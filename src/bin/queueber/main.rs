@@ -187,6 +187,11 @@ struct PolicyFlags {
     /// Largest payload of one message (at most the server's limit).
     #[arg(long, value_name = "N|default")]
     max_payload_bytes: Option<String>,
+    /// Delays before a failed delivery's message is visible again:
+    /// comma-separated milliseconds, the n-th after the n-th failure, the
+    /// last repeating (at most 8); `default` for none.
+    #[arg(long, value_name = "MS,MS,...|default")]
+    retry_backoff_ms: Option<String>,
 }
 
 impl PolicyFlags {
@@ -216,6 +221,24 @@ impl PolicyFlags {
             false,
             base.max_payload_bytes,
         )?;
+        match self.retry_backoff_ms.as_deref() {
+            None => {}
+            Some("default") => base.retry_backoff_ms = None,
+            Some(list) => {
+                let steps = list
+                    .split(',')
+                    .map(|s| s.trim().parse::<u64>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        CliError::Usage(format!(
+                            "--retry-backoff-ms {list:?}: expected milliseconds like 1000,5000,30000, or default"
+                        ))
+                    })?;
+                let backoff = queueber::types::RetryBackoff::new(&steps)
+                    .map_err(|e| CliError::Usage(format!("--retry-backoff-ms: {e}")))?;
+                base.retry_backoff_ms = (!backoff.is_empty()).then_some(backoff);
+            }
+        }
         Ok(base)
     }
 }
@@ -240,17 +263,32 @@ fn show_policy(info: &PolicyInfo) -> (String, Value) {
             ("max_payload_bytes", p.max_payload_bytes),
         ]
     };
+    let backoff_text = |p: &QueuePolicy| match &p.retry_backoff_ms {
+        None => "default".to_string(),
+        Some(b) => b.steps().iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+    };
     let mut text = format!("version {}", info.version);
     for ((name, own), (_, effective)) in fields(&info.policy).into_iter().zip(fields(&info.effective)) {
         text.push_str(&format!("\n{name} {} (applies: {})", text_of(own), text_of(effective)));
     }
+    let applies = match &info.effective.retry_backoff_ms {
+        None => "none: visible at once".to_string(),
+        Some(_) => backoff_text(&info.effective),
+    };
+    text.push_str(&format!(
+        "\nretry_backoff_ms {} (applies: {applies})",
+        backoff_text(&info.policy)
+    ));
     let object = |p: &QueuePolicy| {
-        Value::Object(
-            fields(p)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), json_of(v)))
-                .collect(),
-        )
+        let mut fields: serde_json::Map<String, Value> = fields(p)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json_of(v)))
+            .collect();
+        fields.insert(
+            "retry_backoff_ms".into(),
+            p.retry_backoff_ms.map_or(Value::Null, |b| json!(b.steps())),
+        );
+        Value::Object(fields)
     };
     let json = json!({ "version": info.version, "policy": object(&info.policy), "effective": object(&info.effective) });
     (text, json)

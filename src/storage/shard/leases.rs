@@ -22,7 +22,7 @@ impl ShardStore {
                 break;
             }
             self.lease_deadlines.pop_first();
-            self.expire_lease(qid, lease, expires_at, batch)?;
+            self.expire_lease(qid, lease, expires_at, now, batch)?;
         }
         Ok(())
     }
@@ -32,25 +32,38 @@ impl ShardStore {
         qid: QueueId,
         lease: LeaseId,
         expired_at: u64,
+        now: u64,
         batch: &mut Batch,
     ) -> Result<(), StoreError> {
         let (ready, leases) = (ReadyIndex::of(&self.engine)?, LeaseTable::of(&self.engine)?);
+        let defaults = self.engine.options().defaults();
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(());
         };
+        let backoff = q.policy.or(defaults).retry_backoff_ms.unwrap_or_default();
         if q.leases.remove(&lease).is_none() {
             return Ok(());
         }
         let mut it = self
             .engine
             .scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
-        let mut returned = 0;
+        let (mut returned, mut visible) = (0, 0);
         batch.touched.push(qid);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
                 (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
                     if leases.take_member(&mut batch.writes, q, &member, lease, id).is_some() {
-                        ready.insert(&mut batch.writes, q, keys::ready_key(qid, expired_at, &id), v);
+                        // Visible again at the expiry, after the backoff of
+                        // this many failed deliveries.
+                        let failures = keys::parse_record(v).map_or(1, |(h, _)| h.delivery_count);
+                        let at = deadline(expired_at, backoff.after(failures));
+                        ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), v);
+                        if at > now {
+                            q.delayed += 1;
+                            *self.delay_deadlines.entry((at, qid)).or_default() += 1;
+                        } else {
+                            visible += 1;
+                        }
                         returned += 1;
                     }
                 }
@@ -59,8 +72,10 @@ impl ShardStore {
             it.next();
         }
         it.status().map_err(StoreError::rocks("scan an expired lease"))?;
+        if visible > 0 {
+            *batch.woken.entry(qid).or_default() += visible;
+        }
         if returned > 0 {
-            *batch.woken.entry(qid).or_default() += returned;
             batch.counted.entry(qid).or_default().leases_expired += returned;
         }
         Ok(())
@@ -176,6 +191,21 @@ impl ShardStore {
         batch.record.extend_from_slice(&record);
         drop(record);
         self.take_member(qid, id, lease, batch)?;
+        // Without a delay of its own, a released message waits out the
+        // queue's retry backoff for its delivery count.
+        let delay_ms = match delay_ms {
+            0 => {
+                let defaults = self.engine.options().defaults();
+                let backoff = self
+                    .queues
+                    .get(&qid)
+                    .and_then(|q| q.policy.or(defaults).retry_backoff_ms)
+                    .unwrap_or_default();
+                let failures = keys::parse_record(&batch.record).map_or(1, |(h, _)| h.delivery_count);
+                backoff.after(failures)
+            }
+            own => own,
+        };
         let at = deadline(now, delay_ms);
         let ready = ReadyIndex::of(&self.engine)?;
         batch.touched.push(qid);

@@ -192,6 +192,11 @@ def _set_policy(b: Any, policy: Optional[QueuePolicy]) -> None:
     b.maxDepth = policy.max_depth or 0
     b.maxBytes = policy.max_bytes or 0
     b.maxPayloadBytes = policy.max_payload_bytes or 0
+    steps = policy.retry_backoff_ms or ()
+    if steps:
+        backoff = b.init("retryBackoffMs", len(steps))
+        for i, step in enumerate(steps):
+            backoff[i] = step
 
 
 def encode_create_queue(rid: int, tenant: str, queue: str,
@@ -281,7 +286,7 @@ def _stats(s: Any) -> QueueStats:
 def _policy(p: Any) -> QueuePolicy:
     g = p._get
     return QueuePolicy(g("leaseMs") or None, g("maxDepth") or None, g("maxBytes") or None,
-                       g("maxPayloadBytes") or None)
+                       g("maxPayloadBytes") or None, tuple(g("retryBackoffMs")) or None)
 
 
 def _policy_info(r: Any) -> PolicyInfo:

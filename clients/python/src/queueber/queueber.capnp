@@ -45,6 +45,11 @@ struct QueuePolicy {
   maxDepth @1 :UInt64;        # most messages held (visible, delayed, in flight)
   maxBytes @2 :UInt64;        # most payload bytes held
   maxPayloadBytes @3 :UInt64; # largest payload (at most the server's limit)
+  retryBackoffMs @4 :List(UInt64);
+                              # after the n-th failed delivery (lease expired,
+                              # or released without a delay) a message is
+                              # visible again after the n-th step, the last
+                              # repeating; at most 8 steps; empty = at once
 }
 
 struct CreateQueueRequest {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 __all__ = [
     "Payload",
@@ -147,6 +147,10 @@ UNLIMITED = 0xFFFF_FFFF_FFFF_FFFF
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
+#: Most steps of a retry backoff.
+MAX_BACKOFF_STEPS = 8
+
+
 @dataclass(frozen=True)
 class QueuePolicy:
     """A queue's own settings (``create_queue``, ``set_policy``).
@@ -169,8 +173,24 @@ class QueuePolicy:
     #: Largest payload of one message in this queue (``PayloadTooLarge``
     #: over it); at most the server's ``max_payload_bytes``.
     max_payload_bytes: Optional[int] = None
+    #: Delays in ms before a message whose delivery failed (its lease
+    #: expired, or it was released without a delay) is visible again: the
+    #: n-th after the n-th failure, the last repeating; at most 8 steps.
+    #: ``None`` (or empty): the server's default, visible at once unless set.
+    retry_backoff_ms: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
+        if self.retry_backoff_ms is not None:
+            steps = tuple(self.retry_backoff_ms)
+            if len(steps) > MAX_BACKOFF_STEPS:
+                raise ValueError(f"QueuePolicy.retry_backoff_ms has {len(steps)} steps: "
+                                 f"at most {MAX_BACKOFF_STEPS}")
+            for step in steps:
+                if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _U64_MAX:
+                    raise ValueError(f"QueuePolicy.retry_backoff_ms steps must be ints in "
+                                     f"0..2**64-1, not {step!r}")
+            # Frozen: set through object.__setattr__; empty is unset.
+            object.__setattr__(self, "retry_backoff_ms", steps or None)
         for name in ("lease_ms", "max_depth", "max_bytes", "max_payload_bytes"):
             value = getattr(self, name)
             if value is None:
