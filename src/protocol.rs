@@ -271,6 +271,7 @@ mod tests {
                 in_flight: 3,
                 oldest_visible_age_ms: Some(0),
                 disk_full: true,
+                dead: 7,
             })),
             Ok(Reply::Stats(QueueStats::default())),
             Ok(Reply::Queues(vec![q("a"), q("b")])),

@@ -59,6 +59,8 @@ pub struct QueueStats {
     /// Adds are being refused because the data filesystem is under its
     /// free-space reserve (a server-wide state, reported per queue too).
     pub disk_full: bool,
+    /// Dead letters (see [`DeadLetter`]).
+    pub dead: u64,
 }
 
 /// Where a peek stopped: the position of the last message it returned, in
@@ -98,6 +100,54 @@ pub struct Peeked {
     pub messages: Vec<Delivery>,
     /// Set when more visible messages follow the last one returned.
     pub cursor: Option<PeekCursor>,
+}
+
+/// Most deliveries a policy may bound a message to (else unlimited).
+pub const MAX_DELIVERIES_LIMIT: u64 = 1000;
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// Delivered `max_deliveries` times without being removed.
+    MaxDeliveries,
+    /// A worker failed it with `dead` set.
+    Rejected,
+}
+
+/// A message that will not be delivered again unless redriven.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: MessageId,
+    pub payload: Vec<u8>,
+    /// Deliveries before it died.
+    pub delivery_count: u32,
+    pub enqueued_at_ms: u64,
+    pub died_at_ms: u64,
+    pub reason: DeadReason,
+    /// The last error text a worker reported with `fail` (up to 1 KiB).
+    pub last_error: Option<String>,
+}
+
+/// Longest error text a message keeps from `fail`, in bytes.
+pub const MAX_ERROR_LEN: usize = 1024;
+
+/// `error` cut to [`MAX_ERROR_LEN`] bytes at a character boundary.
+pub fn clip_error(error: &str) -> &str {
+    let mut end = error.len().min(MAX_ERROR_LEN);
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
+}
+
+/// Where a peek at dead letters stopped (their order: time of death, id).
+pub type DeadCursor = PeekCursor;
+
+/// What a peek at dead letters saw.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeadPeeked {
+    pub letters: Vec<DeadLetter>,
+    pub cursor: Option<DeadCursor>,
 }
 
 /// `max_depth` or `max_bytes` without a bound (on the wire: all ones).
@@ -166,6 +216,9 @@ pub struct QueuePolicy {
     /// Delays before a failed delivery's message is visible again (none by
     /// default: at once).
     pub retry_backoff_ms: Option<RetryBackoff>,
+    /// Deliveries after which a message that is not removed is
+    /// dead-lettered instead of coming back (1 to 1,000, or [`UNLIMITED`]).
+    pub max_deliveries: Option<u64>,
 }
 
 impl QueuePolicy {
@@ -177,6 +230,7 @@ impl QueuePolicy {
             max_bytes: self.max_bytes.or(defaults.max_bytes),
             max_payload_bytes: self.max_payload_bytes.or(defaults.max_payload_bytes),
             retry_backoff_ms: self.retry_backoff_ms.or(defaults.retry_backoff_ms),
+            max_deliveries: self.max_deliveries.or(defaults.max_deliveries),
         }
     }
 }

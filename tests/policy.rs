@@ -41,6 +41,7 @@ fn policies_bound_queues_and_survive_a_restart() {
             max_bytes: Some(1_000),
             max_payload_bytes: Some(400),
             retry_backoff_ms: None,
+            max_deliveries: None,
         };
         // Created with version 1; again with the same policy: unchanged.
         let created = c.create_queue(&q("jobs"), bounded).await.unwrap();

@@ -80,6 +80,21 @@ enum Op {
     GetPolicy {
         q: usize,
     },
+    /// A worker fails a delivered message (`dead`: rejects it).
+    Fail {
+        pick: usize,
+        dead: bool,
+    },
+    /// Pages through the dead letters, `max` at a time.
+    PeekDead {
+        q: usize,
+        max: u32,
+    },
+    /// Brings back up to `max` dead letters (0: all).
+    Redrive {
+        q: usize,
+        max: u64,
+    },
 }
 
 /// Policies small enough for the generated adds (8-byte payloads, 1 to 3
@@ -92,14 +107,16 @@ fn policy() -> impl Strategy<Value = QueuePolicy> {
         of(prop_oneof![8..80u64, Just(UNLIMITED)]),
         of(prop_oneof![Just(4u64), Just(8u64), Just(1024u64)]),
         of(prop::collection::vec(1..40u64, 1..4)),
+        of(prop_oneof![1..4u64, Just(UNLIMITED)]),
     )
         .prop_map(
-            |(lease_ms, max_depth, max_bytes, max_payload_bytes, backoff)| QueuePolicy {
+            |(lease_ms, max_depth, max_bytes, max_payload_bytes, backoff, max_deliveries)| QueuePolicy {
                 lease_ms,
                 max_depth,
                 max_bytes,
                 max_payload_bytes,
                 retry_backoff_ms: backoff.map(|steps| RetryBackoff::new(&steps).expect("at most 3 steps")),
+                max_deliveries,
             },
         )
 }
@@ -124,6 +141,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..QUEUES, policy()).prop_map(|(q, policy)| Op::CreateQueue { q, policy }),
         1 => (0..QUEUES, policy()).prop_map(|(q, policy)| Op::SetPolicy { q, policy }),
         1 => (0..QUEUES).prop_map(|q| Op::GetPolicy { q }),
+        2 => (any::<usize>(), prop::bool::weighted(0.3)).prop_map(|(pick, dead)| Op::Fail { pick, dead }),
+        1 => (0..QUEUES, 1..4u32).prop_map(|(q, max)| Op::PeekDead { q, max }),
+        1 => (0..QUEUES, 0..3u64).prop_map(|(q, max)| Op::Redrive { q, max }),
     ]
 }
 
@@ -398,7 +418,83 @@ impl Harness {
                     self.live.remove(&d.payload);
                 }
             }
-            Op::Extend { .. } | Op::Release { .. } if self.delivered.is_empty() => {}
+            Op::Extend { .. } | Op::Release { .. } | Op::Fail { .. } if self.delivered.is_empty() => {}
+            Op::Fail { pick, dead } => {
+                let d = self.delivered[pick % self.delivered.len()].clone();
+                let l = self.leases[d.lease];
+                let queue = self.names[l.q].clone();
+                let fail = |id, lease| Command::Fail {
+                    queue: queue.clone(),
+                    id,
+                    lease,
+                    error: format!("error {pick}"),
+                    dead,
+                };
+                let (r, m) = self.both(fail(d.real, l.real), fail(d.model, l.model));
+                if Self::assert_errors_match(&r, &m) {
+                    return;
+                }
+                let (Ok(r), Ok(m)) = (r, m) else { unreachable!() };
+                assert_eq!(r, m, "fail");
+                if r == Outcome::Failed(true) {
+                    self.held.remove(&d.payload);
+                }
+            }
+            Op::PeekDead { q, max } => {
+                let (mut real_cursor, mut model_cursor) = (None, None);
+                for page in 0.. {
+                    assert!(page < 1000, "peek at the dead did not end");
+                    let peek = |cursor| Command::PeekDead {
+                        queue: self.names[q].clone(),
+                        max_items: max,
+                        cursor,
+                    };
+                    let (r, m) = self.both(peek(real_cursor), peek(model_cursor));
+                    if Self::assert_errors_match(&r, &m) {
+                        return;
+                    }
+                    let (Ok(Outcome::DeadPeeked(r)), Ok(Outcome::DeadPeeked(m))) = (r, m) else {
+                        panic!("peek at the dead answered with another outcome");
+                    };
+                    let shape = |p: &queueber::types::DeadPeeked| {
+                        p.letters
+                            .iter()
+                            .map(|l| {
+                                (
+                                    l.payload.clone(),
+                                    l.delivery_count,
+                                    l.enqueued_at_ms,
+                                    l.died_at_ms,
+                                    l.reason,
+                                    l.last_error.clone(),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(shape(&r), shape(&m), "dead page {page} at {now}");
+                    assert_eq!(r.cursor.is_some(), m.cursor.is_some(), "dead page {page} cursor");
+                    // A dead letter is held by no live lease.
+                    for l in &r.letters {
+                        if let Some(&(_, expiry)) = self.held.get(&l.payload) {
+                            assert!(expiry <= now, "{:?} is dead and leased until {expiry}", l.payload);
+                        }
+                    }
+                    if r.cursor.is_none() {
+                        break;
+                    }
+                    (real_cursor, model_cursor) = (r.cursor, m.cursor);
+                }
+            }
+            Op::Redrive { q, max } => {
+                let (r, m) = self.same(Command::Redrive {
+                    queue: self.names[q].clone(),
+                    max,
+                    ids: Vec::new(),
+                });
+                if !Self::assert_errors_match(&r, &m) {
+                    assert_eq!(r.ok(), m.ok(), "redrive at {now}");
+                }
+            }
             Op::Extend { pick, lease_ms } => {
                 let slot = self.delivered[pick % self.delivered.len()].lease;
                 let l = self.leases[slot];
@@ -603,6 +699,19 @@ impl Harness {
         let mut found = BTreeMap::new();
         for q in 0..QUEUES {
             let name = self.names[q].clone();
+            // Dead letters are not lost either: bring them all back first.
+            loop {
+                let redrive = Command::Redrive {
+                    queue: name.clone(),
+                    max: 0,
+                    ids: Vec::new(),
+                };
+                match only_outcome(self.real().execute(vec![redrive])) {
+                    Ok(Outcome::Redriven { more: true, .. }) => continue,
+                    Ok(Outcome::Redriven { .. }) | Err(StoreError::Command(CommandError::UnknownQueue(_))) => break,
+                    other => panic!("drain redrive: {other:?}"),
+                }
+            }
             loop {
                 match self.real().poll(&name, 1000, 1_000_000) {
                     Ok(Some(lease)) => {

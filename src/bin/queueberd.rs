@@ -173,6 +173,12 @@ struct Args {
     #[arg(long, env = "QUEUEBER_DEFAULT_RETRY_BACKOFF_MS", default_value = "none", value_parser = parse_backoff)]
     default_retry_backoff_ms: Backoff,
 
+    /// Deliveries after which a message that is not removed is
+    /// dead-lettered, where a queue's policy sets none: 1 to 1000, or
+    /// `unlimited`.
+    #[arg(long, env = "QUEUEBER_DEFAULT_MAX_DELIVERIES", default_value = "unlimited", value_parser = parse_max_deliveries)]
+    default_max_deliveries: u64,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -206,6 +212,15 @@ fn parse_backoff(value: &str) -> Result<Backoff, String> {
         ));
     }
     queueber::types::RetryBackoff::new(&steps).map(|b| Backoff(Some(b)))
+}
+
+/// `--default-max-deliveries`: 1 to 1000, or `unlimited`.
+fn parse_max_deliveries(value: &str) -> Result<u64, String> {
+    let limit = queueber::types::MAX_DELIVERIES_LIMIT;
+    match parse_bound(value)? {
+        n if n <= limit || n == queueber::types::UNLIMITED => Ok(n),
+        n => Err(format!("{n}: 1 to {limit}, or unlimited")),
+    }
 }
 
 /// A queue bound: a positive number, or `unlimited`.
@@ -326,6 +341,7 @@ fn main() -> ExitCode {
         max_bytes: Some(args.default_max_bytes),
         max_payload_bytes: None,
         retry_backoff_ms: args.default_retry_backoff_ms.0,
+        max_deliveries: Some(args.default_max_deliveries),
     };
     config.metrics_listen = args.metrics_listen.0;
     config.metrics_max_queues = args.metrics_max_queues;

@@ -105,6 +105,7 @@ fn policy_of(
         max_bytes: set(r.get_max_bytes()),
         max_payload_bytes: set(r.get_max_payload_bytes()),
         retry_backoff_ms,
+        max_deliveries: set(r.get_max_deliveries()),
     })
 }
 
@@ -121,6 +122,7 @@ pub(crate) fn set_policy(mut b: crate::queueber_capnp::queue_policy::Builder<'_>
     b.set_max_depth(p.max_depth.unwrap_or(0));
     b.set_max_bytes(p.max_bytes.unwrap_or(0));
     b.set_max_payload_bytes(p.max_payload_bytes.unwrap_or(0));
+    b.set_max_deliveries(p.max_deliveries.unwrap_or(0));
     if let Some(backoff) = &p.retry_backoff_ms {
         let steps = backoff.steps();
         let mut list = b.init_retry_backoff_ms(steps.len() as u32);
@@ -143,6 +145,10 @@ pub(crate) fn check_policy(
             "retryBackoffMs step {step} is over the longest delay, {} ms",
             crate::storage::MAX_DURATION_MS
         )));
+    }
+    let limit = crate::types::MAX_DELIVERIES_LIMIT;
+    if let Some(max) = p.max_deliveries.filter(|&m| m > limit && m != crate::types::UNLIMITED) {
+        return Err(invalid(format!("maxDeliveries {max}: 1 to {limit}, or unlimited")));
     }
     if let Some(lease) = p.lease_ms.filter(|&l| l > crate::storage::MAX_DURATION_MS) {
         return Err(invalid(format!(

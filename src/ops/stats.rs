@@ -37,6 +37,7 @@ impl Operation for Stats {
         b.set_has_visible(s.oldest_visible_age_ms.is_some());
         b.set_oldest_visible_age_ms(s.oldest_visible_age_ms.unwrap_or(0));
         b.set_disk_full(s.disk_full);
+        b.set_dead(s.dead);
     }
 
     fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<QueueStats, ResponseDecodeError> {
@@ -47,6 +48,7 @@ impl Operation for Stats {
             in_flight: s.get_in_flight(),
             oldest_visible_age_ms: s.get_has_visible().then(|| s.get_oldest_visible_age_ms()),
             disk_full: s.get_disk_full(),
+            dead: s.get_dead(),
         })
     }
 }

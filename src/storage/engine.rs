@@ -33,6 +33,8 @@ pub const MAX_OPEN_FILES: i32 = 1024;
 pub const CF_READY: &str = "ready";
 pub const CF_LEASES: &str = "leases";
 pub const CF_REGISTRY: &str = "registry";
+/// Dead letters: messages that ran out of deliveries or were rejected.
+pub const CF_DEAD: &str = "dead";
 
 /// When an acknowledged write reaches stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +98,7 @@ pub fn complete_defaults(defaults: crate::types::QueuePolicy, max_payload_bytes:
         max_payload_bytes: Some(limit),
         // No backoff unless asked: a failed delivery is visible at once.
         retry_backoff_ms: None,
+        max_deliveries: Some(crate::types::UNLIMITED),
     });
     p.max_payload_bytes = p.max_payload_bytes.map(|m| m.min(limit));
     p
@@ -179,6 +182,16 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
             opts.set_bottommost_compression_type(DBCompressionType::Lz4);
             add_tombstone_compaction(&mut opts);
         }
+        CF_DEAD => {
+            // Rarely written, read by peeks and redrives in order within a
+            // queue: prefix blooms, compressed like the ready index.
+            table.set_block_size(16 << 10);
+            table.set_bloom_filter(10.0, false);
+            table.set_whole_key_filtering(false);
+            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
+            opts.set_compression_type(DBCompressionType::Lz4);
+            opts.set_bottommost_compression_type(DBCompressionType::Zstd);
+        }
         _ => {
             // Registry: tiny, read at open and on queue creation.
             table.set_block_size(4 << 10);
@@ -214,7 +227,7 @@ impl Engine {
         // Recover every acknowledged write; stop at a torn tail record.
         db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
-        let cfs = [CF_READY, CF_LEASES, CF_REGISTRY]
+        let cfs = [CF_READY, CF_LEASES, CF_REGISTRY, CF_DEAD]
             .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name, &cache, options.write_buffer_bytes)));
         let db =
             Arc::new(DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(StoreError::rocks("open the database"))?);
@@ -339,7 +352,7 @@ impl Engine {
     /// over the column families.
     pub fn rocks_figures(&self) -> crate::metrics::render::RocksFigures {
         let sum = |property: &str| -> u64 {
-            [CF_READY, CF_LEASES, CF_REGISTRY]
+            [CF_READY, CF_LEASES, CF_REGISTRY, CF_DEAD]
                 .iter()
                 .filter_map(|name| self.db.cf_handle(name))
                 .filter_map(|cf| self.db.property_int_value_cf(&cf, property).ok().flatten())

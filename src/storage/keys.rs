@@ -13,8 +13,13 @@
 //! | `registry`    | `c` · qid (5)                     | counters                      |
 //! | `registry`    | `p` · qid (5)                     | policy (version · 4 fields)   |
 //!
+//! | `dead`        | qid · died_at · message id (28)   | reason (1) · record           |
+//!
 //! A *record* is `enqueued_at (8) · delivery_count (4) · payload`: the same
-//! bytes whether the message is ready or leased, so moving it is a copy.
+//! bytes whether the message is ready, leased or dead, so moving it is a
+//! copy. A message a worker reported failing carries the error text too:
+//! the top bit of `delivery_count` is then set and `len (2) · text` comes
+//! before the payload.
 
 use crate::ids::{LeaseId, MessageId};
 use crate::names::QueueName;
@@ -109,27 +114,116 @@ pub struct RecordHeader {
     pub delivery_count: u32,
 }
 
+/// The bit of the stored delivery count that says an error text follows.
+/// Delivery counts stay far below it.
+const HAS_ERROR: u32 = 1 << 31;
+
+/// Longest error text a record keeps (longer texts are cut at a character
+/// boundary by the caller, [`crate::types::clip_error`]).
+pub use crate::types::MAX_ERROR_LEN;
+
 pub fn encode_record(out: &mut Vec<u8>, header: RecordHeader, payload: &[u8]) {
+    encode_record_with_error(out, header, None, payload);
+}
+
+/// A record that carries `error`, the last failure a worker reported.
+pub fn encode_record_with_error(out: &mut Vec<u8>, header: RecordHeader, error: Option<&[u8]>, payload: &[u8]) {
     out.clear();
-    out.reserve(RECORD_HEADER_LEN + payload.len());
+    let error = error.map(|e| &e[..e.len().min(MAX_ERROR_LEN)]);
+    out.reserve(RECORD_HEADER_LEN + error.map_or(0, |e| 2 + e.len()) + payload.len());
     out.extend_from_slice(&header.enqueued_at.to_be_bytes());
-    out.extend_from_slice(&header.delivery_count.to_be_bytes());
+    let count = header.delivery_count & !HAS_ERROR;
+    match error {
+        None => out.extend_from_slice(&count.to_be_bytes()),
+        Some(e) => {
+            out.extend_from_slice(&(count | HAS_ERROR).to_be_bytes());
+            out.extend_from_slice(&(e.len() as u16).to_be_bytes());
+            out.extend_from_slice(e);
+        }
+    }
     out.extend_from_slice(payload);
 }
 
+/// A record's header and payload (the error text skipped).
 pub fn parse_record(v: &[u8]) -> Option<(RecordHeader, &[u8])> {
+    parse_full_record(v).map(|r| (r.header, r.payload))
+}
+
+/// A record read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FullRecord<'a> {
+    pub header: RecordHeader,
+    /// The last error a worker reported, if any.
+    pub error: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+/// A record's header, error text (if a worker reported one) and payload.
+pub fn parse_full_record(v: &[u8]) -> Option<FullRecord<'_>> {
     if v.len() < RECORD_HEADER_LEN {
         return None;
     }
     let enqueued_at = u64::from_be_bytes(v[..8].try_into().ok()?);
-    let delivery_count = u32::from_be_bytes(v[8..12].try_into().ok()?);
-    Some((
-        RecordHeader {
-            enqueued_at,
-            delivery_count,
-        },
-        &v[RECORD_HEADER_LEN..],
-    ))
+    let stored = u32::from_be_bytes(v[8..12].try_into().ok()?);
+    let header = RecordHeader {
+        enqueued_at,
+        delivery_count: stored & !HAS_ERROR,
+    };
+    let rest = &v[RECORD_HEADER_LEN..];
+    if stored & HAS_ERROR == 0 {
+        return Some(FullRecord {
+            header,
+            error: None,
+            payload: rest,
+        });
+    }
+    let len = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
+    let error = rest.get(2..2 + len)?;
+    Some(FullRecord {
+        header,
+        error: Some(error),
+        payload: &rest[2 + len..],
+    })
+}
+
+/// The payload size of a record (what `max_bytes` counts).
+pub fn payload_len(v: &[u8]) -> usize {
+    parse_record(v).map_or(0, |(_, p)| p.len())
+}
+
+pub use crate::types::DeadReason;
+
+fn reason_byte(reason: DeadReason) -> u8 {
+    match reason {
+        DeadReason::MaxDeliveries => 1,
+        DeadReason::Rejected => 2,
+    }
+}
+
+fn reason_of(b: u8) -> Option<DeadReason> {
+    match b {
+        1 => Some(DeadReason::MaxDeliveries),
+        2 => Some(DeadReason::Rejected),
+        _ => None,
+    }
+}
+
+/// A dead letter's key: like a ready key, ordered by the time it died.
+pub fn dead_key(qid: QueueId, died_at: u64, id: &MessageId) -> ReadyKey {
+    ready_key(qid, died_at, id)
+}
+
+/// A dead letter: its reason, then its record.
+pub fn encode_dead(out: &mut Vec<u8>, reason: DeadReason, record: &[u8]) {
+    out.clear();
+    out.reserve(1 + record.len());
+    out.push(reason_byte(reason));
+    out.extend_from_slice(record);
+}
+
+pub fn parse_dead(v: &[u8]) -> Option<(DeadReason, &[u8])> {
+    let (&reason, record) = v.split_first()?;
+    Some((reason_of(reason)?, record))
 }
 
 pub const REGISTRY_NAME_TAG: u8 = b'n';
@@ -174,8 +268,9 @@ fn tagged_key(tag: u8, qid: QueueId) -> [u8; 1 + QID_LEN] {
 }
 
 /// A stored policy: version, then each number field (0 = unset), then the
-/// backoff's steps (a count, then each; nothing at all when unset, so the
-/// first format, without backoff, reads as it did).
+/// backoff's steps (a count, then each; 0 steps when unset), then
+/// `max_deliveries` (0 = unset). Older records end after the numbers (the
+/// first format) or after the steps; both still read.
 pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> Vec<u8> {
     let fields = [
         version,
@@ -188,29 +283,36 @@ pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> Vec<u8> {
     for f in fields {
         v.extend_from_slice(&f.to_be_bytes());
     }
-    if let Some(backoff) = &p.retry_backoff_ms {
-        v.push(backoff.steps().len() as u8);
-        for step in backoff.steps() {
-            v.extend_from_slice(&step.to_be_bytes());
-        }
+    let steps = p.retry_backoff_ms.as_ref().map_or(&[][..], |b| b.steps());
+    v.push(steps.len() as u8);
+    for step in steps {
+        v.extend_from_slice(&step.to_be_bytes());
     }
+    v.extend_from_slice(&p.max_deliveries.unwrap_or(0).to_be_bytes());
     v
 }
 
 pub fn parse_policy(v: &[u8]) -> Option<(u64, crate::types::QueuePolicy)> {
     let field = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
     let set = |i: usize| field(i * 8).filter(|&f| f != 0);
-    let retry_backoff_ms = match v.get(40) {
-        None if v.len() == 40 => None,
+    let (retry_backoff_ms, max_deliveries) = match v.get(40) {
+        None if v.len() == 40 => (None, None),
         None => return None,
         Some(&n) => {
             let steps = (0..usize::from(n))
                 .map(|i| field(41 + i * 8))
                 .collect::<Option<Vec<u64>>>()?;
-            if v.len() != 41 + steps.len() * 8 {
-                return None;
-            }
-            Some(crate::types::RetryBackoff::new(&steps).ok()?)
+            let end = 41 + steps.len() * 8;
+            let max_deliveries = match v.len() - end {
+                0 => None,
+                8 => field(end).filter(|&m| m != 0),
+                _ => return None,
+            };
+            let backoff = match steps.is_empty() {
+                true => None,
+                false => Some(crate::types::RetryBackoff::new(&steps).ok()?),
+            };
+            (backoff, max_deliveries)
         }
     };
     Some((
@@ -221,6 +323,7 @@ pub fn parse_policy(v: &[u8]) -> Option<(u64, crate::types::QueuePolicy)> {
             max_bytes: set(3),
             max_payload_bytes: set(4),
             retry_backoff_ms,
+            max_deliveries,
         },
     ))
 }
@@ -231,6 +334,8 @@ pub fn parse_policy(v: &[u8]) -> Option<(u64, crate::types::QueuePolicy)> {
 pub struct Counters {
     /// Ready records (visible and delayed).
     pub ready: u64,
+    /// Dead letters.
+    pub dead: u64,
     /// Payload bytes of the queue's messages, ready and leased (`max_bytes`).
     /// `None` in counters written before it was kept: recovery counts them.
     pub bytes: Option<u64>,
@@ -239,16 +344,18 @@ pub struct Counters {
     pub floor: Option<Vec<u8>>,
 }
 
-/// The first byte of counters that carry `bytes`. The first format began
-/// with the high byte of `ready`, which stays 0 below 2^56 messages, so
-/// this tag can never be mistaken for it.
+/// The first byte of counters that carry `bytes` (v2) and `dead` (v3). The
+/// first format began with the high byte of `ready`, which stays 0 below
+/// 2^56 messages, so these tags can never be mistaken for it.
 const COUNTERS_V2: u8 = 2;
+const COUNTERS_V3: u8 = 3;
 
 pub fn encode_counters(c: &Counters) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + 16 + 32);
-    v.push(COUNTERS_V2);
+    let mut v = Vec::with_capacity(1 + 24 + 32);
+    v.push(COUNTERS_V3);
     v.extend_from_slice(&c.ready.to_be_bytes());
     v.extend_from_slice(&c.bytes.unwrap_or(0).to_be_bytes());
+    v.extend_from_slice(&c.dead.to_be_bytes());
     if let Some(f) = &c.floor {
         v.extend_from_slice(f);
     }
@@ -257,20 +364,28 @@ pub fn encode_counters(c: &Counters) -> Vec<u8> {
 
 pub fn parse_counters(v: &[u8]) -> Option<Counters> {
     let u64_at = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
-    if v.first() == Some(&COUNTERS_V2) {
-        let floor = (v.len() > 17).then(|| v[17..].to_vec());
-        return Some(Counters {
+    let floor_from = |at: usize| (v.len() > at).then(|| v[at..].to_vec());
+    match v.first() {
+        Some(&COUNTERS_V3) => Some(Counters {
             ready: u64_at(1)?,
             bytes: Some(u64_at(9)?),
-            floor,
-        });
+            dead: u64_at(17)?,
+            floor: floor_from(25),
+        }),
+        // Written before dead letters existed: there are none.
+        Some(&COUNTERS_V2) => Some(Counters {
+            ready: u64_at(1)?,
+            bytes: Some(u64_at(9)?),
+            dead: 0,
+            floor: floor_from(17),
+        }),
+        _ => Some(Counters {
+            ready: u64_at(0)?,
+            bytes: None,
+            dead: 0,
+            floor: floor_from(8),
+        }),
     }
-    let floor = (v.len() > 8).then(|| v[8..].to_vec());
-    Some(Counters {
-        ready: u64_at(0)?,
-        bytes: None,
-        floor,
-    })
 }
 
 #[cfg(test)]
@@ -343,6 +458,7 @@ mod tests {
         let c = Counters {
             ready: 9,
             bytes: Some(1234),
+            dead: 4,
             floor: Some(ready_key(1, 2, &mid(3)).to_vec()),
         };
         assert_eq!(parse_counters(&encode_counters(&c)), Some(c));
@@ -352,6 +468,34 @@ mod tests {
         };
         assert_eq!(parse_counters(&encode_counters(&empty)), Some(empty));
         assert_eq!(parse_counters(&[1, 2]), None);
+    }
+
+    #[test]
+    fn records_carry_an_error_text_when_a_worker_reported_one() {
+        let h = RecordHeader {
+            enqueued_at: 5,
+            delivery_count: 3,
+        };
+        let mut plain = Vec::new();
+        encode_record(&mut plain, h, b"payload");
+        let full = |header, error, payload| FullRecord { header, error, payload };
+        assert_eq!(parse_full_record(&plain), Some(full(h, None, &b"payload"[..])));
+        let mut failed = Vec::new();
+        encode_record_with_error(&mut failed, h, Some(b"boom"), b"payload");
+        assert_eq!(
+            parse_full_record(&failed),
+            Some(full(h, Some(&b"boom"[..]), &b"payload"[..]))
+        );
+        assert_eq!(parse_record(&failed), Some((h, &b"payload"[..])));
+        assert_eq!(payload_len(&failed), 7);
+        let long = vec![b'x'; 5000];
+        encode_record_with_error(&mut failed, h, Some(&long), b"p");
+        assert_eq!(parse_full_record(&failed).unwrap().error.unwrap().len(), MAX_ERROR_LEN);
+        assert_eq!(parse_full_record(&failed[..14]), None);
+        let mut dead = Vec::new();
+        encode_dead(&mut dead, DeadReason::Rejected, &plain);
+        assert_eq!(parse_dead(&dead), Some((DeadReason::Rejected, &plain[..])));
+        assert_eq!(parse_dead(&[9, 0]), None);
     }
 
     #[test]
@@ -372,9 +516,16 @@ mod tests {
             max_bytes: None,
             max_payload_bytes: Some(1024),
             retry_backoff_ms: None,
+            max_deliveries: Some(5),
         };
         assert_eq!(parse_policy(&encode_policy(3, &p)), Some((3, p)));
-        assert_eq!(encode_policy(3, &p).len(), 40);
+        // The first format: the numbers only.
+        let first = &encode_policy(3, &p)[..40];
+        let without = crate::types::QueuePolicy {
+            max_deliveries: None,
+            ..p
+        };
+        assert_eq!(parse_policy(first), Some((3, without)));
         let with_backoff = crate::types::QueuePolicy {
             retry_backoff_ms: Some(crate::types::RetryBackoff::new(&[1000, 5000]).unwrap()),
             ..p

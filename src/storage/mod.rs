@@ -37,7 +37,14 @@ pub use model::ModelStore;
 pub use shard::ShardStore;
 // The values clients and the server exchange live outside the storage layer
 // (so a client builds without RocksDB); storage speaks them too.
-pub use crate::types::{Delivery, Lease, NewMessage, PeekCursor, Peeked, PolicyInfo, QueuePolicy, QueueStats};
+pub use crate::types::{
+    DeadLetter, DeadPeeked, DeadReason, Delivery, Lease, NewMessage, PeekCursor, Peeked, PolicyInfo, QueuePolicy,
+    QueueStats,
+};
+
+/// Most dead letters one `Redrive` command moves: a large redrive is done
+/// in bounded batches, so other requests on the shard keep flowing.
+pub const REDRIVE_BATCH: u64 = 1000;
 
 /// Default per-message payload limit (256 KiB).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -147,6 +154,17 @@ pub enum Command {
         lease: LeaseId,
         delay_ms: u64,
     },
+    /// Ends a delivery that failed: like a release without a delay (the
+    /// queue's backoff applies), recording `error` on the message; with
+    /// `dead`, or when the message is out of deliveries, it is
+    /// dead-lettered instead.
+    Fail {
+        queue: QueueName,
+        id: MessageId,
+        lease: LeaseId,
+        error: String,
+        dead: bool,
+    },
     Stats {
         queue: QueueName,
     },
@@ -181,6 +199,21 @@ pub enum Command {
         max_items: u32,
         cursor: Option<PeekCursor>,
     },
+    /// Up to `max_items` dead letters, oldest death first (or after
+    /// `cursor`).
+    PeekDead {
+        queue: QueueName,
+        max_items: u32,
+        cursor: Option<PeekCursor>,
+    },
+    /// Moves dead letters back to the queue, visible at once with their
+    /// delivery count reset: those in `ids`, or else the oldest, at most
+    /// `max` (and at most [`REDRIVE_BATCH`] per command).
+    Redrive {
+        queue: QueueName,
+        max: u64,
+        ids: Vec<MessageId>,
+    },
     /// The gauges and counters of up to `max_queues` of the queues this
     /// store owns, in name order, starting after `after` (from the first
     /// when `None`). A scrape walks them in chunks, so that no batch grows
@@ -205,11 +238,15 @@ impl Command {
             | Command::Purge { .. }
             | Command::Delete { .. }
             | Command::CreateQueue { .. }
-            | Command::SetPolicy { .. } => true,
+            | Command::SetPolicy { .. }
+            // An operator's redrive must not come undone.
+            | Command::Redrive { .. } => true,
             Command::Poll { .. }
             | Command::Remove { .. }
             | Command::Extend { .. }
             | Command::Release { .. }
+            | Command::Fail { .. }
+            | Command::PeekDead { .. }
             | Command::Stats { .. }
             | Command::ListQueues
             | Command::Peek { .. }
@@ -228,6 +265,15 @@ pub enum Outcome {
     /// The new expiry, or `None` for an unknown or expired lease.
     Extended(Option<u64>),
     Released(bool),
+    /// Whether the lease held the message (and the failure was recorded).
+    Failed(bool),
+    DeadPeeked(DeadPeeked),
+    /// How many dead letters moved, and whether more were asked for than
+    /// one command moves.
+    Redriven {
+        moved: u64,
+        more: bool,
+    },
     Stats(QueueStats),
     /// How many messages (visible, delayed and in flight) were dropped.
     Purged(u64),
@@ -259,6 +305,14 @@ pub struct QueueCounters {
     pub released: u64,
     /// Messages made visible again because their lease expired.
     pub leases_expired: u64,
+    /// Deliveries ended by `fail`.
+    pub failed: u64,
+    /// Dead-lettered after `max_deliveries`.
+    pub dead_max_deliveries: u64,
+    /// Dead-lettered by a worker (`fail` with `dead`).
+    pub dead_rejected: u64,
+    /// Dead letters moved back by `redrive`.
+    pub redriven: u64,
 }
 
 impl QueueCounters {
@@ -269,6 +323,10 @@ impl QueueCounters {
         self.removed += other.removed;
         self.released += other.released;
         self.leases_expired += other.leases_expired;
+        self.failed += other.failed;
+        self.dead_max_deliveries += other.dead_max_deliveries;
+        self.dead_rejected += other.dead_rejected;
+        self.redriven += other.redriven;
     }
 }
 

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::{
-    deadline, Command, CommandError, Delivery, Executed, Lease, Outcome, PolicyInfo, QueueCounters, QueuePolicy,
-    QueueSnapshot, QueueStats, QueueStore, StoreError, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES,
-    POLL_MESSAGE_OVERHEAD,
+    deadline, Command, CommandError, DeadLetter, DeadPeeked, DeadReason, Delivery, Executed, Lease, Outcome,
+    PolicyInfo, QueueCounters, QueuePolicy, QueueSnapshot, QueueStats, QueueStore, StoreError,
+    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_POLL_BYTES, POLL_MESSAGE_OVERHEAD,
 };
 use crate::clock::Clock;
 use crate::ids::{IdGenerator, LeaseId, MessageId};
@@ -24,12 +24,16 @@ struct Message {
     visible_at: u64,
     delivery_count: u32,
     lease: Option<LeaseId>,
+    /// The last error a worker reported (`fail`), already clipped.
+    last_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     messages: BTreeMap<MessageId, Message>,
     leases: HashMap<LeaseId, u64>,
+    /// Dead letters by (time of death, id), with why.
+    dead: BTreeMap<(u64, MessageId), (Message, DeadReason)>,
     counters: QueueCounters,
     policy: QueuePolicy,
     policy_version: u64,
@@ -39,16 +43,27 @@ impl Queue {
     /// Returns the messages of expired leases, visible from the expiry time
     /// plus the retry backoff of their delivery count.
     fn settle(&mut self, now: u64, defaults: &QueuePolicy) {
-        let backoff = self.policy.or(*defaults).retry_backoff_ms.unwrap_or_default();
-        for m in self.messages.values_mut() {
+        let policy = self.policy.or(*defaults);
+        let backoff = policy.retry_backoff_ms.unwrap_or_default();
+        let max_deliveries = policy.max_deliveries.unwrap_or(u64::MAX);
+        let mut buried = Vec::new();
+        for (id, m) in self.messages.iter_mut() {
             if let Some(lease) = m.lease {
                 let expiry = self.leases.get(&lease).copied().unwrap_or(0);
-                if expiry <= now {
+                if expiry <= now && u64::from(m.delivery_count) >= max_deliveries {
+                    // Out of deliveries: dead at the expiry.
+                    m.lease = None;
+                    buried.push((*id, expiry));
+                    self.counters.dead_max_deliveries += 1;
+                } else if expiry <= now {
                     m.lease = None;
                     m.visible_at = deadline(expiry, backoff.after(m.delivery_count));
                     self.counters.leases_expired += 1;
                 }
             }
+        }
+        for (id, died_at) in buried {
+            self.bury(id, died_at, DeadReason::MaxDeliveries);
         }
         let held: std::collections::HashSet<LeaseId> = self.messages.values().filter_map(|m| m.lease).collect();
         self.leases.retain(|l, _| held.contains(l));
@@ -74,12 +89,47 @@ impl Queue {
                 (None, false) => stats.delayed += 1,
             }
         }
+        stats.dead = self.dead.len() as u64;
         stats.oldest_visible_age_ms = self
             .visible_in_order(now)
             .first()
             .and_then(|id| self.messages.get(id))
             .map(|m| now.saturating_sub(m.enqueued_at));
         stats
+    }
+
+    fn bury(&mut self, id: MessageId, died_at: u64, reason: DeadReason) {
+        if let Some(m) = self.messages.remove(&id) {
+            self.dead.insert((died_at, id), (m, reason));
+        }
+    }
+
+    /// Ends `id`'s delivery without a remove (release or fail): dead when
+    /// rejected or out of deliveries, else back after `delay_ms` (0: the
+    /// backoff).
+    fn end_delivery(&mut self, id: MessageId, delay_ms: u64, rejected: bool, now: u64, defaults: &QueuePolicy) {
+        let policy = self.policy.or(*defaults);
+        let Some(m) = self.messages.get_mut(&id) else {
+            return;
+        };
+        m.lease = None;
+        let out = u64::from(m.delivery_count) >= policy.max_deliveries.unwrap_or(u64::MAX);
+        if rejected || out {
+            let reason = if rejected {
+                self.counters.dead_rejected += 1;
+                DeadReason::Rejected
+            } else {
+                self.counters.dead_max_deliveries += 1;
+                DeadReason::MaxDeliveries
+            };
+            self.bury(id, now, reason);
+            return;
+        }
+        let delay = match delay_ms {
+            0 => policy.retry_backoff_ms.unwrap_or_default().after(m.delivery_count),
+            own => own,
+        };
+        m.visible_at = deadline(now, delay);
     }
 
     fn bytes(&self) -> u64 {
@@ -174,6 +224,7 @@ impl ModelStore {
                             visible_at: deadline(now, m.delay_ms),
                             delivery_count: 0,
                             lease: None,
+                            last_error: None,
                         },
                     );
                     ids.push(id);
@@ -276,16 +327,8 @@ impl ModelStore {
                     return Ok(Outcome::Released(false));
                 }
                 // Without a delay of its own, a released message waits out
-                // the queue's retry backoff.
-                let backoff = q.policy.or(defaults).retry_backoff_ms.unwrap_or_default();
-                if let Some(m) = q.messages.get_mut(&id) {
-                    m.lease = None;
-                    let delay = match delay_ms {
-                        0 => backoff.after(m.delivery_count),
-                        own => own,
-                    };
-                    m.visible_at = deadline(now, delay);
-                }
+                // the queue's retry backoff; out of deliveries, it dies.
+                q.end_delivery(id, delay_ms, false, now, &defaults);
                 q.settle(now, &defaults);
                 q.counters.released += 1;
                 Ok(Outcome::Released(true))
@@ -293,10 +336,99 @@ impl ModelStore {
             Command::Stats { queue } => Ok(Outcome::Stats(self.queue(&queue)?.stats(now))),
             Command::Purge { queue } => {
                 let q = self.queue(&queue)?;
-                let n = q.messages.len() as u64;
+                let n = (q.messages.len() + q.dead.len()) as u64;
                 q.messages.clear();
+                q.dead.clear();
                 q.leases.clear();
                 Ok(Outcome::Purged(n))
+            }
+            Command::Fail {
+                queue,
+                id,
+                lease,
+                error,
+                dead,
+            } => {
+                let defaults = self.defaults();
+                let q = self.queue(&queue)?;
+                if !q.holds(&id, &lease, now) {
+                    return Ok(Outcome::Failed(false));
+                }
+                if let Some(m) = q.messages.get_mut(&id) {
+                    m.last_error = Some(crate::types::clip_error(&error).to_string());
+                }
+                q.end_delivery(id, 0, dead, now, &defaults);
+                q.settle(now, &defaults);
+                q.counters.failed += 1;
+                Ok(Outcome::Failed(true))
+            }
+            Command::PeekDead {
+                queue,
+                max_items,
+                cursor,
+            } => {
+                let budget = self.max_poll_bytes;
+                let q = self.queue(&queue)?;
+                let after = cursor.map(|c| (c.visible_at_ms, c.id));
+                let mut peeked = DeadPeeked::default();
+                let (mut bytes, mut last) = (0, None);
+                for (&(died_at, id), (m, reason)) in &q.dead {
+                    if after.is_some_and(|a| (died_at, id) <= a) {
+                        continue;
+                    }
+                    // As the store counts its value: reason, header, error, payload.
+                    let stored = 1 + 12 + m.last_error.as_ref().map_or(0, |e| 2 + e.len()) + m.payload.len();
+                    let cost = stored + POLL_MESSAGE_OVERHEAD;
+                    let full = peeked.letters.len() as u64 >= u64::from(max_items)
+                        || (!peeked.letters.is_empty() && bytes + cost > budget);
+                    if full {
+                        peeked.cursor = last;
+                        break;
+                    }
+                    bytes += cost;
+                    peeked.letters.push(DeadLetter {
+                        id,
+                        payload: m.payload.clone(),
+                        delivery_count: m.delivery_count,
+                        enqueued_at_ms: m.enqueued_at,
+                        died_at_ms: died_at,
+                        reason: *reason,
+                        last_error: m.last_error.clone(),
+                    });
+                    last = Some(crate::storage::PeekCursor {
+                        visible_at_ms: died_at,
+                        id,
+                    });
+                }
+                Ok(Outcome::DeadPeeked(peeked))
+            }
+            Command::Redrive { queue, max, ids } => {
+                let q = self.queue(&queue)?;
+                let wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+                let asked = match (wanted.is_empty(), max) {
+                    (false, _) => wanted.len() as u64,
+                    (true, 0) => u64::MAX,
+                    (true, max) => max,
+                };
+                let limit = asked.min(crate::storage::REDRIVE_BATCH);
+                let chosen: Vec<(u64, MessageId)> = q
+                    .dead
+                    .keys()
+                    .filter(|(_, id)| wanted.is_empty() || wanted.contains(id))
+                    .take(limit as usize)
+                    .copied()
+                    .collect();
+                for key in &chosen {
+                    if let Some((mut m, _)) = q.dead.remove(key) {
+                        m.delivery_count = 0;
+                        m.visible_at = now;
+                        q.messages.insert(key.1, m);
+                    }
+                }
+                let moved = chosen.len() as u64;
+                q.counters.redriven += moved;
+                let more = moved == crate::storage::REDRIVE_BATCH && asked > moved && !q.dead.is_empty();
+                Ok(Outcome::Redriven { moved, more })
             }
             Command::Delete { queue } => {
                 if self.queues.remove(&queue).is_none() {

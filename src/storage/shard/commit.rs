@@ -30,6 +30,23 @@ impl ShardStore {
             } => self
                 .apply_release(&queue, id, lease, delay_ms, now, batch)
                 .map(Outcome::Released),
+            Command::Fail {
+                queue,
+                id,
+                lease,
+                error,
+                dead,
+            } => self
+                .apply_fail(&queue, id, lease, Ending::Fail { error, dead }, now, batch)
+                .map(Outcome::Failed),
+            Command::PeekDead {
+                queue,
+                max_items,
+                cursor,
+            } => self.apply_peek_dead(&queue, max_items, cursor).map(Outcome::DeadPeeked),
+            Command::Redrive { queue, max, ids } => self
+                .apply_redrive(&queue, max, ids, now, batch)
+                .map(|(moved, more)| Outcome::Redriven { moved, more }),
             Command::Stats { queue } => self.apply_stats(&queue, now).map(Outcome::Stats),
             Command::Purge { queue } => {
                 let qid = self.queue_id(&queue)?;

@@ -40,10 +40,14 @@ impl ShardStore {
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(());
         };
-        let backoff = q.policy.or(defaults).retry_backoff_ms.unwrap_or_default();
+        let policy = q.policy.or(defaults);
+        let backoff = policy.retry_backoff_ms.unwrap_or_default();
+        let max_deliveries = policy.max_deliveries.unwrap_or(crate::types::UNLIMITED);
         if q.leases.remove(&lease).is_none() {
             return Ok(());
         }
+        let dead = DeadSet::of(&self.engine)?;
+        let mut buried = 0;
         let mut it = self
             .engine
             .scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
@@ -53,9 +57,22 @@ impl ShardStore {
             match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
                 (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
                     if leases.take_member(&mut batch.writes, q, &member, lease, id).is_some() {
+                        let failures = keys::parse_record(v).map_or(1, |(h, _)| h.delivery_count);
+                        // Out of deliveries: dead at the expiry, in the
+                        // same batch as the lease's end.
+                        if u64::from(failures) >= max_deliveries {
+                            let death = Death {
+                                id,
+                                at: expired_at,
+                                reason: keys::DeadReason::MaxDeliveries,
+                            };
+                            dead.bury(&mut batch.writes, q, death, v, &mut batch.record);
+                            buried += 1;
+                            it.next();
+                            continue;
+                        }
                         // Visible again at the expiry, after the backoff of
                         // this many failed deliveries.
-                        let failures = keys::parse_record(v).map_or(1, |(h, _)| h.delivery_count);
                         let at = deadline(expired_at, backoff.after(failures));
                         ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), v);
                         if at > now {
@@ -75,9 +92,9 @@ impl ShardStore {
         if visible > 0 {
             *batch.woken.entry(qid).or_default() += visible;
         }
-        if returned > 0 {
-            batch.counted.entry(qid).or_default().leases_expired += returned;
-        }
+        let counted = batch.counted.entry(qid).or_default();
+        counted.leases_expired += returned;
+        counted.dead_max_deliveries += buried;
         Ok(())
     }
 
@@ -170,56 +187,11 @@ impl ShardStore {
         now: u64,
         batch: &mut Batch,
     ) -> Result<bool, StoreError> {
-        let qid = self.queue_id(queue)?;
-        if !self.holds(qid, &id, &lease, now) {
-            return Ok(false);
+        let ended = self.end_delivery(queue, id, lease, Ending::Release { delay_ms }, now, batch)?;
+        if ended {
+            let qid = self.queue_id(queue)?;
+            batch.counted.entry(qid).or_default().released += 1;
         }
-        // The record goes back to the ready index as it is (delivery count
-        // included); read into the batch's buffer, no allocation.
-        let record = self
-            .engine
-            .db()
-            .get_pinned_cf(self.engine.cf(CF_LEASES)?, keys::member_key(qid, &lease, &id))
-            .map_err(StoreError::rocks("read a leased message"))?
-            .ok_or_else(|| {
-                StoreError::Storage(StorageError::Corrupt {
-                    cf: CF_LEASES,
-                    detail: format!("message {id} of lease {lease} in {queue} has no record"),
-                })
-            })?;
-        batch.record.clear();
-        batch.record.extend_from_slice(&record);
-        drop(record);
-        self.take_member(qid, id, lease, batch)?;
-        // Without a delay of its own, a released message waits out the
-        // queue's retry backoff for its delivery count.
-        let delay_ms = match delay_ms {
-            0 => {
-                let defaults = self.engine.options().defaults();
-                let backoff = self
-                    .queues
-                    .get(&qid)
-                    .and_then(|q| q.policy.or(defaults).retry_backoff_ms)
-                    .unwrap_or_default();
-                let failures = keys::parse_record(&batch.record).map_or(1, |(h, _)| h.delivery_count);
-                backoff.after(failures)
-            }
-            own => own,
-        };
-        let at = deadline(now, delay_ms);
-        let ready = ReadyIndex::of(&self.engine)?;
-        batch.touched.push(qid);
-        let Some(q) = self.queues.get_mut(&qid) else {
-            return Ok(false);
-        };
-        ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), &batch.record);
-        if at > now {
-            q.delayed += 1;
-            *self.delay_deadlines.entry((at, qid)).or_default() += 1;
-        } else {
-            *batch.woken.entry(qid).or_default() += 1;
-        }
-        batch.counted.entry(qid).or_default().released += 1;
-        Ok(true)
+        Ok(ended)
     }
 }

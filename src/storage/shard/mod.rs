@@ -17,10 +17,12 @@
 //!
 //! Layout: [`state`] (in-memory queue state, the batch), [`recovery`]
 //! (rebuilding it at open), [`ready`] (adds, polls, stats, purges),
-//! [`leases`] (expiry, remove, extend, release), [`policy`] (queue
-//! policies, created and changed), [`commit`] (one batch).
+//! [`leases`] (expiry, remove, extend, release), [`dead`] (failures, dead
+//! letters and redrive), [`policy`] (queue policies, created and changed),
+//! [`commit`] (one batch).
 
 mod commit;
+mod dead;
 mod leases;
 mod policy;
 mod ready;
@@ -35,17 +37,19 @@ use std::sync::Arc;
 
 use rocksdb::WriteBatch;
 
-use super::engine::{Engine, CF_LEASES, CF_READY, CF_REGISTRY};
+use super::engine::{Engine, CF_DEAD, CF_LEASES, CF_READY, CF_REGISTRY};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
 use super::{
-    deadline, Command, CommandError, Delivery, Executed, Lease, NewMessage, Outcome, PeekCursor, Peeked, PolicyInfo,
-    QueueCounters, QueuePolicy, QueueSnapshot, QueueStats, QueueStore, ReplyBudget, StorageError, StoreError,
+    deadline, Command, CommandError, DeadLetter, DeadPeeked, Delivery, Executed, Lease, NewMessage, Outcome,
+    PeekCursor, Peeked, PolicyInfo, QueueCounters, QueuePolicy, QueueSnapshot, QueueStats, QueueStore, ReplyBudget,
+    StorageError, StoreError,
 };
 use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
+use dead::Ending;
 use state::{Batch, Held, LeaseState, QueueState};
-use tables::{LeaseTable, MemberKey, ReadyIndex, Registry};
+use tables::{DeadSet, Death, LeaseTable, MemberKey, ReadyIndex, Registry};
 
 /// Decides whether this shard owns a queue (the server's stable hash).
 pub type Ownership = Arc<dyn Fn(&QueueName) -> bool + Send + Sync>;

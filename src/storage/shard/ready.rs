@@ -130,7 +130,8 @@ impl ShardStore {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            let cost = v.len().saturating_sub(keys::RECORD_HEADER_LEN) + crate::storage::POLL_MESSAGE_OVERHEAD;
+            // Payload and per-message overhead (not a failure's error text).
+            let cost = keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD;
             let first = messages.is_empty();
             if (!first && bytes + cost > budget) || !max_bytes.take(cost, first) {
                 break;
@@ -145,14 +146,19 @@ impl ShardStore {
             let (_, id) = keys::parse_ready_key(k).ok_or_else(corrupt_key)?;
             // A fixed array, no allocation.
             let key: ReadyKey = k.try_into().map_err(|_| corrupt_key())?;
-            let (mut header, payload) = keys::parse_record(v).ok_or_else(|| {
+            let keys::FullRecord {
+                mut header,
+                error,
+                payload,
+            } = keys::parse_full_record(v).ok_or_else(|| {
                 StoreError::Storage(StorageError::Corrupt {
                     cf: CF_READY,
                     detail: format!("record of {id} in {queue} is {} bytes", v.len()),
                 })
             })?;
             header.delivery_count = header.delivery_count.saturating_add(1);
-            keys::encode_record(&mut batch.record, header, payload);
+            // The last error a worker reported travels with the message.
+            keys::encode_record_with_error(&mut batch.record, header, error, payload);
             ready.take(&mut batch.writes, &key);
             leases.put_member(&mut batch.writes, q, lease, id, &batch.record);
             messages.push(Delivery {
@@ -243,7 +249,8 @@ impl ShardStore {
         let mut last = None;
         let mut bytes = 0;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let cost = v.len().saturating_sub(keys::RECORD_HEADER_LEN) + crate::storage::POLL_MESSAGE_OVERHEAD;
+            // Payload and per-message overhead (not a failure's error text).
+            let cost = keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD;
             let full = peeked.messages.len() as u64 >= u64::from(max_items)
                 || (!peeked.messages.is_empty() && bytes + cost > budget);
             if full {
@@ -271,13 +278,15 @@ impl ShardStore {
 
     pub(super) fn apply_purge(&mut self, qid: QueueId, batch: &mut Batch) -> Result<u64, StoreError> {
         let (ready, leases) = (ReadyIndex::of(&self.engine)?, LeaseTable::of(&self.engine)?);
+        let dead = DeadSet::of(&self.engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(0);
         };
-        let dropped = q.counters.ready + q.holders.len() as u64;
+        let dropped = q.counters.ready + q.holders.len() as u64 + q.counters.dead;
         batch.touched.push(qid);
         ready.purge(&mut batch.writes, qid);
         leases.purge(&mut batch.writes, qid);
+        dead.purge(&mut batch.writes, qid);
         q.counters = Counters {
             bytes: Some(0),
             ..Counters::default()
@@ -350,6 +359,7 @@ fn counts(q: &QueueState, disk_full: bool) -> QueueStats {
         in_flight: q.holders.len() as u64,
         oldest_visible_age_ms: None,
         disk_full,
+        dead: q.counters.dead,
     }
 }
 

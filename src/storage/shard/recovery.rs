@@ -74,7 +74,7 @@ impl ShardStore {
                         .entry(lease)
                         .or_insert(LeaseState { expires_at: 0, live: 0 })
                         .live += 1;
-                    let bytes = v.len().saturating_sub(keys::RECORD_HEADER_LEN) as u32;
+                    let bytes = keys::payload_len(v) as u32;
                     leased_bytes += u64::from(bytes);
                     q.holders.insert(id, Held { lease, bytes });
                 }
@@ -116,7 +116,7 @@ impl ShardStore {
             let mut ready_bytes = 0u64;
             let mut it = engine.scan(CF_READY, &keys::queue_prefix(qid), keys::queue_end(qid).to_vec())?;
             while let Some(v) = it.value() {
-                ready_bytes += v.len().saturating_sub(keys::RECORD_HEADER_LEN) as u64;
+                ready_bytes += keys::payload_len(v) as u64;
                 it.next();
             }
             it.status()

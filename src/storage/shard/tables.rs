@@ -70,7 +70,7 @@ impl<'e> LeaseTable<'e> {
         record: &[u8],
     ) {
         writes.put_cf(self.0, keys::member_key(q.qid, &lease, &id), record);
-        let bytes = record.len().saturating_sub(keys::RECORD_HEADER_LEN) as u32;
+        let bytes = keys::payload_len(record) as u32;
         q.holders.insert(id, Held { lease, bytes });
     }
 
@@ -103,6 +103,49 @@ impl<'e> LeaseTable<'e> {
     }
 
     /// Drops every lease of a queue.
+    pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
+        writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
+    }
+}
+
+/// Which message died, when and why.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Death {
+    pub(super) id: MessageId,
+    pub(super) at: u64,
+    pub(super) reason: keys::DeadReason,
+}
+
+/// Dead letters, keyed (queue, died-at, id). Deleted plainly, not with
+/// `SingleDelete`: a message redriven and dead again within the same
+/// millisecond would write its key twice.
+pub(super) struct DeadSet<'e>(&'e ColumnFamily);
+
+impl<'e> DeadSet<'e> {
+    pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
+        Ok(Self(engine.cf(CF_DEAD)?))
+    }
+
+    /// Buries a message: its record, as `death` says, in the queue's dead
+    /// set (`scratch` holds the encoded value).
+    pub(super) fn bury(
+        &self,
+        writes: &mut WriteBatch,
+        q: &mut QueueState,
+        death: Death,
+        record: &[u8],
+        scratch: &mut Vec<u8>,
+    ) {
+        keys::encode_dead(scratch, death.reason, record);
+        writes.put_cf(self.0, keys::dead_key(q.qid, death.at, &death.id), &scratch[..]);
+        q.counters.dead += 1;
+        q.take_bytes(keys::payload_len(record) as u64);
+    }
+
+    pub(super) fn take(&self, writes: &mut WriteBatch, key: &[u8]) {
+        writes.delete_cf(self.0, key);
+    }
+
     pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
         writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
     }

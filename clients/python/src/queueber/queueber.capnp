@@ -50,6 +50,8 @@ struct QueuePolicy {
                               # or released without a delay) a message is
                               # visible again after the n-th step, the last
                               # repeating; at most 8 steps; empty = at once
+  maxDeliveries @5 :UInt64;   # deliveries after which a message not removed is
+                              # dead-lettered (1-1000, or all ones = unlimited)
 }
 
 struct CreateQueueRequest {
@@ -230,4 +232,5 @@ struct QueueStats {
   oldestVisibleAgeMs @3 :UInt64;
   hasVisible @4 :Bool;        # whether oldestVisibleAgeMs means anything
   diskFull @5 :Bool;          # adds are being refused for lack of disk space
+  dead @6 :UInt64;            # dead letters (see peek with dead, redrive)
 }
