@@ -276,6 +276,62 @@ impl Client {
             queue: queue.clone(),
             max_items,
             cursor,
+            dead: false,
+        })
+        .await
+    }
+
+    /// Up to `max_items` dead letters (in `Peeked::dead`), oldest death
+    /// first, from the start or after `cursor`.
+    pub async fn peek_dead(
+        &self,
+        queue: &QueueName,
+        max_items: u32,
+        cursor: Option<PeekCursor>,
+    ) -> Result<Peeked, ClientError> {
+        self.send(ops::Peek {
+            queue: queue.clone(),
+            max_items,
+            cursor,
+            dead: true,
+        })
+        .await
+    }
+
+    /// Reports that `lease`'s message `id` could not be processed: it comes
+    /// back after the queue's backoff with `error` recorded, or is
+    /// dead-lettered (`dead`, or out of deliveries). False if the lease
+    /// does not hold it.
+    pub async fn fail(
+        &self,
+        queue: &QueueName,
+        lease: LeaseId,
+        id: MessageId,
+        error: &str,
+        dead: bool,
+    ) -> Result<bool, ClientError> {
+        self.send(ops::Fail {
+            queue: queue.clone(),
+            lease,
+            id,
+            error: error.to_string(),
+            dead,
+        })
+        .await
+    }
+
+    /// Moves dead letters back (`ids`, or else up to `max` of the oldest, 0
+    /// = all), at most 1,000 per call; `more` says to call again.
+    pub async fn redrive(
+        &self,
+        queue: &QueueName,
+        max: u64,
+        ids: Vec<MessageId>,
+    ) -> Result<ops::redrive::Redriven, ClientError> {
+        self.send(ops::Redrive {
+            queue: queue.clone(),
+            max,
+            ids,
         })
         .await
     }

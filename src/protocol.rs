@@ -208,6 +208,30 @@ mod tests {
                 queue: q("a"),
                 max_items: 3,
                 cursor: None,
+                dead: false,
+            }),
+            Op::Fail(ops::Fail {
+                queue: q("a"),
+                lease,
+                id,
+                error: "timeout talking to smtp".into(),
+                dead: true,
+            }),
+            Op::Redrive(ops::Redrive {
+                queue: q("a"),
+                max: 10,
+                ids: vec![id, MessageId([3; 16])],
+            }),
+            Op::SetPolicy(ops::SetPolicy {
+                queue: q("a"),
+                policy: Box::new(crate::types::QueuePolicy {
+                    lease_ms: Some(5),
+                    max_depth: Some(crate::types::UNLIMITED),
+                    max_bytes: None,
+                    max_payload_bytes: Some(7),
+                    retry_backoff_ms: Some(crate::types::RetryBackoff::new(&[1, 2, 3]).unwrap()),
+                    max_deliveries: Some(4),
+                }),
             }),
             Op::Auth(ops::Auth {
                 token: "acme-01.secret".into(),
@@ -219,6 +243,7 @@ mod tests {
                     visible_at_ms: 5,
                     id: MessageId([6; 16]),
                 }),
+                dead: true,
             }),
         ];
         for (i, op) in ops.into_iter().enumerate() {
@@ -286,10 +311,40 @@ mod tests {
                     delivery_count: 0,
                     enqueued_at_ms: 9,
                 }],
+                dead: Vec::new(),
                 cursor: Some(crate::types::PeekCursor {
                     visible_at_ms: 10,
                     id: MessageId([8; 16]),
                 }),
+            })),
+            Ok(Reply::Peeked(crate::types::Peeked {
+                messages: Vec::new(),
+                dead: vec![
+                    crate::types::DeadLetter {
+                        id: MessageId([8; 16]),
+                        payload: b"x".to_vec(),
+                        delivery_count: 5,
+                        enqueued_at_ms: 9,
+                        died_at_ms: 11,
+                        reason: crate::types::DeadReason::MaxDeliveries,
+                        last_error: None,
+                    },
+                    crate::types::DeadLetter {
+                        id: MessageId([9; 16]),
+                        payload: Vec::new(),
+                        delivery_count: 1,
+                        enqueued_at_ms: 9,
+                        died_at_ms: 12,
+                        reason: crate::types::DeadReason::Rejected,
+                        last_error: Some(String::new()),
+                    },
+                ],
+                cursor: None,
+            })),
+            Ok(Reply::Failed(true)),
+            Ok(Reply::Redriven(ops::redrive::Redriven {
+                moved: 1000,
+                more: true,
             })),
         ];
         for (i, result) in results.into_iter().enumerate() {
@@ -349,7 +404,7 @@ mod tests {
         // last request arm.
         let resp = Response {
             id: 9,
-            result: Ok(Reply::PolicySet(crate::types::PolicyInfo::default())),
+            result: Ok(Reply::Redriven(crate::ops::redrive::Redriven { moved: 1, more: false })),
         };
         let bytes = capnp::serialize::write_message_to_words(&encode_response(&resp));
         let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();

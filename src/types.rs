@@ -98,7 +98,9 @@ impl PeekCursor {
 pub struct Peeked {
     /// In delivery order, with their current delivery counts.
     pub messages: Vec<Delivery>,
-    /// Set when more visible messages follow the last one returned.
+    /// A peek at the dead letters: them instead, oldest death first.
+    pub dead: Vec<DeadLetter>,
+    /// Set when more follow the last one returned.
     pub cursor: Option<PeekCursor>,
 }
 

@@ -340,6 +340,19 @@ fn no_frame_executes_anything_before_auth() {
             queue: jobs.clone(),
             max_items: 10,
             cursor: None,
+            dead: true,
+        }),
+        Op::Fail(ops::Fail {
+            queue: jobs.clone(),
+            lease,
+            id,
+            error: "x".into(),
+            dead: true,
+        }),
+        Op::Redrive(ops::Redrive {
+            queue: jobs.clone(),
+            max: 0,
+            ids: Vec::new(),
         }),
         Op::CreateQueue(ops::CreateQueue {
             queue: q("acme", "made"),

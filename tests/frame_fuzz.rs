@@ -77,14 +77,37 @@ fn op() -> impl Strategy<Value = Op> {
         queue_name().prop_map(|queue| Op::Purge(ops::Purge { queue })),
         queue_name().prop_map(|queue| Op::Delete(ops::Delete { queue })),
         "[a-z0-9.-]{0,40}".prop_map(|token| Op::Auth(ops::Auth { token })),
-        (queue_name(), any::<u32>(), prop::option::of((any::<u64>(), id))).prop_map(|(queue, max_items, cursor)| {
-            Op::Peek(ops::Peek {
+        (
+            queue_name(),
+            any::<u32>(),
+            prop::option::of((any::<u64>(), id)),
+            any::<bool>()
+        )
+            .prop_map(|(queue, max_items, cursor, dead)| {
+                Op::Peek(ops::Peek {
+                    queue,
+                    max_items,
+                    cursor: cursor.map(|(visible_at_ms, id)| queueber::types::PeekCursor {
+                        visible_at_ms,
+                        id: MessageId(id),
+                    }),
+                    dead,
+                })
+            }),
+        (queue_name(), id, id, "[ -~]{0,60}", any::<bool>()).prop_map(|(queue, l, m, error, dead)| {
+            Op::Fail(ops::Fail {
                 queue,
-                max_items,
-                cursor: cursor.map(|(visible_at_ms, id)| queueber::types::PeekCursor {
-                    visible_at_ms,
-                    id: MessageId(id),
-                }),
+                lease: LeaseId(l),
+                id: MessageId(m),
+                error,
+                dead,
+            })
+        }),
+        (queue_name(), any::<u64>(), prop::collection::vec(id, 0..4)).prop_map(|(queue, max, ids)| {
+            Op::Redrive(ops::Redrive {
+                queue,
+                max,
+                ids: ids.into_iter().map(MessageId).collect(),
             })
         }),
     ]

@@ -558,7 +558,7 @@ mod raw {
         let mut root = message.init_root::<response::Builder<'_>>();
         root.set_id(id);
         // The response union's last arm: past the request union's last.
-        root.init_set_policy();
+        root.init_redrive();
         capnp::serialize::write_message_to_words(&message)
     }
 

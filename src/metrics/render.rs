@@ -55,6 +55,7 @@ impl QueueRow {
         self.stats.visible += s.store.stats.visible;
         self.stats.delayed += s.store.stats.delayed;
         self.stats.in_flight += s.store.stats.in_flight;
+        self.stats.dead += s.store.stats.dead;
         self.oldest_age_ms = self.oldest_age_ms.max(s.store.stats.oldest_visible_age_ms.unwrap_or(0));
         self.counters.merge(&s.store.counters);
         self.parked += s.parked_polls;
@@ -100,13 +101,14 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
     w.family(
         "queueber_queue_messages",
         Kind::Gauge,
-        "Messages in a queue by state: visible (ready now), delayed (ready later), inflight (leased).",
+        "Messages in a queue by state: visible (ready now), delayed (ready later), inflight (leased), dead (dead letters).",
     );
     for ((tenant, queue), row) in &rows {
         for (state, n) in [
             ("visible", row.stats.visible),
             ("delayed", row.stats.delayed),
             ("inflight", row.stats.in_flight),
+            ("dead", row.stats.dead),
         ] {
             w.sample(
                 "queueber_queue_messages",
@@ -135,7 +137,7 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         "Long polls waiting for a message on the queue.",
         &|r| r.parked as f64,
     );
-    let counters: [QueueCounterSeries; 7] = [
+    let counters: [QueueCounterSeries; 9] = [
         ("queueber_messages_added_total", "Messages added.", |r| r.counters.added),
         (
             "queueber_messages_delivered_total",
@@ -165,9 +167,37 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         ("queueber_polls_empty_total", "Polls answered with no message.", |r| {
             r.polls_empty
         }),
+        (
+            "queueber_messages_failed_total",
+            "Deliveries a worker ended with fail.",
+            |r| r.counters.failed,
+        ),
+        (
+            "queueber_messages_redriven_total",
+            "Dead letters moved back to their queue by redrive.",
+            |r| r.counters.redriven,
+        ),
     ];
     for (name, help, value) in counters {
         per_queue(&mut w, name, Kind::Counter, help, &|r| value(r) as f64);
+    }
+
+    w.family(
+        "queueber_messages_dead_lettered_total",
+        Kind::Counter,
+        "Messages dead-lettered, by reason: max_deliveries (out of deliveries) or rejected (fail with dead).",
+    );
+    for ((tenant, queue), row) in &rows {
+        for (reason, n) in [
+            ("max_deliveries", row.counters.dead_max_deliveries),
+            ("rejected", row.counters.dead_rejected),
+        ] {
+            w.sample(
+                "queueber_messages_dead_lettered_total",
+                &[("tenant", tenant), ("queue", queue), ("reason", reason)],
+                n as f64,
+            );
+        }
     }
 
     w.family("queueber_connections", Kind::Gauge, "Open client connections.");

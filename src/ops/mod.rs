@@ -25,12 +25,14 @@ pub mod auth;
 pub mod create_queue;
 pub mod delete;
 pub mod extend;
+pub mod fail;
 pub mod get_policy;
 pub mod hello;
 pub mod list_queues;
 pub mod peek;
 pub mod poll;
 pub mod purge;
+pub mod redrive;
 pub mod release;
 pub mod remove;
 pub mod set_policy;
@@ -330,4 +332,6 @@ operations! {
     CreateQueue(create_queue::CreateQueue) -> QueueCreated,
     GetPolicy(get_policy::GetPolicy) -> Policy,
     SetPolicy(set_policy::SetPolicy) -> PolicySet,
+    Fail(fail::Fail) -> Failed,
+    Redrive(redrive::Redrive) -> Redriven,
 }

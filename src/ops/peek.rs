@@ -1,14 +1,15 @@
 //! `peek`: up to `max_items` messages visible now, from the head of the
 //! queue or after a cursor, without leasing them: a look at what the next
 //! polls would get. Paged: a reply that stops early carries the cursor to
-//! pass to the next peek.
+//! pass to the next peek. With `dead`, the queue's dead letters instead,
+//! oldest death first, with why and when each died.
 
 use super::fields::{bad, invalid, malformed, read_queue, reply_message_id, set_queue};
 use super::Operation;
 use crate::names::QueueName;
 use crate::protocol::{ErrorReply, ResponseDecodeError};
 use crate::queueber_capnp::{peek_reply, peek_request, request, response};
-use crate::types::{Delivery, PeekCursor, Peeked};
+use crate::types::{DeadLetter, DeadReason, Delivery, PeekCursor, Peeked};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peek {
@@ -17,6 +18,8 @@ pub struct Peek {
     pub max_items: u32,
     /// `None` starts at the head.
     pub cursor: Option<PeekCursor>,
+    /// The dead letters instead of the visible messages.
+    pub dead: bool,
 }
 
 impl Operation for Peek {
@@ -43,6 +46,7 @@ impl Operation for Peek {
             queue: read_queue(r.get_queue())?,
             max_items: r.get_max_items(),
             cursor,
+            dead: r.get_dead(),
         })
     }
 
@@ -50,6 +54,7 @@ impl Operation for Peek {
         let mut b = root.init_peek();
         set_queue(b.reborrow().init_queue(), &self.queue);
         b.set_max_items(self.max_items);
+        b.set_dead(self.dead);
         if let Some(c) = self.cursor {
             b.set_cursor(&c.to_bytes());
         }
@@ -60,13 +65,30 @@ impl Operation for Peek {
         if let Some(c) = peeked.cursor {
             b.set_cursor(&c.to_bytes());
         }
-        let mut list = b.init_messages(peeked.messages.len() as u32);
+        let mut list = b.reborrow().init_messages(peeked.messages.len() as u32);
         for (i, m) in peeked.messages.iter().enumerate() {
             let mut e = list.reborrow().get(i as u32);
             e.set_id(m.id.as_bytes());
             e.set_payload(&m.payload);
             e.set_delivery_count(m.delivery_count);
             e.set_enqueued_at_ms(m.enqueued_at_ms);
+        }
+        if !peeked.dead.is_empty() {
+            let mut list = b.init_dead(peeked.dead.len() as u32);
+            for (i, d) in peeked.dead.iter().enumerate() {
+                let mut e = list.reborrow().get(i as u32);
+                e.set_id(d.id.as_bytes());
+                e.set_payload(&d.payload);
+                e.set_delivery_count(d.delivery_count);
+                e.set_enqueued_at_ms(d.enqueued_at_ms);
+                e.set_died_at_ms(d.died_at_ms);
+                e.set_reason(match d.reason {
+                    DeadReason::MaxDeliveries => crate::queueber_capnp::DeadReason::MaxDeliveries,
+                    DeadReason::Rejected => crate::queueber_capnp::DeadReason::Rejected,
+                });
+                e.set_has_error(d.last_error.is_some());
+                e.set_last_error(d.last_error.as_deref().unwrap_or(""));
+            }
         }
     }
 
@@ -87,7 +109,32 @@ impl Operation for Peek {
                 enqueued_at_ms: m.get_enqueued_at_ms(),
             });
         }
-        Ok(Peeked { messages, cursor })
+        let mut dead = Vec::new();
+        for d in p.get_dead()?.iter() {
+            let reason = match d.get_reason() {
+                Ok(crate::queueber_capnp::DeadReason::MaxDeliveries) => DeadReason::MaxDeliveries,
+                Ok(crate::queueber_capnp::DeadReason::Rejected) => DeadReason::Rejected,
+                Err(e) => return Err(bad("dead reason", format!("unknown reason {}", e.0))),
+            };
+            let last_error = match d.get_has_error() {
+                true => Some(
+                    d.get_last_error()?
+                        .to_string()
+                        .map_err(|e| bad("lastError", e.to_string()))?,
+                ),
+                false => None,
+            };
+            dead.push(DeadLetter {
+                id: reply_message_id(d.get_id())?,
+                payload: d.get_payload()?.to_vec(),
+                delivery_count: d.get_delivery_count(),
+                enqueued_at_ms: d.get_enqueued_at_ms(),
+                died_at_ms: d.get_died_at_ms(),
+                reason,
+                last_error,
+            });
+        }
+        Ok(Peeked { messages, dead, cursor })
     }
 }
 
@@ -121,10 +168,17 @@ mod serve {
         }
 
         fn plan(self, commands: &mut Vec<Command>) -> Plan {
-            commands.push(Command::Peek {
-                queue: self.queue,
-                max_items: self.max_items,
-                cursor: self.cursor,
+            commands.push(match self.dead {
+                false => Command::Peek {
+                    queue: self.queue,
+                    max_items: self.max_items,
+                    cursor: self.cursor,
+                },
+                true => Command::PeekDead {
+                    queue: self.queue,
+                    max_items: self.max_items,
+                    cursor: self.cursor,
+                },
             });
             Plan::Commands(1)
         }
@@ -132,6 +186,11 @@ mod serve {
         fn reply(outcomes: &mut Outcomes<'_>) -> Result<Peeked, ErrorReply> {
             one(outcomes, Self::NAME, |o| match o {
                 Outcome::Peeked(p) => Ok(p),
+                Outcome::DeadPeeked(d) => Ok(Peeked {
+                    messages: Vec::new(),
+                    dead: d.letters,
+                    cursor: d.cursor,
+                }),
                 other => Err(other),
             })
         }
@@ -152,6 +211,7 @@ mod serve {
                 queue: QueueName::new("t", "q").unwrap(),
                 max_items,
                 cursor: None,
+                dead: false,
             };
             assert_eq!(peek(0).admit(&limits).unwrap().max_items, 1);
             assert_eq!(peek(99).admit(&limits).unwrap().max_items, 10);

@@ -123,7 +123,30 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
-    /// Visible, delayed and in-flight counts of a queue.
+    /// Report that a leased message could not be processed: it comes back
+    /// after the queue's backoff with the error recorded, or (--dead, or out
+    /// of deliveries) is dead-lettered.
+    Fail {
+        queue: String,
+        lease: String,
+        id: String,
+        /// What went wrong (kept with the message, up to 1 KiB).
+        #[arg(long, default_value = "")]
+        error: String,
+        /// Dead-letter it at once.
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Move dead letters back to the queue (the given ids, or the oldest
+    /// --max, or all), visible at once with their delivery count reset.
+    Redrive {
+        queue: String,
+        ids: Vec<String>,
+        /// Most to move (default: all).
+        #[arg(long, default_value_t = 0)]
+        max: u64,
+    },
+    /// Visible, delayed, in-flight and dead counts of a queue.
     Stats { queue: String },
     /// Show messages visible now, without leasing them (paged: pass the
     /// printed cursor to --cursor for the next page).
@@ -135,6 +158,9 @@ enum Command {
         /// Continue after a previous peek (its printed cursor).
         #[arg(long)]
         cursor: Option<String>,
+        /// The dead letters instead (oldest death first, with why).
+        #[arg(long)]
+        dead: bool,
     },
     /// Create a queue with a policy (an add creates one with the defaults).
     Create {
@@ -192,6 +218,10 @@ struct PolicyFlags {
     /// last repeating (at most 8); `default` for none.
     #[arg(long, value_name = "MS,MS,...|default")]
     retry_backoff_ms: Option<String>,
+    /// Deliveries after which a message that is not removed is
+    /// dead-lettered: 1 to 1000.
+    #[arg(long, value_name = "N|unlimited|default")]
+    max_deliveries: Option<String>,
 }
 
 impl PolicyFlags {
@@ -221,6 +251,7 @@ impl PolicyFlags {
             false,
             base.max_payload_bytes,
         )?;
+        base.max_deliveries = field("max-deliveries", &self.max_deliveries, true, base.max_deliveries)?;
         match self.retry_backoff_ms.as_deref() {
             None => {}
             Some("default") => base.retry_backoff_ms = None,
@@ -261,6 +292,7 @@ fn show_policy(info: &PolicyInfo) -> (String, Value) {
             ("max_depth", p.max_depth),
             ("max_bytes", p.max_bytes),
             ("max_payload_bytes", p.max_payload_bytes),
+            ("max_deliveries", p.max_deliveries),
         ]
     };
     let backoff_text = |p: &QueuePolicy| match &p.retry_backoff_ms {
@@ -499,14 +531,46 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
                 json!({ "released": ok }),
             )
         }
+        Command::Fail {
+            queue: name,
+            lease,
+            id,
+            error,
+            dead,
+        } => {
+            let ok = client
+                .fail(&queue(&name)?, parse_lease(&lease)?, parse_id(&id)?, &error, dead)
+                .await?;
+            (
+                if ok { "failed" } else { "not held by this lease" }.into(),
+                json!({ "failed": ok }),
+            )
+        }
+        Command::Redrive { queue: name, ids, max } => {
+            let q = queue(&name)?;
+            let ids = ids.iter().map(|i| parse_id(i)).collect::<Result<Vec<_>, _>>()?;
+            // One request moves at most 1,000: go on while the server says
+            // more were asked for.
+            let mut moved = 0u64;
+            loop {
+                let left = if max == 0 { 0 } else { max - moved };
+                let step = client.redrive(&q, left, ids.clone()).await?;
+                moved += step.moved;
+                if !step.more || step.moved == 0 || (max != 0 && moved >= max) {
+                    break;
+                }
+            }
+            (format!("redrove {moved} dead letters"), json!({ "redriven": moved }))
+        }
         Command::Stats { queue: name } => {
             let s = client.stats(&queue(&name)?).await?;
             (
                 format!(
-                    "visible {}\ndelayed {}\nin flight {}\noldest visible age {}{}",
+                    "visible {}\ndelayed {}\nin flight {}\ndead {}\noldest visible age {}{}",
                     s.visible,
                     s.delayed,
                     s.in_flight,
+                    s.dead,
                     s.oldest_visible_age_ms.map_or("-".into(), |a| format!("{a} ms")),
                     if s.disk_full {
                         "\ndisk full: adds are refused"
@@ -514,7 +578,7 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
                         ""
                     }
                 ),
-                json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "oldest_visible_age_ms": s.oldest_visible_age_ms, "disk_full": s.disk_full }),
+                json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "dead": s.dead, "oldest_visible_age_ms": s.oldest_visible_age_ms, "disk_full": s.disk_full }),
             )
         }
         Command::Create { queue: name, policy } => {
@@ -546,6 +610,56 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             queue: name,
             max,
             cursor,
+            dead: true,
+        } => {
+            let cursor = match cursor {
+                None => None,
+                Some(c) => Some(parse_cursor(&c)?),
+            };
+            let peeked = client.peek_dead(&queue(&name)?, max, cursor).await?;
+            let reason = |r| match r {
+                queueber::types::DeadReason::MaxDeliveries => "max_deliveries",
+                queueber::types::DeadReason::Rejected => "rejected",
+            };
+            let mut text = String::new();
+            for d in &peeked.dead {
+                text.push_str(&format!(
+                    "{} {} after {} deliveries at {} ms{} {}\n",
+                    d.id,
+                    reason(d.reason),
+                    d.delivery_count,
+                    d.died_at_ms,
+                    d.last_error
+                        .as_ref()
+                        .map_or(String::new(), |e| format!(" (last error: {e})")),
+                    String::from_utf8_lossy(&d.payload)
+                ));
+            }
+            let cursor = peeked.cursor.map(|c| hex(&c.to_bytes()));
+            match &cursor {
+                Some(c) => text.push_str(&format!("more: --dead --cursor {c}")),
+                None if peeked.dead.is_empty() => text.push_str("no dead letters"),
+                None => text.push_str("(end)"),
+            }
+            let json = json!({
+                "dead": peeked.dead.iter().map(|d| json!({
+                    "id": d.id.to_string(),
+                    "delivery_count": d.delivery_count,
+                    "enqueued_at_ms": d.enqueued_at_ms,
+                    "died_at_ms": d.died_at_ms,
+                    "reason": reason(d.reason),
+                    "last_error": d.last_error,
+                    "payload": payload_text(&d.payload),
+                })).collect::<Vec<_>>(),
+                "cursor": cursor,
+            });
+            (text, json)
+        }
+        Command::Peek {
+            queue: name,
+            max,
+            cursor,
+            dead: false,
         } => {
             let cursor = match cursor {
                 None => None,

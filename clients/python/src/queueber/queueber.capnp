@@ -35,7 +35,39 @@ struct Request {
     createQueue @13 :CreateQueueRequest;
     getPolicy @14 :QueueRef;
     setPolicy @15 :SetPolicyRequest;
+    fail @16 :FailRequest;
+    redrive @17 :RedriveRequest;
   }
+}
+
+struct FailRequest {
+  queue @0 :QueueRef;
+  lease @1 :Data;       # 16 bytes
+  id @2 :Data;          # 16 bytes
+  error @3 :Text;       # what went wrong (kept with the message, up to 1 KiB)
+  dead @4 :Bool;        # dead-letter it at once (reason rejected)
+}
+
+struct RedriveRequest {
+  queue @0 :QueueRef;
+  max @1 :UInt64;       # most to move (0 = all); ignored when ids are given
+  ids @2 :List(Data);   # these dead letters only (16 bytes each)
+}
+
+enum DeadReason {
+  maxDeliveries @0;     # delivered maxDeliveries times without a remove
+  rejected @1;          # a worker failed it with dead = true
+}
+
+struct DeadLetter {
+  id @0 :Data;
+  payload @1 :Data;
+  deliveryCount @2 :UInt32;   # deliveries before it died
+  enqueuedAtMs @3 :UInt64;
+  diedAtMs @4 :UInt64;
+  reason @5 :DeadReason;
+  lastError @6 :Text;         # the last error a worker reported; empty if none
+  hasError @7 :Bool;          # whether lastError was reported
 }
 
 struct QueuePolicy {
@@ -91,6 +123,7 @@ struct PeekRequest {
   queue @0 :QueueRef;
   maxItems @1 :UInt32;  # 0 means 1; capped by the server's limit
   cursor @2 :Data;      # empty = from the head; else the cursor of the last reply
+  dead @3 :Bool;        # the dead letters instead (oldest death first)
 }
 
 struct RemoveRequest {
@@ -131,6 +164,8 @@ struct Response {
     createQueue @14 :PolicyReply;
     getPolicy @15 :PolicyReply;
     setPolicy @16 :PolicyReply;
+    fail @17 :FailReply;
+    redrive @18 :RedriveReply;
   }
 }
 
@@ -206,6 +241,7 @@ struct AuthReply {
 struct PeekReply {
   messages @0 :List(PolledMessage);  # visible now, in delivery order; not leased
   cursor @1 :Data;                   # empty when there is nothing after them
+  dead @2 :List(DeadLetter);  # a peek with dead = true: the dead letters
 }
 
 struct RemoveReply {
@@ -233,4 +269,13 @@ struct QueueStats {
   hasVisible @4 :Bool;        # whether oldestVisibleAgeMs means anything
   diskFull @5 :Bool;          # adds are being refused for lack of disk space
   dead @6 :UInt64;            # dead letters (see peek with dead, redrive)
+}
+
+struct FailReply {
+  failed @0 :Bool;      # false: the lease does not hold the message (nothing done)
+}
+
+struct RedriveReply {
+  moved @0 :UInt64;     # dead letters moved back
+  more @1 :Bool;        # a redrive stops at 1000 per request: ask again for the rest
 }
