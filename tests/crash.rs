@@ -113,3 +113,108 @@ fn policies_and_queue_bounds_survive_sigkill_in_every_mode() {
         daemon.terminate();
     }
 }
+
+/// SIGKILL in the middle of a stream of deliveries that dead-letter (their
+/// leases run out, or workers reject them) and removes: after a restart
+/// every acknowledged message is in exactly one place, removed, dead, or
+/// back in the queue, in every durability mode.
+#[test]
+fn dead_lettering_survives_sigkill_with_every_message_in_one_place() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use queueber::types::QueuePolicy;
+
+    for durability in ["fsync", "periodic", "wal"] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let queue = queue_on_shard("poison", 0, 2);
+        let mut daemon = Daemon::start(dir.path(), port, durability);
+        let added = Arc::new(Mutex::new(BTreeSet::new()));
+        let removed = Arc::new(Mutex::new(BTreeSet::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (q, added, removed, stop, addr) =
+                (queue.clone(), added.clone(), removed.clone(), stop.clone(), daemon.addr);
+            std::thread::spawn(move || {
+                with_client(addr, move |c| async move {
+                    let policy = QueuePolicy {
+                        max_deliveries: Some(1),
+                        ..QueuePolicy::default()
+                    };
+                    c.create_queue(&q, policy).await.unwrap();
+                    let mut round = 0u32;
+                    while !stop.load(Ordering::SeqCst) {
+                        round += 1;
+                        let batch = (0..20)
+                            .map(|i| NewMessage::new(format!("{round}-{i}").into_bytes()))
+                            .collect();
+                        let Ok(ids) = c.add(&q, batch).await else { break };
+                        added.lock().unwrap().extend(ids);
+                        // Leases of 30 ms that run out (one delivery: dead),
+                        // rejections, and removes, all in flight at once.
+                        let Ok(Some(lease)) = c.poll(&q, 20, 30, 0).await else {
+                            break;
+                        };
+                        for (i, m) in lease.messages.iter().enumerate() {
+                            let done = match i % 3 {
+                                0 => c.remove(&q, lease.id, vec![m.id]).await.map(|r| r == vec![true]),
+                                1 => c.fail(&q, lease.id, m.id, "bad input", true).await,
+                                _ => continue,
+                            };
+                            match done {
+                                Ok(true) if i % 3 == 0 => {
+                                    removed.lock().unwrap().insert(m.id);
+                                }
+                                Ok(_) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    }
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(400));
+        daemon.kill();
+        stop.store(true, Ordering::SeqCst);
+        let _ = worker.join();
+
+        let mut daemon = Daemon::start(dir.path(), port, durability);
+        let q = queue.clone();
+        let (dead, live) = with_client(daemon.addr, move |c| async move {
+            // Leases from before the kill run out now: their messages die.
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            let (mut dead, mut cursor) = (Vec::new(), None);
+            loop {
+                let page = c.peek_dead(&q, 1000, cursor).await.unwrap();
+                dead.extend(page.dead.iter().map(|d| d.id));
+                cursor = page.cursor;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            let mut live = Vec::new();
+            while let Some(lease) = c.poll(&q, 1000, 600_000, 0).await.unwrap() {
+                live.extend(lease.messages.iter().map(|m| m.id));
+            }
+            (dead, live)
+        });
+        let (added, removed) = (added.lock().unwrap().clone(), removed.lock().unwrap().clone());
+        let dead_set: BTreeSet<_> = dead.iter().copied().collect();
+        let live_set: BTreeSet<_> = live.iter().copied().collect();
+        assert_eq!(dead_set.len(), dead.len(), "{durability}: a message dead twice");
+        assert!(dead_set.is_disjoint(&live_set), "{durability}: dead and visible");
+        assert!(
+            removed.is_disjoint(&dead_set) && removed.is_disjoint(&live_set),
+            "{durability}: removed yet kept"
+        );
+        let everywhere: BTreeSet<_> = dead_set.union(&live_set).chain(removed.iter()).copied().collect();
+        assert!(added.is_subset(&everywhere), "{durability}: acknowledged adds lost");
+        assert!(
+            !dead_set.is_empty(),
+            "{durability}: nothing was dead-lettered before the kill"
+        );
+        daemon.terminate();
+    }
+}
