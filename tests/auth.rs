@@ -75,6 +75,9 @@ fn held_to_its_token(tls: bool) {
         let id = sender.rsplit_once('.').unwrap().0;
         let wrong = c.auth(&format!("{id}.0000")).await.unwrap_err();
         assert_eq!(code(wrong), Some(ErrorCode::Unauthenticated));
+        // An unknown id gets the same answer (and costs the same: benches/auth.rs).
+        let unknown = c.auth("nobody-00.0123456789abcdef").await.unwrap_err();
+        assert_eq!(code(unknown), Some(ErrorCode::Unauthenticated));
         assert!(
             started.elapsed() >= Duration::from_millis(45),
             "{:?}",
@@ -131,12 +134,12 @@ fn held_to_its_token(tls: bool) {
     } else {
         common::with_clients(server.local_addr(), 3, scenario);
     }
-    // The one failed attempt is counted, and refusals by their codes.
+    // The two failed attempts are counted, and refusals by their codes.
     let mut scrape = std::net::TcpStream::connect(metrics).unwrap();
     std::io::Write::write_all(&mut scrape, b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut text = String::new();
     std::io::Read::read_to_string(&mut scrape, &mut text).unwrap();
-    assert!(text.contains("\nqueueber_auth_failures_total 1\n"), "{text}");
+    assert!(text.contains("\nqueueber_auth_failures_total 2\n"), "{text}");
     assert!(text.contains("code=\"unauthenticated\"") && text.contains("code=\"permission_denied\""));
     common::stop(server);
 }
