@@ -18,9 +18,10 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import capnp  # type: ignore[import-untyped]
 
-from .errors import Internal, error_for_code
-from .types import (Limits, Message, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated,
-                    QueuePolicy, QueueRef, QueueStats, ServerInfo)
+from .errors import Internal, UnknownOperation, error_for_code
+from .types import (DeadLetter, DeadPeeked, DeadReason, Limits, Message, NewMessage, Payload,
+                    Peeked, PolicyInfo, QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven,
+                    ServerInfo, clip_error)
 
 SCHEMA_PATH = Path(__file__).with_name("queueber.capnp")
 schema: Any = capnp.load(str(SCHEMA_PATH))
@@ -166,13 +167,38 @@ def encode_release(rid: int, tenant: str, queue: str, lease: bytes, mid: bytes,
 
 
 def encode_peek(rid: int, tenant: str, queue: str, max_items: int,
-                cursor: Optional[bytes]) -> bytes:
+                cursor: Optional[bytes], dead: bool = False) -> bytes:
     req = _new(rid)
     peek = req.init("peek")
     _queue(peek.queue, tenant, queue)
     peek.maxItems = max_items
     if cursor:
         peek.cursor = cursor
+    if dead:
+        peek.dead = True
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_fail(rid: int, tenant: str, queue: str, lease: bytes, mid: bytes, error: str,
+                dead: bool) -> bytes:
+    req = _new(rid)
+    fail = req.init("fail")
+    _queue(fail.queue, tenant, queue)
+    fail.lease = lease
+    fail.id = mid
+    if error:
+        fail.error = clip_error(error)
+    fail.dead = dead
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_redrive(rid: int, tenant: str, queue: str, max_: int, ids: List[bytes]) -> bytes:
+    req = _new(rid)
+    rd = req.init("redrive")
+    _queue(rd.queue, tenant, queue)
+    rd.max = max_
+    if ids:
+        rd.ids = ids
     return req.to_bytes()  # type: ignore[no-any-return]
 
 
@@ -192,6 +218,7 @@ def _set_policy(b: Any, policy: Optional[QueuePolicy]) -> None:
     b.maxDepth = policy.max_depth or 0
     b.maxBytes = policy.max_bytes or 0
     b.maxPayloadBytes = policy.max_payload_bytes or 0
+    b.maxDeliveries = policy.max_deliveries or 0
     steps = policy.retry_backoff_ms or ()
     if steps:
         backoff = b.init("retryBackoffMs", len(steps))
@@ -264,12 +291,46 @@ def _poll(p: Any) -> Tuple[bytes, int, List[Message]]:
              for m in g("messages")])
 
 
-def _peek(p: Any) -> Peeked:
+_DEAD_REASONS = {0: DeadReason.MAX_DELIVERIES, 1: DeadReason.REJECTED}
+
+
+def _dead_letter(d: Any) -> DeadLetter:
+    g = d._get
+    raw: int = g("reason").raw
+    return DeadLetter(g("id"), g("payload"), g("deliveryCount"), g("enqueuedAtMs"),
+                      g("diedAtMs"), _DEAD_REASONS.get(raw) or f"unknown({raw})",
+                      g("lastError") if g("hasError") else None)
+
+
+def _peek(p: Any) -> Tuple[List[Message], List[DeadLetter], Optional[bytes]]:
+    """A peek reply as (messages, dead letters, cursor): a peek at the
+    visible messages has no dead letters, one at the dead no messages."""
     g = p._get
-    return Peeked([Message(m._get_by_field(_PM_ID), m._get_by_field(_PM_PAYLOAD),
-                           m._get_by_field(_PM_COUNT), m._get_by_field(_PM_ENQUEUED))
-                   for m in g("messages")],
-                  g("cursor") or None)
+    return ([Message(m._get_by_field(_PM_ID), m._get_by_field(_PM_PAYLOAD),
+                     m._get_by_field(_PM_COUNT), m._get_by_field(_PM_ENQUEUED))
+             for m in g("messages")],
+            [_dead_letter(d) for d in g("dead")],
+            g("cursor") or None)
+
+
+def peeked(reply: Tuple[List[Message], List[DeadLetter], Optional[bytes]]) -> Peeked:
+    """The result of a ``peek`` from its decoded reply."""
+    messages, _dead, cursor = reply
+    return Peeked(messages, cursor)
+
+
+def dead_peeked(reply: Tuple[List[Message], List[DeadLetter], Optional[bytes]]) -> DeadPeeked:
+    """The result of a ``peek`` with ``dead`` from its decoded reply.
+
+    A server older than dead letters ignores ``dead`` and answers the
+    visible messages: that is raised as
+    :class:`~queueber.errors.UnknownOperation` rather than passed off as
+    "no dead letters"."""
+    messages, letters, cursor = reply
+    if messages:
+        raise UnknownOperation("the server answered a peek at the dead letters with visible "
+                               "messages: it is older than dead letters")
+    return DeadPeeked(letters, cursor)
 
 
 def _extend(e: Any) -> Optional[int]:
@@ -280,13 +341,23 @@ def _extend(e: Any) -> Optional[int]:
 def _stats(s: Any) -> QueueStats:
     g = s._get
     return QueueStats(g("visible"), g("delayed"), g("inFlight"),
-                      g("oldestVisibleAgeMs") if g("hasVisible") else None, g("diskFull"))
+                      g("oldestVisibleAgeMs") if g("hasVisible") else None, g("diskFull"),
+                      g("dead"))
 
 
 def _policy(p: Any) -> QueuePolicy:
+    """A policy as the server sent it. Not checked like one made by the
+    caller: a newer server's wider range (more backoff steps, more
+    deliveries) must not make the reply unreadable."""
     g = p._get
-    return QueuePolicy(g("leaseMs") or None, g("maxDepth") or None, g("maxBytes") or None,
-                       g("maxPayloadBytes") or None, tuple(g("retryBackoffMs")) or None)
+    policy: QueuePolicy = object.__new__(QueuePolicy)
+    for name, value in (("lease_ms", g("leaseMs") or None), ("max_depth", g("maxDepth") or None),
+                        ("max_bytes", g("maxBytes") or None),
+                        ("max_payload_bytes", g("maxPayloadBytes") or None),
+                        ("retry_backoff_ms", tuple(g("retryBackoffMs")) or None),
+                        ("max_deliveries", g("maxDeliveries") or None)):
+        object.__setattr__(policy, name, value)
+    return policy
 
 
 def _policy_info(r: Any) -> PolicyInfo:
@@ -314,6 +385,8 @@ _CONVERT: Any = {
     "createQueue": lambda r: QueueCreated(r._get("created"), _policy_info(r)),
     "getPolicy": _policy_info,
     "setPolicy": _policy_info,
+    "fail": lambda f: f._get("failed"),
+    "redrive": lambda r: Redriven(r._get("moved"), r._get("more")),
 }
 
 

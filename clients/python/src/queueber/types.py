@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Iterator, List, Optional, Tuple, Union
 
 __all__ = [
@@ -10,6 +11,11 @@ __all__ = [
     "NewMessage",
     "Message",
     "Lease",
+    "Peeked",
+    "DeadReason",
+    "DeadLetter",
+    "DeadPeeked",
+    "Redriven",
     "QueueStats",
     "QueueRef",
     "Limits",
@@ -18,6 +24,8 @@ __all__ = [
     "QueuePolicy",
     "PolicyInfo",
     "QueueCreated",
+    "MAX_DELIVERIES_LIMIT",
+    "MAX_ERROR_BYTES",
 ]
 
 #: What ``add`` accepts as a payload: bytes-like, or ``str`` (sent as UTF-8).
@@ -89,6 +97,74 @@ class Peeked:
         return iter(self.messages)
 
 
+class DeadReason(str, Enum):
+    """Why a message was dead-lettered. A ``str``: each member equals the
+    protocol's name (``DeadReason.REJECTED == "rejected"``)."""
+
+    #: Its delivery failed (lease expired, released or failed) after the
+    #: queue policy's ``max_deliveries`` deliveries.
+    MAX_DELIVERIES = "maxDeliveries"
+    #: A worker failed it with ``dead=True``.
+    REJECTED = "rejected"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+@dataclass
+class DeadLetter:
+    """A dead-lettered message, as ``peek_dead`` shows it. It is not
+    delivered again unless ``redrive`` moves it back."""
+
+    #: 16-byte message id (the same as when it was alive).
+    id: bytes
+    payload: bytes
+    #: Deliveries before it died.
+    delivery_count: int
+    #: When the message was added, in Unix epoch ms by the server's clock.
+    enqueued_at_ms: int
+    #: When it was dead-lettered, in Unix epoch ms by the server's clock.
+    died_at_ms: int
+    #: Why: a :class:`DeadReason` (a ``str``); a reason this client does not
+    #: know (from a newer server) is ``"unknown(N)"``, N its number.
+    reason: str
+    #: The text of the last ``fail`` of it (its first 1 KiB); ``None`` when
+    #: no worker reported one (``""`` when one reported an empty text).
+    last_error: Optional[str] = None
+
+
+@dataclass
+class DeadPeeked:
+    """The result of ``peek_dead``: a queue's dead letters, oldest death
+    first.
+
+    ``cursor`` is set when more follow the last one; pass it to the next
+    ``peek_dead`` to continue. Iterating yields the dead letters.
+    """
+
+    letters: List[DeadLetter] = field(default_factory=list)
+    #: Opaque position to continue from; ``None`` at the end.
+    cursor: Optional[bytes] = None
+
+    def __len__(self) -> int:
+        return len(self.letters)
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        return iter(self.letters)
+
+
+@dataclass
+class Redriven:
+    """The result of one ``redrive`` request."""
+
+    #: Dead letters moved back to the queue (visible at once, their
+    #: ``delivery_count`` reset to 0).
+    moved: int
+    #: One request moves at most 1000: more were asked for and remain. Ask
+    #: again (``redrive_all`` does).
+    more: bool = False
+
+
 @dataclass
 class QueueStats:
     """Counters of one queue (``stats``)."""
@@ -104,6 +180,9 @@ class QueueStats:
     oldest_visible_age_ms: Optional[int]
     #: The server refuses adds for lack of disk space (server-wide).
     disk_full: bool = False
+    #: Dead letters (not counted in ``visible``, ``delayed`` or ``in_flight``;
+    #: see ``peek_dead`` and ``redrive``). 0 from a server older than them.
+    dead: int = 0
 
 
 @dataclass(frozen=True)
@@ -140,8 +219,9 @@ class ServerInfo:
     disk_full: bool = False
 
 
-#: ``max_depth`` / ``max_bytes`` of a :class:`QueuePolicy` with no bound
-#: (2**64 - 1 on the wire), whatever the server's ``--default-max-*`` are.
+#: ``max_depth`` / ``max_bytes`` / ``max_deliveries`` of a
+#: :class:`QueuePolicy` with no bound (2**64 - 1 on the wire), whatever the
+#: server's ``--default-max-*`` are.
 UNLIMITED = 0xFFFF_FFFF_FFFF_FFFF
 
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -149,6 +229,23 @@ _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 #: Most steps of a retry backoff.
 MAX_BACKOFF_STEPS = 8
+
+#: Largest bounded ``max_deliveries`` of a policy (else :data:`UNLIMITED`).
+MAX_DELIVERIES_LIMIT = 1000
+
+#: Most bytes of a ``fail``'s error text the server keeps (and the client
+#: sends): the text is cut there, at a character boundary.
+MAX_ERROR_BYTES = 1024
+
+
+def clip_error(text: str) -> str:
+    """``text`` cut to its first :data:`MAX_ERROR_BYTES` bytes of UTF-8, at
+    a character boundary, as the server keeps it. Characters UTF-8 cannot
+    carry (lone surrogates) become ``?``."""
+    # A character is at least one byte: the first MAX_ERROR_BYTES characters
+    # hold the first MAX_ERROR_BYTES bytes.
+    data = text[:MAX_ERROR_BYTES].encode("utf-8", "replace")
+    return data[:MAX_ERROR_BYTES].decode("utf-8", "ignore")
 
 
 @dataclass(frozen=True)
@@ -174,10 +271,14 @@ class QueuePolicy:
     #: over it); at most the server's ``max_payload_bytes``.
     max_payload_bytes: Optional[int] = None
     #: Delays in ms before a message whose delivery failed (its lease
-    #: expired, or it was released without a delay) is visible again: the
+    #: expired, it was released without a delay, or failed) is visible again: the
     #: n-th after the n-th failure, the last repeating; at most 8 steps.
     #: ``None`` (or empty): the server's default, visible at once unless set.
     retry_backoff_ms: Optional[Tuple[int, ...]] = None
+    #: Deliveries after which a message whose delivery fails (lease
+    #: expired, released, or failed) is dead-lettered instead of coming
+    #: back: 1 to 1000, or :data:`UNLIMITED` for never.
+    max_deliveries: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.retry_backoff_ms is not None:
@@ -201,6 +302,14 @@ class QueuePolicy:
             if not 1 <= value <= _U64_MAX:
                 raise ValueError(f"QueuePolicy.{name} must be None (the server's default) "
                                  f"or 1..2**64-1, not {value}")
+        value = self.max_deliveries
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"QueuePolicy.max_deliveries must be an int or None, "
+                                f"not {type(value).__name__}")
+            if not (1 <= value <= MAX_DELIVERIES_LIMIT or value == UNLIMITED):
+                raise ValueError(f"QueuePolicy.max_deliveries must be None (the server's "
+                                 f"default), 1..{MAX_DELIVERIES_LIMIT} or UNLIMITED, not {value}")
 
 
 @dataclass(frozen=True)
@@ -213,7 +322,9 @@ class PolicyInfo:
     #: As stored: ``None`` where the queue leaves a field to the server.
     policy: QueuePolicy
     #: What applies: every field set, the queue's own or else the server's
-    #: default (``max_depth``/``max_bytes`` :data:`UNLIMITED` when unbounded).
+    #: default (``max_depth``/``max_bytes``/``max_deliveries``
+    #: :data:`UNLIMITED` when unbounded; ``retry_backoff_ms`` ``None`` when
+    #: there is none).
     effective: QueuePolicy
 
 
