@@ -272,13 +272,7 @@ impl Client {
         max_items: u32,
         cursor: Option<PeekCursor>,
     ) -> Result<Peeked, ClientError> {
-        self.send(ops::Peek {
-            queue: queue.clone(),
-            max_items,
-            cursor,
-            dead: false,
-        })
-        .await
+        self.peek_any(queue, max_items, cursor, false).await
     }
 
     /// Up to `max_items` dead letters (in `Peeked::dead`), oldest death
@@ -289,11 +283,21 @@ impl Client {
         max_items: u32,
         cursor: Option<PeekCursor>,
     ) -> Result<Peeked, ClientError> {
+        self.peek_any(queue, max_items, cursor, true).await
+    }
+
+    async fn peek_any(
+        &self,
+        queue: &QueueName,
+        max_items: u32,
+        cursor: Option<PeekCursor>,
+        dead: bool,
+    ) -> Result<Peeked, ClientError> {
         self.send(ops::Peek {
             queue: queue.clone(),
             max_items,
             cursor,
-            dead: true,
+            dead,
         })
         .await
     }

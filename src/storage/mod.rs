@@ -56,6 +56,39 @@ pub const DEFAULT_MAX_POLL_BYTES: usize = 16 << 20;
 /// the reply's per-message framing (id, counters, pointers) with room to spare.
 pub const POLL_MESSAGE_OVERHEAD: usize = 64;
 
+/// How much one page of a peek may hold: at most `max_items` entries and,
+/// past the first (which always fits), `budget` bytes of costs. Both stores
+/// page with it, so their pages end at the same entry.
+#[derive(Debug)]
+pub struct Page {
+    max_items: u64,
+    budget: usize,
+    taken: u64,
+    bytes: usize,
+}
+
+impl Page {
+    pub fn new(max_items: u32, budget: usize) -> Page {
+        Page {
+            max_items: u64::from(max_items),
+            budget,
+            taken: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Takes an entry of `cost` bytes; false when the page is full (the
+    /// entry starts the next page).
+    pub fn take(&mut self, cost: usize) -> bool {
+        let full = self.taken >= self.max_items || (self.taken > 0 && self.bytes + cost > self.budget);
+        if !full {
+            self.taken += 1;
+            self.bytes += cost;
+        }
+        !full
+    }
+}
+
 /// Longest delay, lease or extension the store accepts: about 10 years. Larger
 /// values are clamped to it so that `now + duration` can never overflow.
 pub const MAX_DURATION_MS: u64 = 10 * 365 * 24 * 3600 * 1000;

@@ -371,21 +371,17 @@ impl ModelStore {
                 let q = self.queue(&queue)?;
                 let after = cursor.map(|c| (c.visible_at_ms, c.id));
                 let mut peeked = DeadPeeked::default();
-                let (mut bytes, mut last) = (0, None);
+                let (mut page, mut last) = (super::Page::new(max_items, budget), None);
                 for (&(died_at, id), (m, reason)) in &q.dead {
                     if after.is_some_and(|a| (died_at, id) <= a) {
                         continue;
                     }
                     // As the store counts its value: reason, header, error, payload.
                     let stored = 1 + 12 + m.last_error.as_ref().map_or(0, |e| 2 + e.len()) + m.payload.len();
-                    let cost = stored + POLL_MESSAGE_OVERHEAD;
-                    let full = peeked.letters.len() as u64 >= u64::from(max_items)
-                        || (!peeked.letters.is_empty() && bytes + cost > budget);
-                    if full {
+                    if !page.take(stored + POLL_MESSAGE_OVERHEAD) {
                         peeked.cursor = last;
                         break;
                     }
-                    bytes += cost;
                     peeked.letters.push(DeadLetter {
                         id,
                         payload: m.payload.clone(),
@@ -477,21 +473,17 @@ impl ModelStore {
                 let q = self.queue(&queue)?;
                 let after = cursor.map(|c| (c.visible_at_ms, c.id));
                 let mut peeked = crate::storage::Peeked::default();
-                let mut bytes = 0;
+                let mut page = super::Page::new(max_items, budget);
                 let mut last = None;
                 for id in q.visible_in_order(now) {
                     let Some(m) = q.messages.get(&id) else { continue };
                     if after.is_some_and(|a| (m.visible_at, id) <= a) {
                         continue;
                     }
-                    let cost = m.payload.len() + POLL_MESSAGE_OVERHEAD;
-                    let full = peeked.messages.len() as u64 >= u64::from(max_items)
-                        || (!peeked.messages.is_empty() && bytes + cost > budget);
-                    if full {
+                    if !page.take(m.payload.len() + POLL_MESSAGE_OVERHEAD) {
                         peeked.cursor = last;
                         break;
                     }
-                    bytes += cost;
                     peeked.messages.push(Delivery {
                         id,
                         payload: m.payload.clone(),

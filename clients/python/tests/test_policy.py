@@ -51,7 +51,7 @@ async def test_create_get_set_round_trip(server: Server, queue: str) -> None:
         # Unset fields are the server's defaults (queueberd's own here).
         assert created.policy.effective == QueuePolicy(
             lease_ms=1500, max_depth=100, max_bytes=UNLIMITED,
-            max_payload_bytes=server_payload_limit)
+            max_payload_bytes=server_payload_limit, max_deliveries=UNLIMITED)
         assert await qb.get_policy(queue) == created.policy
         assert queueber.QueueRef("default", queue) in await qb.queues()
         assert (await qb.stats(queue)).visible == 0
@@ -63,7 +63,8 @@ async def test_create_get_set_round_trip(server: Server, queue: str) -> None:
         assert isinstance(info, PolicyInfo)
         assert (info.version, info.policy) == (2, second)
         assert info.effective == QueuePolicy(lease_ms=30000, max_depth=UNLIMITED,
-                                             max_bytes=4096, max_payload_bytes=512)
+                                             max_bytes=4096, max_payload_bytes=512,
+                                             max_deliveries=UNLIMITED)
         assert await qb.get_policy(queue) == info
         again = await qb.set_policy(queue, second)  # the same policy still counts
         assert again.version == 3
@@ -210,7 +211,8 @@ def test_server_defaults_apply_where_policies_leave_fields_unset(
             assert (info.version, info.policy) == (0, QueuePolicy())
             assert info.effective == QueuePolicy(
                 lease_ms=4000, max_depth=2, max_bytes=5000,
-                max_payload_bytes=qb.server_info.limits.max_payload_bytes)
+                max_payload_bytes=qb.server_info.limits.max_payload_bytes,
+                max_deliveries=UNLIMITED)
             lease, before, after = await timed(lambda: qb.poll("plain", lease_ms=0))
             assert_lease_of(lease, before, after, 4000)
             # A refused add to a queue that does not exist creates none.

@@ -146,17 +146,13 @@ impl ShardStore {
         let budget = self.engine.options().max_poll_bytes;
         let mut it = self.engine.scan(CF_DEAD, &start, keys::queue_end(qid).to_vec())?;
         let mut peeked = DeadPeeked::default();
-        let (mut bytes, mut last) = (0, None);
+        let (mut page, mut last) = (crate::storage::Page::new(max_items, budget), None);
         let corrupt = |detail: String| StoreError::Storage(StorageError::Corrupt { cf: CF_DEAD, detail });
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let cost = v.len() + crate::storage::POLL_MESSAGE_OVERHEAD;
-            let full = peeked.letters.len() as u64 >= u64::from(max_items)
-                || (!peeked.letters.is_empty() && bytes + cost > budget);
-            if full {
+            if !page.take(v.len() + crate::storage::POLL_MESSAGE_OVERHEAD) {
                 peeked.cursor = last;
                 break;
             }
-            bytes += cost;
             let (died_at, id) =
                 keys::parse_ready_key(k).ok_or_else(|| corrupt(format!("unparseable key {k:?} in {queue}")))?;
             let (reason, record) =

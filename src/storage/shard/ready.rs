@@ -247,17 +247,13 @@ impl ShardStore {
             .scan(CF_READY, &start, keys::ready_visible_end(qid, now).to_vec())?;
         let mut peeked = Peeked::default();
         let mut last = None;
-        let mut bytes = 0;
+        let mut page = crate::storage::Page::new(max_items, budget);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             // Payload and per-message overhead (not a failure's error text).
-            let cost = keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD;
-            let full = peeked.messages.len() as u64 >= u64::from(max_items)
-                || (!peeked.messages.is_empty() && bytes + cost > budget);
-            if full {
+            if !page.take(keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD) {
                 peeked.cursor = last;
                 break;
             }
-            bytes += cost;
             let corrupt = |detail: String| StoreError::Storage(StorageError::Corrupt { cf: CF_READY, detail });
             let (visible_at_ms, id) =
                 keys::parse_ready_key(k).ok_or_else(|| corrupt(format!("unparseable key {k:?} in {queue}")))?;

@@ -6,7 +6,7 @@
   :class:`QueueberError`.
 * :mod:`queueber.types` — the result types (:class:`Message`,
   :class:`Lease`, :class:`QueueStats`, :class:`ServerInfo`,
-  :class:`QueuePolicy`, ...).
+  :class:`QueuePolicy`, :class:`DeadLetter`, ...).
 """
 
 from . import aio, errors, types
@@ -16,8 +16,9 @@ from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, 
                      Unauthenticated, Unavailable, UnknownOperation, UnknownQueue,
                      PermissionDenied, QueueFull)
 from .sync import Client, SyncConsumer, SyncMessage, connect
-from .types import (UNLIMITED, Lease, Limits, Message, NewMessage, Peeked, PolicyInfo,
-                    QueueCreated, QueuePolicy, QueueRef, QueueStats, ServerInfo)
+from .types import (MAX_DELIVERIES_LIMIT, UNLIMITED, DeadLetter, DeadPeeked, DeadReason, Lease,
+                    Limits, Message, NewMessage, Peeked, PolicyInfo, QueueCreated, QueuePolicy,
+                    QueueRef, QueueStats, Redriven, ServerInfo)
 from .worker import ConsumedMessage, Consumer
 
 __version__ = "0.1.0"
@@ -27,7 +28,8 @@ __all__ = [
     "Client", "connect", "SyncConsumer", "SyncMessage",
     "Consumer", "ConsumedMessage",
     "Lease", "Limits", "Message", "NewMessage", "Peeked", "QueueRef", "QueueStats", "ServerInfo",
-    "QueuePolicy", "PolicyInfo", "QueueCreated", "UNLIMITED",
+    "QueuePolicy", "PolicyInfo", "QueueCreated", "UNLIMITED", "MAX_DELIVERIES_LIMIT",
+    "DeadLetter", "DeadPeeked", "DeadReason", "Redriven",
     "QueueberError", "Internal", "InvalidArgument", "InvalidName", "UnknownQueue",
     "PayloadTooLarge", "TooManyMessages", "FrameTooLarge", "MalformedFrame",
     "UnknownOperation", "TooManyInFlight", "ShuttingDown", "Unavailable", "DiskFull",

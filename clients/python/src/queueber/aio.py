@@ -15,11 +15,12 @@ wait for a slot.
 Reconnection: when the connection is lost, the requests in flight on it fail
 with :class:`~queueber.errors.ConnectionClosed` (their outcome is unknown),
 except the ones that are safe to send twice (``hello``, ``stats``,
-``queues``, ``peek``, ``extend``, ``get_policy``), which are sent again once
-on a new connection. The next request after a loss reconnects first. An
-``add`` is never sent again by the client, nor are ``create_queue`` (its
-``created`` would be wrong the second time) and ``set_policy`` (it would
-move the version on twice).
+``queues``, ``peek``, ``peek_dead``, ``extend``, ``get_policy``), which are
+sent again once on a new connection. The next request after a loss
+reconnects first. An ``add`` is never sent again by the client, nor are
+``create_queue`` (its ``created`` would be wrong the second time),
+``set_policy`` (it would move the version on twice), ``fail`` (the second
+would answer ``False``) and ``redrive`` (it could move more than ``max``).
 
 TLS: ``tls=True`` (or a CA, or a client certificate, or the ``QUEUEBER_TLS*``
 environment variables the CLI reads) connects with TLS 1.2 or newer,
@@ -42,8 +43,8 @@ import capnp  # type: ignore[import-untyped]
 
 from . import _tls, _wire
 from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError, TLSError
-from .types import (Lease, Message, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated,
-                    QueuePolicy, QueueRef, QueueStats, ServerInfo)
+from .types import (DeadPeeked, Lease, Message, NewMessage, Payload, Peeked, PolicyInfo,
+                    QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven, ServerInfo)
 from .worker import Consumer
 
 __all__ = ["Client", "connect", "DEFAULT_ADDRESS"]
@@ -54,6 +55,9 @@ DEFAULT_ADDRESS = "127.0.0.1:7420"
 
 #: How long ``close`` waits for the server to answer what is in flight.
 CLOSE_TIMEOUT_S = 10.0
+
+#: Most dead letters one ``redrive`` request moves, and most ids it takes.
+REDRIVE_BATCH = 1000
 
 Address = Union[str, Tuple[str, int]]
 LeaseLike = Union[Lease, bytes]
@@ -797,8 +801,30 @@ class Client:
                                           _wire.lease_bytes(lease), mid, delay_ms)
         return released
 
+    async def fail(self, queue: str, lease: LeaseLike, id: IdLike, error: str = "",
+                   dead: bool = False) -> bool:
+        """Report that processing a leased message failed: its delivery ends
+        like a :meth:`release` without a delay (the queue policy's
+        ``retry_backoff_ms`` applies), and ``error`` is kept with the message
+        (its first 1 KiB of UTF-8, cut here already; a later ``fail``
+        replaces it), for :meth:`peek_dead` to show should it die.
+
+        With ``dead=True`` the message is dead-lettered at once (reason
+        ``rejected``), whatever its deliveries; without, it is dead-lettered
+        (reason ``maxDeliveries``) when it has had the policy's
+        ``max_deliveries``. ``False`` when the lease no longer held it
+        (nothing changed). Needs the consume permission. Not re-sent after a
+        lost connection (a second one would answer ``False``).
+        """
+        if not isinstance(error, str):
+            raise TypeError(f"error must be a str, not {type(error).__name__}")
+        mid = _wire.id_list([id])[0]
+        failed: bool = await self._call("fail", _wire.encode_fail, self.tenant, queue,
+                                        _wire.lease_bytes(lease), mid, error, bool(dead))
+        return failed
+
     async def stats(self, queue: str) -> QueueStats:
-        """Counters of ``queue``: visible, delayed, in flight, head age."""
+        """Counters of ``queue``: visible, delayed, in flight, dead, head age."""
         stats: QueueStats = await self._call("stats", _wire.encode_queue_op, "stats",
                                              self.tenant, queue, resend=True)
         return stats
@@ -807,9 +833,67 @@ class Client:
                    cursor: Optional[bytes] = None) -> Peeked:
         """Up to ``max_items`` messages visible now, without leasing them,
         from the head or after ``cursor`` (a previous result's)."""
-        peeked: Peeked = await self._call("peek", _wire.encode_peek, self.tenant, queue,
-                                          max_items, cursor, resend=True)
-        return peeked
+        reply = await self._call("peek", _wire.encode_peek, self.tenant, queue, max_items,
+                                 cursor, resend=True)
+        return _wire.peeked(reply)
+
+    async def peek_dead(self, queue: str, max_items: int = 10,
+                        cursor: Optional[bytes] = None) -> DeadPeeked:
+        """Up to ``max_items`` of ``queue``'s dead letters, oldest death
+        first, from the first or after ``cursor`` (a previous
+        ``peek_dead``'s). Each :class:`~queueber.types.DeadLetter` tells
+        why (``reason``), when (``died_at_ms``), after how many deliveries,
+        and the last error a worker reported with :meth:`fail`. Nothing
+        changes. A server older than dead letters raises
+        :class:`~queueber.errors.UnknownOperation`."""
+        reply = await self._call("peek", _wire.encode_peek, self.tenant, queue, max_items,
+                                 cursor, True, resend=True)
+        return _wire.dead_peeked(reply)
+
+    async def redrive(self, queue: str, ids: Optional[Iterable[IdLike]] = None,
+                      max: int = 0) -> Redriven:
+        """Move dead letters back to ``queue``, visible at once with their
+        ``delivery_count`` reset to 0 (their last error stays): the ones in
+        ``ids`` (dead letters or ids; at most 1000, others are ignored),
+        or else the oldest ``max`` (0 = all).
+
+        One request moves at most 1000; ``more=True`` in the answer says
+        more were asked for and remain: call again (with ``max`` reduced by
+        ``moved``), or use :meth:`redrive_all`, which does. More than 1000
+        ``ids`` raise :class:`~queueber.errors.TooManyMessages`. Needs the
+        admin permission. Not re-sent after a lost connection.
+        """
+        id_list = _wire.id_list(ids) if ids is not None else []
+        if isinstance(max, bool) or not isinstance(max, int) or max < 0:
+            raise ValueError(f"max must be an int >= 0, not {max!r}")
+        if ids is not None and not id_list:
+            return Redriven(0, False)  # none asked for (an empty list is not "all")
+        redriven: Redriven = await self._call("redrive", _wire.encode_redrive, self.tenant,
+                                              queue, max, id_list)
+        return redriven
+
+    async def redrive_all(self, queue: str, ids: Optional[Iterable[IdLike]] = None,
+                          max: int = 0) -> int:
+        """:meth:`redrive` until done; returns how many were moved.
+
+        Without ``ids``: the oldest ``max`` dead letters (0 = all), one
+        request of up to 1000 after another while the server says there
+        are more. With ``ids``: any number, 1000 a request. The requests
+        are one after another, so the queue's shard serves others in
+        between; should one fail, the ones before it stay done.
+        """
+        moved = 0
+        if ids is not None:
+            id_list = _wire.id_list(ids)
+            for start in range(0, len(id_list), REDRIVE_BATCH):
+                step = await self.redrive(queue, id_list[start:start + REDRIVE_BATCH])
+                moved += step.moved
+            return moved
+        while True:
+            step = await self.redrive(queue, max=max - moved if max else 0)
+            moved += step.moved
+            if not step.more or (max and moved >= max) or step.moved == 0:
+                return moved
 
     async def queues(self) -> List[QueueRef]:
         """Every queue on the server (all tenants), sorted by (tenant, queue)."""
@@ -868,7 +952,7 @@ class Client:
         """Iterate over the messages of ``queue``, for a worker loop::
 
             async for msg in qb.consume("emails", batch=32):
-                async with msg:          # removed on success, released on error
+                async with msg:          # removed on success, failed on an error
                     await send(msg.payload)
 
         See :class:`~queueber.worker.Consumer` for the arguments and the

@@ -26,8 +26,8 @@ from typing import (Any, Callable, Coroutine, Iterable, Iterator, List, Optional
 
 from . import _tls, aio
 from .errors import ConnectionClosed
-from .types import (Lease, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated, QueuePolicy,
-                    QueueRef, QueueStats, ServerInfo)
+from .types import (DeadPeeked, Lease, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated,
+                    QueuePolicy, QueueRef, QueueStats, Redriven, ServerInfo)
 from .worker import ConsumedMessage, Consumer
 
 __all__ = ["Client", "connect", "SyncConsumer", "SyncMessage"]
@@ -162,6 +162,11 @@ class Client:
         """See :meth:`queueber.aio.Client.release`."""
         return self._run(self._aio.release(queue, lease, id, delay_ms))
 
+    def fail(self, queue: str, lease: aio.LeaseLike, id: aio.IdLike, error: str = "",
+             dead: bool = False) -> bool:
+        """See :meth:`queueber.aio.Client.fail`."""
+        return self._run(self._aio.fail(queue, lease, id, error, dead))
+
     def stats(self, queue: str) -> QueueStats:
         """See :meth:`queueber.aio.Client.stats`."""
         return self._run(self._aio.stats(queue))
@@ -169,6 +174,21 @@ class Client:
     def peek(self, queue: str, max_items: int = 10, cursor: Optional[bytes] = None) -> Peeked:
         """See :meth:`queueber.aio.Client.peek`."""
         return self._run(self._aio.peek(queue, max_items, cursor))
+
+    def peek_dead(self, queue: str, max_items: int = 10,
+                  cursor: Optional[bytes] = None) -> DeadPeeked:
+        """See :meth:`queueber.aio.Client.peek_dead`."""
+        return self._run(self._aio.peek_dead(queue, max_items, cursor))
+
+    def redrive(self, queue: str, ids: Optional[Iterable[aio.IdLike]] = None,
+                max: int = 0) -> Redriven:
+        """See :meth:`queueber.aio.Client.redrive`."""
+        return self._run(self._aio.redrive(queue, None if ids is None else list(ids), max))
+
+    def redrive_all(self, queue: str, ids: Optional[Iterable[aio.IdLike]] = None,
+                    max: int = 0) -> int:
+        """See :meth:`queueber.aio.Client.redrive_all`."""
+        return self._run(self._aio.redrive_all(queue, None if ids is None else list(ids), max))
 
     def queues(self) -> List[QueueRef]:
         """See :meth:`queueber.aio.Client.queues`."""
@@ -202,7 +222,7 @@ class Client:
         :class:`queueber.worker.Consumer`)::
 
             for msg in qb.consume("emails"):
-                with msg:                  # removed on success, released on error
+                with msg:                  # removed on success, failed on an error
                     send(msg.payload)
         """
         consumer = self._in_loop(lambda: self._aio.consume(
@@ -289,7 +309,7 @@ class SyncMessage:
 
     @property
     def settled(self) -> bool:
-        """Whether it was acknowledged or released."""
+        """Whether it was acknowledged, failed or released."""
         return self._msg.settled
 
     def ack(self) -> None:
@@ -297,9 +317,9 @@ class SyncMessage:
         self._client._in_loop(self._msg.ack)
 
     def nack(self, reason: Union[BaseException, str, None] = None,
-             delay_ms: Optional[int] = None) -> None:
+             delay_ms: Optional[int] = None, *, dead: bool = False) -> None:
         """See :meth:`queueber.worker.ConsumedMessage.nack`."""
-        self._client._in_loop(self._msg.nack, reason, delay_ms)
+        self._client._in_loop(lambda: self._msg.nack(reason, delay_ms, dead=dead))
 
     def __enter__(self) -> "SyncMessage":
         return self
@@ -326,8 +346,9 @@ class SyncConsumer:
         try:
             msg = self._client._run(
                 self._consumer.__anext__(),
-                # Handed out but never seen by the caller: give it back.
-                on_orphan=lambda m: self._client._loop.call_soon_threadsafe(m.nack, None, 0))
+                # Handed out but never seen by the caller: give it back (a
+                # release, not a failure).
+                on_orphan=lambda m: self._client._loop.call_soon_threadsafe(m._give_back))
         except StopAsyncIteration:
             raise StopIteration from None
         return SyncMessage(msg, self._client)

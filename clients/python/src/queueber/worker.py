@@ -6,12 +6,15 @@ processed, and acknowledges them in batches::
 
     async with queueber.aio.connect("127.0.0.1:7420") as qb:
         async for msg in qb.consume("emails", batch=32, lease_ms=30000):
-            async with msg:       # removed on success, released on an exception
+            async with msg:       # removed on success, failed on an exception
                 await send(msg.payload)
 
 Delivery is at-least-once: a message is removed only after its processing
 succeeded; if the worker dies, its leases expire and the messages are
-delivered again (``delivery_count`` tells how often).
+delivered again (``delivery_count`` tells how often). A message whose
+processing raises is reported with ``fail`` and the exception's text: it
+comes back after the queue's retry backoff, or is dead-lettered once it has
+had the queue policy's ``max_deliveries`` (``peek_dead`` shows the text).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Union
 
-from .errors import QueueberError, UnknownQueue
-from .types import Message
+from .errors import QueueberError, UnknownOperation, UnknownQueue
+from .types import Message, clip_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from .aio import Client
@@ -30,6 +33,23 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Consumer", "ConsumedMessage"]
 
 log = logging.getLogger("queueber.worker")
+
+
+def error_text(reason: Union[BaseException, str, None]) -> str:
+    """What ``fail`` reports for a failure: an exception as
+    ``"TypeName: message"`` (the name alone when the message is empty), a
+    string as it is, ``None`` as ``""``; cut to 1 KiB as the server keeps
+    it."""
+    if reason is None:
+        return ""
+    if isinstance(reason, BaseException):
+        name = type(reason).__name__
+        try:
+            text = str(reason)
+        except Exception:  # a broken __str__ must not lose the failure
+            text = ""
+        return clip_error(f"{name}: {text}" if text else name)
+    return clip_error(str(reason))
 
 
 class _LeaseState:
@@ -49,11 +69,14 @@ class ConsumedMessage:
     """A message handed out by :class:`Consumer`, to be settled exactly once.
 
     Use it as an async context manager: leaving the block normally
-    acknowledges it (removal, batched); an exception releases it for another
-    delivery (``retry_delay_ms`` later) and is logged and suppressed, so the
-    worker loop goes on. Cancellation, ``KeyboardInterrupt`` and
-    ``SystemExit`` release it too and propagate. Or settle it yourself with
-    :meth:`ack` / :meth:`nack`; settling twice does nothing.
+    acknowledges it (removal, batched); an exception fails it (see
+    :meth:`nack`: delivered again after the queue's retry backoff, or
+    dead-lettered when out of deliveries, with the exception's text kept)
+    and is logged and suppressed, so the worker loop goes on. Cancellation,
+    ``KeyboardInterrupt`` and ``SystemExit`` are not failures of the
+    message: it is released, visible again at once, and they propagate. Or
+    settle it yourself with :meth:`ack` / :meth:`nack`; settling twice does
+    nothing.
     """
 
     __slots__ = ("id", "payload", "delivery_count", "enqueued_at_ms", "_lease", "_consumer",
@@ -95,13 +118,31 @@ class ConsumedMessage:
             self._consumer._settle(self, True, None, None)
 
     def nack(self, reason: Union[BaseException, str, None] = None,
-             delay_ms: Optional[int] = None) -> None:
-        """Processing failed: give the message back for another delivery,
-        visible again after ``delay_ms`` (default: the consumer's
-        ``retry_delay_ms``). ``reason`` describes the failure."""
+             delay_ms: Optional[int] = None, *, dead: bool = False) -> None:
+        """Processing failed: report it with ``fail``. ``reason`` is kept
+        with the message as its last error (an exception as
+        ``"TypeName: message"``; up to 1 KiB). The message comes back after
+        the queue policy's ``retry_backoff_ms``, or is dead-lettered once it
+        has had the policy's ``max_deliveries``; with ``dead=True`` it is
+        dead-lettered at once (a message that can never succeed).
+
+        With a delay (``delay_ms``, default the consumer's
+        ``retry_delay_ms``, 0 unless set) it is released instead, visible
+        again after that delay: ``fail`` has no delay of its own, so then the
+        text is not kept (the delivery still counts toward
+        ``max_deliveries``). Prefer the queue's retry backoff.
+        """
         if not self._settled:
             self._settled = True
-            self._consumer._settle(self, False, reason, delay_ms)
+            self._consumer._settle(self, False, reason, delay_ms, dead)
+
+    def _give_back(self) -> None:
+        """Not a failure of the message (cancellation, interpreter exit, a
+        message never seen by the caller): release it, visible at once, and
+        record no error."""
+        if not self._settled:
+            self._settled = True
+            self._consumer._settle(self, False, None, 0, give_back=True)
 
     async def __aenter__(self) -> "ConsumedMessage":
         return self
@@ -117,11 +158,13 @@ class ConsumedMessage:
         if exc_type is None:
             self.ack()
             return False
-        self.nack(exc)
         if issubclass(exc_type, Exception):
-            log.error("queueber: processing message %s failed; released for redelivery",
-                      self.id.hex(), exc_info=(exc_type, exc, exc.__traceback__))
+            self.nack(exc)
+            log.error("queueber: processing message %s (delivery %d) failed",
+                      self.id.hex(), self.delivery_count,
+                      exc_info=(exc_type, exc, exc.__traceback__))
             return True  # the worker loop goes on with the next message
+        self._give_back()
         return False  # cancellation and interpreter exit propagate
 
     def __repr__(self) -> str:
@@ -149,8 +192,10 @@ class Consumer:
         ack_delay_ms: successful messages are removed in batches, one remove
             per lease; a batch goes out when every message of its lease is
             settled, or this long after its first acknowledgement.
-        retry_delay_ms: how long a message released after a failure stays
-            invisible.
+        retry_delay_ms: 0 (the default): a message whose processing failed
+            is reported with ``fail`` (its error text kept; the queue's
+            retry backoff and ``max_deliveries`` apply). Over 0: it is
+            released instead, invisible for this long (no error text kept).
 
     Stopping (:meth:`aclose`, or the end of the ``async with`` block of the
     consumer or of its client, which is also where cancelling the iterating
@@ -181,6 +226,7 @@ class Consumer:
         self._retry_delay_ms = retry_delay_ms
         self._want = min(batch, self._max_held)  # messages asked for per poll
         self._max_ids = 4096  # ids per remove: the server's limit, set at start
+        self._can_fail = True  # False once the server answered fail unknownOperation
 
         self._buffer: Deque[ConsumedMessage] = collections.deque()
         self._held = 0
@@ -350,7 +396,8 @@ class Consumer:
             waiter.set_result(None)
 
     def _settle(self, msg: ConsumedMessage, ok: bool,
-                reason: Union[BaseException, str, None], delay_ms: Optional[int]) -> None:
+                reason: Union[BaseException, str, None], delay_ms: Optional[int],
+                dead: bool = False, give_back: bool = False) -> None:
         st = msg._lease
         st.open -= 1
         self._held -= 1
@@ -366,8 +413,11 @@ class Consumer:
                     self._flush_timer = asyncio.get_running_loop().call_later(
                         self._ack_delay_s, self._flush_all)
         else:
-            self._negative_ack(st, msg.id, reason,
-                               self._retry_delay_ms if delay_ms is None else delay_ms)
+            delay = self._retry_delay_ms if delay_ms is None else delay_ms
+            if give_back or (delay and not dead):
+                self._spawn(self._release(st, msg.id, delay))
+            else:
+                self._spawn(self._fail(st, msg.id, error_text(reason), dead))
             if st.open == 0:
                 self._flush(st)
         if st.open == 0:
@@ -383,14 +433,6 @@ class Consumer:
         self._flush_timer = None
         for st in list(self._unflushed.values()):
             self._flush(st)
-
-    def _negative_ack(self, st: _LeaseState, mid: bytes,
-                      reason: Union[BaseException, str, None], delay_ms: int) -> None:
-        """Give a message back after a failed attempt. Today that is a
-        ``release``; when the server gets a ``fail`` operation that records
-        the error text, this is the one place to switch to it (``reason``
-        is kept for that)."""
-        self._spawn(self._release(st, mid, delay_ms))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -409,6 +451,29 @@ class Consumer:
             log.warning("queueber: %d acknowledgements on %s came after the lease expired; "
                         "those messages may be delivered again", late, self.queue)
 
+    async def _fail(self, st: _LeaseState, mid: bytes, error: str, dead: bool) -> None:
+        if not self._can_fail:
+            await self._release(st, mid, 0)
+            return
+        try:
+            failed = await self._client.fail(self.queue, st.id, mid, error, dead)
+        except UnknownOperation:
+            # A server older than dead letters: release, as before them.
+            if self._can_fail:
+                self._can_fail = False
+                log.warning("queueber: the server does not know fail (older than dead "
+                            "letters); failed messages on %s are released instead, without "
+                            "their error text", self.queue)
+            await self._release(st, mid, 0)
+            return
+        except QueueberError as e:
+            log.warning("queueber: failing a message on %s failed (it is redelivered after "
+                        "its lease): %s", self.queue, e)
+            return
+        if not failed:
+            log.warning("queueber: failing message %s on %s came after its lease expired; "
+                        "it may be delivered again", mid.hex(), self.queue)
+
     async def _release(self, st: _LeaseState, mid: bytes, delay_ms: int) -> None:
         try:
             await self._client.release(self.queue, st.id, mid, delay_ms)
@@ -419,8 +484,8 @@ class Consumer:
     # -- stopping ----------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Send the pending acknowledgements now and wait for every removal
-        and release in flight."""
+        """Send the pending acknowledgements now and wait for every removal,
+        failure and release in flight."""
         self._flush_all()
         while self._ops:
             await asyncio.gather(*list(self._ops), return_exceptions=True)
@@ -447,7 +512,7 @@ class Consumer:
                 st = msg._lease
                 st.open -= 1
                 self._held -= 1
-                # Not a failure: a plain release, also once `fail` exists.
+                # Not a failure: a plain release, not a fail.
                 self._spawn(self._release(st, msg.id, 0))
                 if st.open == 0:
                     self._flush(st)
