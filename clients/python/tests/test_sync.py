@@ -91,3 +91,33 @@ def test_sync_connect_errors(server: Server) -> None:
     with queueber.connect(server.addr) as qb:
         with pytest.raises(queueber.InvalidName):
             qb.add("bad name", [b"x"])
+
+
+def test_sync_consume_fails_and_dead_letters(server: Server, queue: str) -> None:
+    with queueber.connect(server.addr) as qb:
+        qb.create_queue(queue, queueber.QueuePolicy(max_deliveries=2))
+        qb.add(queue, [b"raises", b"rejected", b"fine"])
+        attempts: List[int] = []
+        seen: List[bytes] = []
+        with qb.consume(queue, batch=3, wait_ms=100) as consumer:
+            for msg in consumer:
+                seen.append(msg.payload)
+                if msg.payload == b"rejected":
+                    msg.nack(ValueError("never valid"), dead=True)
+                else:
+                    with msg:
+                        if msg.payload == b"raises":
+                            attempts.append(msg.delivery_count)
+                            raise RuntimeError(f"attempt {msg.delivery_count}")
+                if len(attempts) == 2:
+                    break
+        # Closing the consumer waited for its fails to be answered.
+        assert attempts == [1, 2] and sorted(seen) == [b"fine", b"raises", b"raises",
+                                                       b"rejected"]
+        stats = qb.stats(queue)
+        assert (stats.visible, stats.in_flight, stats.dead) == (0, 0, 2)
+        letters = {d.payload: d for d in qb.peek_dead(queue)}
+        assert (letters[b"raises"].reason, letters[b"raises"].last_error) == (
+            "maxDeliveries", "RuntimeError: attempt 2")
+        assert (letters[b"rejected"].reason, letters[b"rejected"].last_error) == (
+            "rejected", "ValueError: never valid")

@@ -216,3 +216,157 @@ def test_policy_replies_decode(kind: str) -> None:
         assert value == queueber.QueueCreated(True, info)
     else:
         assert value == info
+
+
+# --- dead letters ---------------------------------------------------------------
+
+def test_clip_error_cuts_at_1_kib_on_a_character_boundary() -> None:
+    from queueber.types import MAX_ERROR_BYTES, clip_error
+    assert MAX_ERROR_BYTES == 1024
+    assert clip_error("") == "" and clip_error("short") == "short"
+    assert clip_error("x" * 1024) == "x" * 1024
+    assert clip_error("x" * 1025) == "x" * 1024
+    assert clip_error("é" * 600) == "é" * 512  # 2 bytes each
+    assert clip_error("x" * 1022 + "€") == "x" * 1022  # 3 bytes would pass 1024
+    assert clip_error("x" * 1021 + "€") == "x" * 1021 + "€"
+    assert clip_error("bad \udc80 surrogate") == "bad ? surrogate"  # not UTF-8: replaced
+
+
+def test_worker_error_text() -> None:
+    from queueber.worker import error_text
+    assert error_text(None) == ""
+    assert error_text("as is") == "as is"
+    assert error_text(ValueError("bad row 7")) == "ValueError: bad row 7"
+    assert error_text(KeyError("k")) == "KeyError: 'k'"
+    assert error_text(RuntimeError()) == "RuntimeError"
+    assert len(error_text(ValueError("x" * 5000)).encode()) == 1024
+
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    assert error_text(Broken()) == "Broken"
+
+
+def test_fail_and_redrive_requests_encode() -> None:
+    lease, mid = b"L" * 16, b"M" * 16
+    with wire.schema.Request.from_bytes(
+            wire.encode_fail(3, "t", "q", lease, mid, "é" * 600, True)) as r:
+        assert r.which() == "fail" and r.id == 3
+        f = r.fail
+        assert (f.queue.tenant, f.queue.queue, f.lease, f.id, f.dead) == ("t", "q", lease, mid,
+                                                                          True)
+        assert f.error == "é" * 512  # cut before sending
+    with wire.schema.Request.from_bytes(wire.encode_fail(4, "t", "q", lease, mid, "", False)) as r:
+        assert (r.fail.error, r.fail.dead) == ("", False)
+    with wire.schema.Request.from_bytes(wire.encode_redrive(5, "t", "q", 7, [])) as r:
+        assert r.which() == "redrive" and (r.redrive.max, len(r.redrive.ids)) == (7, 0)
+    with wire.schema.Request.from_bytes(wire.encode_redrive(6, "t", "q", 0, [mid, lease])) as r:
+        assert list(r.redrive.ids) == [mid, lease]
+    with wire.schema.Request.from_bytes(wire.encode_peek(7, "t", "q", 5, None, True)) as r:
+        assert r.peek.dead and r.peek.maxItems == 5
+    with wire.schema.Request.from_bytes(wire.encode_peek(8, "t", "q", 5, b"c" * 24)) as r:
+        assert not r.peek.dead and r.peek.cursor == b"c" * 24
+
+
+def peek_reply(rid: int, dead: int = 0, messages: int = 0) -> bytes:
+    resp = wire.schema.Response.new_message()
+    resp.id = rid
+    peek = resp.init("peek")
+    peek.cursor = b"C" * 24
+    for i, m in enumerate(peek.init("messages", messages)):
+        m.id = bytes([i]) * 16
+        m.payload = b"alive"
+    letters = peek.init("dead", dead)
+    for i, d in enumerate(letters):
+        d.id = bytes([i]) * 16
+        d.payload = b"p%d" % i
+        d.deliveryCount = 3
+        d.enqueuedAtMs = 100
+        d.diedAtMs = 200 + i
+        d.reason = "rejected" if i % 2 else "maxDeliveries"
+        if i:
+            d.hasError = True
+            d.lastError = "boom %d" % i if i > 1 else ""
+    return resp.to_bytes()  # type: ignore[no-any-return]
+
+
+def test_peek_dead_reply_decodes() -> None:
+    rid, kind, reply = wire.decode(peek_reply(4, dead=3))
+    assert (rid, kind) == (4, "peek")
+    peeked = wire.dead_peeked(reply)
+    assert isinstance(peeked, queueber.DeadPeeked) and peeked.cursor == b"C" * 24
+    assert peeked.letters == [
+        queueber.DeadLetter(b"\x00" * 16, b"p0", 3, 100, 200, queueber.DeadReason.MAX_DELIVERIES,
+                            None),
+        queueber.DeadLetter(b"\x01" * 16, b"p1", 3, 100, 201, queueber.DeadReason.REJECTED, ""),
+        queueber.DeadLetter(b"\x02" * 16, b"p2", 3, 100, 202, "maxDeliveries", "boom 2"),
+    ]
+    assert [str(d.reason) for d in peeked] == ["maxDeliveries", "rejected", "maxDeliveries"]
+    # The same reply kind carries visible messages for a plain peek.
+    plain = wire.peeked(wire.decode(peek_reply(5, messages=2))[2])
+    assert [m.payload for m in plain] == [b"alive", b"alive"] and plain.cursor == b"C" * 24
+
+
+def test_peek_dead_at_an_older_server_is_unknown_operation() -> None:
+    # An older server ignores `dead` and answers the visible messages.
+    _rid, _kind, reply = wire.decode(peek_reply(6, messages=1))
+    with pytest.raises(errors.UnknownOperation):
+        wire.dead_peeked(reply)
+    # No messages and no dead letters: simply none.
+    empty = wire.dead_peeked(wire.decode(peek_reply(7))[2])
+    assert len(empty) == 0
+
+
+def test_unknown_dead_reason_still_decodes() -> None:
+    # A DeadReason from a newer server: patch the second letter's reason
+    # (rejected = 1). A DeadLetter's data section: deliveryCount u32 at byte
+    # 0, reason u16 at byte 4, enqueuedAtMs at 8, diedAtMs (201) at 16.
+    frame = bytearray(peek_reply(8, dead=2))
+    reason_at = frame.index(struct.pack("<Q", 201)) - 16 + 4
+    assert struct.unpack_from("<H", frame, reason_at)[0] == 1
+    struct.pack_into("<H", frame, reason_at, 9)
+    _rid, kind, reply = wire.decode(bytes(frame))
+    assert kind == "peek"
+    assert [d.reason for d in wire.dead_peeked(reply)] == ["maxDeliveries", "unknown(9)"]
+
+
+def test_stats_and_redrive_and_fail_replies_decode() -> None:
+    resp = wire.schema.Response.new_message()
+    resp.id = 2
+    st = resp.init("stats")
+    st.visible, st.dead = 4, 7
+    assert wire.decode(resp.to_bytes())[2] == queueber.QueueStats(4, 0, 0, None, False, 7)
+    resp = wire.schema.Response.new_message()
+    resp.id = 3
+    rd = resp.init("redrive")
+    rd.moved, rd.more = 1000, True
+    assert wire.decode(resp.to_bytes()) == (3, "redrive", queueber.Redriven(1000, True))
+    resp = wire.schema.Response.new_message()
+    resp.id = 4
+    resp.init("fail").failed = True
+    assert wire.decode(resp.to_bytes()) == (4, "fail", True)
+
+
+def test_policy_max_deliveries_encodes_and_decodes_unchecked() -> None:
+    policy = queueber.QueuePolicy(max_deliveries=5)
+    with wire.schema.Request.from_bytes(wire.encode_set_policy(1, "t", "q", policy)) as r:
+        assert r.setPolicy.policy.maxDeliveries == 5
+    with wire.schema.Request.from_bytes(wire.encode_set_policy(2, "t", "q",
+                                                               queueber.QueuePolicy())) as r:
+        assert r.setPolicy.policy.maxDeliveries == 0
+    resp = wire.schema.Response.new_message()
+    resp.id = 9
+    reply = resp.init("getPolicy")
+    reply.policy.maxDeliveries = 5000  # over this client's range: a newer server's
+    reply.effective.maxDeliveries = 2 ** 64 - 1
+    reply.effective.retryBackoffMs = list(range(1, 11))  # more steps than 8, likewise
+    _rid, _kind, info = wire.decode(resp.to_bytes())
+    assert isinstance(info, queueber.PolicyInfo)
+    assert info.policy.max_deliveries == 5000
+    assert info.effective.max_deliveries == queueber.UNLIMITED
+    assert info.effective.retry_backoff_ms == tuple(range(1, 11))
+    # Every field is set on a decoded policy (compare and hash work).
+    assert info.policy == info.policy and hash(info.effective) == hash(info.effective)
+    assert queueber.QueuePolicy(max_deliveries=5) == wire._policy(
+        wire.schema.QueuePolicy.new_message(maxDeliveries=5))

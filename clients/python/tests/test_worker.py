@@ -7,13 +7,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import List
+from typing import Any, List, Tuple
 
 import pytest
 from conftest import Server, aio_test, eventually
 
 import queueber
-from queueber import aio
+from queueber import QueuePolicy, aio
 
 
 async def drain(qb: aio.Client, queue: str) -> List[queueber.Message]:
@@ -68,10 +68,24 @@ async def test_acks_are_batched_per_lease(server: Server, queue: str) -> None:
         assert len(removes) <= 4, removes  # one per lease (and flush timer), not per message
 
 
+def spy(qb: aio.Client, name: str) -> List[Tuple[Any, ...]]:
+    """Record the arguments of every call of ``qb.<name>`` (still made)."""
+    calls: List[Tuple[Any, ...]] = []
+    original = getattr(qb, name)
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args + tuple(kwargs.values()))
+        return await original(*args, **kwargs)
+
+    setattr(qb, name, recording)
+    return calls
+
+
 @aio_test
-async def test_exception_releases_the_message(server: Server, queue: str) -> None:
+async def test_exception_fails_the_message(server: Server, queue: str) -> None:
     async with aio.connect(server.addr) as qb:
         await qb.add(queue, [b"poison", b"fine"])
+        fails, releases = spy(qb, "fail"), spy(qb, "release")
         seen = []
         async with qb.consume(queue, batch=1, wait_ms=200) as consumer:
             async for msg in consumer:
@@ -82,10 +96,132 @@ async def test_exception_releases_the_message(server: Server, queue: str) -> Non
                 if len(seen) == 3:
                     break
         # The failure was swallowed by `async with msg` (and logged), the
-        # message came back with its delivery count raised, and was removed
-        # on the second, successful attempt.
+        # message was failed with the exception's text, came back with its
+        # delivery count raised, and was removed on the second, successful
+        # attempt.
         assert seen == [(b"poison", 1), (b"fine", 1), (b"poison", 2)]
+        # fail(queue, lease, id, error, dead)
+        assert [(f[0], f[3], f[4]) for f in fails] == [
+            (queue, "RuntimeError: transient failure", False)]
+        assert releases == []
         assert (await qb.stats(queue)).visible == 0
+
+
+@aio_test
+async def test_a_handler_that_always_raises_gets_the_message_dead_lettered(
+        server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.create_queue(queue, QueuePolicy(max_deliveries=3))
+        [poison] = await qb.add(queue, [b"poison"])
+        await qb.add(queue, [b"fine"])
+        attempts: List[int] = []
+        done: List[bytes] = []
+        async with qb.consume(queue, batch=1, wait_ms=100) as consumer:
+            async def work() -> None:
+                async for msg in consumer:
+                    async with msg:
+                        if msg.payload == b"poison":
+                            attempts.append(msg.delivery_count)
+                            raise ValueError(f"cannot parse attempt {msg.delivery_count}")
+                        done.append(msg.payload)
+
+            task = asyncio.ensure_future(work())
+            try:
+                async def dead() -> bool:
+                    return (await qb.stats(queue)).dead == 1
+
+                await eventually(dead)
+                # No fourth delivery comes.
+                await asyncio.sleep(0.3)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert attempts == [1, 2, 3] and done == [b"fine"]
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.delayed, stats.in_flight, stats.dead) == (0, 0, 0, 1)
+        [letter] = (await qb.peek_dead(queue)).letters
+        assert (letter.id, letter.payload, letter.delivery_count) == (poison, b"poison", 3)
+        assert letter.reason == queueber.DeadReason.MAX_DELIVERIES
+        assert letter.last_error == "ValueError: cannot parse attempt 3"
+        # Redriven, it is delivered again (from a delivery count of 1), once
+        # the polls the consumer cancelled have ended on the server too
+        # (wait_ms): a parked one would take it (and the client release it).
+        await asyncio.sleep(0.5)
+        assert (await qb.redrive(queue)).moved == 1
+        again = await qb.poll(queue, wait_ms=2000)
+        assert [(m.id, m.delivery_count) for m in again] == [(poison, 1)]
+
+
+@aio_test
+async def test_nack_dead_rejects_at_once_and_long_errors_are_cut(
+        server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"a", b"b", b"c"])
+        async with qb.consume(queue, batch=3, wait_ms=200) as consumer:
+            a = await consumer.__anext__()
+            a.nack(KeyError("missing field"), dead=True)
+            b = await consumer.__anext__()
+            b.nack("é" * 2000, dead=True)
+            c = await consumer.__anext__()
+            c.nack(dead=True)  # no reason: an empty text
+            await consumer.flush()
+        letters = {d.payload: d for d in (await qb.peek_dead(queue)).letters}
+        assert all(d.reason == "rejected" and d.delivery_count == 1 for d in letters.values())
+        assert letters[b"a"].last_error == "KeyError: 'missing field'"
+        assert letters[b"b"].last_error == "é" * 512  # 1 KiB of UTF-8
+        assert letters[b"c"].last_error == ""
+
+
+@aio_test
+async def test_a_retry_delay_releases_instead_of_failing(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"a", b"b"])
+        fails, releases = spy(qb, "fail"), spy(qb, "release")
+        async with qb.consume(queue, batch=2, wait_ms=200, retry_delay_ms=60000) as consumer:
+            a = await consumer.__anext__()
+            a.nack("later")  # the consumer's retry delay: a release
+            b = await consumer.__anext__()
+            b.nack("now", delay_ms=0)  # no delay: a fail
+            await consumer.flush()
+        # (queue, lease, id, delay_ms); (queue, lease, id, error, dead)
+        assert (a.id, 60000) in [r[2:] for r in releases]
+        assert [f[2:] for f in fails] == [(b.id, "now", False)]
+
+        async def a_delayed_b_visible() -> bool:
+            # A poll the consumer cancelled may still take b; it is released.
+            stats = await qb.stats(queue)
+            return (stats.visible, stats.delayed, stats.in_flight) == (1, 1, 0)
+
+        await eventually(a_delayed_b_visible)
+
+
+@aio_test
+async def test_a_server_without_fail_gets_releases(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"a", b"b"])
+        calls = []
+
+        async def old_server_fail(*args: Any, **kwargs: Any) -> bool:
+            calls.append(args)
+            raise queueber.UnknownOperation("unknown operation fail")
+
+        qb.fail = old_server_fail  # type: ignore[method-assign]
+        releases = spy(qb, "release")
+        async with qb.consume(queue, batch=2, wait_ms=200) as consumer:
+            for _ in range(2):
+                msg = await consumer.__anext__()
+                async with msg:
+                    raise RuntimeError("failed")
+                await consumer.flush()
+        # The first failure found out; the second went straight to release.
+        assert len(calls) == 1
+        assert {r[2] for r in releases} >= {c[2] for c in calls} | {msg.id}
+
+        async def both_visible() -> bool:
+            stats = await qb.stats(queue)
+            return (stats.visible, stats.in_flight) == (2, 0)
+
+        await eventually(both_visible)
 
 
 @aio_test

@@ -43,8 +43,9 @@ import capnp  # type: ignore[import-untyped]
 
 from . import _tls, _wire
 from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError, TLSError
-from .types import (DeadPeeked, Lease, Message, NewMessage, Payload, Peeked, PolicyInfo,
-                    QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven, ServerInfo)
+from .types import (DeadLetter, DeadPeeked, Lease, Message, NewMessage, Payload, Peeked,
+                    PolicyInfo, QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven,
+                    ServerInfo)
 from .worker import Consumer
 
 __all__ = ["Client", "connect", "DEFAULT_ADDRESS"]
@@ -61,7 +62,7 @@ REDRIVE_BATCH = 1000
 
 Address = Union[str, Tuple[str, int]]
 LeaseLike = Union[Lease, bytes]
-IdLike = Union[Message, bytes]
+IdLike = Union[Message, DeadLetter, bytes]
 
 # A request waiting for its reply: the future, the reply kind expected, and
 # for polls the (tenant, queue) its messages would have to be released to.
