@@ -8,7 +8,7 @@ use super::fields::{malformed, read_message_id, read_queue, set_queue};
 use super::Operation;
 use crate::ids::MessageId;
 use crate::names::QueueName;
-use crate::protocol::{ErrorCode, ErrorReply, ResponseDecodeError};
+use crate::protocol::{ErrorReply, ResponseDecodeError};
 use crate::queueber_capnp::{redrive_reply, redrive_request, request, response};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +77,7 @@ impl Operation for Redrive {
 mod serve {
     use super::*;
     use crate::ops::{one, Outcomes, Plan, Route, Serve};
+    use crate::protocol::ErrorCode;
     use crate::server::ServerLimits;
     use crate::storage::{Command, Outcome, REDRIVE_BATCH};
 
