@@ -93,30 +93,44 @@ type QueueCounterSeries = (&'static str, &'static str, fn(&QueueRow) -> u64);
 /// A per-shard histogram: name, help, and where a snapshot keeps it.
 type ShardHistogramSeries = (&'static str, &'static str, fn(&ShardSnapshot) -> &Histogram);
 
+/// A per-queue family with one more label (`label`), a sample for each of
+/// the values `split` gives a row.
+fn per_queue_by<const N: usize>(
+    w: &mut Writer,
+    rows: &[((String, String), QueueRow)],
+    (name, kind): (&str, Kind),
+    help: &str,
+    label: &str,
+    split: impl Fn(&QueueRow) -> [(&'static str, u64); N],
+) {
+    w.family(name, kind, help);
+    for ((tenant, queue), row) in rows {
+        for (value, n) in split(row) {
+            w.sample(name, &[("tenant", tenant), ("queue", queue), (label, value)], n as f64);
+        }
+    }
+}
+
 /// Renders a scrape in `format`.
 pub fn render(scrape: &Scrape, format: Format) -> String {
     let mut w = Writer::new(format);
     let rows = queue_rows(&scrape.shards, scrape.max_queues);
 
-    w.family(
-        "queueber_queue_messages",
-        Kind::Gauge,
+    per_queue_by(
+        &mut w,
+        &rows,
+        ("queueber_queue_messages", Kind::Gauge),
         "Messages in a queue by state: visible (ready now), delayed (ready later), inflight (leased), dead (dead letters).",
+        "state",
+        |r| {
+            [
+                ("visible", r.stats.visible),
+                ("delayed", r.stats.delayed),
+                ("inflight", r.stats.in_flight),
+                ("dead", r.stats.dead),
+            ]
+        },
     );
-    for ((tenant, queue), row) in &rows {
-        for (state, n) in [
-            ("visible", row.stats.visible),
-            ("delayed", row.stats.delayed),
-            ("inflight", row.stats.in_flight),
-            ("dead", row.stats.dead),
-        ] {
-            w.sample(
-                "queueber_queue_messages",
-                &[("tenant", tenant), ("queue", queue), ("state", state)],
-                n as f64,
-            );
-        }
-    }
     let per_queue = |w: &mut Writer, name: &str, kind: Kind, help: &str, value: &dyn Fn(&QueueRow) -> f64| {
         w.family(name, kind, help);
         for ((tenant, queue), row) in &rows {
@@ -182,23 +196,19 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         per_queue(&mut w, name, Kind::Counter, help, &|r| value(r) as f64);
     }
 
-    w.family(
-        "queueber_messages_dead_lettered_total",
-        Kind::Counter,
+    per_queue_by(
+        &mut w,
+        &rows,
+        ("queueber_messages_dead_lettered_total", Kind::Counter),
         "Messages dead-lettered, by reason: max_deliveries (out of deliveries) or rejected (fail with dead).",
+        "reason",
+        |r| {
+            [
+                ("max_deliveries", r.counters.dead_max_deliveries),
+                ("rejected", r.counters.dead_rejected),
+            ]
+        },
     );
-    for ((tenant, queue), row) in &rows {
-        for (reason, n) in [
-            ("max_deliveries", row.counters.dead_max_deliveries),
-            ("rejected", row.counters.dead_rejected),
-        ] {
-            w.sample(
-                "queueber_messages_dead_lettered_total",
-                &[("tenant", tenant), ("queue", queue), ("reason", reason)],
-                n as f64,
-            );
-        }
-    }
 
     w.family("queueber_connections", Kind::Gauge, "Open client connections.");
     w.sample("queueber_connections", &[], scrape.connections as f64);

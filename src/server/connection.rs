@@ -162,17 +162,19 @@ pub(crate) async fn revoke_on_reload(ctx: Rc<ShardContext>) {
         let bound: Vec<Rc<Connection>> = ctx.bound.0.borrow().iter().filter_map(std::rc::Weak::upgrade).collect();
         for conn in bound {
             if conn.recheck_grant(&access) {
-                conn.answer(
-                    0,
-                    Err(ErrorReply::new(
-                        ErrorCode::Unauthenticated,
-                        "this connection's token was revoked; the connection closes",
-                    )),
-                );
+                conn.answer(0, Err(revoked()));
                 conn.finished.fire();
             }
         }
     }
+}
+
+/// What a connection whose token was revoked is told.
+fn revoked() -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::Unauthenticated,
+        "this connection's token was revoked; the connection closes",
+    )
 }
 
 /// State shared by a connection's reader, its request tasks and its writer.
@@ -534,17 +536,9 @@ impl Connection {
         // checked (and its shard has not got round to it yet): a grant
         // whose token is gone or changed is revoked, and the connection
         // closes after answering.
-        if self.recheck_grant(access) {
-            return Some(ErrorReply::new(
-                ErrorCode::Unauthenticated,
-                "this connection's token was revoked; the connection closes",
-            ));
-        }
+        self.recheck_grant(access);
         if self.revoked.get() {
-            return Some(ErrorReply::new(
-                ErrorCode::Unauthenticated,
-                "this connection's token was revoked",
-            ));
+            return Some(revoked());
         }
         let permission = op.permission()?;
         match &*self.grant.borrow() {

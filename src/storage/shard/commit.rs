@@ -28,7 +28,7 @@ impl ShardStore {
                 lease,
                 delay_ms,
             } => self
-                .apply_release(&queue, id, lease, delay_ms, now, batch)
+                .end_delivery(&queue, id, lease, Ending::Release { delay_ms }, now, batch)
                 .map(Outcome::Released),
             Command::Fail {
                 queue,
@@ -37,7 +37,7 @@ impl ShardStore {
                 error,
                 dead,
             } => self
-                .apply_fail(&queue, id, lease, Ending::Fail { error, dead }, now, batch)
+                .end_delivery(&queue, id, lease, Ending::Fail { error, dead }, now, batch)
                 .map(Outcome::Failed),
             Command::PeekDead {
                 queue,

@@ -20,8 +20,9 @@ pub(super) enum Ending {
 use crate::types::clip_error as clip;
 
 impl ShardStore {
-    /// Ends `lease`'s delivery of `id` as `ending` says; false if the lease
-    /// does not hold it (nothing changes then).
+    /// Ends `lease`'s delivery of `id` as `ending` says (`release`, `fail`)
+    /// and counts it; false if the lease does not hold it (nothing changes
+    /// then).
     pub(super) fn end_delivery(
         &mut self,
         queue: &QueueName,
@@ -54,13 +55,16 @@ impl ShardStore {
                 detail: format!("record of {id} in {queue} is {} bytes", record.len()),
             })
         })?;
+        let counted = batch.counted.entry(qid).or_default();
         let (delay_ms, rejected) = match &ending {
             Ending::Release { delay_ms } => {
+                counted.released += 1;
                 batch.record.clear();
                 batch.record.extend_from_slice(&record);
                 (*delay_ms, false)
             }
             Ending::Fail { error, dead } => {
+                counted.failed += 1;
                 keys::encode_record_with_error(&mut batch.record, header, Some(clip(error).as_bytes()), payload);
                 (0, *dead)
             }
@@ -106,24 +110,6 @@ impl ShardStore {
             *batch.woken.entry(qid).or_default() += 1;
         }
         Ok(true)
-    }
-
-    /// `fail`: [`end_delivery`](Self::end_delivery) with a failure.
-    pub(super) fn apply_fail(
-        &mut self,
-        queue: &QueueName,
-        id: MessageId,
-        lease: LeaseId,
-        failure: Ending,
-        now: u64,
-        batch: &mut Batch,
-    ) -> Result<bool, StoreError> {
-        let ended = self.end_delivery(queue, id, lease, failure, now, batch)?;
-        if ended {
-            let qid = self.queue_id(queue)?;
-            batch.counted.entry(qid).or_default().failed += 1;
-        }
-        Ok(ended)
     }
 
     /// Up to `max_items` dead letters, oldest death first (after `cursor`),

@@ -68,20 +68,19 @@ impl ShardStore {
                             };
                             dead.bury(&mut batch.writes, q, death, v, &mut batch.record);
                             buried += 1;
-                            it.next();
-                            continue;
-                        }
-                        // Visible again at the expiry, after the backoff of
-                        // this many failed deliveries.
-                        let at = deadline(expired_at, backoff.after(failures));
-                        ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), v);
-                        if at > now {
-                            q.delayed += 1;
-                            *self.delay_deadlines.entry((at, qid)).or_default() += 1;
                         } else {
-                            visible += 1;
+                            // Visible again at the expiry, after the backoff
+                            // of this many failed deliveries.
+                            let at = deadline(expired_at, backoff.after(failures));
+                            ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), v);
+                            if at > now {
+                                q.delayed += 1;
+                                *self.delay_deadlines.entry((at, qid)).or_default() += 1;
+                            } else {
+                                visible += 1;
+                            }
+                            returned += 1;
                         }
-                        returned += 1;
                     }
                 }
                 _ => leases.delete_expiry(&mut batch.writes, k),
@@ -149,7 +148,11 @@ impl ShardStore {
         if let Some(q) = self.queues.get_mut(&qid) {
             q.take_bytes(u64::from(bytes));
         }
-        batch.touched.push(qid);
+        // Its counters (the bytes held) are written with the batch; a remove
+        // of many ids touches the queue once.
+        if batch.touched.last() != Some(&qid) {
+            batch.touched.push(qid);
+        }
         batch.counted.entry(qid).or_default().removed += 1;
         Ok(true)
     }
@@ -176,22 +179,5 @@ impl ShardStore {
         state.expires_at = new_expiry;
         leases.put_expiry(&mut batch.writes, qid, &lease, new_expiry);
         Ok(Some(new_expiry))
-    }
-
-    pub(super) fn apply_release(
-        &mut self,
-        queue: &QueueName,
-        id: MessageId,
-        lease: LeaseId,
-        delay_ms: u64,
-        now: u64,
-        batch: &mut Batch,
-    ) -> Result<bool, StoreError> {
-        let ended = self.end_delivery(queue, id, lease, Ending::Release { delay_ms }, now, batch)?;
-        if ended {
-            let qid = self.queue_id(queue)?;
-            batch.counted.entry(qid).or_default().released += 1;
-        }
-        Ok(ended)
     }
 }

@@ -13,7 +13,8 @@ impl ShardStore {
     ) -> Result<Vec<MessageId>, StoreError> {
         // The queue's limits, or the server's for a queue this add creates.
         let defaults = self.engine.options().defaults();
-        let existing = self.names.get(&queue).and_then(|qid| self.queues.get(qid));
+        let known = self.names.get(&queue).copied();
+        let existing = known.and_then(|qid| self.queues.get(&qid));
         let policy = existing.map_or(defaults, |q| q.policy.or(defaults));
         let limit = policy.max_payload_bytes.unwrap_or(u64::MAX);
         if let Some(m) = messages.iter().find(|m| m.payload.len() as u64 > limit) {
@@ -50,8 +51,8 @@ impl ShardStore {
         if let Some(full) = self.engine.disk().refusal() {
             return Err(StoreError::Command(CommandError::DiskFull(full)));
         }
-        let qid = match self.names.get(&queue) {
-            Some(&qid) => qid,
+        let qid = match known {
+            Some(qid) => qid,
             None => self.create_queue(&queue, batch)?,
         };
         let ready = ReadyIndex::of(&self.engine)?;
