@@ -231,6 +231,7 @@ mod tests {
                     max_payload_bytes: Some(7),
                     retry_backoff_ms: Some(crate::types::RetryBackoff::new(&[1, 2, 3]).unwrap()),
                     max_deliveries: Some(4),
+                    retention_ms: Some(86_400_000),
                 }),
             }),
             Op::Auth(ops::Auth {
@@ -297,6 +298,7 @@ mod tests {
                 oldest_visible_age_ms: Some(0),
                 disk_full: true,
                 dead: 7,
+                dropped: 11,
             })),
             Ok(Reply::Stats(QueueStats::default())),
             Ok(Reply::Queues(vec![q("a"), q("b")])),

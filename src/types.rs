@@ -61,6 +61,9 @@ pub struct QueueStats {
     pub disk_full: bool,
     /// Dead letters (see [`DeadLetter`]).
     pub dead: u64,
+    /// Messages dropped because they outlived the queue's `retention_ms`,
+    /// over the queue's life (kept across restarts and purges).
+    pub dropped: u64,
 }
 
 /// Where a peek stopped: the position of the last message it returned, in
@@ -221,6 +224,11 @@ pub struct QueuePolicy {
     /// Deliveries after which a message that is not removed is
     /// dead-lettered instead of coming back (1 to 1,000, or [`UNLIMITED`]).
     pub max_deliveries: Option<u64>,
+    /// How long a message may stay, from its first add, before it is
+    /// dropped, whether visible, delayed or dead ([`UNLIMITED`]: forever).
+    /// A message in flight is not taken from its worker: it is dropped when
+    /// its lease ends, instead of coming back or dying.
+    pub retention_ms: Option<u64>,
 }
 
 impl QueuePolicy {
@@ -233,7 +241,13 @@ impl QueuePolicy {
             max_payload_bytes: self.max_payload_bytes.or(defaults.max_payload_bytes),
             retry_backoff_ms: self.retry_backoff_ms.or(defaults.retry_backoff_ms),
             max_deliveries: self.max_deliveries.or(defaults.max_deliveries),
+            retention_ms: self.retention_ms.or(defaults.retention_ms),
         }
+    }
+
+    /// The retention in force: `None` when messages are kept forever.
+    pub fn retention(&self) -> Option<u64> {
+        self.retention_ms.filter(|&r| r != UNLIMITED)
     }
 }
 

@@ -145,6 +145,14 @@ fn a_scrape_counts_a_known_sequence_exactly() {
     assert_eq!(q("queueber_leases_expired_total", &b), 1.0);
     assert_eq!(q("queueber_leases_expired_total", &a), 0.0);
     assert_eq!(q("queueber_polls_empty_total", &b), 1.0);
+    // Listed for every queue, retention or not (tests/retention.rs counts).
+    assert_eq!(
+        sample(
+            &text,
+            &queue_series("queueber_messages_dropped_total", &a, ",reason=\"retention\"")
+        ),
+        0.0
+    );
     assert_eq!(q("queueber_queue_parked_polls", &a), 0.0);
     // Every message was added at the start; the clock then moved 2 s.
     assert_eq!(q("queueber_queue_oldest_message_age_seconds", &a), 2.0);

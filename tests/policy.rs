@@ -42,6 +42,7 @@ fn policies_bound_queues_and_survive_a_restart() {
             max_payload_bytes: Some(400),
             retry_backoff_ms: None,
             max_deliveries: None,
+            retention_ms: Some(3_600_000),
         };
         // Created with version 1; again with the same policy: unchanged.
         let created = c.create_queue(&q("jobs"), bounded).await.unwrap();
@@ -188,6 +189,16 @@ fn the_cli_creates_reads_and_changes_policies() {
     assert_eq!(v["policy"]["max_bytes"], "unlimited");
     let (_, v, _) = cli(&["policy", "get", "jobs"]);
     assert_eq!(v["version"], 2);
+    assert_eq!(v["effective"]["retention_ms"], "unlimited");
+    let (ok, v, text) = cli(&["policy", "set", "jobs", "--retention-ms", "86400000"]);
+    assert!(ok, "{text}");
+    assert_eq!(v["policy"]["retention_ms"], 86_400_000);
+    let (ok, v, text) = cli(&["policy", "set", "jobs", "--retention-ms", "forever"]);
+    assert!(ok, "{text}");
+    assert_eq!(v["policy"]["retention_ms"], "unlimited");
+    let (ok, v, text) = cli(&["stats", "jobs"]);
+    assert!(ok, "{text}");
+    assert_eq!(v["dropped"], 0);
     let (ok, _, text) = cli(&["policy", "set", "jobs", "--max-depth", "lots"]);
     assert!(!ok, "{text}");
     common::stop(server);

@@ -179,6 +179,12 @@ struct Args {
     #[arg(long, env = "QUEUEBER_DEFAULT_MAX_DELIVERIES", default_value = "unlimited", value_parser = parse_max_deliveries)]
     default_max_deliveries: u64,
 
+    /// How long a message may stay, from its first add, before it is
+    /// dropped (visible, delayed or dead; in flight, when its lease ends),
+    /// where a queue's policy sets no retention: milliseconds, or `forever`.
+    #[arg(long, env = "QUEUEBER_DEFAULT_RETENTION_MS", default_value = "forever", value_parser = parse_retention)]
+    default_retention_ms: u64,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -220,6 +226,21 @@ fn parse_max_deliveries(value: &str) -> Result<u64, String> {
     match parse_bound(value)? {
         n if n <= limit || n == queueber::types::UNLIMITED => Ok(n),
         n => Err(format!("{n}: 1 to {limit}, or unlimited")),
+    }
+}
+
+/// `--default-retention-ms`: milliseconds (at most the longest duration),
+/// or `forever`.
+fn parse_retention(value: &str) -> Result<u64, String> {
+    if value.eq_ignore_ascii_case("forever") {
+        return Ok(queueber::types::UNLIMITED);
+    }
+    match parse_bound(value)? {
+        n if n <= queueber::storage::MAX_DURATION_MS || n == queueber::types::UNLIMITED => Ok(n),
+        n => Err(format!(
+            "{n}: at most {} ms, or forever",
+            queueber::storage::MAX_DURATION_MS
+        )),
     }
 }
 
@@ -342,6 +363,7 @@ fn main() -> ExitCode {
         max_payload_bytes: None,
         retry_backoff_ms: args.default_retry_backoff_ms.0,
         max_deliveries: Some(args.default_max_deliveries),
+        retention_ms: Some(args.default_retention_ms),
     };
     config.metrics_listen = args.metrics_listen.0;
     config.metrics_max_queues = args.metrics_max_queues;

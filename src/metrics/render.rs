@@ -210,6 +210,15 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         },
     );
 
+    per_queue_by(
+        &mut w,
+        &rows,
+        ("queueber_messages_dropped_total", Kind::Counter),
+        "Messages dropped without a remove, by reason: retention (outlived the queue's retention_ms).",
+        "reason",
+        |r| [("retention", r.counters.dropped_retention)],
+    );
+
     w.family("queueber_connections", Kind::Gauge, "Open client connections.");
     w.sample("queueber_connections", &[], scrape.connections as f64);
     if let Some(n) = scrape.auth_failures {

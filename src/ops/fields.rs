@@ -106,6 +106,7 @@ fn policy_of(
         max_payload_bytes: set(r.get_max_payload_bytes()),
         retry_backoff_ms,
         max_deliveries: set(r.get_max_deliveries()),
+        retention_ms: set(r.get_retention_ms()),
     })
 }
 
@@ -123,6 +124,7 @@ pub(crate) fn set_policy(mut b: crate::queueber_capnp::queue_policy::Builder<'_>
     b.set_max_bytes(p.max_bytes.unwrap_or(0));
     b.set_max_payload_bytes(p.max_payload_bytes.unwrap_or(0));
     b.set_max_deliveries(p.max_deliveries.unwrap_or(0));
+    b.set_retention_ms(p.retention_ms.unwrap_or(0));
     if let Some(backoff) = &p.retry_backoff_ms {
         let steps = backoff.steps();
         let mut list = b.init_retry_backoff_ms(steps.len() as u32);
@@ -149,6 +151,12 @@ pub(crate) fn check_policy(
     let limit = crate::types::MAX_DELIVERIES_LIMIT;
     if let Some(max) = p.max_deliveries.filter(|&m| m > limit && m != crate::types::UNLIMITED) {
         return Err(invalid(format!("maxDeliveries {max}: 1 to {limit}, or unlimited")));
+    }
+    if let Some(r) = p.retention().filter(|&r| r > crate::storage::MAX_DURATION_MS) {
+        return Err(invalid(format!(
+            "retentionMs {r} is over the longest duration, {} ms (all ones keeps messages forever)",
+            crate::storage::MAX_DURATION_MS
+        )));
     }
     if let Some(lease) = p.lease_ms.filter(|&l| l > crate::storage::MAX_DURATION_MS) {
         return Err(invalid(format!(

@@ -38,6 +38,7 @@ impl Operation for Stats {
         b.set_oldest_visible_age_ms(s.oldest_visible_age_ms.unwrap_or(0));
         b.set_disk_full(s.disk_full);
         b.set_dead(s.dead);
+        b.set_dropped(s.dropped);
     }
 
     fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<QueueStats, ResponseDecodeError> {
@@ -49,6 +50,7 @@ impl Operation for Stats {
             oldest_visible_age_ms: s.get_has_visible().then(|| s.get_oldest_visible_age_ms()),
             disk_full: s.get_disk_full(),
             dead: s.get_dead(),
+            dropped: s.get_dropped(),
         })
     }
 }

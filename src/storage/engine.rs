@@ -35,6 +35,13 @@ pub const CF_LEASES: &str = "leases";
 pub const CF_REGISTRY: &str = "registry";
 /// Dead letters: messages that ran out of deliveries or were rejected.
 pub const CF_DEAD: &str = "dead";
+/// Where each visible, delayed or dead message of a queue with a retention
+/// lives, by the time of its first add: what retention drops, found in the
+/// order it comes due.
+pub const CF_RETENTION: &str = "retention";
+
+/// Every column family, in the order they are opened.
+pub const COLUMN_FAMILIES: [&str; 5] = [CF_READY, CF_LEASES, CF_REGISTRY, CF_DEAD, CF_RETENTION];
 
 /// When an acknowledged write reaches stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +106,7 @@ pub fn complete_defaults(defaults: crate::types::QueuePolicy, max_payload_bytes:
         // No backoff unless asked: a failed delivery is visible at once.
         retry_backoff_ms: None,
         max_deliveries: Some(crate::types::UNLIMITED),
+        retention_ms: Some(crate::types::UNLIMITED),
     });
     p.max_payload_bytes = p.max_payload_bytes.map(|m| m.min(limit));
     p
@@ -192,6 +200,18 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
             opts.set_compression_type(DBCompressionType::Lz4);
             opts.set_bottommost_compression_type(DBCompressionType::Zstd);
         }
+        CF_RETENTION => {
+            // Small entries, written with the ready records of queues that
+            // have a retention, scanned from a queue's oldest: prefix blooms.
+            table.set_block_size(4 << 10);
+            table.set_bloom_filter(10.0, false);
+            table.set_whole_key_filtering(false);
+            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
+            opts.set_memtable_prefix_bloom_ratio(0.05);
+            opts.set_compression_type(DBCompressionType::None);
+            opts.set_bottommost_compression_type(DBCompressionType::Lz4);
+            add_tombstone_compaction(&mut opts);
+        }
         _ => {
             // Registry: tiny, read at open and on queue creation.
             table.set_block_size(4 << 10);
@@ -227,7 +247,7 @@ impl Engine {
         // Recover every acknowledged write; stop at a torn tail record.
         db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
-        let cfs = [CF_READY, CF_LEASES, CF_REGISTRY, CF_DEAD]
+        let cfs = COLUMN_FAMILIES
             .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name, &cache, options.write_buffer_bytes)));
         let db =
             Arc::new(DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(StoreError::rocks("open the database"))?);
@@ -352,7 +372,7 @@ impl Engine {
     /// over the column families.
     pub fn rocks_figures(&self) -> crate::metrics::render::RocksFigures {
         let sum = |property: &str| -> u64 {
-            [CF_READY, CF_LEASES, CF_REGISTRY, CF_DEAD]
+            COLUMN_FAMILIES
                 .iter()
                 .filter_map(|name| self.db.cf_handle(name))
                 .filter_map(|cf| self.db.property_int_value_cf(&cf, property).ok().flatten())

@@ -13,7 +13,9 @@
 //! | `registry`    | `c` · qid (5)                     | counters                      |
 //! | `registry`    | `p` · qid (5)                     | policy (version · 4 fields)   |
 //!
+//! | `registry`    | `r` · qid (5)                     | retention index state (1)     |
 //! | `dead`        | qid · died_at · message id (28)   | reason (1) · record           |
+//! | `retention`   | qid · enqueued_at · message id (28)| place (1) · visible/died at (8)|
 //!
 //! A *record* is `enqueued_at (8) · delivery_count (4) · payload`: the same
 //! bytes whether the message is ready, leased or dead, so moving it is a
@@ -145,6 +147,15 @@ pub fn encode_record_with_error(out: &mut Vec<u8>, header: RecordHeader, error: 
 }
 
 /// A record's header and payload (the error text skipped).
+/// The time of a record's first add (0 for a record too short to hold
+/// one, which parsing it elsewhere reports as corrupt).
+pub fn record_enqueued_at(record: &[u8]) -> u64 {
+    record
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 pub fn parse_record(v: &[u8]) -> Option<(RecordHeader, &[u8])> {
     parse_full_record(v).map(|r| (r.header, r.payload))
 }
@@ -229,6 +240,7 @@ pub fn parse_dead(v: &[u8]) -> Option<(DeadReason, &[u8])> {
 pub const REGISTRY_NAME_TAG: u8 = b'n';
 pub const REGISTRY_COUNTERS_TAG: u8 = b'c';
 pub const REGISTRY_POLICY_TAG: u8 = b'p';
+pub const REGISTRY_RETENTION_TAG: u8 = b'r';
 
 /// Registry key of a queue name. Names are at most 128 bytes a part, so one
 /// length byte delimits the tenant without escaping.
@@ -260,6 +272,61 @@ pub fn policy_key(qid: QueueId) -> [u8; 1 + QID_LEN] {
     tagged_key(REGISTRY_POLICY_TAG, qid)
 }
 
+/// Whether a queue's retention index is complete (`RETENTION_COMPLETE`) or
+/// still being filled from records written before it was kept
+/// (`RETENTION_FILLING`); absent when the queue keeps none.
+pub fn retention_state_key(qid: QueueId) -> [u8; 1 + QID_LEN] {
+    tagged_key(REGISTRY_RETENTION_TAG, qid)
+}
+
+pub const RETENTION_FILLING: u8 = 0;
+pub const RETENTION_COMPLETE: u8 = 1;
+
+/// Where a message in the retention index is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// In the ready index, visible (or delayed) at this time.
+    Ready(u64),
+    /// A dead letter that died at this time.
+    Dead(u64),
+}
+
+impl Place {
+    /// The key of the record this place names.
+    pub fn record_key(self, qid: QueueId, id: &MessageId) -> ReadyKey {
+        match self {
+            Place::Ready(at) => ready_key(qid, at, id),
+            Place::Dead(at) => dead_key(qid, at, id),
+        }
+    }
+}
+
+/// A retention index key: like a ready key, ordered by the first add.
+pub fn retention_key(qid: QueueId, enqueued_at: u64, id: &MessageId) -> ReadyKey {
+    ready_key(qid, enqueued_at, id)
+}
+
+pub fn encode_place(place: Place) -> [u8; 9] {
+    let (tag, at) = match place {
+        Place::Ready(at) => (b'r', at),
+        Place::Dead(at) => (b'd', at),
+    };
+    let mut v = [0u8; 9];
+    v[0] = tag;
+    v[1..].copy_from_slice(&at.to_be_bytes());
+    v
+}
+
+pub fn parse_place(v: &[u8]) -> Option<Place> {
+    let (&tag, at) = v.split_first()?;
+    let at = u64::from_be_bytes(at.try_into().ok()?);
+    match tag {
+        b'r' => Some(Place::Ready(at)),
+        b'd' => Some(Place::Dead(at)),
+        _ => None,
+    }
+}
+
 fn tagged_key(tag: u8, qid: QueueId) -> [u8; 1 + QID_LEN] {
     let mut k = [0u8; 1 + QID_LEN];
     k[0] = tag;
@@ -269,8 +336,9 @@ fn tagged_key(tag: u8, qid: QueueId) -> [u8; 1 + QID_LEN] {
 
 /// A stored policy: version, then each number field (0 = unset), then the
 /// backoff's steps (a count, then each; 0 steps when unset), then
-/// `max_deliveries` (0 = unset). Older records end after the numbers (the
-/// first format) or after the steps; both still read.
+/// `max_deliveries` and `retention_ms` (0 = unset). Older records end
+/// after the numbers (the first format), after the steps or after
+/// `max_deliveries`; all still read.
 pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> Vec<u8> {
     let fields = [
         version,
@@ -289,30 +357,32 @@ pub fn encode_policy(version: u64, p: &crate::types::QueuePolicy) -> Vec<u8> {
         v.extend_from_slice(&step.to_be_bytes());
     }
     v.extend_from_slice(&p.max_deliveries.unwrap_or(0).to_be_bytes());
+    v.extend_from_slice(&p.retention_ms.unwrap_or(0).to_be_bytes());
     v
 }
 
 pub fn parse_policy(v: &[u8]) -> Option<(u64, crate::types::QueuePolicy)> {
     let field = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
     let set = |i: usize| field(i * 8).filter(|&f| f != 0);
-    let (retry_backoff_ms, max_deliveries) = match v.get(40) {
-        None if v.len() == 40 => (None, None),
+    let (retry_backoff_ms, max_deliveries, retention_ms) = match v.get(40) {
+        None if v.len() == 40 => (None, None, None),
         None => return None,
         Some(&n) => {
             let steps = (0..usize::from(n))
                 .map(|i| field(41 + i * 8))
                 .collect::<Option<Vec<u64>>>()?;
             let end = 41 + steps.len() * 8;
-            let max_deliveries = match v.len() - end {
-                0 => None,
-                8 => field(end).filter(|&m| m != 0),
+            let (max_deliveries, retention_ms) = match v.len() - end {
+                0 => (None, None),
+                8 => (field(end).filter(|&m| m != 0), None),
+                16 => (field(end).filter(|&m| m != 0), field(end + 8).filter(|&r| r != 0)),
                 _ => return None,
             };
             let backoff = match steps.is_empty() {
                 true => None,
                 false => Some(crate::types::RetryBackoff::new(&steps).ok()?),
             };
-            (backoff, max_deliveries)
+            (backoff, max_deliveries, retention_ms)
         }
     };
     Some((
@@ -324,6 +394,7 @@ pub fn parse_policy(v: &[u8]) -> Option<(u64, crate::types::QueuePolicy)> {
             max_payload_bytes: set(4),
             retry_backoff_ms,
             max_deliveries,
+            retention_ms,
         },
     ))
 }
@@ -336,6 +407,8 @@ pub struct Counters {
     pub ready: u64,
     /// Dead letters.
     pub dead: u64,
+    /// Messages retention dropped, over the queue's life.
+    pub dropped: u64,
     /// Payload bytes of the queue's messages, ready and leased (`max_bytes`).
     /// `None` in counters written before it was kept: recovery counts them.
     pub bytes: Option<u64>,
@@ -344,18 +417,21 @@ pub struct Counters {
     pub floor: Option<Vec<u8>>,
 }
 
-/// The first byte of counters that carry `bytes` (v2) and `dead` (v3). The
+/// The first byte of counters that carry `bytes` (v2), `dead` (v3) and
+/// `dropped` (v4). The
 /// first format began with the high byte of `ready`, which stays 0 below
 /// 2^56 messages, so these tags can never be mistaken for it.
 const COUNTERS_V2: u8 = 2;
 const COUNTERS_V3: u8 = 3;
+const COUNTERS_V4: u8 = 4;
 
 pub fn encode_counters(c: &Counters) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + 24 + 32);
-    v.push(COUNTERS_V3);
+    let mut v = Vec::with_capacity(1 + 32 + 32);
+    v.push(COUNTERS_V4);
     v.extend_from_slice(&c.ready.to_be_bytes());
     v.extend_from_slice(&c.bytes.unwrap_or(0).to_be_bytes());
     v.extend_from_slice(&c.dead.to_be_bytes());
+    v.extend_from_slice(&c.dropped.to_be_bytes());
     if let Some(f) = &c.floor {
         v.extend_from_slice(f);
     }
@@ -366,10 +442,19 @@ pub fn parse_counters(v: &[u8]) -> Option<Counters> {
     let u64_at = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
     let floor_from = |at: usize| (v.len() > at).then(|| v[at..].to_vec());
     match v.first() {
+        Some(&COUNTERS_V4) => Some(Counters {
+            ready: u64_at(1)?,
+            bytes: Some(u64_at(9)?),
+            dead: u64_at(17)?,
+            dropped: u64_at(25)?,
+            floor: floor_from(33),
+        }),
+        // Written before retention existed: nothing was dropped.
         Some(&COUNTERS_V3) => Some(Counters {
             ready: u64_at(1)?,
             bytes: Some(u64_at(9)?),
             dead: u64_at(17)?,
+            dropped: 0,
             floor: floor_from(25),
         }),
         // Written before dead letters existed: there are none.
@@ -377,12 +462,14 @@ pub fn parse_counters(v: &[u8]) -> Option<Counters> {
             ready: u64_at(1)?,
             bytes: Some(u64_at(9)?),
             dead: 0,
+            dropped: 0,
             floor: floor_from(17),
         }),
         _ => Some(Counters {
             ready: u64_at(0)?,
             bytes: None,
             dead: 0,
+            dropped: 0,
             floor: floor_from(8),
         }),
     }
@@ -459,6 +546,7 @@ mod tests {
             ready: 9,
             bytes: Some(1234),
             dead: 4,
+            dropped: 6,
             floor: Some(ready_key(1, 2, &mid(3)).to_vec()),
         };
         assert_eq!(parse_counters(&encode_counters(&c)), Some(c));
@@ -517,12 +605,14 @@ mod tests {
             max_payload_bytes: Some(1024),
             retry_backoff_ms: None,
             max_deliveries: Some(5),
+            retention_ms: Some(60_000),
         };
         assert_eq!(parse_policy(&encode_policy(3, &p)), Some((3, p)));
         // The first format: the numbers only.
         let first = &encode_policy(3, &p)[..40];
         let without = crate::types::QueuePolicy {
             max_deliveries: None,
+            retention_ms: None,
             ..p
         };
         assert_eq!(parse_policy(first), Some((3, without)));
@@ -533,5 +623,25 @@ mod tests {
         assert_eq!(parse_policy(&encode_policy(4, &with_backoff)), Some((4, with_backoff)));
         assert_eq!(parse_policy(&[0; 39]), None);
         assert_eq!(parse_policy(&[0; 42]), None);
+        // Written before retention: it ends after max_deliveries.
+        let encoded = encode_policy(5, &p);
+        let before_retention = &encoded[..encoded.len() - 8];
+        let without_retention = crate::types::QueuePolicy {
+            retention_ms: None,
+            ..p
+        };
+        assert_eq!(parse_policy(before_retention), Some((5, without_retention)));
+    }
+
+    #[test]
+    fn retention_places_round_trip() {
+        for place in [Place::Ready(7), Place::Dead(u64::MAX)] {
+            assert_eq!(parse_place(&encode_place(place)), Some(place));
+        }
+        assert_eq!(parse_place(b"x12345678"), None);
+        assert_eq!(parse_place(b"r1"), None);
+        let id = mid(3);
+        assert_eq!(Place::Dead(9).record_key(1, &id), dead_key(1, 9, &id));
+        assert_eq!(Place::Ready(9).record_key(1, &id), ready_key(1, 9, &id));
     }
 }

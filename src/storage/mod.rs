@@ -346,6 +346,8 @@ pub struct QueueCounters {
     pub dead_rejected: u64,
     /// Dead letters moved back by `redrive`.
     pub redriven: u64,
+    /// Messages dropped because they outlived the queue's retention.
+    pub dropped_retention: u64,
 }
 
 impl QueueCounters {
@@ -360,6 +362,7 @@ impl QueueCounters {
         self.dead_max_deliveries += other.dead_max_deliveries;
         self.dead_rejected += other.dead_rejected;
         self.redriven += other.redriven;
+        self.dropped_retention += other.dropped_retention;
     }
 }
 

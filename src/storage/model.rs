@@ -37,6 +37,8 @@ struct Queue {
     counters: QueueCounters,
     policy: QueuePolicy,
     policy_version: u64,
+    /// Messages retention dropped, over the queue's life.
+    dropped: u64,
 }
 
 impl Queue {
@@ -46,11 +48,16 @@ impl Queue {
         let policy = self.policy.or(*defaults);
         let backoff = policy.retry_backoff_ms.unwrap_or_default();
         let max_deliveries = policy.max_deliveries.unwrap_or(u64::MAX);
+        let retention = policy.retention();
         let mut buried = Vec::new();
+        let mut expired = Vec::new();
         for (id, m) in self.messages.iter_mut() {
             if let Some(lease) = m.lease {
                 let expiry = self.leases.get(&lease).copied().unwrap_or(0);
-                if expiry <= now && u64::from(m.delivery_count) >= max_deliveries {
+                if expiry <= now && past(retention, m.enqueued_at, now) {
+                    // Its lease ended past retention: dropped.
+                    expired.push(*id);
+                } else if expiry <= now && u64::from(m.delivery_count) >= max_deliveries {
                     // Out of deliveries: dead at the expiry.
                     m.lease = None;
                     buried.push((*id, expiry));
@@ -65,8 +72,31 @@ impl Queue {
         for (id, died_at) in buried {
             self.bury(id, died_at, DeadReason::MaxDeliveries);
         }
+        for id in expired {
+            self.messages.remove(&id);
+            self.note_dropped(1);
+        }
         let held: std::collections::HashSet<LeaseId> = self.messages.values().filter_map(|m| m.lease).collect();
         self.leases.retain(|l, _| held.contains(l));
+    }
+
+    /// Drops every message past retention that is not in flight: visible,
+    /// delayed and dead. Only at the start of a batch: a retention
+    /// shortened by a batch drops from the next one (a poll or the end of a
+    /// delivery in between still drops what it meets).
+    fn drop_expired(&mut self, now: u64, defaults: &QueuePolicy) {
+        let retention = self.policy.or(*defaults).retention();
+        let before = self.messages.len() + self.dead.len();
+        self.messages
+            .retain(|_, m| m.lease.is_some() || !past(retention, m.enqueued_at, now));
+        self.dead.retain(|_, (m, _)| !past(retention, m.enqueued_at, now));
+        let dropped = before - (self.messages.len() + self.dead.len());
+        self.note_dropped(dropped as u64);
+    }
+
+    fn note_dropped(&mut self, n: u64) {
+        self.dropped += n;
+        self.counters.dropped_retention += n;
     }
 
     fn visible_in_order(&self, now: u64) -> Vec<MessageId> {
@@ -90,6 +120,7 @@ impl Queue {
             }
         }
         stats.dead = self.dead.len() as u64;
+        stats.dropped = self.dropped;
         stats.oldest_visible_age_ms = self
             .visible_in_order(now)
             .first()
@@ -113,6 +144,11 @@ impl Queue {
             return;
         };
         m.lease = None;
+        if past(policy.retention(), m.enqueued_at, now) {
+            self.messages.remove(&id);
+            self.note_dropped(1);
+            return;
+        }
         let out = u64::from(m.delivery_count) >= policy.max_deliveries.unwrap_or(u64::MAX);
         if rejected || out {
             let reason = if rejected {
@@ -149,6 +185,14 @@ impl Queue {
             && self.leases.get(lease).is_some_and(|&e| e > now)
     }
 }
+
+/// Whether a message first added at `enqueued_at` is past `retention`.
+fn past(retention: Option<u64>, enqueued_at: u64, now: u64) -> bool {
+    retention.is_some_and(|r| enqueued_at.saturating_add(r) <= now)
+}
+
+/// Most messages past retention one poll drops on its way (as the store).
+const POLL_DROPS: usize = 10_000;
 
 pub struct ModelStore {
     clock: Arc<dyn Clock>,
@@ -251,23 +295,35 @@ impl ModelStore {
                         .unwrap_or(super::engine::DEFAULT_LEASE_MS),
                     named => named,
                 };
-                let mut bytes = 0;
-                let ids: Vec<_> = q
-                    .visible_in_order(now)
-                    .into_iter()
-                    .take(max_items as usize)
-                    .enumerate()
-                    .take_while(|(i, id)| {
-                        let cost = q.messages.get(id).map_or(0, |m| m.payload.len()) + POLL_MESSAGE_OVERHEAD;
-                        let first = *i == 0;
-                        let fits = (first || bytes + cost <= budget) && max_bytes.take(cost, first);
-                        if fits {
-                            bytes += cost;
+                let retention = q.policy.or(defaults).retention();
+                // In delivery order: messages past retention met on the way
+                // are dropped (the store drops them where its scan meets
+                // them), the rest taken while they fit.
+                let (mut bytes, mut ids, mut expired) = (0, Vec::new(), Vec::new());
+                for id in q.visible_in_order(now) {
+                    if ids.len() == max_items as usize {
+                        break;
+                    }
+                    let Some(m) = q.messages.get(&id) else { continue };
+                    if past(retention, m.enqueued_at, now) {
+                        if expired.len() == POLL_DROPS {
+                            break;
                         }
-                        fits
-                    })
-                    .map(|(_, id)| id)
-                    .collect();
+                        expired.push(id);
+                        continue;
+                    }
+                    let cost = m.payload.len() + POLL_MESSAGE_OVERHEAD;
+                    let first = ids.is_empty();
+                    if !((first || bytes + cost <= budget) && max_bytes.take(cost, first)) {
+                        break;
+                    }
+                    bytes += cost;
+                    ids.push(id);
+                }
+                for id in &expired {
+                    q.messages.remove(id);
+                }
+                q.note_dropped(expired.len() as u64);
                 if ids.is_empty() {
                     return Ok(Outcome::Polled(None));
                 }
@@ -336,6 +392,7 @@ impl ModelStore {
             Command::Stats { queue } => Ok(Outcome::Stats(self.queue(&queue)?.stats(now))),
             Command::Purge { queue } => {
                 let q = self.queue(&queue)?;
+                // What retention dropped stays counted (it is history).
                 let n = (q.messages.len() + q.dead.len()) as u64;
                 q.messages.clear();
                 q.dead.clear();
@@ -525,6 +582,7 @@ impl QueueStore for ModelStore {
         let defaults = self.defaults();
         for q in self.queues.values_mut() {
             q.settle(now, &defaults);
+            q.drop_expired(now, &defaults);
         }
         let mut outcomes = Vec::with_capacity(commands.len());
         let mut deleted = Vec::new();
@@ -545,13 +603,21 @@ impl QueueStore for ModelStore {
 
     fn next_deadline(&self) -> Option<u64> {
         let now = self.last_now;
+        let defaults = self.defaults();
         self.queues
             .values()
             .flat_map(|q| {
+                // When the oldest message not in flight outlives retention.
+                let retention = q.policy.or(defaults).retention().and_then(|r| {
+                    let unleased = q.messages.values().filter(|m| m.lease.is_none());
+                    let dead = q.dead.values().map(|(m, _)| m);
+                    unleased.chain(dead).map(|m| m.enqueued_at.saturating_add(r)).min()
+                });
                 q.leases
                     .values()
                     .copied()
                     .chain(q.messages.values().filter(|m| m.lease.is_none()).map(|m| m.visible_at))
+                    .chain(retention)
             })
             .filter(|&t| t > now)
             .min()

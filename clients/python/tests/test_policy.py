@@ -1,8 +1,11 @@
 """Queue policies against a real server: create_queue (idempotent, refused
 with another policy), get_policy and set_policy with versions and the
 server's defaults; bounded queues (QueueFull leaves nothing behind); the
-policy's payload limit; a poll that names no lease gets the policy's."""
+policy's payload limit; a poll that names no lease gets the policy's;
+retention drops old messages (visible, or in flight when their lease
+ends) and counts them in stats."""
 
+import asyncio
 import time
 from typing import Awaitable, Callable, Tuple
 
@@ -10,7 +13,7 @@ import pytest
 from conftest import Server, aio_test
 
 import queueber
-from queueber import UNLIMITED, NewMessage, PolicyInfo, QueuePolicy, aio
+from queueber import MAX_RETENTION_MS, UNLIMITED, NewMessage, PolicyInfo, QueuePolicy, aio
 
 #: Slack for comparing a lease's expiry (server clock) with the local clock
 #: around the poll: the same machine, so only scheduling noise.
@@ -51,7 +54,8 @@ async def test_create_get_set_round_trip(server: Server, queue: str) -> None:
         # Unset fields are the server's defaults (queueberd's own here).
         assert created.policy.effective == QueuePolicy(
             lease_ms=1500, max_depth=100, max_bytes=UNLIMITED,
-            max_payload_bytes=server_payload_limit, max_deliveries=UNLIMITED)
+            max_payload_bytes=server_payload_limit, max_deliveries=UNLIMITED,
+            retention_ms=UNLIMITED)
         assert await qb.get_policy(queue) == created.policy
         assert queueber.QueueRef("default", queue) in await qb.queues()
         assert (await qb.stats(queue)).visible == 0
@@ -64,7 +68,7 @@ async def test_create_get_set_round_trip(server: Server, queue: str) -> None:
         assert (info.version, info.policy) == (2, second)
         assert info.effective == QueuePolicy(lease_ms=30000, max_depth=UNLIMITED,
                                              max_bytes=4096, max_payload_bytes=512,
-                                             max_deliveries=UNLIMITED)
+                                             max_deliveries=UNLIMITED, retention_ms=UNLIMITED)
         assert await qb.get_policy(queue) == info
         again = await qb.set_policy(queue, second)  # the same policy still counts
         assert again.version == 3
@@ -212,7 +216,7 @@ def test_server_defaults_apply_where_policies_leave_fields_unset(
             assert info.effective == QueuePolicy(
                 lease_ms=4000, max_depth=2, max_bytes=5000,
                 max_payload_bytes=qb.server_info.limits.max_payload_bytes,
-                max_deliveries=UNLIMITED)
+                max_deliveries=UNLIMITED, retention_ms=UNLIMITED)
             lease, before, after = await timed(lambda: qb.poll("plain", lease_ms=0))
             assert_lease_of(lease, before, after, 4000)
             # A refused add to a queue that does not exist creates none.
@@ -316,3 +320,133 @@ def test_retry_backoff_is_checked_locally() -> None:
     with pytest.raises(ValueError):
         QueuePolicy(retry_backoff_ms=(1, -5))
     assert QueuePolicy(retry_backoff_ms=[5, 6]).retry_backoff_ms == (5, 6)
+
+
+# --- retention ------------------------------------------------------------------
+
+#: Retention of the behaviour tests: short, so they wait well under a second.
+RETENTION_MS = 300
+
+
+async def wait_for_stats(qb: aio.Client, queue: str,
+                         done: Callable[[queueber.QueueStats], bool],
+                         timeout: float = 5.0) -> queueber.QueueStats:
+    """``stats`` of ``queue`` as soon as ``done`` holds of it, polled with a
+    deadline; fails the test after ``timeout`` seconds with the last ones."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await qb.stats(queue)
+        if done(stats):
+            return stats
+        if time.monotonic() > deadline:
+            pytest.fail(f"stats not reached in {timeout} s: {stats}")
+        await asyncio.sleep(0.05)
+
+
+@aio_test
+async def test_retention_round_trips(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        policy = QueuePolicy(retention_ms=60000, max_deliveries=3)
+        created = await qb.create_queue(queue, policy)
+        assert created.created and created.policy.policy == policy
+        assert created.policy.policy.retention_ms == 60000
+        assert created.policy.effective.retention_ms == 60000
+        assert await qb.get_policy(queue) == created.policy
+        # The same policy again: not created, nothing changed.
+        assert not (await qb.create_queue(queue, policy)).created
+        # Another retention is another policy.
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.create_queue(queue, QueuePolicy(retention_ms=60001, max_deliveries=3))
+
+        forever = await qb.set_policy(queue, QueuePolicy(retention_ms=UNLIMITED))
+        assert (forever.version, forever.policy.retention_ms) == (2, UNLIMITED)
+        assert forever.effective.retention_ms == UNLIMITED
+        assert await qb.get_policy(queue) == forever
+        longest = await qb.set_policy(queue, QueuePolicy(retention_ms=MAX_RETENTION_MS))
+        assert longest.policy.retention_ms == longest.effective.retention_ms == MAX_RETENTION_MS
+        # Unset: None as stored; the default server keeps messages forever.
+        unset = await qb.set_policy(queue, QueuePolicy())
+        assert unset.version == 4 and unset.policy.retention_ms is None
+        assert unset.effective.retention_ms == UNLIMITED
+        assert (await qb.get_policy(queue)).policy == QueuePolicy()
+        # A queue made by an add has no retention of its own either.
+        await qb.add(queue + "-plain", [b"x"])
+        plain = await qb.get_policy(queue + "-plain")
+        assert plain.policy.retention_ms is None and plain.effective.retention_ms == UNLIMITED
+        assert (await qb.stats(queue + "-plain")).dropped == 0
+
+
+@aio_test
+async def test_retention_drops_old_messages(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.create_queue(queue, QueuePolicy(retention_ms=RETENTION_MS))
+        await qb.add(queue, [b"a", b"b", b"c"])
+        added = time.monotonic()
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.dropped) == (3, 0)
+        stats = await wait_for_stats(qb, queue, lambda s: s.dropped == 3)
+        assert time.monotonic() - added >= RETENTION_MS / 1000 - CLOCK_SLACK_MS / 1000
+        assert counts(stats) == (0, 0, 0) and stats.dead == 0
+        assert stats.oldest_visible_age_ms is None
+        assert not await qb.poll(queue, max_items=10)
+        assert len(await qb.peek(queue)) == 0
+        # The count outlives a policy change and a purge (which drops
+        # nothing the retention has to count).
+        await qb.set_policy(queue, QueuePolicy(retention_ms=60000))
+        await qb.add(queue, [b"d"])
+        assert await qb.purge(queue) == 1
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.dropped) == (0, 3)
+
+
+@aio_test
+async def test_retention_drops_a_leased_message_when_its_lease_ends(server: Server,
+                                                                    queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.create_queue(queue, QueuePolicy(retention_ms=RETENTION_MS))
+        await qb.add(queue, [b"slow job"])
+        lease = await qb.poll(queue, lease_ms=2000)
+        polled = time.monotonic()
+        assert len(lease) == 1
+        # Past retention, still leased: left to its worker.
+        await asyncio.sleep(2 * RETENTION_MS / 1000)
+        assert time.monotonic() - polled < 1.5, "too slow: the lease is about to expire"
+        stats = await qb.stats(queue)
+        assert (counts(stats), stats.dropped) == ((0, 0, 1), 0)
+        # The lease still held it, so the release is granted, but the
+        # message is dropped instead of coming back.
+        assert await qb.release(queue, lease, lease.messages[0].id) is True
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.delayed, stats.in_flight, stats.dead, stats.dropped) == (
+            0, 0, 0, 0, 1)
+        assert not await qb.poll(queue)
+
+
+@aio_test
+async def test_retention_over_the_longest_duration_is_refused(server: Server,
+                                                             queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        with pytest.raises(queueber.InvalidArgument) as e:
+            await qb.create_queue(queue, QueuePolicy(retention_ms=10 ** 13))
+        assert "retentionMs" in e.value.message and not e.value.retryable
+        with pytest.raises(queueber.UnknownQueue):  # the refused create made no queue
+            await qb.get_policy(queue)
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.create_queue(queue, QueuePolicy(retention_ms=MAX_RETENTION_MS + 1))
+        await qb.create_queue(queue, QueuePolicy(retention_ms=1000))
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.set_policy(queue, QueuePolicy(retention_ms=10 ** 13))
+        info = await qb.get_policy(queue)  # unchanged
+        assert (info.version, info.policy.retention_ms) == (1, 1000)
+
+
+def test_sync_retention(server: Server, queue: str) -> None:
+    with queueber.connect(server.addr, tenant="sync") as qb:
+        created = qb.create_queue(queue, QueuePolicy(retention_ms=RETENTION_MS))
+        assert created.policy.effective.retention_ms == RETENTION_MS
+        qb.add(queue, [b"x", b"y"])
+        deadline = time.monotonic() + 5.0
+        while (stats := qb.stats(queue)).dropped < 2:
+            assert time.monotonic() < deadline, f"not dropped in time: {stats}"
+            time.sleep(0.05)
+        assert counts(stats) == (0, 0, 0) and stats.dropped == 2

@@ -338,6 +338,12 @@ def test_stats_and_redrive_and_fail_replies_decode() -> None:
     st.visible, st.dead = 4, 7
     assert wire.decode(resp.to_bytes())[2] == queueber.QueueStats(4, 0, 0, None, False, 7)
     resp = wire.schema.Response.new_message()
+    resp.id = 2
+    st = resp.init("stats")
+    st.visible, st.dead, st.dropped = 4, 7, 12
+    stats = wire.decode(resp.to_bytes())[2]
+    assert stats == queueber.QueueStats(4, 0, 0, None, False, 7, 12) and stats.dropped == 12
+    resp = wire.schema.Response.new_message()
     resp.id = 3
     rd = resp.init("redrive")
     rd.moved, rd.more = 1000, True
@@ -370,3 +376,51 @@ def test_policy_max_deliveries_encodes_and_decodes_unchecked() -> None:
     assert info.policy == info.policy and hash(info.effective) == hash(info.effective)
     assert queueber.QueuePolicy(max_deliveries=5) == wire._policy(
         wire.schema.QueuePolicy.new_message(maxDeliveries=5))
+
+
+# --- retention ------------------------------------------------------------------
+
+def test_queue_policy_retention_ms_is_unset_positive_or_unlimited() -> None:
+    assert queueber.QueuePolicy().retention_ms is None
+    assert queueber.MAX_RETENTION_MS == 315_360_000_000  # 10 years, the server's longest
+    for good in (1, 300, queueber.MAX_RETENTION_MS, queueber.UNLIMITED):
+        assert queueber.QueuePolicy(retention_ms=good).retention_ms == good
+    # Over 10 years (and not UNLIMITED) is the server's to refuse, like a
+    # lease over its longest: accepted here.
+    assert queueber.QueuePolicy(retention_ms=10 ** 13).retention_ms == 10 ** 13
+    for bad in (0, -1, 2 ** 64):
+        with pytest.raises(ValueError, match="retention_ms"):
+            queueber.QueuePolicy(retention_ms=bad)
+    for wrong in ("300", 1.5, True, False):
+        with pytest.raises(TypeError, match="retention_ms"):
+            queueber.QueuePolicy(retention_ms=wrong)  # type: ignore[arg-type]
+    # A field of its own: the policies differ, and hash apart.
+    assert queueber.QueuePolicy(retention_ms=5) != queueber.QueuePolicy()
+    assert queueber.QueuePolicy(retention_ms=5) == queueber.QueuePolicy(retention_ms=5)
+    assert len({queueber.QueuePolicy(retention_ms=5), queueber.QueuePolicy(retention_ms=5)}) == 1
+
+
+def test_policy_retention_ms_encodes_and_decodes() -> None:
+    for value, wire_value in ((300, 300), (queueber.UNLIMITED, 2 ** 64 - 1), (None, 0)):
+        policy = queueber.QueuePolicy(retention_ms=value)
+        with wire.schema.Request.from_bytes(wire.encode_set_policy(1, "t", "q", policy)) as r:
+            assert r.setPolicy.policy.retentionMs == wire_value
+        with wire.schema.Request.from_bytes(wire.encode_create_queue(2, "t", "q", policy)) as r:
+            assert r.createQueue.policy.retentionMs == wire_value
+    with wire.schema.Request.from_bytes(wire.encode_create_queue(3, "t", "q", None)) as r:
+        assert r.createQueue.policy.retentionMs == 0
+
+    def policy_reply(retention: int) -> bytes:
+        resp = wire.schema.Response.new_message()
+        resp.id = 9
+        reply = resp.init("getPolicy")
+        reply.version = 2
+        reply.policy.retentionMs = retention
+        reply.effective.retentionMs = 2 ** 64 - 1
+        return resp.to_bytes()  # type: ignore[no-any-return]
+
+    _rid, _kind, info = wire.decode(policy_reply(300))
+    assert info.policy == queueber.QueuePolicy(retention_ms=300)
+    assert info.effective.retention_ms == queueber.UNLIMITED
+    _rid, _kind, info = wire.decode(policy_reply(0))  # unset
+    assert info.policy.retention_ms is None and info.policy == queueber.QueuePolicy()

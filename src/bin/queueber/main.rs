@@ -222,6 +222,11 @@ struct PolicyFlags {
     /// dead-lettered: 1 to 1000.
     #[arg(long, value_name = "N|unlimited|default")]
     max_deliveries: Option<String>,
+    /// How long a message may stay, from its first add, before it is
+    /// dropped (visible, delayed or dead; in flight, when its lease ends),
+    /// in milliseconds; `forever` keeps messages.
+    #[arg(long, value_name = "MS|forever|default")]
+    retention_ms: Option<String>,
 }
 
 impl PolicyFlags {
@@ -252,6 +257,11 @@ impl PolicyFlags {
             base.max_payload_bytes,
         )?;
         base.max_deliveries = field("max-deliveries", &self.max_deliveries, true, base.max_deliveries)?;
+        let retention = match self.retention_ms.as_deref() {
+            Some("forever") => Some("unlimited".to_string()),
+            other => other.map(str::to_string),
+        };
+        base.retention_ms = field("retention-ms", &retention, true, base.retention_ms)?;
         match self.retry_backoff_ms.as_deref() {
             None => {}
             Some("default") => base.retry_backoff_ms = None,
@@ -293,6 +303,7 @@ fn show_policy(info: &PolicyInfo) -> (String, Value) {
             ("max_bytes", p.max_bytes),
             ("max_payload_bytes", p.max_payload_bytes),
             ("max_deliveries", p.max_deliveries),
+            ("retention_ms", p.retention_ms),
         ]
     };
     let backoff_text = |p: &QueuePolicy| match &p.retry_backoff_ms {
@@ -566,11 +577,12 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             let s = client.stats(&queue(&name)?).await?;
             (
                 format!(
-                    "visible {}\ndelayed {}\nin flight {}\ndead {}\noldest visible age {}{}",
+                    "visible {}\ndelayed {}\nin flight {}\ndead {}\ndropped by retention {}\noldest visible age {}{}",
                     s.visible,
                     s.delayed,
                     s.in_flight,
                     s.dead,
+                    s.dropped,
                     s.oldest_visible_age_ms.map_or("-".into(), |a| format!("{a} ms")),
                     if s.disk_full {
                         "\ndisk full: adds are refused"
@@ -578,7 +590,7 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
                         ""
                     }
                 ),
-                json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "dead": s.dead, "oldest_visible_age_ms": s.oldest_visible_age_ms, "disk_full": s.disk_full }),
+                json!({ "visible": s.visible, "delayed": s.delayed, "in_flight": s.in_flight, "dead": s.dead, "dropped": s.dropped, "oldest_visible_age_ms": s.oldest_visible_age_ms, "disk_full": s.disk_full }),
             )
         }
         Command::Create { queue: name, policy } => {

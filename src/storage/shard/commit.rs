@@ -55,6 +55,10 @@ impl ShardStore {
             Command::Delete { queue } => {
                 let qid = self.queue_id(&queue)?;
                 self.apply_purge(qid, batch)?;
+                self.retention_fills.remove(&qid);
+                if let Some(due) = self.queues.get(&qid).and_then(|q| q.retention_listed) {
+                    self.retention_deadlines.remove(&(due, qid));
+                }
                 Registry::of(&self.engine)?.unregister(&mut batch.writes, &queue, qid);
                 self.names.remove(&queue);
                 self.sorted = None;
@@ -110,7 +114,11 @@ impl QueueStore for ShardStore {
             StoreError::Storage(s) => s,
             StoreError::Command(c) => StorageError::Unavailable(format!("outside any command: {c}")),
         };
-        let mut fatal = self.settle_due(now, &mut batch).err().map(storage);
+        let mut fatal = self
+            .clear_stale_retention(&mut batch)
+            .and_then(|()| self.settle_due(now, &mut batch))
+            .err()
+            .map(storage);
         // Settled leases are committed on their own first, so that polls in
         // this batch can already see the messages that came back.
         if fatal.is_none() && !batch.writes.is_empty() {
@@ -188,10 +196,10 @@ impl QueueStore for ShardStore {
     fn next_deadline(&self) -> Option<u64> {
         let lease = self.lease_deadlines.first().map(|d| d.0);
         let delay = self.delay_deadlines.first_key_value().map(|(d, _)| d.0);
-        match (lease, delay) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retention = self.retention_deadlines.first().map(|d| d.0);
+        // A fill in progress goes on with the next batch.
+        let fill = (!self.retention_fills.is_empty()).then_some(self.last_now);
+        [lease, delay, retention, fill].into_iter().flatten().min()
     }
 
     fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
@@ -201,13 +209,15 @@ impl QueueStore for ShardStore {
 
 impl ShardStore {
     pub(super) fn persist_counters(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
-        let registry = Registry::of(&self.engine)?;
+        let engine = self.engine.clone();
+        let registry = Registry::of(&engine)?;
         for qid in std::mem::take(&mut batch.touched) {
             let Some(q) = self.queues.get_mut(&qid) else {
                 continue;
             };
             q.batch_low = None;
             registry.put_counters(&mut batch.writes, q);
+            self.list_retention_deadline(qid);
         }
         Ok(())
     }

@@ -70,13 +70,20 @@ impl ShardStore {
             }
         };
         drop(record);
-        self.take_member(qid, id, lease, batch)?;
+        let bytes = self.take_member(qid, id, lease, batch)?;
         let defaults = self.engine.options().defaults();
         let (ready, dead) = (ReadyIndex::of(&self.engine)?, DeadSet::of(&self.engine)?);
         batch.touched.push(qid);
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(false);
         };
+        if q.past_retention(header.enqueued_at, now) {
+            // Neither back nor dead: retention drops it.
+            q.take_bytes(u64::from(bytes));
+            q.counters.dropped += 1;
+            batch.counted.entry(qid).or_default().dropped_retention += 1;
+            return Ok(true);
+        }
         let policy = q.policy.or(defaults);
         let out_of_deliveries = u64::from(header.delivery_count) >= policy.max_deliveries.unwrap_or(u64::MAX);
         if rejected || out_of_deliveries {
@@ -215,7 +222,7 @@ impl ShardStore {
             } = keys::parse_full_record(record).ok_or_else(|| corrupt(format!("record of {id} in {queue}")))?;
             header.delivery_count = 0;
             keys::encode_record_with_error(&mut batch.record, header, error, payload);
-            dead.take(&mut batch.writes, k);
+            dead.take(&mut batch.writes, q, k, &id, header.enqueued_at);
             ready.insert(&mut batch.writes, q, keys::ready_key(qid, now, &id), &batch.record);
             q.counters.dead = q.counters.dead.saturating_sub(1);
             q.add_bytes(payload.len() as u64);

@@ -17,6 +17,11 @@ impl ShardStore {
             }
             *batch.woken.entry(qid).or_default() += count;
         }
+        // After the delays (a drop counts a delayed message as delayed only
+        // while it is), before the leases (which drop their own messages
+        // past retention, and index those that come back after the seek
+        // that finds each queue's new oldest).
+        self.settle_retention(now, batch)?;
         while let Some(&(expires_at, qid, lease)) = self.lease_deadlines.first() {
             if expires_at > now {
                 break;
@@ -51,16 +56,21 @@ impl ShardStore {
         let mut it = self
             .engine
             .scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
-        let (mut returned, mut visible) = (0, 0);
+        let (mut returned, mut visible, mut dropped) = (0, 0, 0);
         batch.touched.push(qid);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
                 (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
-                    if leases.take_member(&mut batch.writes, q, &member, lease, id).is_some() {
+                    if let Some(bytes) = leases.take_member(&mut batch.writes, q, &member, lease, id) {
                         let failures = keys::parse_record(v).map_or(1, |(h, _)| h.delivery_count);
-                        // Out of deliveries: dead at the expiry, in the
-                        // same batch as the lease's end.
-                        if u64::from(failures) >= max_deliveries {
+                        if q.past_retention(keys::record_enqueued_at(v), now) {
+                            // Neither back nor dead: retention drops it.
+                            q.take_bytes(u64::from(bytes));
+                            q.counters.dropped += 1;
+                            dropped += 1;
+                        } else if u64::from(failures) >= max_deliveries {
+                            // Out of deliveries: dead at the expiry, in the
+                            // same batch as the lease's end.
                             let death = Death {
                                 id,
                                 at: expired_at,
@@ -94,6 +104,7 @@ impl ShardStore {
         let counted = batch.counted.entry(qid).or_default();
         counted.leases_expired += returned;
         counted.dead_max_deliveries += buried;
+        counted.dropped_retention += dropped;
         Ok(())
     }
 

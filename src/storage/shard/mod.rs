@@ -18,8 +18,9 @@
 //! Layout: [`state`] (in-memory queue state, the batch), [`recovery`]
 //! (rebuilding it at open), [`ready`] (adds, polls, stats, purges),
 //! [`leases`] (expiry, remove, extend, release), [`dead`] (failures, dead
-//! letters and redrive), [`policy`] (queue policies, created and changed),
-//! [`commit`] (one batch).
+//! letters and redrive), [`retention`] (dropping what outlived its queue's
+//! retention), [`policy`] (queue policies, created and changed), [`commit`]
+//! (one batch).
 
 mod commit;
 mod dead;
@@ -27,6 +28,7 @@ mod leases;
 mod policy;
 mod ready;
 mod recovery;
+mod retention;
 mod state;
 mod tables;
 #[cfg(test)]
@@ -37,7 +39,7 @@ use std::sync::Arc;
 
 use rocksdb::WriteBatch;
 
-use super::engine::{Engine, CF_DEAD, CF_LEASES, CF_READY, CF_REGISTRY};
+use super::engine::{Engine, CF_DEAD, CF_LEASES, CF_READY, CF_REGISTRY, CF_RETENTION};
 use super::keys::{self, Counters, LeaseEntry, QueueId, ReadyKey, RecordHeader};
 use super::{
     deadline, Command, CommandError, DeadLetter, DeadPeeked, Delivery, Executed, Lease, NewMessage, Outcome,
@@ -49,7 +51,7 @@ use crate::names::QueueName;
 
 use dead::Ending;
 use state::{Batch, Held, LeaseState, QueueState};
-use tables::{DeadSet, Death, LeaseTable, MemberKey, ReadyIndex, Registry};
+use tables::{DeadSet, Death, LeaseTable, MemberKey, ReadyIndex, Registry, RetentionIndex};
 
 /// Decides whether this shard owns a queue (the server's stable hash).
 pub type Ownership = Arc<dyn Fn(&QueueName) -> bool + Send + Sync>;
@@ -66,6 +68,12 @@ pub struct ShardStore {
     queues: HashMap<QueueId, QueueState>,
     lease_deadlines: BTreeSet<(u64, QueueId, LeaseId)>,
     delay_deadlines: BTreeMap<(u64, QueueId), u64>,
+    /// When each queue with a retention may next have a message to drop.
+    retention_deadlines: BTreeSet<(u64, QueueId)>,
+    /// Queues whose retention index is still being filled.
+    retention_fills: BTreeSet<QueueId>,
+    /// Queues found at open with a retention index they no longer keep.
+    stale_retention: Vec<QueueId>,
     last_now: u64,
     /// Per-queue counters since open (metrics; survive a state reload).
     counters: HashMap<QueueName, QueueCounters>,
@@ -96,6 +104,9 @@ impl ShardStore {
             queues: HashMap::new(),
             lease_deadlines: BTreeSet::new(),
             delay_deadlines: BTreeMap::new(),
+            retention_deadlines: BTreeSet::new(),
+            retention_fills: BTreeSet::new(),
+            stale_retention: Vec::new(),
             last_now: 0,
             counters: HashMap::new(),
             failed: None,

@@ -22,6 +22,8 @@ impl ShardStore {
         state.dirty = true;
         self.queues.insert(qid, state);
         batch.touched.push(qid);
+        // A server default retention applies from the first message on.
+        self.track_retention(qid, None, Some(batch));
         Ok(qid)
     }
 
@@ -75,6 +77,12 @@ impl ShardStore {
         q.policy = policy;
         q.policy_version += 1;
         registry.put_policy(&mut batch.writes, q);
-        Ok(q.policy_info(defaults))
+        let info = q.policy_info(defaults);
+        let stored = q.retention.as_ref().map(|r| match r.filling {
+            Some(_) => keys::RETENTION_FILLING,
+            None => keys::RETENTION_COMPLETE,
+        });
+        self.track_retention(qid, stored, Some(batch));
+        Ok(info)
     }
 }

@@ -126,11 +126,33 @@ impl ShardStore {
         let expires_at = deadline(now, lease_ms);
         let mut messages = Vec::with_capacity(want as usize);
         let mut last_key: Option<ReadyKey> = None;
-        let mut bytes = 0;
+        let (mut bytes, mut dropped) = (0, 0u64);
         while (messages.len() as u64) < want {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
+            let corrupt_key = || {
+                StoreError::Storage(StorageError::Corrupt {
+                    cf: CF_READY,
+                    detail: format!("unparseable key {k:?} in {queue}"),
+                })
+            };
+            let enqueued_at = keys::record_enqueued_at(v);
+            if q.past_retention(enqueued_at, now) {
+                // Not dropped yet (the drop is behind, or the retention was
+                // shortened in this batch): never handed out. Bounded like
+                // the drop itself; the next poll goes on.
+                if dropped == super::retention::RETENTION_BATCH as u64 {
+                    break;
+                }
+                let key: ReadyKey = k.try_into().map_err(|_| corrupt_key())?;
+                ready.take(&mut batch.writes, q, &key, enqueued_at);
+                q.take_bytes(keys::payload_len(v) as u64);
+                dropped += 1;
+                last_key = Some(key);
+                it.next();
+                continue;
+            }
             // Payload and per-message overhead (not a failure's error text).
             let cost = keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD;
             let first = messages.is_empty();
@@ -138,12 +160,6 @@ impl ShardStore {
                 break;
             }
             bytes += cost;
-            let corrupt_key = || {
-                StoreError::Storage(StorageError::Corrupt {
-                    cf: CF_READY,
-                    detail: format!("unparseable key {k:?} in {queue}"),
-                })
-            };
             let (_, id) = keys::parse_ready_key(k).ok_or_else(corrupt_key)?;
             // A fixed array, no allocation.
             let key: ReadyKey = k.try_into().map_err(|_| corrupt_key())?;
@@ -160,7 +176,7 @@ impl ShardStore {
             header.delivery_count = header.delivery_count.saturating_add(1);
             // The last error a worker reported travels with the message.
             keys::encode_record_with_error(&mut batch.record, header, error, payload);
-            ready.take(&mut batch.writes, &key);
+            ready.take(&mut batch.writes, q, &key, header.enqueued_at);
             leases.put_member(&mut batch.writes, q, lease, id, &batch.record);
             messages.push(Delivery {
                 id,
@@ -185,8 +201,15 @@ impl ShardStore {
         }
         q.counters.floor = Some(floor);
         q.note_ready_change();
-        q.counters.ready -= messages.len() as u64;
+        q.counters.ready -= messages.len() as u64 + dropped;
+        q.counters.dropped += dropped;
         q.dirty = true;
+        if dropped > 0 {
+            batch.counted.entry(qid).or_default().dropped_retention += dropped;
+        }
+        if messages.is_empty() {
+            return Ok(None);
+        }
         q.leases.insert(
             lease,
             LeaseState {
@@ -284,10 +307,21 @@ impl ShardStore {
         ready.purge(&mut batch.writes, qid);
         leases.purge(&mut batch.writes, qid);
         dead.purge(&mut batch.writes, qid);
+        // What retention dropped is history a purge does not undo.
         q.counters = Counters {
             bytes: Some(0),
+            dropped: q.counters.dropped,
             ..Counters::default()
         };
+        if let Some(r) = &mut q.retention {
+            // The index went with the ready records: nothing is left to
+            // fill or drop.
+            r.oldest = None;
+            if r.filling.take().is_some() {
+                self.retention_fills.remove(&qid);
+                Registry::of(&self.engine)?.put_retention_state(&mut batch.writes, qid, Some(keys::RETENTION_COMPLETE));
+            }
+        }
         q.note_ready_change();
         q.delayed = 0;
         q.leases.clear();
@@ -357,6 +391,7 @@ fn counts(q: &QueueState, disk_full: bool) -> QueueStats {
         oldest_visible_age_ms: None,
         disk_full,
         dead: q.counters.dead,
+        dropped: q.counters.dropped,
     }
 }
 

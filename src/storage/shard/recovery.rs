@@ -11,6 +11,9 @@ impl ShardStore {
         self.queues.clear();
         self.lease_deadlines.clear();
         self.delay_deadlines.clear();
+        self.retention_deadlines.clear();
+        self.retention_fills.clear();
+        self.stale_retention.clear();
         let now = self.now();
         for (name, qid) in self.engine.registry()? {
             if (self.owns)(&name) {
@@ -128,6 +131,6 @@ impl ShardStore {
         self.names.insert(name, qid);
         self.sorted = None;
         self.queues.insert(qid, q);
-        Ok(())
+        self.load_retention(qid)
     }
 }

@@ -45,6 +45,44 @@ pub(super) struct QueueState {
     /// thousands of idle queues reads its ages from memory instead of
     /// seeking each queue's head in RocksDB.
     pub(super) head_seen: std::cell::Cell<Option<(u64, u64)>>,
+    /// The queue's retention index, while its policy has a retention.
+    pub(super) retention: Option<Retention>,
+    /// The retention deadline listed in the shard's timers for this queue.
+    pub(super) retention_listed: Option<u64>,
+}
+
+/// What a shard keeps in memory of a queue's retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Retention {
+    /// The retention in force, in milliseconds (finite).
+    pub(super) ms: u64,
+    /// No entry of the index was added before this time (a lower bound:
+    /// entries taken since may have left the oldest younger). `None`: the
+    /// index is empty.
+    pub(super) oldest: Option<u64>,
+    /// Records written before the index was kept and not indexed yet:
+    /// where indexing them goes on.
+    pub(super) filling: Option<Fill>,
+}
+
+impl Retention {
+    /// When the oldest entry may outlive the retention.
+    pub(super) fn due(&self) -> Option<u64> {
+        self.oldest.map(|o| o.saturating_add(self.ms))
+    }
+
+    /// Whether a message first added at `enqueued_at` is past retention.
+    pub(super) fn expired(&self, enqueued_at: u64, now: u64) -> bool {
+        enqueued_at.saturating_add(self.ms) <= now
+    }
+}
+
+/// The next record a retention fill indexes: it walks the ready index,
+/// then the dead letters, from these keys on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Fill {
+    Ready(Vec<u8>),
+    Dead(Vec<u8>),
 }
 
 impl QueueState {
@@ -62,6 +100,8 @@ impl QueueState {
             dirty: false,
             ready_generation: 0,
             head_seen: std::cell::Cell::new(None),
+            retention: None,
+            retention_listed: None,
         }
     }
 
@@ -122,6 +162,11 @@ impl QueueState {
             policy: self.policy,
             effective: self.policy.or(defaults),
         }
+    }
+
+    /// Whether retention drops a message first added at `enqueued_at`.
+    pub(super) fn past_retention(&self, enqueued_at: u64, now: u64) -> bool {
+        self.retention.as_ref().is_some_and(|r| r.expired(enqueued_at, now))
     }
 
     pub(super) fn lease_valid(&self, lease: &LeaseId, now: u64) -> bool {

@@ -18,30 +18,87 @@ use super::*;
 
 /// Ready records: one per visible or delayed message, keyed (queue,
 /// visible-at, id). A key is written once: ids are unique, and a message
-/// that comes back does so under a new visible-at.
-pub(super) struct ReadyIndex<'e>(&'e ColumnFamily);
+/// that comes back does so under a new visible-at. Each record written or
+/// taken moves the queue's retention index with it (when it keeps one).
+pub(super) struct ReadyIndex<'e>(&'e ColumnFamily, RetentionIndex<'e>);
 
 impl<'e> ReadyIndex<'e> {
     /// Resolved per use (a name lookup): each call site takes only the
     /// families it writes.
     pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
-        Ok(Self(engine.cf(CF_READY)?))
+        Ok(Self(engine.cf(CF_READY)?, RetentionIndex::of(engine)?))
     }
 
     /// Writes a record and moves its queue's counters and floor with it.
     pub(super) fn insert(&self, writes: &mut WriteBatch, q: &mut QueueState, key: ReadyKey, record: &[u8]) {
         writes.put_cf(self.0, key, record);
         q.note_ready_insert(&key);
+        if q.retention.is_some() {
+            if let Some((at, id)) = keys::parse_ready_key(&key) {
+                self.1
+                    .note(writes, q, &id, keys::record_enqueued_at(record), keys::Place::Ready(at));
+            }
+        }
     }
 
-    /// Takes a record out (a poll leased it). The caller moves the queue's
-    /// floor past it and counts it, once per poll.
-    pub(super) fn take(&self, writes: &mut WriteBatch, key: &ReadyKey) {
+    /// Takes a record out (a poll leased it, or retention dropped it). The
+    /// caller moves the queue's floor past it and counts it.
+    pub(super) fn take(&self, writes: &mut WriteBatch, q: &mut QueueState, key: &ReadyKey, enqueued_at: u64) {
         writes.single_delete_cf(self.0, key);
+        if q.retention.is_some() {
+            if let Some((_, id)) = keys::parse_ready_key(key) {
+                self.1.forget(writes, q, &id, enqueued_at);
+            }
+        }
     }
 
     /// Drops every record of a queue (a range tombstone: O(1) to write, and
-    /// later scans skip the range whole).
+    /// later scans skip the range whole), and its retention index.
+    pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
+        writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
+        self.1.purge(writes, qid);
+    }
+}
+
+/// The retention index of the queues that keep one: (queue, first add,
+/// id) to where the message is (ready or dead). Kept by [`ReadyIndex`] and
+/// [`DeadSet`] as they write; a message in flight has no entry (retention
+/// does not take it from its worker). Keys are rewritten (a message that
+/// comes back is indexed again under the same key): deleted plainly.
+pub(super) struct RetentionIndex<'e>(&'e ColumnFamily);
+
+impl<'e> RetentionIndex<'e> {
+    pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
+        Ok(Self(engine.cf(CF_RETENTION)?))
+    }
+
+    /// Indexes a message now at `place` (nothing when the queue keeps no
+    /// index), and lowers the queue's oldest bound to it.
+    pub(super) fn note(
+        &self,
+        writes: &mut WriteBatch,
+        q: &mut QueueState,
+        id: &MessageId,
+        enqueued_at: u64,
+        place: keys::Place,
+    ) {
+        if let Some(r) = &mut q.retention {
+            writes.put_cf(
+                self.0,
+                keys::retention_key(q.qid, enqueued_at, id),
+                keys::encode_place(place),
+            );
+            r.oldest = Some(r.oldest.map_or(enqueued_at, |o| o.min(enqueued_at)));
+        }
+    }
+
+    /// Drops a message's entry (it was leased, moved or dropped).
+    pub(super) fn forget(&self, writes: &mut WriteBatch, q: &QueueState, id: &MessageId, enqueued_at: u64) {
+        if q.retention.is_some() {
+            writes.delete_cf(self.0, keys::retention_key(q.qid, enqueued_at, id));
+        }
+    }
+
     pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
         writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
     }
@@ -119,11 +176,11 @@ pub(super) struct Death {
 /// Dead letters, keyed (queue, died-at, id). Deleted plainly, not with
 /// `SingleDelete`: a message redriven and dead again within the same
 /// millisecond would write its key twice.
-pub(super) struct DeadSet<'e>(&'e ColumnFamily);
+pub(super) struct DeadSet<'e>(&'e ColumnFamily, RetentionIndex<'e>);
 
 impl<'e> DeadSet<'e> {
     pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
-        Ok(Self(engine.cf(CF_DEAD)?))
+        Ok(Self(engine.cf(CF_DEAD)?, RetentionIndex::of(engine)?))
     }
 
     /// Buries a message: its record, as `death` says, in the queue's dead
@@ -140,12 +197,20 @@ impl<'e> DeadSet<'e> {
         writes.put_cf(self.0, keys::dead_key(q.qid, death.at, &death.id), &scratch[..]);
         q.counters.dead += 1;
         q.take_bytes(keys::payload_len(record) as u64);
+        let enqueued_at = keys::record_enqueued_at(record);
+        self.1
+            .note(writes, q, &death.id, enqueued_at, keys::Place::Dead(death.at));
     }
 
-    pub(super) fn take(&self, writes: &mut WriteBatch, key: &[u8]) {
+    /// Takes a dead letter out (redriven, or dropped by retention); the
+    /// caller counts it.
+    pub(super) fn take(&self, writes: &mut WriteBatch, q: &QueueState, key: &[u8], id: &MessageId, enqueued_at: u64) {
         writes.delete_cf(self.0, key);
+        self.1.forget(writes, q, id, enqueued_at);
     }
 
+    /// Drops every dead letter of a queue (its retention index goes with
+    /// the ready records').
     pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
         writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
     }
@@ -167,6 +232,17 @@ impl<'e> Registry<'e> {
         writes.delete_cf(self.0, keys::name_key(name));
         writes.delete_cf(self.0, keys::counters_key(qid));
         writes.delete_cf(self.0, keys::policy_key(qid));
+        writes.delete_cf(self.0, keys::retention_state_key(qid));
+    }
+
+    /// Records whether a queue's retention index is complete (`Some`:
+    /// [`keys::RETENTION_COMPLETE`] or [`keys::RETENTION_FILLING`]), or
+    /// that it keeps none.
+    pub(super) fn put_retention_state(&self, writes: &mut WriteBatch, qid: QueueId, state: Option<u8>) {
+        match state {
+            Some(state) => writes.put_cf(self.0, keys::retention_state_key(qid), [state]),
+            None => writes.delete_cf(self.0, keys::retention_state_key(qid)),
+        }
     }
 
     /// Writes a queue's policy (rewritten by every change: deleted plainly).

@@ -1,7 +1,7 @@
 //! Unit tests of the shard store against a real RocksDB.
 
 use super::*;
-use crate::clock::ManualClock;
+use crate::clock::{Clock, ManualClock};
 use crate::storage::{Durability, EngineOptions};
 
 const T0: u64 = 1_700_000_000_000;
@@ -428,4 +428,154 @@ fn a_long_consumed_queue_still_polls_from_its_floor() {
         "the floor survives a restart"
     );
     assert_eq!(payloads(&f.store.poll(&q("a"), 5, 10).unwrap().unwrap()), vec![b"last"]);
+}
+
+fn set_retention(store: &mut ShardStore, queue: &QueueName, retention_ms: Option<u64>) {
+    let policy = QueuePolicy {
+        retention_ms,
+        ..QueuePolicy::default()
+    };
+    let set = store
+        .execute_one(Command::SetPolicy {
+            queue: queue.clone(),
+            policy,
+        })
+        .unwrap();
+    assert!(matches!(set, Outcome::Policy(_)), "{set:?}");
+}
+
+/// Every retention index entry of the store (all queues).
+fn retention_entries(store: &ShardStore) -> usize {
+    let cf = store.engine.cf(CF_RETENTION).unwrap();
+    store.engine.db().iterator_cf(cf, rocksdb::IteratorMode::Start).count()
+}
+
+#[test]
+fn retention_drops_visible_delayed_and_dead_messages_in_bounded_batches() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    // More than two batches' worth, kept without retention first: the fill
+    // indexes them in steps.
+    let n = 2 * retention::RETENTION_BATCH + 500;
+    for chunk in 0..(n / 500) {
+        let batch = (0..500)
+            .map(|i| NewMessage::new(format!("{chunk}-{i}").into_bytes()))
+            .collect();
+        f.store.add(&jobs, batch).unwrap();
+    }
+    f.store
+        .add(&jobs, vec![NewMessage::delayed(b"later".to_vec(), 50_000)])
+        .unwrap();
+    let lease = f.store.poll(&jobs, 1, 60_000).unwrap().unwrap();
+    assert!(f
+        .store
+        .execute_one(Command::Fail {
+            queue: jobs.clone(),
+            id: lease.messages[0].id,
+            lease: lease.id,
+            error: "bad".into(),
+            dead: true,
+        })
+        .is_ok());
+    assert_eq!(f.store.stats(&jobs).unwrap().dead, 1);
+    f.clock.advance(1_000);
+    f.store.add(&jobs, msgs(&["young"])).unwrap();
+    set_retention(&mut f.store, &jobs, Some(1_000));
+    // Filling: the sweeper is due at once until the index is complete.
+    assert!(f.store.next_deadline().is_some_and(|d| d <= f.clock.now_ms()));
+    let mut batches = 0;
+    while f.store.next_deadline().is_some_and(|d| d <= f.clock.now_ms()) {
+        f.store.expire_due();
+        batches += 1;
+        assert!(batches < 10, "the fill did not end");
+    }
+    assert!(batches >= 3, "{batches} batches for {n} messages");
+    // Everything older than a second (visible, delayed and the dead
+    // letter) was dropped by the fill itself; the young message is indexed
+    // and due a second after its add.
+    let stats = f.store.stats(&jobs).unwrap();
+    let old = n as u64 + 1;
+    assert_eq!(
+        (stats.visible, stats.delayed, stats.dead, stats.dropped),
+        (1, 0, 0, old)
+    );
+    assert_eq!(retention_entries(&f.store), 1);
+    assert_eq!(f.store.next_deadline(), Some(f.clock.now_ms() + 1_000));
+
+    // Dropped by the drop pass, at its due time, and the count survives a
+    // reopen and a purge.
+    f.clock.advance(1_000);
+    f.store.expire_due();
+    let stats = f.store.stats(&jobs).unwrap();
+    assert_eq!((stats.visible, stats.dropped), (0, old + 1));
+    assert_eq!(f.store.next_deadline(), None);
+    f = f.reopen();
+    assert_eq!(f.store.stats(&jobs).unwrap().dropped, old + 1);
+    f.store.purge(&jobs).unwrap();
+    assert_eq!(f.store.stats(&jobs).unwrap().dropped, old + 1);
+}
+
+#[test]
+fn retention_index_follows_messages_and_survives_reopen() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    f.store.add(&jobs, msgs(&["a", "b", "c"])).unwrap();
+    set_retention(&mut f.store, &jobs, Some(10_000));
+    f.store.expire_due();
+    assert_eq!(retention_entries(&f.store), 3);
+    // Leased: no entry; back after its lease: indexed again.
+    let lease = f.store.poll(&jobs, 2, 1_000).unwrap().unwrap();
+    assert_eq!(retention_entries(&f.store), 1);
+    f.store.remove(&jobs, lease.messages[0].id, lease.id).unwrap();
+    f.clock.advance(1_000);
+    f.store.expire_due();
+    assert_eq!(retention_entries(&f.store), 2);
+    // A reopen finds the oldest entry again and lists its deadline.
+    f = f.reopen();
+    assert_eq!(f.store.next_deadline(), Some(T0 + 10_000));
+    // The message whose lease expires past retention is dropped, not
+    // made visible again.
+    let lease = f.store.poll(&jobs, 1, 20_000).unwrap().unwrap();
+    f.clock.advance(20_000);
+    f.store.expire_due();
+    let stats = f.store.stats(&jobs).unwrap();
+    assert_eq!((stats.visible, stats.in_flight, stats.dropped), (0, 0, 2));
+    assert!(!f.store.remove(&jobs, lease.messages[0].id, lease.id).unwrap());
+    assert_eq!(retention_entries(&f.store), 0);
+    // Without retention, no index is kept, and none is left behind.
+    f.store.add(&jobs, msgs(&["d"])).unwrap();
+    assert_eq!(retention_entries(&f.store), 1);
+    set_retention(&mut f.store, &jobs, Some(crate::types::UNLIMITED));
+    f.store.add(&jobs, msgs(&["e"])).unwrap();
+    assert_eq!(retention_entries(&f.store), 0);
+    assert_eq!(f.store.next_deadline(), None);
+    f.clock.advance(1_000_000);
+    assert_eq!(f.store.stats(&jobs).unwrap().visible, 2);
+}
+
+#[test]
+fn retention_set_on_a_queue_of_dead_letters_drops_them() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    f.store.add(&jobs, msgs(&["a"])).unwrap();
+    let lease = f.store.poll(&jobs, 1, 1).unwrap().unwrap();
+    let failed = f
+        .store
+        .execute_one(Command::Fail {
+            queue: jobs.clone(),
+            id: lease.messages[0].id,
+            lease: lease.id,
+            error: "bad".into(),
+            dead: true,
+        })
+        .unwrap();
+    assert_eq!(failed, Outcome::Failed(true));
+    f.clock.advance(47);
+    set_retention(&mut f.store, &jobs, Some(1));
+    let stats = f.store.stats(&jobs).unwrap();
+    assert_eq!((stats.dead, stats.dropped), (0, 1));
+    // Persisted with the batch that dropped it.
+    f = f.reopen();
+    let stats = f.store.stats(&jobs).unwrap();
+    assert_eq!((stats.dead, stats.dropped), (0, 1));
 }

@@ -16,9 +16,9 @@ from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, 
                      Unauthenticated, Unavailable, UnknownOperation, UnknownQueue,
                      PermissionDenied, QueueFull)
 from .sync import Client, SyncConsumer, SyncMessage, connect
-from .types import (MAX_DELIVERIES_LIMIT, UNLIMITED, DeadLetter, DeadPeeked, DeadReason, Lease,
-                    Limits, Message, NewMessage, Peeked, PolicyInfo, QueueCreated, QueuePolicy,
-                    QueueRef, QueueStats, Redriven, ServerInfo)
+from .types import (MAX_DELIVERIES_LIMIT, MAX_RETENTION_MS, UNLIMITED, DeadLetter, DeadPeeked,
+                    DeadReason, Lease, Limits, Message, NewMessage, Peeked, PolicyInfo,
+                    QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven, ServerInfo)
 from .worker import ConsumedMessage, Consumer
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "Consumer", "ConsumedMessage",
     "Lease", "Limits", "Message", "NewMessage", "Peeked", "QueueRef", "QueueStats", "ServerInfo",
     "QueuePolicy", "PolicyInfo", "QueueCreated", "UNLIMITED", "MAX_DELIVERIES_LIMIT",
+    "MAX_RETENTION_MS",
     "DeadLetter", "DeadPeeked", "DeadReason", "Redriven",
     "QueueberError", "Internal", "InvalidArgument", "InvalidName", "UnknownQueue",
     "PayloadTooLarge", "TooManyMessages", "FrameTooLarge", "MalformedFrame",

@@ -219,6 +219,7 @@ def _set_policy(b: Any, policy: Optional[QueuePolicy]) -> None:
     b.maxBytes = policy.max_bytes or 0
     b.maxPayloadBytes = policy.max_payload_bytes or 0
     b.maxDeliveries = policy.max_deliveries or 0
+    b.retentionMs = policy.retention_ms or 0
     steps = policy.retry_backoff_ms or ()
     if steps:
         backoff = b.init("retryBackoffMs", len(steps))
@@ -342,7 +343,7 @@ def _stats(s: Any) -> QueueStats:
     g = s._get
     return QueueStats(g("visible"), g("delayed"), g("inFlight"),
                       g("oldestVisibleAgeMs") if g("hasVisible") else None, g("diskFull"),
-                      g("dead"))
+                      g("dead"), g("dropped"))
 
 
 def _policy(p: Any) -> QueuePolicy:
@@ -355,7 +356,8 @@ def _policy(p: Any) -> QueuePolicy:
                         ("max_bytes", g("maxBytes") or None),
                         ("max_payload_bytes", g("maxPayloadBytes") or None),
                         ("retry_backoff_ms", tuple(g("retryBackoffMs")) or None),
-                        ("max_deliveries", g("maxDeliveries") or None)):
+                        ("max_deliveries", g("maxDeliveries") or None),
+                        ("retention_ms", g("retentionMs") or None)):
         object.__setattr__(policy, name, value)
     return policy
 

@@ -795,8 +795,9 @@ class Client:
         return expires
 
     async def release(self, queue: str, lease: LeaseLike, id: IdLike, delay_ms: int = 0) -> bool:
-        """Give one leased message back, visible again after ``delay_ms``;
-        ``False`` when the lease no longer held it."""
+        """Give one leased message back, visible again after ``delay_ms``
+        (a message past the queue policy's ``retention_ms`` is dropped
+        instead); ``False`` when the lease no longer held it."""
         mid = _wire.id_list([id])[0]
         released: bool = await self._call("release", _wire.encode_release, self.tenant, queue,
                                           _wire.lease_bytes(lease), mid, delay_ms)
@@ -813,9 +814,11 @@ class Client:
         With ``dead=True`` the message is dead-lettered at once (reason
         ``rejected``), whatever its deliveries; without, it is dead-lettered
         (reason ``maxDeliveries``) when it has had the policy's
-        ``max_deliveries``. ``False`` when the lease no longer held it
-        (nothing changed). Needs the consume permission. Not re-sent after a
-        lost connection (a second one would answer ``False``).
+        ``max_deliveries``; either way, a message past the policy's
+        ``retention_ms`` is dropped instead. ``False`` when the lease no
+        longer held it (nothing changed). Needs the consume permission. Not
+        re-sent after a lost connection (a second one would answer
+        ``False``).
         """
         if not isinstance(error, str):
             raise TypeError(f"error must be a str, not {type(error).__name__}")
@@ -825,7 +828,8 @@ class Client:
         return failed
 
     async def stats(self, queue: str) -> QueueStats:
-        """Counters of ``queue``: visible, delayed, in flight, dead, head age."""
+        """Counters of ``queue``: visible, delayed, in flight, dead, head age,
+        and how many messages its retention has dropped."""
         stats: QueueStats = await self._call("stats", _wire.encode_queue_op, "stats",
                                              self.tenant, queue, resend=True)
         return stats
@@ -922,8 +926,10 @@ class Client:
         with ``created=False``; one with another policy raises
         :class:`~queueber.errors.InvalidArgument` (change policies with
         :meth:`set_policy`). A policy the server cannot hold to (a
-        ``max_payload_bytes`` over its own limit) raises ``InvalidArgument``
-        too. Needs the admin permission on servers with access control.
+        ``max_payload_bytes`` over its own limit, a ``lease_ms`` or
+        ``retention_ms`` over its longest duration) raises
+        ``InvalidArgument`` too. Needs the admin permission on servers with
+        access control.
         """
         created: QueueCreated = await self._call(
             "createQueue", _wire.encode_create_queue, self.tenant, queue, policy)
@@ -941,7 +947,9 @@ class Client:
         """Replace ``queue``'s whole policy (fields left ``None`` go back to
         the server's defaults); the version goes up by one. It applies from
         the next request: messages already held stay, and a lower
-        ``max_depth`` refuses adds until the queue drains under it."""
+        ``max_depth`` refuses adds until the queue drains under it; a
+        ``retention_ms`` applies to the messages already held as well
+        (counted from their first add)."""
         info: PolicyInfo = await self._call("setPolicy", _wire.encode_set_policy, self.tenant,
                                             queue, policy)
         return info

@@ -84,6 +84,9 @@ struct QueuePolicy {
                               # repeating; at most 8 steps; empty = at once
   maxDeliveries @5 :UInt64;   # deliveries after which a message not removed is
                               # dead-lettered (1-1000, or all ones = unlimited)
+  retentionMs @6 :UInt64;     # a message older than this (from its first add)
+                              # is dropped, visible, delayed or dead; in flight,
+                              # when its lease ends (all ones = kept forever)
 }
 
 struct CreateQueueRequest {
@@ -269,6 +272,7 @@ struct QueueStats {
   hasVisible @4 :Bool;        # whether oldestVisibleAgeMs means anything
   diskFull @5 :Bool;          # adds are being refused for lack of disk space
   dead @6 :UInt64;            # dead letters (see peek with dead, redrive)
+  dropped @7 :UInt64;         # messages retention dropped, over the queue's life
 }
 
 struct FailReply {

@@ -25,6 +25,7 @@ __all__ = [
     "PolicyInfo",
     "QueueCreated",
     "MAX_DELIVERIES_LIMIT",
+    "MAX_RETENTION_MS",
     "MAX_ERROR_BYTES",
 ]
 
@@ -183,6 +184,11 @@ class QueueStats:
     #: Dead letters (not counted in ``visible``, ``delayed`` or ``in_flight``;
     #: see ``peek_dead`` and ``redrive``). 0 from a server older than them.
     dead: int = 0
+    #: Messages the queue policy's ``retention_ms`` dropped, over the
+    #: queue's life: a running total, kept across server restarts and
+    #: ``purge`` (the dropped messages themselves are gone). 0 from a
+    #: server older than retention.
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,9 +225,10 @@ class ServerInfo:
     disk_full: bool = False
 
 
-#: ``max_depth`` / ``max_bytes`` / ``max_deliveries`` of a
-#: :class:`QueuePolicy` with no bound (2**64 - 1 on the wire), whatever the
-#: server's ``--default-max-*`` are.
+#: ``max_depth`` / ``max_bytes`` / ``max_deliveries`` / ``retention_ms`` of
+#: a :class:`QueuePolicy` with no bound (2**64 - 1 on the wire), whatever the
+#: server's ``--default-*`` are: for ``retention_ms``, messages are kept
+#: forever.
 UNLIMITED = 0xFFFF_FFFF_FFFF_FFFF
 
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -232,6 +239,11 @@ MAX_BACKOFF_STEPS = 8
 
 #: Largest bounded ``max_deliveries`` of a policy (else :data:`UNLIMITED`).
 MAX_DELIVERIES_LIMIT = 1000
+
+#: Longest ``retention_ms`` of a policy the server accepts, 10 years in ms
+#: (else :data:`UNLIMITED`); the server's longest duration, as for
+#: ``lease_ms``.
+MAX_RETENTION_MS = 10 * 365 * 24 * 3600 * 1000
 
 #: Most bytes of a ``fail``'s error text the server keeps (and the client
 #: sends): the text is cut there, at a character boundary.
@@ -279,6 +291,14 @@ class QueuePolicy:
     #: expired, released, or failed) is dead-lettered instead of coming
     #: back: 1 to 1000, or :data:`UNLIMITED` for never.
     max_deliveries: Optional[int] = None
+    #: How long, in ms from its first add, a message may stay before it is
+    #: dropped, whether visible, delayed or dead-lettered; a message in
+    #: flight is dropped when its lease ends (expired, released or failed)
+    #: instead of coming back or being dead-lettered. Dropped messages count
+    #: in ``QueueStats.dropped``. :data:`UNLIMITED` to keep messages forever.
+    #: A value over :data:`MAX_RETENTION_MS`, other than :data:`UNLIMITED`,
+    #: is checked by the server, which refuses it with ``InvalidArgument``.
+    retention_ms: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.retry_backoff_ms is not None:
@@ -292,7 +312,7 @@ class QueuePolicy:
                                      f"0..2**64-1, not {step!r}")
             # Frozen: set through object.__setattr__; empty is unset.
             object.__setattr__(self, "retry_backoff_ms", steps or None)
-        for name in ("lease_ms", "max_depth", "max_bytes", "max_payload_bytes"):
+        for name in ("lease_ms", "max_depth", "max_bytes", "max_payload_bytes", "retention_ms"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -323,8 +343,8 @@ class PolicyInfo:
     policy: QueuePolicy
     #: What applies: every field set, the queue's own or else the server's
     #: default (``max_depth``/``max_bytes``/``max_deliveries``
-    #: :data:`UNLIMITED` when unbounded; ``retry_backoff_ms`` ``None`` when
-    #: there is none).
+    #: :data:`UNLIMITED` when unbounded, ``retention_ms`` when messages are
+    #: kept forever; ``retry_backoff_ms`` ``None`` when there is none).
     effective: QueuePolicy
 
 
