@@ -1,7 +1,10 @@
 //! Property tests: random sequences of operations run against the RocksDB
 //! store and the in-memory model with one manual clock must agree, and the
 //! RocksDB store must never hand one message to two live leases, lose a
-//! message, or change anything when reopened.
+//! message, or change anything when reopened. After every step the RocksDB
+//! store's census is checked too: each message in exactly one of visible,
+//! delayed, in flight and dead; delivery counts that never go down except
+//! by a redrive; no dead letter before its max deliveries unless rejected.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -183,6 +186,14 @@ struct Harness {
     /// A policy with a retention was set: messages may have been dropped,
     /// so the drain holds the store to the model instead of to `live`.
     retention_seen: bool,
+    /// payload -> (highest delivery count seen, redrives of its queue then).
+    counts: HashMap<Vec<u8>, (u32, u64)>,
+    /// Redrives run per queue.
+    redrives: [u64; QUEUES],
+    /// (time, queue, max deliveries) of every policy set.
+    max_deliveries: Vec<(u64, usize, u64)>,
+    /// Payloads a worker rejected (`fail` with `dead`).
+    rejected: BTreeSet<Vec<u8>>,
 }
 
 fn engine_options() -> EngineOptions {
@@ -251,6 +262,10 @@ impl Harness {
             live: BTreeMap::new(),
             next_payload: 0,
             retention_seen: false,
+            counts: HashMap::new(),
+            redrives: [0; QUEUES],
+            max_deliveries: Vec::new(),
+            rejected: BTreeSet::new(),
         }
     }
 
@@ -289,6 +304,110 @@ impl Harness {
     }
 
     fn step(&mut self, op: Op) {
+        self.apply_op(op);
+        self.census();
+    }
+
+    /// A delivery count seen for `payload` of queue `q`: never lower than
+    /// the last one seen, unless the queue was redriven since (to 0).
+    fn saw_count(&mut self, payload: &[u8], q: usize, count: u32) {
+        let epoch = self.redrives[q];
+        if let Some(&(seen, then)) = self.counts.get(payload) {
+            assert!(
+                count >= seen || (count == 0 && epoch > then),
+                "delivery count of {payload:?} went from {seen} to {count}"
+            );
+        }
+        self.counts.insert(payload.to_vec(), (count, epoch));
+    }
+
+    /// The RocksDB store's census of every queue, against its own stats and
+    /// the leases the harness knows to be live.
+    fn census(&mut self) {
+        let now = self.clock.now_ms();
+        for q in 0..QUEUES {
+            let name = self.names[q].clone();
+            let Ok(stats) = self.real().stats(&name) else {
+                continue;
+            };
+            let (mut visible, mut cursor) = (Vec::new(), None);
+            loop {
+                let peek = Command::Peek {
+                    queue: name.clone(),
+                    max_items: 1000,
+                    cursor,
+                };
+                let Ok(Outcome::Peeked(page)) = only_outcome(self.real().execute(vec![peek])) else {
+                    panic!("census peek failed");
+                };
+                visible.extend(page.messages.into_iter().map(|m| (m.payload, m.delivery_count)));
+                cursor = page.cursor;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            let (mut dead, mut cursor) = (Vec::new(), None);
+            loop {
+                let peek = Command::PeekDead {
+                    queue: name.clone(),
+                    max_items: 1000,
+                    cursor,
+                };
+                let Ok(Outcome::DeadPeeked(page)) = only_outcome(self.real().execute(vec![peek])) else {
+                    panic!("census peek at the dead failed");
+                };
+                dead.extend(page.letters);
+                cursor = page.cursor;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            assert_eq!(visible.len() as u64, stats.visible, "census of visible at {now}");
+            assert_eq!(dead.len() as u64, stats.dead, "census of dead at {now}");
+            let in_flight: BTreeSet<&Vec<u8>> = self
+                .held
+                .iter()
+                .filter(|(_, &(slot, expiry))| expiry > now && self.leases[slot].q == q)
+                .map(|(p, _)| p)
+                .collect();
+            assert_eq!(in_flight.len() as u64, stats.in_flight, "census in flight at {now}");
+            let shown: BTreeSet<&Vec<u8>> = visible.iter().map(|(p, _)| p).collect();
+            let buried: BTreeSet<&Vec<u8>> = dead.iter().map(|d| &d.payload).collect();
+            assert_eq!(shown.len(), visible.len(), "a message visible twice");
+            assert_eq!(buried.len(), dead.len(), "a message dead twice");
+            assert!(shown.is_disjoint(&buried), "visible and dead at {now}");
+            assert!(shown.is_disjoint(&in_flight), "visible and in flight at {now}");
+            assert!(buried.is_disjoint(&in_flight), "dead and in flight at {now}");
+            for letter in &dead {
+                match letter.reason {
+                    queueber::types::DeadReason::Rejected => {
+                        assert!(
+                            self.rejected.contains(&letter.payload),
+                            "{:?} dead as rejected",
+                            letter.payload
+                        )
+                    }
+                    // Some policy of this queue allowed no more deliveries.
+                    queueber::types::DeadReason::MaxDeliveries => assert!(
+                        self.max_deliveries
+                            .iter()
+                            .any(|&(t, pq, max)| pq == q && t <= now && u64::from(letter.delivery_count) >= max),
+                        "{:?} dead after {} deliveries",
+                        letter.payload,
+                        letter.delivery_count
+                    ),
+                }
+            }
+            for (payload, count) in visible {
+                self.saw_count(&payload, q, count);
+            }
+            for letter in dead {
+                self.saw_count(&letter.payload, q, letter.delivery_count);
+            }
+        }
+    }
+
+    fn apply_op(&mut self, op: Op) {
         let now = self.clock.now_ms();
         match op {
             Op::Add { q, n, delay } => {
@@ -355,6 +474,7 @@ impl Harness {
                             );
                         }
                         self.held.insert(rm.payload.clone(), (slot, r.expires_at_ms));
+                        self.saw_count(&rm.payload, q, rm.delivery_count);
                         self.delivered.push(Delivered {
                             lease: slot,
                             real: rm.id,
@@ -445,6 +565,9 @@ impl Harness {
                 assert_eq!(r, m, "fail");
                 if r == Outcome::Failed(true) {
                     self.held.remove(&d.payload);
+                    if dead {
+                        self.rejected.insert(d.payload.clone());
+                    }
                 }
             }
             Op::PeekDead { q, max } => {
@@ -493,6 +616,7 @@ impl Harness {
                 }
             }
             Op::Redrive { q, max } => {
+                self.redrives[q] += 1;
                 let (r, m) = self.same(Command::Redrive {
                     queue: self.names[q].clone(),
                     max,
@@ -663,6 +787,7 @@ impl Harness {
                 });
                 if !Self::assert_errors_match(&r, &m) {
                     assert_eq!(r.ok(), m.ok(), "createQueue");
+                    self.note_policy(q, now);
                 }
             }
             Op::SetPolicy { q, policy } => {
@@ -673,6 +798,7 @@ impl Harness {
                 });
                 if !Self::assert_errors_match(&r, &m) {
                     assert_eq!(r.ok(), m.ok(), "setPolicy");
+                    self.note_policy(q, now);
                 }
             }
             Op::GetPolicy { q } => {
@@ -708,6 +834,15 @@ impl Harness {
                 // least a millisecond of real time. Model that here.
                 self.clock.advance(1);
             }
+        }
+    }
+
+    /// Records the max deliveries now in force for queue `q`.
+    fn note_policy(&mut self, q: usize, now: u64) {
+        let name = self.names[q].clone();
+        if let Ok(Outcome::Policy(info)) = only_outcome(self.real().execute(vec![Command::GetPolicy { queue: name }])) {
+            let max = info.effective.max_deliveries.unwrap_or(UNLIMITED);
+            self.max_deliveries.push((now, q, max));
         }
     }
 

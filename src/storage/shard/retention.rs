@@ -3,19 +3,26 @@
 //! message in flight is left to its worker and dropped when its lease ends
 //! (`leases`, `dead`); a poll never hands out one past retention (`ready`).
 //!
-//! Such a queue keeps a retention index (`retention` column family): one
-//! entry per visible, delayed or dead message, keyed by the time of its
-//! first add, so what comes due is found in order, without scanning the
-//! queue. [`ReadyIndex`] and [`DeadSet`] keep it as they write. Each batch
-//! first drops what is due, then indexes records written before the queue
-//! had a retention (a *fill*, which drops those already past it), at most
-//! [`RETENTION_BATCH`] records per batch so that a large expiry cannot
-//! stall the shard: the sweeper runs again at once while work is left.
+//! What comes due is found in order without scanning the queue. Most
+//! messages are ready records whose visible time is their add time, so the
+//! ready index already orders them by age: everything in it visible by the
+//! cutoff (now - retention) is past retention. The others, ready records
+//! visible later than their add (delayed adds, messages back from a lease
+//! or a redrive) and dead letters, are kept in a retention index (`retention`
+//! column family) by the time of their first add; [`ReadyIndex`] and
+//! [`DeadSet`] keep it as they write. So a plain add, poll and remove cost
+//! a queue with a retention nothing more.
 //!
-//! The drop reads the index as committed; in that order nothing the batch
-//! itself indexed is missed: the fill and the lease expiries that follow
-//! drop what they meet past retention themselves, and index the rest after
-//! the drop has found each queue's new oldest entry.
+//! Each batch first drops what is due, then indexes the records of queues
+//! that got a retention while holding messages (a *fill*, which drops
+//! those already past it), at most [`RETENTION_BATCH`] records per batch so
+//! that a large expiry cannot stall the shard: the sweeper runs again at
+//! once while work is left.
+//!
+//! The drop reads the ready records and the index as committed; in that
+//! order nothing the batch itself writes is missed: the fill and the lease
+//! expiries that follow drop what they meet past retention themselves, and
+//! note the rest after the drop has found each queue's new oldest.
 
 #[allow(unused_imports)]
 use super::*;
@@ -133,7 +140,14 @@ impl ShardStore {
             self.stale_retention.push(qid);
         }
         if kept {
-            let oldest = self.first_indexed(qid, &keys::queue_prefix(qid))?;
+            let floor = self
+                .queues
+                .get(&qid)
+                .map(|q| q.scan_start().into_owned())
+                .unwrap_or_default();
+            let ready = self.first_key_time(CF_READY, qid, floor)?;
+            let indexed = self.first_key_time(CF_RETENTION, qid, keys::queue_prefix(qid).to_vec())?;
+            let oldest = [ready, indexed].into_iter().flatten().min();
             if let Some(r) = self.queues.get_mut(&qid).and_then(|q| q.retention.as_mut()) {
                 r.oldest = oldest;
             }
@@ -175,12 +189,13 @@ impl ShardStore {
         q.retention_listed = due;
     }
 
-    /// The time of first add of the first entry at or after `from` in a
-    /// queue's retention index.
-    fn first_indexed(&self, qid: QueueId, from: &[u8]) -> Result<Option<u64>, StoreError> {
-        let it = self.engine.scan(CF_RETENTION, from, keys::queue_end(qid).to_vec())?;
+    /// The time in the first key at or after `from` of a queue's ready
+    /// records (visible at) or retention index (first added at).
+    fn first_key_time(&self, cf: &'static str, qid: QueueId, from: Vec<u8>) -> Result<Option<u64>, StoreError> {
+        let it = self.engine.scan(cf, &from, keys::queue_end(qid).to_vec())?;
         let first = it.key().and_then(keys::parse_ready_key).map(|(at, _)| at);
-        it.status().map_err(StoreError::rocks("seek a retention index"))?;
+        it.status()
+            .map_err(StoreError::rocks("seek a queue's oldest message"))?;
         Ok(first)
     }
 
@@ -243,6 +258,9 @@ impl ShardStore {
                     };
                     drop_found(q, &mut self.delay_deadlines, (&ready, &dead), found, now, batch);
                     dropped += 1;
+                } else if place == keys::Place::Ready(enqueued_at) {
+                    // Ordered by the ready index itself.
+                    q.note_retention_oldest(enqueued_at);
                 } else {
                     index.note(&mut batch.writes, q, &id, enqueued_at, place);
                 }
@@ -276,8 +294,14 @@ impl ShardStore {
     }
 
     /// Drops up to `budget` of a queue's messages past retention, oldest
-    /// first, and finds its new oldest entry. Returns how many entries it
-    /// took (dropped, or stale ones cleared).
+    /// first, and finds its new oldest. Returns how many records it took
+    /// (dropped, or stale index entries cleared).
+    ///
+    /// Two scans: the ready records visible by the cutoff (every one of
+    /// them was first added no later than it became visible, so all are
+    /// past retention: the ready index itself orders plain messages), then
+    /// the retention index for the rest (dead letters, and ready records
+    /// visible after the cutoff though added before it).
     fn drop_expired(&mut self, qid: QueueId, now: u64, budget: usize, batch: &mut Batch) -> Result<usize, StoreError> {
         let engine = self.engine.clone();
         let (ready, dead, index) = (
@@ -295,63 +319,107 @@ impl ShardStore {
             return Ok(0);
         };
         batch.touched.push(qid);
-        // Entries first added at or before `cutoff` are due.
+        // Keys of either family at or after `end` were added (or became
+        // visible) after the cutoff.
         let end = keys::ready_visible_end(qid, cutoff).to_vec();
-        let start = keys::retention_key(qid, oldest.unwrap_or(0), &MessageId([0; 16]));
-        let mut it = engine.scan(CF_RETENTION, &start, end.clone())?;
-        let corrupt = |detail: String| {
-            StoreError::Storage(StorageError::Corrupt {
-                cf: CF_RETENTION,
-                detail,
-            })
-        };
+        let corrupt = |cf: &'static str, detail: String| StoreError::Storage(StorageError::Corrupt { cf, detail });
         let (mut taken, mut dropped) = (0, 0u64);
-        let mut stopped_at = None;
+
+        let floor = q.scan_start().into_owned();
+        let mut it = engine.scan(CF_READY, &floor, end.clone())?;
+        let (mut ready_left, mut last_dropped) = (None, None);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (at, id) = keys::parse_ready_key(k)
+                .ok_or_else(|| corrupt(CF_READY, format!("unparseable key {k:?} in {}", q.name)))?;
             if taken == budget {
-                stopped_at = keys::parse_ready_key(k).map(|(at, _)| at);
+                ready_left = Some(at);
                 break;
             }
-            let (enqueued_at, id) =
-                keys::parse_ready_key(k).ok_or_else(|| corrupt(format!("unparseable key {k:?} in {}", q.name)))?;
-            let place = keys::parse_place(v).ok_or_else(|| corrupt(format!("place of {id} in {}", q.name)))?;
-            let record_key = place.record_key(qid, &id);
-            let cf = match place {
-                keys::Place::Ready(_) => CF_READY,
-                keys::Place::Dead(_) => CF_DEAD,
+            let found = Found {
+                id,
+                place: keys::Place::Ready(at),
+                enqueued_at: keys::record_enqueued_at(v),
+                payload_len: keys::payload_len(v) as u64,
             };
-            let record = engine
-                .db()
-                .get_pinned_cf(engine.cf(cf)?, record_key)
-                .map_err(StoreError::rocks("read a message past retention"))?;
-            match record {
-                Some(record) => {
-                    let found = Found {
-                        id,
-                        place,
-                        enqueued_at,
-                        payload_len: keys::payload_len(&record) as u64,
-                    };
-                    drop(record);
-                    drop_found(q, &mut self.delay_deadlines, (&ready, &dead), found, now, batch);
-                    dropped += 1;
-                }
-                // An entry whose record is gone cannot happen (they are
-                // written together); if it does, it is cleared, not counted.
-                None => index.forget(&mut batch.writes, q, &id, enqueued_at),
-            }
+            drop_found(q, &mut self.delay_deadlines, (&ready, &dead), found, now, batch);
+            last_dropped = Some(k.to_vec());
+            dropped += 1;
             taken += 1;
             it.next();
         }
-        it.status().map_err(StoreError::rocks("scan a retention index"))?;
+        it.status().map_err(StoreError::rocks("scan a queue past retention"))?;
         drop(it);
+        if let Some(mut last) = last_dropped {
+            // Like a poll: the next scan starts past what was dropped. (Nothing
+            // of this batch is written below it yet: the drop runs first.)
+            last.push(0);
+            q.counters.floor = Some(last);
+        }
+
+        let mut index_left = None;
+        if taken < budget {
+            let start = keys::retention_key(qid, oldest.unwrap_or(0), &MessageId([0; 16]));
+            let mut it = engine.scan(CF_RETENTION, &start, end.clone())?;
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                let (enqueued_at, id) = keys::parse_ready_key(k)
+                    .ok_or_else(|| corrupt(CF_RETENTION, format!("unparseable key {k:?} in {}", q.name)))?;
+                if taken == budget {
+                    index_left = Some(enqueued_at);
+                    break;
+                }
+                let place = keys::parse_place(v)
+                    .ok_or_else(|| corrupt(CF_RETENTION, format!("place of {id} in {}", q.name)))?;
+                let cf = match place {
+                    // Dropped by the first scan.
+                    keys::Place::Ready(at) if at <= cutoff => {
+                        it.next();
+                        continue;
+                    }
+                    keys::Place::Ready(_) => CF_READY,
+                    keys::Place::Dead(_) => CF_DEAD,
+                };
+                let record = engine
+                    .db()
+                    .get_pinned_cf(engine.cf(cf)?, place.record_key(qid, &id))
+                    .map_err(StoreError::rocks("read a message past retention"))?;
+                match record {
+                    Some(record) => {
+                        let found = Found {
+                            id,
+                            place,
+                            enqueued_at,
+                            payload_len: keys::payload_len(&record) as u64,
+                        };
+                        drop(record);
+                        drop_found(q, &mut self.delay_deadlines, (&ready, &dead), found, now, batch);
+                        dropped += 1;
+                    }
+                    // An entry whose record is gone cannot happen (they are
+                    // written together); if it does, it is cleared, not
+                    // counted.
+                    None => index.forget(&mut batch.writes, q, &id, enqueued_at),
+                }
+                taken += 1;
+                it.next();
+            }
+            it.status().map_err(StoreError::rocks("scan a retention index"))?;
+        } else {
+            index_left = oldest;
+        }
         q.counters.dropped += dropped;
         q.dirty = true;
-        let oldest = match stopped_at {
+        // What is left is the first record after the cutoff in either
+        // family (one seek each), unless the budget stopped a scan short.
+        let floor = q.scan_start().into_owned();
+        let ready_left = match ready_left {
             Some(at) => Some(at),
-            // Everything due is gone: the oldest is the first entry after.
-            None => self.first_indexed(qid, &end)?,
+            None => self.first_key_time(CF_READY, qid, floor.max(end.clone()))?,
         };
+        let index_left = match index_left {
+            Some(at) => Some(at),
+            None => self.first_key_time(CF_RETENTION, qid, end)?,
+        };
+        let oldest = [ready_left, index_left].into_iter().flatten().min();
         if let Some(r) = self.queues.get_mut(&qid).and_then(|q| q.retention.as_mut()) {
             r.oldest = oldest;
         }

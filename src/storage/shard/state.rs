@@ -56,9 +56,9 @@ pub(super) struct QueueState {
 pub(super) struct Retention {
     /// The retention in force, in milliseconds (finite).
     pub(super) ms: u64,
-    /// No entry of the index was added before this time (a lower bound:
-    /// entries taken since may have left the oldest younger). `None`: the
-    /// index is empty.
+    /// No message of the queue's ready records and dead letters was first
+    /// added before this time (a lower bound: messages taken since may
+    /// have left the oldest younger). `None`: there are none.
     pub(super) oldest: Option<u64>,
     /// Records written before the index was kept and not indexed yet:
     /// where indexing them goes on.
@@ -161,6 +161,14 @@ impl QueueState {
             version: self.policy_version,
             policy: self.policy,
             effective: self.policy.or(defaults),
+        }
+    }
+
+    /// A message first added at `enqueued_at` entered the queue's ready
+    /// records or dead letters: the oldest bound goes down to it.
+    pub(super) fn note_retention_oldest(&mut self, enqueued_at: u64) {
+        if let Some(r) = &mut self.retention {
+            r.oldest = Some(r.oldest.map_or(enqueued_at, |o| o.min(enqueued_at)));
         }
     }
 

@@ -35,8 +35,13 @@ impl<'e> ReadyIndex<'e> {
         q.note_ready_insert(&key);
         if q.retention.is_some() {
             if let Some((at, id)) = keys::parse_ready_key(&key) {
-                self.1
-                    .note(writes, q, &id, keys::record_enqueued_at(record), keys::Place::Ready(at));
+                let enqueued_at = keys::record_enqueued_at(record);
+                if at == enqueued_at {
+                    // Found through the ready index itself.
+                    q.note_retention_oldest(at);
+                } else {
+                    self.1.note(writes, q, &id, enqueued_at, keys::Place::Ready(at));
+                }
             }
         }
     }
@@ -46,8 +51,10 @@ impl<'e> ReadyIndex<'e> {
     pub(super) fn take(&self, writes: &mut WriteBatch, q: &mut QueueState, key: &ReadyKey, enqueued_at: u64) {
         writes.single_delete_cf(self.0, key);
         if q.retention.is_some() {
-            if let Some((_, id)) = keys::parse_ready_key(key) {
-                self.1.forget(writes, q, &id, enqueued_at);
+            if let Some((at, id)) = keys::parse_ready_key(key) {
+                if at != enqueued_at {
+                    self.1.forget(writes, q, &id, enqueued_at);
+                }
             }
         }
     }
@@ -61,10 +68,14 @@ impl<'e> ReadyIndex<'e> {
 }
 
 /// The retention index of the queues that keep one: (queue, first add,
-/// id) to where the message is (ready or dead). Kept by [`ReadyIndex`] and
-/// [`DeadSet`] as they write; a message in flight has no entry (retention
-/// does not take it from its worker). Keys are rewritten (a message that
-/// comes back is indexed again under the same key): deleted plainly.
+/// id) to where the message is, for the messages the ready index does not
+/// already order by their first add: ready records whose visible time is
+/// not their add time (delayed adds, messages back from a lease or a
+/// redrive) and dead letters. A plain add, polled and removed, never
+/// touches it. Kept by [`ReadyIndex`] and [`DeadSet`] as they write; a
+/// message in flight has no entry (retention does not take it from its
+/// worker). Keys are rewritten (a message that comes back is indexed again
+/// under the same key): deleted plainly.
 pub(super) struct RetentionIndex<'e>(&'e ColumnFamily);
 
 impl<'e> RetentionIndex<'e> {
@@ -82,13 +93,13 @@ impl<'e> RetentionIndex<'e> {
         enqueued_at: u64,
         place: keys::Place,
     ) {
-        if let Some(r) = &mut q.retention {
+        if q.retention.is_some() {
             writes.put_cf(
                 self.0,
                 keys::retention_key(q.qid, enqueued_at, id),
                 keys::encode_place(place),
             );
-            r.oldest = Some(r.oldest.map_or(enqueued_at, |o| o.min(enqueued_at)));
+            q.note_retention_oldest(enqueued_at);
         }
     }
 

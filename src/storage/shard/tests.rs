@@ -499,7 +499,8 @@ fn retention_drops_visible_delayed_and_dead_messages_in_bounded_batches() {
         (stats.visible, stats.delayed, stats.dead, stats.dropped),
         (1, 0, 0, old)
     );
-    assert_eq!(retention_entries(&f.store), 1);
+    // A plain message needs no index entry: the ready index orders it.
+    assert_eq!(retention_entries(&f.store), 0);
     assert_eq!(f.store.next_deadline(), Some(f.clock.now_ms() + 1_000));
 
     // Dropped by the drop pass, at its due time, and the count survives a
@@ -520,36 +521,47 @@ fn retention_index_follows_messages_and_survives_reopen() {
     let mut f = fixture();
     let jobs = q("jobs");
     f.store.add(&jobs, msgs(&["a", "b", "c"])).unwrap();
+    f.store
+        .add(&jobs, vec![NewMessage::delayed(b"later".to_vec(), 500)])
+        .unwrap();
     set_retention(&mut f.store, &jobs, Some(10_000));
     f.store.expire_due();
-    assert_eq!(retention_entries(&f.store), 3);
-    // Leased: no entry; back after its lease: indexed again.
-    let lease = f.store.poll(&jobs, 2, 1_000).unwrap().unwrap();
+    // Only the delayed message is indexed: the ready index orders the rest.
     assert_eq!(retention_entries(&f.store), 1);
+    // A plain add, poll and remove never touch the index.
+    f.store.add(&jobs, msgs(&["d"])).unwrap();
+    let lease = f.store.poll(&jobs, 2, 1_000).unwrap().unwrap();
     f.store.remove(&jobs, lease.messages[0].id, lease.id).unwrap();
+    assert_eq!(retention_entries(&f.store), 1);
+    // A message back from its lease is visible later than its add: indexed.
     f.clock.advance(1_000);
     f.store.expire_due();
     assert_eq!(retention_entries(&f.store), 2);
-    // A reopen finds the oldest entry again and lists its deadline.
+    // Taken again by a poll: its entry goes.
+    let lease = f.store.poll(&jobs, 4, 20_000).unwrap().unwrap();
+    assert_eq!(lease.messages.len(), 4);
+    assert_eq!(retention_entries(&f.store), 0);
+    // A reopen finds the oldest message again and lists its deadline.
+    f.store.release(&jobs, lease.messages[3].id, lease.id, 0).unwrap();
     f = f.reopen();
     assert_eq!(f.store.next_deadline(), Some(T0 + 10_000));
-    // The message whose lease expires past retention is dropped, not
-    // made visible again.
-    let lease = f.store.poll(&jobs, 1, 20_000).unwrap().unwrap();
+    // Messages whose lease expires past retention are dropped, not made
+    // visible again; the released one where it lies.
     f.clock.advance(20_000);
     f.store.expire_due();
     let stats = f.store.stats(&jobs).unwrap();
-    assert_eq!((stats.visible, stats.in_flight, stats.dropped), (0, 0, 2));
+    assert_eq!((stats.visible, stats.in_flight, stats.dropped), (0, 0, 4));
     assert!(!f.store.remove(&jobs, lease.messages[0].id, lease.id).unwrap());
     assert_eq!(retention_entries(&f.store), 0);
     // Without retention, no index is kept, and none is left behind.
-    f.store.add(&jobs, msgs(&["d"])).unwrap();
+    f.store.add(&jobs, vec![NewMessage::delayed(b"e".to_vec(), 5)]).unwrap();
     assert_eq!(retention_entries(&f.store), 1);
     set_retention(&mut f.store, &jobs, Some(crate::types::UNLIMITED));
-    f.store.add(&jobs, msgs(&["e"])).unwrap();
+    f.store.add(&jobs, vec![NewMessage::delayed(b"f".to_vec(), 5)]).unwrap();
     assert_eq!(retention_entries(&f.store), 0);
-    assert_eq!(f.store.next_deadline(), None);
     f.clock.advance(1_000_000);
+    f.store.expire_due();
+    assert_eq!(f.store.next_deadline(), None);
     assert_eq!(f.store.stats(&jobs).unwrap().visible, 2);
 }
 
