@@ -468,8 +468,14 @@ impl Scrape {
         };
         if finished {
             let snapshot = reporter.snapshot(std::mem::take(&mut self.done), waiters);
-            for reply in self.replies.drain(..) {
-                let _ = reply.send(snapshot.clone());
+            // A copy for every scrape but the last, which takes it: a
+            // snapshot of thousands of queues is thousands of names to copy
+            // on the shard's core.
+            if let Some(last) = self.replies.pop() {
+                for reply in self.replies.drain(..) {
+                    let _ = reply.send(snapshot.clone());
+                }
+                let _ = last.send(snapshot);
             }
         }
         finished

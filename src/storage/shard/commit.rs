@@ -173,12 +173,9 @@ impl QueueStore for ShardStore {
             return Executed::failed(error);
         }
         for (qid, counted) in &batch.counted {
-            if let Some(q) = self.queues.get(qid) {
-                self.counters.entry(q.name.clone()).or_default().merge(counted);
+            if let Some(q) = self.queues.get_mut(qid) {
+                q.metrics.merge(counted);
             }
-        }
-        for queue in &batch.deleted {
-            self.counters.remove(queue);
         }
         let woken = batch
             .woken

@@ -75,8 +75,6 @@ pub struct ShardStore {
     /// Queues found at open with a retention index they no longer keep.
     stale_retention: Vec<QueueId>,
     last_now: u64,
-    /// Per-queue counters since open (metrics; survive a state reload).
-    counters: HashMap<QueueName, QueueCounters>,
     failed: Option<String>,
     /// Repeated batch failures: a line at most every 10 s, with a count.
     failure_log: crate::runtime::LogEvery,
@@ -108,7 +106,6 @@ impl ShardStore {
             retention_fills: BTreeSet::new(),
             stale_retention: Vec::new(),
             last_now: 0,
-            counters: HashMap::new(),
             failed: None,
             failure_log: crate::runtime::LogEvery::new(std::time::Duration::from_secs(10)),
         };

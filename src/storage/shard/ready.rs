@@ -371,7 +371,7 @@ impl ShardStore {
                     queue_stats(q, it, now, disk_full)?
                 }
             };
-            let counters = self.counters.get(queue).copied().unwrap_or_default();
+            let counters = q.metrics;
             out.push(QueueSnapshot {
                 queue: queue.clone(),
                 stats,

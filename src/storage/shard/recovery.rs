@@ -6,9 +6,12 @@ use super::*;
 
 impl ShardStore {
     pub(super) fn load_all(&mut self) -> Result<(), StoreError> {
+        // The counters since open outlive a reload (a failed batch counted
+        // nothing, so they are still right).
+        let mut metrics: HashMap<QueueName, QueueCounters> =
+            self.queues.drain().map(|(_, q)| (q.name, q.metrics)).collect();
         self.names.clear();
         self.sorted = None;
-        self.queues.clear();
         self.lease_deadlines.clear();
         self.delay_deadlines.clear();
         self.retention_deadlines.clear();
@@ -17,7 +20,11 @@ impl ShardStore {
         let now = self.now();
         for (name, qid) in self.engine.registry()? {
             if (self.owns)(&name) {
+                let counted = metrics.remove(&name).unwrap_or_default();
                 self.load_queue(name, qid, now)?;
+                if let Some(q) = self.queues.get_mut(&qid) {
+                    q.metrics = counted;
+                }
             }
         }
         Ok(())

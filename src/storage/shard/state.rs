@@ -23,6 +23,11 @@ pub(super) struct QueueState {
     pub(super) name: QueueName,
     pub(super) qid: QueueId,
     pub(super) counters: Counters,
+    /// What happened to the queue's messages since the store opened
+    /// (metrics; carried over when a failed batch reloads the state). Kept
+    /// here rather than in a map of its own so that a scrape of thousands
+    /// of queues reads each queue's figures from one place.
+    pub(super) metrics: QueueCounters,
     /// Ready records whose visible time is still in the future.
     pub(super) delayed: u64,
     pub(super) leases: HashMap<LeaseId, LeaseState>,
@@ -91,6 +96,7 @@ impl QueueState {
             name,
             qid,
             counters,
+            metrics: QueueCounters::default(),
             delayed: 0,
             leases: HashMap::new(),
             holders: HashMap::new(),
