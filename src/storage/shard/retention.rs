@@ -210,11 +210,7 @@ impl ShardStore {
         batch: &mut Batch,
     ) -> Result<usize, StoreError> {
         let engine = self.engine.clone();
-        let (ready, dead, index) = (
-            ReadyIndex::of(&engine)?,
-            DeadSet::of(&engine)?,
-            RetentionIndex::of(&engine)?,
-        );
+        let Writers { ready, dead, index } = Writers::of(&engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             self.retention_fills.remove(&qid);
             return Ok(0);
@@ -304,11 +300,7 @@ impl ShardStore {
     /// visible after the cutoff though added before it).
     fn drop_expired(&mut self, qid: QueueId, now: u64, budget: usize, batch: &mut Batch) -> Result<usize, StoreError> {
         let engine = self.engine.clone();
-        let (ready, dead, index) = (
-            ReadyIndex::of(&engine)?,
-            DeadSet::of(&engine)?,
-            RetentionIndex::of(&engine)?,
-        );
+        let Writers { ready, dead, index } = Writers::of(&engine)?;
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(0);
         };
@@ -425,6 +417,23 @@ impl ShardStore {
         }
         batch.counted.entry(qid).or_default().dropped_retention += dropped;
         Ok(taken)
+    }
+}
+
+/// The families a drop or a fill writes.
+struct Writers<'e> {
+    ready: ReadyIndex<'e>,
+    dead: DeadSet<'e>,
+    index: RetentionIndex<'e>,
+}
+
+impl<'e> Writers<'e> {
+    fn of(engine: &'e Engine) -> Result<Self, StoreError> {
+        Ok(Writers {
+            ready: ReadyIndex::of(engine)?,
+            dead: DeadSet::of(engine)?,
+            index: RetentionIndex::of(engine)?,
+        })
     }
 }
 

@@ -444,6 +444,20 @@ fn set_retention(store: &mut ShardStore, queue: &QueueName, retention_ms: Option
     assert!(matches!(set, Outcome::Policy(_)), "{set:?}");
 }
 
+/// A worker rejects the first message of `lease` (`fail` with `dead`).
+fn reject_first(store: &mut ShardStore, queue: &QueueName, lease: &Lease) {
+    let failed = store
+        .execute_one(Command::Fail {
+            queue: queue.clone(),
+            id: lease.messages[0].id,
+            lease: lease.id,
+            error: "bad".into(),
+            dead: true,
+        })
+        .unwrap();
+    assert_eq!(failed, Outcome::Failed(true));
+}
+
 /// Every retention index entry of the store (all queues).
 fn retention_entries(store: &ShardStore) -> usize {
     let cf = store.engine.cf(CF_RETENTION).unwrap();
@@ -467,16 +481,7 @@ fn retention_drops_visible_delayed_and_dead_messages_in_bounded_batches() {
         .add(&jobs, vec![NewMessage::delayed(b"later".to_vec(), 50_000)])
         .unwrap();
     let lease = f.store.poll(&jobs, 1, 60_000).unwrap().unwrap();
-    assert!(f
-        .store
-        .execute_one(Command::Fail {
-            queue: jobs.clone(),
-            id: lease.messages[0].id,
-            lease: lease.id,
-            error: "bad".into(),
-            dead: true,
-        })
-        .is_ok());
+    reject_first(&mut f.store, &jobs, &lease);
     assert_eq!(f.store.stats(&jobs).unwrap().dead, 1);
     f.clock.advance(1_000);
     f.store.add(&jobs, msgs(&["young"])).unwrap();
@@ -571,17 +576,7 @@ fn retention_set_on_a_queue_of_dead_letters_drops_them() {
     let jobs = q("jobs");
     f.store.add(&jobs, msgs(&["a"])).unwrap();
     let lease = f.store.poll(&jobs, 1, 1).unwrap().unwrap();
-    let failed = f
-        .store
-        .execute_one(Command::Fail {
-            queue: jobs.clone(),
-            id: lease.messages[0].id,
-            lease: lease.id,
-            error: "bad".into(),
-            dead: true,
-        })
-        .unwrap();
-    assert_eq!(failed, Outcome::Failed(true));
+    reject_first(&mut f.store, &jobs, &lease);
     f.clock.advance(47);
     set_retention(&mut f.store, &jobs, Some(1));
     let stats = f.store.stats(&jobs).unwrap();
