@@ -23,7 +23,7 @@ impl ShardStore {
         self.queues.insert(qid, state);
         batch.touched.push(qid);
         // A server default retention applies from the first message on.
-        self.track_retention(qid, None, Some(batch));
+        self.track_retention(qid, None, Some(batch))?;
         Ok(qid)
     }
 
@@ -82,7 +82,7 @@ impl ShardStore {
             Some(_) => keys::RETENTION_FILLING,
             None => keys::RETENTION_COMPLETE,
         });
-        self.track_retention(qid, stored, Some(batch));
+        self.track_retention(qid, stored, Some(batch))?;
         Ok(info)
     }
 }

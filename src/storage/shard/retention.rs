@@ -69,10 +69,15 @@ impl ShardStore {
     /// Starts, changes or ends a queue's retention index to match its
     /// effective policy (after a policy change, a creation, or at open).
     /// `stored` is what the registry says of the index.
-    pub(super) fn track_retention(&mut self, qid: QueueId, stored: Option<u8>, batch: Option<&mut Batch>) {
+    pub(super) fn track_retention(
+        &mut self,
+        qid: QueueId,
+        stored: Option<u8>,
+        batch: Option<&mut Batch>,
+    ) -> Result<(), StoreError> {
         let defaults = self.engine.options().defaults();
         let Some(q) = self.queues.get_mut(&qid) else {
-            return;
+            return Ok(());
         };
         let wanted = q.policy.or(defaults).retention();
         let (next, state) = match (wanted, q.retention.take()) {
@@ -109,22 +114,21 @@ impl ShardStore {
         let state = state.unwrap_or(None);
         if let Some(batch) = batch {
             if state != stored {
-                let (registry, index) = (Registry::of(&self.engine), RetentionIndex::of(&self.engine));
-                if let (Ok(registry), Ok(index)) = (registry, index) {
-                    registry.put_retention_state(&mut batch.writes, qid, state);
-                    if state.is_none() {
-                        // Not kept from now on: an index left behind would
-                        // be stale if retention came back.
-                        index.purge(&mut batch.writes, qid);
-                    }
+                Registry::of(&self.engine)?.put_retention_state(&mut batch.writes, qid, state);
+                if state.is_none() {
+                    // Not kept from now on: an index left behind would be
+                    // stale if retention came back.
+                    RetentionIndex::of(&self.engine)?.purge(&mut batch.writes, qid);
                 }
             }
             batch.touched.push(qid);
         }
+        Ok(())
     }
 
-    /// At open: the queue's oldest indexed message (one seek), so that its
-    /// retention deadline is listed.
+    /// At open: whether the queue keeps a retention index (and whether it is
+    /// complete), and its oldest message (one seek in the ready records from
+    /// the floor, one in the index), so that its deadline is listed.
     pub(super) fn load_retention(&mut self, qid: QueueId) -> Result<(), StoreError> {
         let stored = self
             .engine
@@ -132,7 +136,7 @@ impl ShardStore {
             .get_pinned_cf(self.engine.cf(CF_REGISTRY)?, keys::retention_state_key(qid))
             .map_err(StoreError::rocks("read a queue's retention state"))?
             .and_then(|v| v.first().copied());
-        self.track_retention(qid, stored, None);
+        self.track_retention(qid, stored, None)?;
         let kept = self.queues.get(&qid).is_some_and(|q| q.retention.is_some());
         if stored.is_some() && !kept {
             // The server's default retention went away since this queue's
