@@ -55,10 +55,6 @@ impl ShardStore {
             Command::Delete { queue } => {
                 let qid = self.queue_id(&queue)?;
                 self.apply_purge(qid, batch)?;
-                self.retention_fills.remove(&qid);
-                if let Some(due) = self.queues.get(&qid).and_then(|q| q.retention_listed) {
-                    self.retention_deadlines.remove(&(due, qid));
-                }
                 Registry::of(&self.engine)?.unregister(&mut batch.writes, &queue, qid);
                 self.names.remove(&queue);
                 self.sorted = None;

@@ -19,6 +19,81 @@ pub(super) enum Ending {
 
 use crate::types::clip_error as clip;
 
+/// A delivery that ended without a remove: by its lease's expiry, a
+/// `release` or a `fail`.
+pub(super) struct Ended<'r> {
+    pub(super) id: MessageId,
+    /// The message's record (as it goes on: with a failure's error text).
+    pub(super) record: &'r [u8],
+    /// When the delivery ended: the lease's expiry, or the request's time.
+    pub(super) at: u64,
+    /// A delay of its own (a release's), or 0: the queue's backoff.
+    pub(super) delay_ms: u64,
+    /// A worker rejected it (`fail` with `dead`).
+    pub(super) rejected: bool,
+    /// Payload bytes it holds (what a drop takes off the queue).
+    pub(super) bytes: u32,
+}
+
+/// Where an ended delivery's message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Landed {
+    /// Past retention: dropped (and counted on the queue).
+    Dropped,
+    Dead(keys::DeadReason),
+    /// Back in the ready index; `visible` now, or delayed.
+    Back {
+        visible: bool,
+    },
+}
+
+/// The one rule for a delivery that ended without a remove, whichever way
+/// it ended: past retention it is dropped; rejected or out of deliveries
+/// it dies (at the end's time); else it comes back after its own delay or
+/// the queue's backoff for its delivery count. Writes it where it goes.
+pub(super) fn land(
+    q: &mut QueueState,
+    policy: &QueuePolicy,
+    delay_deadlines: &mut BTreeMap<(u64, QueueId), u64>,
+    (ready, dead): (&ReadyIndex<'_>, &DeadSet<'_>),
+    ended: Ended<'_>,
+    now: u64,
+    (writes, scratch): (&mut WriteBatch, &mut Vec<u8>),
+) -> Landed {
+    let delivery_count = keys::parse_record(ended.record).map_or(1, |(h, _)| h.delivery_count);
+    if q.past_retention(keys::record_enqueued_at(ended.record), now) {
+        q.take_bytes(u64::from(ended.bytes));
+        q.counters.dropped += 1;
+        return Landed::Dropped;
+    }
+    let out_of_deliveries = u64::from(delivery_count) >= policy.max_deliveries.unwrap_or(u64::MAX);
+    if ended.rejected || out_of_deliveries {
+        let reason = if ended.rejected {
+            keys::DeadReason::Rejected
+        } else {
+            keys::DeadReason::MaxDeliveries
+        };
+        let death = Death {
+            id: ended.id,
+            at: ended.at,
+            reason,
+        };
+        dead.bury(writes, q, death, ended.record, scratch);
+        return Landed::Dead(reason);
+    }
+    let delay_ms = match ended.delay_ms {
+        0 => policy.retry_backoff_ms.unwrap_or_default().after(delivery_count),
+        own => own,
+    };
+    let at = deadline(ended.at, delay_ms);
+    ready.insert(writes, q, keys::ready_key(q.qid, at, &ended.id), ended.record);
+    if at > now {
+        q.delayed += 1;
+        *delay_deadlines.entry((at, q.qid)).or_default() += 1;
+    }
+    Landed::Back { visible: at <= now }
+}
+
 impl ShardStore {
     /// Ends `lease`'s delivery of `id` as `ending` says (`release`, `fail`)
     /// and counts it; false if the lease does not hold it (nothing changes
@@ -77,44 +152,32 @@ impl ShardStore {
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(false);
         };
-        if q.past_retention(header.enqueued_at, now) {
-            // Neither back nor dead: retention drops it.
-            q.take_bytes(u64::from(bytes));
-            q.counters.dropped += 1;
-            batch.counted.entry(qid).or_default().dropped_retention += 1;
-            return Ok(true);
-        }
         let policy = q.policy.or(defaults);
-        let out_of_deliveries = u64::from(header.delivery_count) >= policy.max_deliveries.unwrap_or(u64::MAX);
-        if rejected || out_of_deliveries {
-            let reason = if rejected {
-                keys::DeadReason::Rejected
-            } else {
-                keys::DeadReason::MaxDeliveries
-            };
-            let mut scratch = Vec::new();
-            let death = Death { id, at: now, reason };
-            dead.bury(&mut batch.writes, q, death, &batch.record, &mut scratch);
-            let counted = batch.counted.entry(qid).or_default();
-            match reason {
-                keys::DeadReason::Rejected => counted.dead_rejected += 1,
-                keys::DeadReason::MaxDeliveries => counted.dead_max_deliveries += 1,
-            }
-            return Ok(true);
-        }
-        // Without a delay of its own, the message waits out the queue's
-        // retry backoff for its delivery count.
-        let delay_ms = match delay_ms {
-            0 => policy.retry_backoff_ms.unwrap_or_default().after(header.delivery_count),
-            own => own,
+        let ended = Ended {
+            id,
+            record: &batch.record,
+            at: now,
+            delay_ms,
+            rejected,
+            bytes,
         };
-        let at = deadline(now, delay_ms);
-        ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), &batch.record);
-        if at > now {
-            q.delayed += 1;
-            *self.delay_deadlines.entry((at, qid)).or_default() += 1;
-        } else {
-            *batch.woken.entry(qid).or_default() += 1;
+        let mut scratch = Vec::new();
+        let landed = land(
+            q,
+            &policy,
+            &mut self.delay_deadlines,
+            (&ready, &dead),
+            ended,
+            now,
+            (&mut batch.writes, &mut scratch),
+        );
+        let counted = batch.counted.entry(qid).or_default();
+        match landed {
+            Landed::Dropped => counted.dropped_retention += 1,
+            Landed::Dead(keys::DeadReason::Rejected) => counted.dead_rejected += 1,
+            Landed::Dead(keys::DeadReason::MaxDeliveries) => counted.dead_max_deliveries += 1,
+            Landed::Back { visible: true } => *batch.woken.entry(qid).or_default() += 1,
+            Landed::Back { visible: false } => {}
         }
         Ok(true)
     }

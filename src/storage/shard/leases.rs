@@ -46,8 +46,6 @@ impl ShardStore {
             return Ok(());
         };
         let policy = q.policy.or(defaults);
-        let backoff = policy.retry_backoff_ms.unwrap_or_default();
-        let max_deliveries = policy.max_deliveries.unwrap_or(crate::types::UNLIMITED);
         if q.leases.remove(&lease).is_none() {
             return Ok(());
         }
@@ -62,34 +60,32 @@ impl ShardStore {
             match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
                 (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
                     if let Some(bytes) = leases.take_member(&mut batch.writes, q, &member, lease, id) {
-                        let failures = keys::parse_record(v).map_or(1, |(h, _)| h.delivery_count);
-                        if q.past_retention(keys::record_enqueued_at(v), now) {
-                            // Neither back nor dead: retention drops it.
-                            q.take_bytes(u64::from(bytes));
-                            q.counters.dropped += 1;
-                            dropped += 1;
-                        } else if u64::from(failures) >= max_deliveries {
-                            // Out of deliveries: dead at the expiry, in the
-                            // same batch as the lease's end.
-                            let death = Death {
-                                id,
-                                at: expired_at,
-                                reason: keys::DeadReason::MaxDeliveries,
-                            };
-                            dead.bury(&mut batch.writes, q, death, v, &mut batch.record);
-                            buried += 1;
-                        } else {
-                            // Visible again at the expiry, after the backoff
-                            // of this many failed deliveries.
-                            let at = deadline(expired_at, backoff.after(failures));
-                            ready.insert(&mut batch.writes, q, keys::ready_key(qid, at, &id), v);
-                            if at > now {
-                                q.delayed += 1;
-                                *self.delay_deadlines.entry((at, qid)).or_default() += 1;
-                            } else {
-                                visible += 1;
+                        // Dead or back as of the expiry, in the same batch
+                        // as the lease's end.
+                        let ended = dead::Ended {
+                            id,
+                            record: v,
+                            at: expired_at,
+                            delay_ms: 0,
+                            rejected: false,
+                            bytes,
+                        };
+                        let writes = (&mut batch.writes, &mut batch.record);
+                        match dead::land(
+                            q,
+                            &policy,
+                            &mut self.delay_deadlines,
+                            (&ready, &dead),
+                            ended,
+                            now,
+                            writes,
+                        ) {
+                            dead::Landed::Dropped => dropped += 1,
+                            dead::Landed::Dead(_) => buried += 1,
+                            dead::Landed::Back { visible: now_visible } => {
+                                returned += 1;
+                                visible += u64::from(now_visible);
                             }
-                            returned += 1;
                         }
                     }
                 }

@@ -330,6 +330,9 @@ impl ShardStore {
         q.dirty = true;
         self.lease_deadlines.retain(|&(_, owner, _)| owner != qid);
         self.delay_deadlines.retain(|&(_, owner), _| owner != qid);
+        // Nothing left to drop: its retention timer goes too (also for a
+        // queue being deleted, whose state goes next).
+        self.list_retention_deadline(qid);
         Ok(dropped)
     }
 

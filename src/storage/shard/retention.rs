@@ -80,28 +80,19 @@ impl ShardStore {
             return Ok(());
         };
         let wanted = q.policy.or(defaults).retention();
+        // The index kept from now on, and what the registry must say of it.
         let (next, state) = match (wanted, q.retention.take()) {
             (None, _) => (None, None),
             // Only the duration changed: the index stays as it is.
-            (Some(ms), Some(kept)) => (Some(Retention { ms, ..kept }), Some(stored)),
+            (Some(ms), Some(kept)) => (Some(Retention { ms, ..kept }), stored),
             (Some(ms), None) => {
                 let empty = q.counters.ready == 0 && q.counters.dead == 0;
-                let filling = match (stored, empty) {
-                    (Some(keys::RETENTION_COMPLETE), _) | (_, true) => None,
-                    _ => Some(Fill::Ready(q.scan_start().into_owned())),
+                let (filling, state) = match (stored, empty) {
+                    (Some(keys::RETENTION_COMPLETE), _) | (_, true) => (None, keys::RETENTION_COMPLETE),
+                    _ => (Some(Fill::Ready(q.scan_start().into_owned())), keys::RETENTION_FILLING),
                 };
-                let state = match filling {
-                    Some(_) => keys::RETENTION_FILLING,
-                    None => keys::RETENTION_COMPLETE,
-                };
-                (
-                    Some(Retention {
-                        ms,
-                        oldest: None,
-                        filling,
-                    }),
-                    Some(Some(state)),
-                )
+                let oldest = None;
+                (Some(Retention { ms, oldest, filling }), Some(state))
             }
         };
         let filling = next.as_ref().is_some_and(|r| r.filling.is_some());
@@ -111,7 +102,6 @@ impl ShardStore {
         } else {
             self.retention_fills.remove(&qid);
         }
-        let state = state.unwrap_or(None);
         if let Some(batch) = batch {
             if state != stored {
                 Registry::of(&self.engine)?.put_retention_state(&mut batch.writes, qid, state);
