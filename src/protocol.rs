@@ -156,6 +156,19 @@ mod tests {
         QueueName::new("t", name).unwrap()
     }
 
+    /// Other-language clients are written from docs/protocol.md alone: its
+    /// appendix must be the schema the server speaks, word for word.
+    #[test]
+    fn the_protocol_document_carries_the_schema_verbatim() {
+        let schema = include_str!("../queueber.capnp");
+        let doc = include_str!("../docs/protocol.md");
+        let copy = format!("```capnp\n{}\n```", schema.trim_end());
+        assert!(
+            doc.contains(&copy),
+            "docs/protocol.md's schema appendix differs from queueber.capnp: copy it again"
+        );
+    }
+
     fn round_trip_request(req: &Request) -> Result<Request, DecodeError> {
         let bytes = capnp::serialize::write_message_to_words(&encode_request(req));
         let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();
@@ -273,6 +286,7 @@ mod tests {
                 version: "1.2.3".into(),
                 shards: 2,
                 disk_full: true,
+                auth_required: true,
                 limits: Limits {
                     max_frame_bytes: 1,
                     max_messages_per_add: 2,

@@ -276,6 +276,19 @@ fn sighup_reloads_tokens_and_revokes_removed_ones() {
         auth(fresh, 1, &drop.secret).unwrap_err().code,
         ErrorCode::Unauthenticated
     );
+    // The refusal is logged with the token's id and never its secret.
+    let (id, secret) = drop.secret.rsplit_once('.').unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().contains("refused a token") {
+        assert!(Instant::now() < deadline, "no refusal logged:\n{}", server.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = server.log_text();
+    assert!(log.contains(id), "{log}");
+    assert!(
+        !log.contains(secret) && !log.contains(&keep.secret),
+        "a secret in the log:\n{log}"
+    );
     server.terminate();
 }
 
@@ -287,8 +300,6 @@ fn sighup_reloads_tokens_and_revokes_removed_ones() {
 /// before is untouched (its message still visible, no queue created).
 #[test]
 fn no_frame_executes_anything_before_auth() {
-    use queueber::ids::{LeaseId, MessageId};
-    use queueber::ops;
     use queueber::protocol::{Op, Reply};
 
     let admin = new_token("acme", &[Permission::Send, Permission::Consume, Permission::Admin], &[]).unwrap();
@@ -306,70 +317,7 @@ fn no_frame_executes_anything_before_auth() {
     });
 
     let jobs = q("acme", "jobs");
-    let (lease, id) = (LeaseId([7; 16]), MessageId([9; 16]));
-    let every_op = vec![
-        Op::Hello(ops::Hello),
-        Op::Add(ops::Add {
-            queue: q("acme", "created"),
-            messages: vec![NewMessage::new(b"x".to_vec())],
-        }),
-        Op::Poll(ops::Poll {
-            queue: jobs.clone(),
-            max_items: 10,
-            lease_ms: 60_000,
-            wait_ms: 0,
-        }),
-        Op::Remove(ops::Remove {
-            queue: jobs.clone(),
-            lease,
-            ids: vec![id],
-        }),
-        Op::Extend(ops::Extend {
-            queue: jobs.clone(),
-            lease,
-            lease_ms: 1,
-        }),
-        Op::Release(ops::Release {
-            queue: jobs.clone(),
-            lease,
-            id,
-            delay_ms: 0,
-        }),
-        Op::Stats(ops::Stats { queue: jobs.clone() }),
-        Op::ListQueues(ops::ListQueues),
-        Op::Purge(ops::Purge { queue: jobs.clone() }),
-        Op::Delete(ops::Delete { queue: jobs.clone() }),
-        Op::Peek(ops::Peek {
-            queue: jobs.clone(),
-            max_items: 10,
-            cursor: None,
-            dead: true,
-        }),
-        Op::Fail(ops::Fail {
-            queue: jobs.clone(),
-            lease,
-            id,
-            error: "x".into(),
-            dead: true,
-        }),
-        Op::Redrive(ops::Redrive {
-            queue: jobs.clone(),
-            max: 0,
-            ids: Vec::new(),
-        }),
-        Op::CreateQueue(ops::CreateQueue {
-            queue: q("acme", "made"),
-            policy: Box::default(),
-        }),
-        Op::GetPolicy(ops::GetPolicy { queue: jobs.clone() }),
-        Op::SetPolicy(ops::SetPolicy {
-            queue: jobs.clone(),
-            policy: Box::new(queueber::types::QueuePolicy {
-                max_depth: Some(1),
-                ..Default::default()
-            }),
-        }),
-    ];
+    let every_op = every_op(&jobs, &q("acme", "created"), &q("acme", "made"));
     assert_eq!(every_op.len() + 1, Op::NAMES.len(), "a new operation belongs here");
     let frames: Vec<Vec<u8>> = every_op
         .iter()
@@ -448,4 +396,221 @@ fn no_frame_executes_anything_before_auth() {
         assert_eq!((stats.visible, stats.in_flight), (1, 0), "{stats:?}");
     });
     common::stop(server);
+}
+
+/// One request of every operation but `auth`: on `target`, except the add
+/// (to `fresh`) and the create (of `made`), so that a test can tell whether
+/// either ran. The lease and message ids are made up.
+fn every_op(target: &QueueName, fresh: &QueueName, made: &QueueName) -> Vec<queueber::protocol::Op> {
+    use queueber::ids::{LeaseId, MessageId};
+    use queueber::ops;
+    use queueber::protocol::Op;
+    let (lease, id) = (LeaseId([7; 16]), MessageId([9; 16]));
+    let ops = vec![
+        Op::Hello(ops::Hello),
+        Op::Add(ops::Add {
+            queue: fresh.clone(),
+            messages: vec![NewMessage::new(b"x".to_vec())],
+        }),
+        Op::Poll(ops::Poll {
+            queue: target.clone(),
+            max_items: 10,
+            lease_ms: 60_000,
+            wait_ms: 0,
+        }),
+        Op::Remove(ops::Remove {
+            queue: target.clone(),
+            lease,
+            ids: vec![id],
+        }),
+        Op::Extend(ops::Extend {
+            queue: target.clone(),
+            lease,
+            lease_ms: 1,
+        }),
+        Op::Release(ops::Release {
+            queue: target.clone(),
+            lease,
+            id,
+            delay_ms: 0,
+        }),
+        Op::Stats(ops::Stats { queue: target.clone() }),
+        Op::ListQueues(ops::ListQueues),
+        Op::Purge(ops::Purge { queue: target.clone() }),
+        Op::Delete(ops::Delete { queue: target.clone() }),
+        Op::Peek(ops::Peek {
+            queue: target.clone(),
+            max_items: 10,
+            cursor: None,
+            dead: true,
+        }),
+        Op::Fail(ops::Fail {
+            queue: target.clone(),
+            lease,
+            id,
+            error: "x".into(),
+            dead: true,
+        }),
+        Op::Redrive(ops::Redrive {
+            queue: target.clone(),
+            max: 0,
+            ids: Vec::new(),
+        }),
+        Op::CreateQueue(ops::CreateQueue {
+            queue: made.clone(),
+            policy: Box::default(),
+        }),
+        Op::GetPolicy(ops::GetPolicy { queue: target.clone() }),
+        Op::SetPolicy(ops::SetPolicy {
+            queue: target.clone(),
+            policy: Box::new(queueber::types::QueuePolicy {
+                max_depth: Some(1),
+                ..Default::default()
+            }),
+        }),
+    ];
+    ops
+}
+
+/// The permission the table gives each operation. Exhaustive, so a
+/// new operation must be placed before this compiles.
+fn needs(op: &queueber::protocol::Op) -> Option<Permission> {
+    use queueber::protocol::Op;
+    match op {
+        Op::Hello(_) | Op::Auth(_) => None,
+        Op::Add(_) => Some(Permission::Send),
+        Op::Poll(_) | Op::Remove(_) | Op::Extend(_) | Op::Release(_) | Op::Fail(_) => Some(Permission::Consume),
+        Op::CreateQueue(_)
+        | Op::GetPolicy(_)
+        | Op::SetPolicy(_)
+        | Op::Purge(_)
+        | Op::Delete(_)
+        | Op::Peek(_)
+        | Op::Redrive(_)
+        | Op::Stats(_)
+        | Op::ListQueues(_) => Some(Permission::Admin),
+    }
+}
+
+#[test]
+fn every_operation_needs_exactly_its_permission_over_tcp() {
+    every_operation_needs_exactly_its_permission(false);
+}
+
+#[test]
+fn every_operation_needs_exactly_its_permission_over_tls() {
+    every_operation_needs_exactly_its_permission(true);
+}
+
+/// Each operation against tokens with one permission each: allowed (any
+/// answer but `permissionDenied`) exactly when the token has the operation's
+/// permission; a token limited to `orders.*` is refused every queue outside
+/// it; another tenant's token is refused every queue of this one. `hello`
+/// says, before `auth`, that a token is required.
+fn every_operation_needs_exactly_its_permission(tls: bool) {
+    use queueber::protocol::{Op, Reply};
+    let tokens = [
+        new_token("acme", &[Permission::Send], &[]).unwrap(),
+        new_token("acme", &[Permission::Consume], &[]).unwrap(),
+        new_token("acme", &[Permission::Admin], &[]).unwrap(),
+        new_token(
+            "acme",
+            &[Permission::Send, Permission::Consume, Permission::Admin],
+            &["orders.*".into()],
+        )
+        .unwrap(),
+        new_token(
+            "other",
+            &[Permission::Send, Permission::Consume, Permission::Admin],
+            &[],
+        )
+        .unwrap(),
+    ];
+    let file: String = tokens.iter().map(|t| t.entry.as_str()).collect::<Vec<_>>().join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), 2);
+    config.access = Some(Arc::new(Access::new(Tokens::parse(&file, "test").unwrap())));
+    let pki = common::pki::Pki::new(dir.path(), "matrix");
+    if tls {
+        config.tls = Some(pki.server(None));
+    }
+    let server = server::start(config).expect("server starts");
+    let secrets: Vec<String> = tokens.iter().map(|t| t.secret.clone()).collect();
+    let scenario = move |clients: Vec<queueber::client::Client>| async move {
+        let info = clients[0].hello().await.unwrap();
+        assert!(info.auth_required, "hello announces that tokens are required");
+        for (c, secret) in clients.iter().zip(&secrets) {
+            c.auth(secret).await.unwrap();
+        }
+        let (orders, billing) = (q("acme", "orders.eu"), q("acme", "billing"));
+        for queue in [&orders, &billing] {
+            clients[2].create_queue(queue, Default::default()).await.unwrap();
+            clients[0]
+                .add(queue, vec![NewMessage::new(b"m".to_vec())])
+                .await
+                .unwrap();
+        }
+        let mut checked = 0;
+        // One permission each, on a queue of their tenant.
+        for (c, has) in clients[..3]
+            .iter()
+            .zip([Permission::Send, Permission::Consume, Permission::Admin])
+        {
+            for op in every_op(&orders, &q("acme", "orders.new"), &q("acme", "orders.made")) {
+                let expect = needs(&op).is_some_and(|p| p != has);
+                let name = format!("{op:?}");
+                assert_eq!(refused(c, op).await, expect, "{has:?} token, {name}");
+                checked += 1;
+            }
+        }
+        // Every permission, but only orders.*: billing is out of reach,
+        // orders.eu is not (listing names no queue and is allowed).
+        let limited = &clients[3];
+        for op in every_op(&billing, &q("acme", "billing.new"), &q("acme", "billing.made")) {
+            let expect = !matches!(op, Op::Hello(_) | Op::ListQueues(_));
+            let name = format!("{op:?}");
+            assert_eq!(refused(limited, op).await, expect, "orders.* token, {name}");
+            checked += 1;
+        }
+        for op in every_op(&orders, &q("acme", "orders.new2"), &q("acme", "orders.made2")) {
+            let name = format!("{op:?}");
+            assert!(!refused(limited, op).await, "orders.* token, {name}");
+            checked += 1;
+        }
+        // Another tenant's token, with every permission, on acme's queues.
+        let other = &clients[4];
+        for op in every_op(&billing, &q("acme", "x"), &q("acme", "y")) {
+            let expect = !matches!(op, Op::Hello(_) | Op::ListQueues(_));
+            let name = format!("{op:?}");
+            assert_eq!(refused(other, op).await, expect, "other tenant, {name}");
+            checked += 1;
+        }
+        // Its listing shows its own tenant only (none yet).
+        match other.call(Op::ListQueues(queueber::ops::ListQueues)).await {
+            Ok(Reply::Queues(queues)) => assert!(queues.iter().all(|q| q.tenant() == "other"), "{queues:?}"),
+            r => panic!("{r:?}"),
+        }
+        checked
+    };
+    let checked = if tls {
+        common::pki::with_tls_clients(server.local_addr(), pki.client(), 5, scenario)
+    } else {
+        common::with_clients(server.local_addr(), 5, scenario)
+    };
+    assert_eq!(checked, 6 * (queueber::protocol::Op::NAMES.len() - 1));
+    common::stop(server);
+}
+
+/// Whether `op` is refused with `permissionDenied`; never with another
+/// refusal that would hide one (`unauthenticated`).
+async fn refused(c: &queueber::client::Client, op: queueber::protocol::Op) -> bool {
+    let name = format!("{op:?}");
+    match c.call(op).await {
+        Err(e) if e.code() == Some(ErrorCode::PermissionDenied) => true,
+        Err(e) => {
+            assert_ne!(e.code(), Some(ErrorCode::Unauthenticated), "{name}: {e}");
+            false
+        }
+        Ok(_) => false,
+    }
 }

@@ -30,6 +30,9 @@ pub struct ServerInfo {
     pub limits: Limits,
     /// Adds are being refused for lack of disk space right now.
     pub disk_full: bool,
+    /// The server checks tokens: everything but `hello` and `auth` is
+    /// refused until the connection has presented one.
+    pub auth_required: bool,
 }
 
 impl Operation for Hello {
@@ -51,6 +54,7 @@ impl Operation for Hello {
         b.set_version(info.version.as_str());
         b.set_shards(info.shards);
         b.set_disk_full(info.disk_full);
+        b.set_auth_required(info.auth_required);
         let l = &info.limits;
         let mut lb = b.init_limits();
         lb.set_max_frame_bytes(l.max_frame_bytes);
@@ -73,6 +77,7 @@ impl Operation for Hello {
                 .map_err(|e| bad("version", e.to_string()))?,
             shards: h.get_shards(),
             disk_full: h.get_disk_full(),
+            auth_required: h.get_auth_required(),
             limits: Limits {
                 max_frame_bytes: l.get_max_frame_bytes(),
                 max_messages_per_add: l.get_max_messages_per_add(),

@@ -234,6 +234,7 @@ pub fn start_with_stop(
             ..config.limits.announce()
         },
         disk_full: false,
+        auth_required: config.access.is_some(),
     };
     let mut mesh = Mesh::new(shards);
     let (bound_tx, bound_rx) = crossbeam_channel::bounded(shards);

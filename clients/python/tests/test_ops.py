@@ -14,7 +14,7 @@ from queueber import NewMessage, aio
 async def test_hello(server: Server) -> None:
     async with aio.connect(server.addr) as qb:
         info = await qb.hello()
-        assert info.version and info.shards == 2 and not info.disk_full
+        assert info.version and info.shards == 2 and not info.disk_full and not info.auth_required
         assert info.limits.max_frame_bytes == 16 * 1024 * 1024
         assert info.limits.max_in_flight_per_connection == 4096
         assert qb.server_info == info
@@ -245,6 +245,7 @@ def test_tokens_bind_a_connection(tmp_path) -> None:  # type: ignore[no-untyped-
     server = Server("--auth-file", str(auth_file))
     try:
         with queueber.connect(server.addr, tenant="acme") as anon:
+            assert anon.hello().auth_required
             with pytest.raises(queueber.Unauthenticated):
                 anon.add("jobs", [b"x"])
         with pytest.raises(queueber.Unauthenticated):

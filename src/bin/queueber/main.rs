@@ -449,12 +449,13 @@ async fn run(client: &Client, tenant: &str, command: Command) -> Result<(String,
             let l = &info.limits;
             (
                 format!(
-                    "queueber {} with {} shards{}\nmax frame {} B, payload {} B, {} messages per add, {} items per poll, wait {} ms, {} in flight per connection, {} connections",
+                    "queueber {} with {} shards{}{}\nmax frame {} B, payload {} B, {} messages per add, {} items per poll, wait {} ms, {} in flight per connection, {} connections",
                     info.version, info.shards, if info.disk_full { " (DISK FULL: adds refused)" } else { "" },
+                    if info.auth_required { ", tokens required (--token)" } else { "" },
                     l.max_frame_bytes, l.max_payload_bytes, l.max_messages_per_add,
                     l.max_items_per_poll, l.max_wait_ms, l.max_in_flight_per_connection, l.max_connections
                 ),
-                json!({ "version": info.version, "shards": info.shards, "disk_full": info.disk_full, "limits": {
+                json!({ "version": info.version, "shards": info.shards, "disk_full": info.disk_full, "auth_required": info.auth_required, "limits": {
                     "max_frame_bytes": l.max_frame_bytes, "max_payload_bytes": l.max_payload_bytes,
                     "max_messages_per_add": l.max_messages_per_add, "max_items_per_poll": l.max_items_per_poll,
                     "max_wait_ms": l.max_wait_ms, "max_in_flight_per_connection": l.max_in_flight_per_connection,

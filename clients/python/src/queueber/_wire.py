@@ -281,7 +281,8 @@ def _limits(lim: Any) -> Limits:
 
 def _hello(h: Any) -> ServerInfo:
     g = h._get
-    return ServerInfo(g("version"), g("shards"), _limits(g("limits")), g("diskFull"))
+    return ServerInfo(g("version"), g("shards"), _limits(g("limits")), g("diskFull"),
+                      g("authRequired"))
 
 
 def _poll(p: Any) -> Tuple[bytes, int, List[Message]]:

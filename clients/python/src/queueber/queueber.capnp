@@ -218,6 +218,8 @@ struct HelloReply {
   shards @1 :UInt32;
   limits @2 :Limits;
   diskFull @3 :Bool;          # adds are being refused for lack of disk space
+  authRequired @4 :Bool;      # the server has --auth-file: present a token
+                              # with `auth` before anything but hello
 }
 
 struct AddReply {

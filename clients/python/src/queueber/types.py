@@ -223,6 +223,9 @@ class ServerInfo:
     limits: Limits
     #: The server refuses adds for lack of disk space (a snapshot).
     disk_full: bool = False
+    #: The server checks tokens (``--auth-file``): everything but ``hello``
+    #: and ``auth`` is refused until the connection presents one.
+    auth_required: bool = False
 
 
 #: ``max_depth`` / ``max_bytes`` / ``max_deliveries`` / ``retention_ms`` of
