@@ -180,6 +180,8 @@ pub struct ShardFigures {
     pub request_duration: Vec<Histogram>,
     /// Requests this shard's connections sent to another shard's core.
     pub cross_shard_requests: u64,
+    /// Connections this shard handed to the shard their requests went to.
+    pub connections_moved: u64,
     /// Connections to a TLS port that never got to be served, by
     /// [`TlsRefusal`] (its discriminant is the index).
     pub tls_refused: [u64; TlsRefusal::ALL.len()],
@@ -195,6 +197,7 @@ impl Default for ShardFigures {
             requests: vec![[0; RESULT_COLUMNS]; REQUEST_ROWS],
             request_duration: vec![Histogram::new(LATENCY_BUCKETS); REQUEST_ROWS],
             cross_shard_requests: 0,
+            connections_moved: 0,
             tls_refused: [0; TlsRefusal::ALL.len()],
             batch_duration: Histogram::new(LATENCY_BUCKETS),
             batch_commands: Histogram::new(BATCH_SIZE_BUCKETS),
@@ -216,6 +219,10 @@ impl ShardMetrics {
 
     pub fn record_cross_shard(&self) {
         self.inner.borrow_mut().cross_shard_requests += 1;
+    }
+
+    pub fn record_connection_moved(&self) {
+        self.inner.borrow_mut().connections_moved += 1;
     }
 
     pub fn record_tls_refusal(&self, why: TlsRefusal) {

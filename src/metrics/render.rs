@@ -264,6 +264,18 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         );
     }
     w.family(
+        "queueber_connections_moved_total",
+        Kind::Counter,
+        "Connections a shard handed to the shard that owns the queues they use.",
+    );
+    for (s, label) in shards.iter().zip(&shard_labels) {
+        w.sample(
+            "queueber_connections_moved_total",
+            &[("shard", label)],
+            s.figures.connections_moved as f64,
+        );
+    }
+    w.family(
         "queueber_tls_refused_connections_total",
         Kind::Counter,
         "Connections to the TLS port closed before being served, by reason (plaintext, handshake, timeout).",

@@ -123,7 +123,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
         match (&ctx.tls, admitted) {
             (None, Ok(guard)) => {
                 let peer = stream.peer_addr().ok().map(|a| a.ip());
-                glommio::spawn_local(connection::serve(stream, peer, ctx.clone(), guard)).detach();
+                let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                let arrival = connection::Arrival::accepted(peer, guard);
+                glommio::spawn_local(connection::serve(stream, ctx.clone(), arrival, Some(socket))).detach();
             }
             (None, Err(why)) => {
                 glommio::spawn_local(async move { connection::refuse(stream, &why, connection::LINGER).await })

@@ -72,7 +72,8 @@ pub(crate) async fn serve_tls(
         }
     };
     match admitted {
-        Ok(guard) => connection::serve(stream, peer, ctx, guard).await,
+        // TLS session state stays with this shard: the connection never moves.
+        Ok(guard) => connection::serve(stream, ctx, connection::Arrival::accepted(peer, guard), None).await,
         Err(why) => connection::refuse(stream, &why, LINGER).await,
     }
 }

@@ -341,7 +341,8 @@ impl Shard {
         let metrics = Rc::new(crate::metrics::ShardMetrics::default());
         let (core, core_task) = core::spawn(self.index, self.store, self.clock, metrics.clone());
         self.status.add_core(self.index, core.clone());
-        let router = Router::connect(self.index, self.shards, core.clone(), metrics.clone(), self.links).await;
+        let (router, mut arrivals) =
+            Router::connect(self.index, self.shards, core.clone(), metrics.clone(), self.links).await;
         let ctx = Rc::new(ShardContext {
             router: router.clone(),
             limits: self.limits,
@@ -360,6 +361,14 @@ impl Shard {
         drop(self.engine);
         let acceptor = glommio::spawn_local(accept::accept_loop(listener, ctx.clone())).detach();
         let revoker = glommio::spawn_local(connection::revoke_on_reload(ctx.clone())).detach();
+        // Connections other shards move here (ends when they close their channels).
+        let adopting = ctx.clone();
+        glommio::spawn_local(async move {
+            while let Some(moved) = futures::StreamExt::next(&mut arrivals).await {
+                glommio::spawn_local(connection::adopt(moved, adopting.clone())).detach();
+            }
+        })
+        .detach();
 
         while !self.stop.load(Ordering::SeqCst) {
             glommio::timer::sleep(STOP_POLL).await;

@@ -9,6 +9,11 @@
 //! call as cancelled (a parked poll is then never served). Each ordered pair
 //! of shards has its own single-producer single-consumer channel (glommio
 //! `shared_channel`), so no channel is ever contended.
+//!
+//! The same channels carry whole connections: a plaintext connection whose
+//! requests all go to one other shard moves there
+//! ([`super::connection`]'s `Stop::Move`), so it stops paying a hop per
+//! request.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -23,8 +28,15 @@ use crate::metrics::ShardMetrics;
 use crate::ops::Route;
 use crate::protocol::{ErrorCode, ErrorReply, Op};
 
-/// What travels between shards: a call for the receiving shard's core.
-pub(crate) type Envelope = Call;
+/// What travels between shards: a call for the receiving shard's core, or
+/// a connection moving to it.
+pub(crate) enum Envelope {
+    Call(Call),
+    Connection(Moved),
+}
+
+/// A connection on its way to another shard (see [`super::connection`]).
+pub(crate) type Moved = super::connection::Moved;
 /// Capacity of each shard-to-shard channel; a full channel makes the sender
 /// wait (backpressure), never drops.
 pub(crate) const CHANNEL_CAPACITY: usize = 4096;
@@ -77,6 +89,9 @@ pub(crate) struct Router {
     peers: Vec<Option<ConnectedSender<Envelope>>>,
 }
 
+/// Connections other shards moved here, for the shard to serve.
+pub(crate) type Arrivals = futures::channel::mpsc::UnboundedReceiver<Moved>;
+
 fn unavailable(shard: usize) -> ErrorReply {
     ErrorReply::new(ErrorCode::Unavailable, format!("shard {shard} is not reachable"))
 }
@@ -84,14 +99,14 @@ fn unavailable(shard: usize) -> ErrorReply {
 impl Router {
     /// Connects this shard's channel ends (every peer does the same at the
     /// same time; connecting waits for the other side) and starts one task
-    /// per incoming channel.
+    /// per incoming channel. Connections moved here arrive on the receiver.
     pub(crate) async fn connect(
         index: usize,
         shards: usize,
         core: CoreHandle,
         metrics: Rc<ShardMetrics>,
         links: ShardLinks,
-    ) -> Rc<Router> {
+    ) -> (Rc<Router>, Arrivals) {
         let senders = futures::future::join_all(links.senders.into_iter().map(|s| async move {
             if let Some(s) = s {
                 Some(s.connect().await)
@@ -114,10 +129,11 @@ impl Router {
             metrics,
             peers,
         });
+        let (arrived, arrivals) = futures::channel::mpsc::unbounded();
         for receiver in receivers.into_iter().flatten() {
-            glommio::spawn_local(serve_peer(router.core.clone(), receiver)).detach();
+            glommio::spawn_local(serve_peer(router.core.clone(), arrived.clone(), receiver)).detach();
         }
-        router
+        (router, arrivals)
     }
 
     /// Runs `op` on the shard that owns its queue. `budget` is the calling
@@ -142,11 +158,28 @@ impl Router {
             let Some(peer) = self.peers.get(owner).and_then(Option::as_ref) else {
                 return Answered::now(Err(unavailable(owner)));
             };
-            if peer.send(call).await.is_err() {
+            if peer.send(Envelope::Call(call)).await.is_err() {
                 return Answered::now(Err(unavailable(owner)));
             }
         }
         answer.await.unwrap_or_else(|_| Answered::now(Err(unavailable(owner))))
+    }
+
+    /// Hands a connection to shard `to`. If that shard takes no more (it is
+    /// shutting down) the connection comes back to be served here; `None`
+    /// only if the channel failed some other way, which closes it (nothing
+    /// was in flight on it).
+    pub(crate) async fn send_connection(&self, to: usize, moved: Moved) -> Result<(), Option<Moved>> {
+        use glommio::{GlommioError, ResourceType};
+        let Some(peer) = self.peers.get(to).and_then(Option::as_ref) else {
+            return Err(Some(moved));
+        };
+        match peer.send(Envelope::Connection(moved)).await {
+            Ok(()) => Ok(()),
+            Err(GlommioError::Closed(ResourceType::Channel(Envelope::Connection(moved))))
+            | Err(GlommioError::WouldBlock(ResourceType::Channel(Envelope::Connection(moved)))) => Err(Some(moved)),
+            Err(_) => Err(None),
+        }
     }
 
     /// This shard's index.
@@ -167,9 +200,20 @@ impl Router {
     }
 }
 
-/// Hands calls from one peer shard to this shard's core.
-async fn serve_peer(core: CoreHandle, receiver: ConnectedReceiver<Envelope>) {
-    while let Some(call) = receiver.recv().await {
-        core.submit(call);
+/// Hands calls from one peer shard to this shard's core, and connections
+/// it moves here to the shard.
+async fn serve_peer(
+    core: CoreHandle,
+    arrived: futures::channel::mpsc::UnboundedSender<Moved>,
+    receiver: ConnectedReceiver<Envelope>,
+) {
+    while let Some(envelope) = receiver.recv().await {
+        match envelope {
+            Envelope::Call(call) => core.submit(call),
+            // Dropped (the socket closes) only if the shard stopped serving.
+            Envelope::Connection(moved) => {
+                let _ = arrived.unbounded_send(moved);
+            }
+        }
     }
 }
