@@ -85,7 +85,10 @@ fn connections_move_to_the_shard_that_owns_their_queue_and_back() {
         // so (SO_REUSEPORT hashes their ports): some moved each way, and
         // no connection moved twice per phase.
         assert!((1..=CONNECTIONS as u64).contains(&after_first), "{after_first}");
-        assert!(moved > after_first && moved <= 2 * CONNECTIONS as u64, "{after_first} then {moved}");
+        assert!(
+            moved > after_first && moved <= 2 * CONNECTIONS as u64,
+            "{after_first} then {moved}"
+        );
         // Without moving, about half of all 3 * 2 * 40 * 16 requests would
         // hop; with it, each connection hops at most MOVE_AFTER + 1 times a
         // phase (the request that completes the streak, and the one read
@@ -162,7 +165,11 @@ fn a_moved_connection_keeps_its_token() {
                 let denied = c.stats(&q).await.unwrap_err().code();
                 assert_eq!(denied, Some(ErrorCode::PermissionDenied));
                 let other = QueueName::new("other", "x").unwrap();
-                let denied = c.add(&other, vec![NewMessage::new(b"x".to_vec())]).await.unwrap_err().code();
+                let denied = c
+                    .add(&other, vec![NewMessage::new(b"x".to_vec())])
+                    .await
+                    .unwrap_err()
+                    .code();
                 assert_eq!(denied, Some(ErrorCode::PermissionDenied));
             }
         }))

@@ -283,7 +283,10 @@ impl Connection {
         } else if owner == a.shard && a.streak > 0 {
             a.streak = a.streak.saturating_add(1);
         } else {
-            a = Affinity { shard: owner, streak: 1 };
+            a = Affinity {
+                shard: owner,
+                streak: 1,
+            };
         }
         self.affinity.set(a);
     }
