@@ -8,6 +8,11 @@
 #
 #   scripts/scrape-impact.sh [--bin QUEUEBERD] [--loadgen LOADGEN]
 #                            [--queues 10000] [--rounds 6]
+#                            [--scraper-nice N] [--max-queues N]
+#
+# --scraper-nice runs the scraping curl at that nice level (on a 2-core
+# machine it otherwise competes with the generator and the server as a
+# remote Prometheus would not); --max-queues passes --metrics-max-queues.
 #
 # Needs the Python venv of scripts/test-python.sh and curl. Listens on
 # 127.0.0.1 only; stops its server by PID. --help prints this and starts
@@ -16,13 +21,15 @@ source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$HOME/.cache/queueber/target}/release"
-bin="$target/queueberd" loadgen="$target/loadgen" queues=10000 rounds=6
+bin="$target/queueberd" loadgen="$target/loadgen" queues=10000 rounds=6 scraper_nice=0 max_queues=1000
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin="$2"; shift 2 ;;
     --loadgen) loadgen="$2"; shift 2 ;;
     --queues) queues="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
+    --scraper-nice) scraper_nice="$2"; shift 2 ;;
+    --max-queues) max_queues="$2"; shift 2 ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -37,7 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$bin" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics" --data-dir "$work/data" \
-  --shards 1 --durability periodic --log warn &
+  --shards 1 --durability periodic --log warn --metrics-max-queues "$max_queues" &
 pid=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
 PYTHONPATH=clients/python/src "$python" - "127.0.0.1:$port" "$queues" <<'PY'
@@ -64,7 +71,7 @@ echo "server CPU for 10 scrapes and 2 s idle: $(( ($(ticks) - before) * 1000 / $
 for round in $(seq "$rounds"); do
   for mode in quiet scraped; do
     if [ "$mode" = scraped ]; then
-      (while true; do curl -s -o /dev/null "http://127.0.0.1:$metrics/metrics"; sleep 1; done) &
+      (while true; do nice -n "$scraper_nice" curl -s -o /dev/null "http://127.0.0.1:$metrics/metrics"; sleep 1; done) &
       scraper=$!
     fi
     "$loadgen" --addr "127.0.0.1:$port" --server-pid "$pid" -B 1 -P 2 -C 2 -Q 1 --duration 8 --warmup 1 \

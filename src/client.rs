@@ -226,6 +226,31 @@ impl Client {
         .await
     }
 
+    /// A consumer's loop in one round trip: removes `ids` of `lease` (as
+    /// [`remove`](Self::remove); none is fine, with no lease), then leases
+    /// up to `max_items` more, waiting up to `wait_ms` (as
+    /// [`poll`](Self::poll)). A worker that acknowledges each batch as it
+    /// asks for the next pays one request per batch instead of two.
+    pub async fn remove_and_poll(
+        &self,
+        queue: &QueueName,
+        lease: Option<LeaseId>,
+        ids: Vec<MessageId>,
+        max_items: u32,
+        lease_ms: u64,
+        wait_ms: u64,
+    ) -> Result<ops::RemovedAndPolled, ClientError> {
+        self.send(ops::RemoveAndPoll {
+            queue: queue.clone(),
+            lease,
+            ids,
+            max_items,
+            lease_ms,
+            wait_ms,
+        })
+        .await
+    }
+
     /// The lease's new expiry (epoch ms), or `None` if it had expired or is unknown.
     pub async fn extend(&self, queue: &QueueName, lease: LeaseId, lease_ms: u64) -> Result<Option<u64>, ClientError> {
         self.send(ops::Extend {

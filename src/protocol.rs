@@ -235,6 +235,22 @@ mod tests {
                 max: 10,
                 ids: vec![id, MessageId([3; 16])],
             }),
+            Op::RemoveAndPoll(ops::RemoveAndPoll {
+                queue: q("a"),
+                lease: Some(lease),
+                ids: vec![id, MessageId([3; 16])],
+                max_items: 32,
+                lease_ms: 30_000,
+                wait_ms: 1_000,
+            }),
+            Op::RemoveAndPoll(ops::RemoveAndPoll {
+                queue: q("a"),
+                lease: None,
+                ids: Vec::new(),
+                max_items: 1,
+                lease_ms: 0,
+                wait_ms: 0,
+            }),
             Op::SetPolicy(ops::SetPolicy {
                 queue: q("a"),
                 policy: Box::new(crate::types::QueuePolicy {
@@ -299,7 +315,7 @@ mod tests {
                 },
             })),
             Ok(Reply::Added(vec![MessageId([9; 16])])),
-            Ok(Reply::Polled(Some(lease))),
+            Ok(Reply::Polled(Some(lease.clone()))),
             Ok(Reply::Polled(None)),
             Ok(Reply::Removed(vec![true, false])),
             Ok(Reply::Extended(Some(10))),
@@ -362,6 +378,11 @@ mod tests {
                 moved: 1000,
                 more: true,
             })),
+            Ok(Reply::RemovedAndPolled(ops::RemovedAndPolled {
+                removed: vec![true, false],
+                lease: Some(lease.clone()),
+            })),
+            Ok(Reply::RemovedAndPolled(ops::RemovedAndPolled::default())),
         ];
         for (i, result) in results.into_iter().enumerate() {
             let resp = Response { id: i as u64, result };
@@ -420,7 +441,7 @@ mod tests {
         // last request arm.
         let resp = Response {
             id: 9,
-            result: Ok(Reply::Redriven(crate::ops::redrive::Redriven { moved: 1, more: false })),
+            result: Ok(Reply::RemovedAndPolled(crate::ops::RemovedAndPolled::default())),
         };
         let bytes = capnp::serialize::write_message_to_words(&encode_response(&resp));
         let reader = capnp::serialize::read_message(&mut &bytes[..], ReaderOptions::new()).unwrap();

@@ -456,6 +456,14 @@ fn every_op(target: &QueueName, fresh: &QueueName, made: &QueueName) -> Vec<queu
             max: 0,
             ids: Vec::new(),
         }),
+        Op::RemoveAndPoll(ops::RemoveAndPoll {
+            queue: target.clone(),
+            lease: Some(lease),
+            ids: vec![id],
+            max_items: 10,
+            lease_ms: 60_000,
+            wait_ms: 0,
+        }),
         Op::CreateQueue(ops::CreateQueue {
             queue: made.clone(),
             policy: Box::default(),
@@ -479,7 +487,9 @@ fn needs(op: &queueber::protocol::Op) -> Option<Permission> {
     match op {
         Op::Hello(_) | Op::Auth(_) => None,
         Op::Add(_) => Some(Permission::Send),
-        Op::Poll(_) | Op::Remove(_) | Op::Extend(_) | Op::Release(_) | Op::Fail(_) => Some(Permission::Consume),
+        Op::Poll(_) | Op::Remove(_) | Op::Extend(_) | Op::Release(_) | Op::Fail(_) | Op::RemoveAndPoll(_) => {
+            Some(Permission::Consume)
+        }
         Op::CreateQueue(_)
         | Op::GetPolicy(_)
         | Op::SetPolicy(_)

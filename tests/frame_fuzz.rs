@@ -110,6 +110,26 @@ fn op() -> impl Strategy<Value = Op> {
                 ids: ids.into_iter().map(MessageId).collect(),
             })
         }),
+        (
+            queue_name(),
+            id,
+            prop::collection::vec(id, 0..4),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(queue, l, ids, max_items, lease_ms, wait_ms)| {
+                // A lease is sent exactly when there are ids to remove
+                // (decoding refuses ids without one).
+                Op::RemoveAndPoll(ops::RemoveAndPoll {
+                    queue,
+                    lease: (!ids.is_empty()).then_some(LeaseId(l)),
+                    ids: ids.into_iter().map(MessageId).collect(),
+                    max_items,
+                    lease_ms,
+                    wait_ms,
+                })
+            }),
     ]
 }
 

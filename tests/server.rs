@@ -558,7 +558,7 @@ mod raw {
         let mut root = message.init_root::<response::Builder<'_>>();
         root.set_id(id);
         // The response union's last arm: past the request union's last.
-        root.init_redrive();
+        root.init_remove_and_poll();
         capnp::serialize::write_message_to_words(&message)
     }
 
@@ -634,6 +634,80 @@ fn peek_pages_through_the_visible_head_without_leasing() {
 
         let missing = c.peek(&q("never-added"), 1, None).await.unwrap_err();
         assert_eq!(missing.code(), Some(ErrorCode::UnknownQueue));
+    });
+    common::stop(server);
+}
+
+/// `removeAndPoll`: the removes run exactly as `remove` would (a flag per
+/// id), then the poll exactly as `poll` would, waiting included; on a queue
+/// of the other shard as well as this one's.
+#[test]
+fn remove_and_poll_acknowledges_then_leases_in_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 2);
+    with_clients(server.local_addr(), 2, |clients| async move {
+        let (c, producer) = (&clients[0], &clients[1]);
+        for shard in 0..2 {
+            let queue = queue_on_shard("rap", shard, 2);
+            c.add(&queue, msgs(5, "m")).await.unwrap();
+            // No ids: a plain poll.
+            let first = c.remove_and_poll(&queue, None, vec![], 2, 30_000, 0).await.unwrap();
+            assert!(first.removed.is_empty());
+            let a = first.lease.expect("a lease");
+            assert_eq!(a.messages.len(), 2);
+            // Its ids (and one it does not hold) removed, then the next two.
+            let mut ids: Vec<_> = a.messages.iter().map(|m| m.id).collect();
+            ids.push(MessageId([9; 16]));
+            let second = c.remove_and_poll(&queue, Some(a.id), ids, 2, 30_000, 0).await.unwrap();
+            assert_eq!(second.removed, vec![true, true, false]);
+            let b = second.lease.expect("a lease");
+            assert_eq!(b.messages.len(), 2);
+            let stats = c.stats(&queue).await.unwrap();
+            assert_eq!((stats.visible, stats.in_flight), (1, 2), "{stats:?}");
+            // The last one, then nothing: removed, and an empty lease at once.
+            let ids = b.messages.iter().map(|m| m.id).collect();
+            let third = c.remove_and_poll(&queue, Some(b.id), ids, 5, 30_000, 0).await.unwrap();
+            assert_eq!(third.removed, vec![true, true]);
+            let last = third.lease.expect("the fifth");
+            let ids = last.messages.iter().map(|m| m.id).collect();
+            let empty = c
+                .remove_and_poll(&queue, Some(last.id), ids, 5, 30_000, 0)
+                .await
+                .unwrap();
+            assert_eq!((empty.removed, empty.lease), (vec![true], None));
+            // Waiting: removes at once, then leases what is added meanwhile.
+            c.add(&queue, msgs(1, "w")).await.unwrap();
+            let held = c.poll(&queue, 1, 30_000, 0).await.unwrap().unwrap();
+            let waiting = c.remove_and_poll(&queue, Some(held.id), vec![held.messages[0].id], 1, 30_000, 5_000);
+            let later = async {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                producer.add(&queue, msgs(1, "late")).await.unwrap();
+            };
+            let started = Instant::now();
+            let (waited, ()) = futures::join!(waiting, later);
+            let waited = waited.unwrap();
+            assert_eq!(waited.removed, vec![true]);
+            let got = waited.lease.expect("the late message");
+            assert_eq!(got.messages[0].payload, b"late0");
+            assert!(
+                started.elapsed() >= Duration::from_millis(90),
+                "{:?}",
+                started.elapsed()
+            );
+            assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+            let stats = c.stats(&queue).await.unwrap();
+            assert_eq!((stats.visible, stats.in_flight), (0, 1), "{stats:?}");
+        }
+        // Ids without the lease they came under, and an unknown queue.
+        let queue = q("rap-errors");
+        let no_lease = c
+            .remove_and_poll(&queue, None, vec![MessageId([1; 16])], 1, 1_000, 0)
+            .await;
+        assert_eq!(code(no_lease), ErrorCode::InvalidArgument);
+        assert_eq!(
+            code(c.remove_and_poll(&queue, None, vec![], 1, 1_000, 0).await),
+            ErrorCode::UnknownQueue
+        );
     });
     common::stop(server);
 }

@@ -35,6 +35,8 @@ pub mod purge;
 pub mod redrive;
 pub mod release;
 pub mod remove;
+pub mod remove_and_poll;
+pub use remove_and_poll::RemovedAndPolled;
 pub mod set_policy;
 pub mod stats;
 
@@ -113,6 +115,10 @@ mod serve {
         /// A poll: run by the core against the caller's reply room, and
         /// parked while it finds nothing and may wait.
         Poll(super::poll::Poll),
+        /// `removes` store commands were pushed into the batch; the core
+        /// adds one attempt of `poll` (never parked: the connection waits
+        /// with a plain poll if it must) and answers both.
+        RemoveThenPoll { removes: usize, poll: super::poll::Poll },
         /// Answered by the connection ([`Route::Connection`]); a shard that
         /// is handed one answers `internal`.
         Connection,
@@ -334,4 +340,5 @@ operations! {
     SetPolicy(set_policy::SetPolicy) -> PolicySet,
     Fail(fail::Fail) -> Failed,
     Redrive(redrive::Redrive) -> Redriven,
+    RemoveAndPoll(remove_and_poll::RemoveAndPoll) -> RemovedAndPolled,
 }

@@ -49,43 +49,51 @@ impl Operation for Poll {
 
     /// No lease is an empty `lease` field (and no messages).
     fn encode_reply(lease: &Option<Lease>, root: response::Builder<'_>) {
-        let mut b = root.init_poll();
-        if let Some(lease) = lease {
-            b.set_lease(lease.id.as_bytes());
-            b.set_expires_at_ms(lease.expires_at_ms);
-            let mut list = b.init_messages(lease.messages.len() as u32);
-            for (i, m) in lease.messages.iter().enumerate() {
-                let mut e = list.reborrow().get(i as u32);
-                e.set_id(m.id.as_bytes());
-                e.set_payload(&m.payload);
-                e.set_delivery_count(m.delivery_count);
-                e.set_enqueued_at_ms(m.enqueued_at_ms);
-            }
-        }
+        set_poll_reply(root.init_poll(), lease);
     }
 
     fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<Option<Lease>, ResponseDecodeError> {
-        let p = arm?;
-        let lease = p.get_lease()?;
-        if lease.is_empty() {
-            return Ok(None);
-        }
-        let id = LeaseId::from_slice(lease).ok_or_else(|| bad("lease id", format!("{} bytes", lease.len())))?;
-        let mut messages = Vec::new();
-        for m in p.get_messages()?.iter() {
-            messages.push(Delivery {
-                id: reply_message_id(m.get_id())?,
-                payload: m.get_payload()?.to_vec(),
-                delivery_count: m.get_delivery_count(),
-                enqueued_at_ms: m.get_enqueued_at_ms(),
-            });
-        }
-        Ok(Some(Lease {
-            id,
-            expires_at_ms: p.get_expires_at_ms(),
-            messages,
-        }))
+        read_poll_reply(arm?)
     }
+}
+
+/// Writes a poll's answer (also `removeAndPoll`'s second half).
+pub(crate) fn set_poll_reply(mut b: poll_reply::Builder<'_>, lease: &Option<Lease>) {
+    if let Some(lease) = lease {
+        b.set_lease(lease.id.as_bytes());
+        b.set_expires_at_ms(lease.expires_at_ms);
+        let mut list = b.init_messages(lease.messages.len() as u32);
+        for (i, m) in lease.messages.iter().enumerate() {
+            let mut e = list.reborrow().get(i as u32);
+            e.set_id(m.id.as_bytes());
+            e.set_payload(&m.payload);
+            e.set_delivery_count(m.delivery_count);
+            e.set_enqueued_at_ms(m.enqueued_at_ms);
+        }
+    }
+}
+
+/// Reads a poll's answer: `None` for an empty `lease` field.
+pub(crate) fn read_poll_reply(p: poll_reply::Reader<'_>) -> Result<Option<Lease>, ResponseDecodeError> {
+    let lease = p.get_lease()?;
+    if lease.is_empty() {
+        return Ok(None);
+    }
+    let id = LeaseId::from_slice(lease).ok_or_else(|| bad("lease id", format!("{} bytes", lease.len())))?;
+    let mut messages = Vec::new();
+    for m in p.get_messages()?.iter() {
+        messages.push(Delivery {
+            id: reply_message_id(m.get_id())?,
+            payload: m.get_payload()?.to_vec(),
+            delivery_count: m.get_delivery_count(),
+            enqueued_at_ms: m.get_enqueued_at_ms(),
+        });
+    }
+    Ok(Some(Lease {
+        id,
+        expires_at_ms: p.get_expires_at_ms(),
+        messages,
+    }))
 }
 
 #[cfg(feature = "server")]

@@ -58,6 +58,9 @@ impl Operation for Remove {
 }
 
 #[cfg(feature = "server")]
+pub(crate) use serve::check_ids;
+
+#[cfg(feature = "server")]
 mod serve {
     use super::*;
     use crate::ops::fields::invalid;
@@ -66,6 +69,21 @@ mod serve {
     use crate::server::ServerLimits;
     use crate::storage::{Command, Outcome};
 
+    /// At most `max-messages-per-add` ids in one request (a remove is as
+    /// large a batch as the add that stored them); also `removeAndPoll`'s.
+    pub(crate) fn check_ids(n: usize, limits: &ServerLimits) -> Result<(), ErrorReply> {
+        if n > limits.max_messages_per_add {
+            return Err(ErrorReply::new(
+                ErrorCode::TooManyMessages,
+                format!(
+                    "remove of {n} ids exceeds max-messages-per-add {}",
+                    limits.max_messages_per_add
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     impl Serve for Remove {
         /// At least one id, at most `max-messages-per-add` (a remove is as
         /// large a batch as the add that stored them).
@@ -73,16 +91,7 @@ mod serve {
             if self.ids.is_empty() {
                 return Err(invalid("remove needs at least one id"));
             }
-            if self.ids.len() > limits.max_messages_per_add {
-                return Err(ErrorReply::new(
-                    ErrorCode::TooManyMessages,
-                    format!(
-                        "remove of {} ids exceeds max-messages-per-add {}",
-                        self.ids.len(),
-                        limits.max_messages_per_add
-                    ),
-                ));
-            }
+            check_ids(self.ids.len(), limits)?;
             Ok(self)
         }
 

@@ -642,19 +642,37 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
         Ok(_) if ctx.shutdown.is_fired() => {
             Answered::now(Err(ErrorReply::new(ErrorCode::ShuttingDown, "server is shutting down")))
         }
-        Ok(Op::Poll(mut poll)) if poll.wait_ms > 0 => {
-            // A client that has finished sending gets one try, no wait; one
-            // that finishes while its poll is parked gets an empty answer.
-            if conn.finished.is_fired() {
-                poll.wait_ms = 0;
-            }
+        Ok(Op::Poll(poll)) if poll.wait_ms > 0 => {
             waited = true;
-            let call = pin!(ctx.router.call(Op::Poll(poll), started, Some(conn.budget.clone())));
-            let finished = pin!(conn.finished.wait());
-            match select(call, finished).await {
-                Either::Left((answered, _)) => answered,
-                // Dropping the call cancels the parked poll wherever it is.
-                Either::Right(_) => Answered::now(Ok(Reply::Polled(None))),
+            long_poll(&conn, poll, started).await
+        }
+        Ok(Op::RemoveAndPoll(op)) => {
+            let may_wait = op.wait_ms > 0;
+            let poll = op.poll();
+            let first = ctx
+                .router
+                .call(Op::RemoveAndPoll(op), started, Some(conn.budget.clone()))
+                .await;
+            match first.result {
+                // Removed, nothing to lease yet: wait the rest as a poll.
+                Ok(Reply::RemovedAndPolled(ops::RemovedAndPolled { removed, lease: None }))
+                    if may_wait && !ctx.shutdown.is_fired() =>
+                {
+                    waited = true;
+                    let Answered { result, timing } = long_poll(&conn, poll, started).await;
+                    let result = result.and_then(|reply| match reply {
+                        Reply::Polled(lease) => Ok(Reply::RemovedAndPolled(ops::RemovedAndPolled { removed, lease })),
+                        other => Err(ErrorReply::new(
+                            ErrorCode::Internal,
+                            format!("a poll was answered with {other:?}"),
+                        )),
+                    });
+                    Answered { result, timing }
+                }
+                result => Answered {
+                    result,
+                    timing: first.timing,
+                },
             }
         }
         Ok(op) => ctx.router.call(op, started, Some(conn.budget.clone())).await,
@@ -680,6 +698,22 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
         }
     }
     drop(frame);
+}
+
+/// A poll that may wait (`wait_ms` counts from `started`, the frame's
+/// read). A client that has finished sending gets one try, no wait; one
+/// that finishes while its poll is parked gets an empty answer.
+async fn long_poll(conn: &Rc<Connection>, mut poll: ops::Poll, started: Instant) -> Answered {
+    if conn.finished.is_fired() {
+        poll.wait_ms = 0;
+    }
+    let call = pin!(conn.ctx.router.call(Op::Poll(poll), started, Some(conn.budget.clone())));
+    let finished = pin!(conn.finished.wait());
+    match select(call, finished).await {
+        Either::Left((answered, _)) => answered,
+        // Dropping the call cancels the parked poll wherever it is.
+        Either::Right(_) => Answered::now(Ok(Reply::Polled(None))),
+    }
 }
 
 impl Connection {

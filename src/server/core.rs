@@ -234,6 +234,16 @@ enum Finish {
     Poll(Parked),
     /// A poll that did not run: its connection has no room for a reply.
     PollNoRoom(Parked),
+    /// `removeAndPoll`: its removes' outcomes, then its poll attempt's
+    /// (when it ran: `polled`).
+    RemoveThenPoll {
+        reply: ReplyTx,
+        removes: usize,
+        polled: bool,
+        queue: QueueName,
+        may_wait: bool,
+        read_at: Instant,
+    },
     /// One chunk of a scrape's queue figures.
     ScrapeChunk,
 }
@@ -723,6 +733,25 @@ fn plan(call: Call, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishe
             };
             plan_poll(parked, rooms, commands, finishes);
         }
+        (Plan::RemoveThenPoll { removes, poll }, _) => {
+            // One attempt against the caller's reply room; none for a caller
+            // that has gone or has no room (the poll then found nothing).
+            let room = (!reply.is_canceled())
+                .then(|| rooms.for_caller(budget.as_ref()))
+                .flatten();
+            let polled = room.is_some();
+            if let Some(room) = room {
+                commands.push(poll.command(room));
+            }
+            finishes.push(Finish::RemoveThenPoll {
+                reply,
+                removes,
+                polled,
+                may_wait: poll.wait_ms > 0,
+                queue: poll.queue,
+                read_at,
+            });
+        }
         // Never routed to a shard; the operation says why.
         (Plan::Connection, build) => {
             let _ = reply.send(Answered::now(build(&mut std::iter::empty())));
@@ -817,6 +846,37 @@ fn finish(
             }
             Finish::PollNoRoom(parked) => {
                 park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now, batch)
+            }
+            Finish::RemoveThenPoll {
+                reply,
+                removes,
+                polled,
+                queue,
+                may_wait,
+                read_at,
+            } => {
+                let removed = if removes == 0 {
+                    Ok(Vec::new())
+                } else {
+                    ops::Remove::reply(&mut outcomes.by_ref().take(removes))
+                };
+                let lease = if polled {
+                    ops::Poll::reply(&mut outcomes.by_ref().take(1))
+                } else {
+                    Ok(None)
+                };
+                // An empty answer that will not go on waiting is an empty
+                // poll (one that waits is counted by its waiting poll).
+                if matches!(lease, Ok(None)) && !may_wait {
+                    waiters.count_empty(&queue);
+                }
+                let result = removed.and_then(|removed| {
+                    lease.map(|lease| Reply::RemovedAndPolled(ops::RemovedAndPolled { removed, lease }))
+                });
+                let _ = reply.send(Answered {
+                    result,
+                    timing: batch.of(read_at),
+                });
             }
             Finish::ScrapeChunk => {
                 let outcome = outcomes.next();

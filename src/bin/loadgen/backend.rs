@@ -176,6 +176,38 @@ impl Conn {
         }
     }
 
+    /// Whether [`remove_and_poll`](Self::remove_and_poll) is one request
+    /// here (queueber); elsewhere the consumer removes and polls apart.
+    pub fn has_remove_and_poll(&self) -> bool {
+        matches!(self, Conn::Queueber(_))
+    }
+
+    /// Acknowledges every message of `done` and polls for more in one
+    /// request (`removeAndPoll`): the flags of `done`'s messages and the
+    /// new lease, as [`remove`](Self::remove) and [`poll`](Self::poll).
+    pub async fn remove_and_poll(
+        &self,
+        queue: &QueueName,
+        done: &Lease,
+        max_items: u32,
+        lease_ms: u64,
+        wait_ms: u64,
+    ) -> Result<(Vec<bool>, Option<Lease>), String> {
+        match self {
+            Conn::Queueber(c) => {
+                let ids = done.messages.iter().map(|m| m.id).collect();
+                c.remove_and_poll(queue, Some(done.id), ids, max_items, lease_ms, wait_ms)
+                    .await
+                    .map(|r| (r.removed, r.lease))
+                    .map_err(|e| e.to_string())
+            }
+            Conn::Redis(_) => {
+                let flags = self.remove(queue, done).await?;
+                Ok((flags, self.poll(queue, max_items, lease_ms, wait_ms).await?))
+            }
+        }
+    }
+
     /// Acknowledges every message of `lease`; one flag per message.
     pub async fn remove(&self, queue: &QueueName, lease: &Lease) -> Result<Vec<bool>, String> {
         match self {

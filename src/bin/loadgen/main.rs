@@ -58,6 +58,11 @@ pub struct Args {
     /// Long-poll wait of consumers.
     #[arg(long, default_value_t = 1_000)]
     pub wait_ms: u64,
+    /// Consumers acknowledge each batch in the request that polls the next
+    /// (`removeAndPoll`: one round trip per batch instead of two; queueber
+    /// only). The remove latency then reports that combined request.
+    #[arg(long)]
+    pub remove_and_poll: bool,
     /// Measured seconds (after the warm-up).
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use queueber::names::QueueName;
 use queueber::storage::NewMessage;
+use queueber::types::Lease;
 
 use super::backend::Conn;
 use super::procstat;
@@ -251,77 +252,114 @@ async fn produce(state: Rc<State>, client: Conn, producer: u32, queue: usize, ta
     }
 }
 
-/// One consumer task draining one queue.
+/// One consumer task draining one queue: poll, then remove what came; or,
+/// with `--remove-and-poll`, both in one request per batch.
 async fn consume(state: Rc<State>, client: Conn, queue: usize) {
     let a = &state.args;
+    // With --remove-and-poll: the lease whose messages the next request removes.
+    let mut held: Option<Lease> = None;
     while state.consuming.get() {
         let asked = Instant::now();
-        let lease = match client
-            .poll(&state.queues[queue], a.batch as u32, a.lease_ms, a.wait_ms)
-            .await
-        {
-            Ok(lease) => lease,
-            Err(e) => {
-                state.error("poll", e);
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let polled = match held.take() {
+            Some(done) => match client
+                .remove_and_poll(&state.queues[queue], &done, a.batch as u32, a.lease_ms, a.wait_ms)
+                .await
+            {
+                Ok((flags, lease)) => {
+                    removed(&state, queue, &done, flags, asked.elapsed());
+                    Ok(lease)
+                }
+                Err(e) => {
+                    // Whether the removes ran is unknown: their messages
+                    // come back when the lease expires (as after any lost
+                    // answer), so they are neither lost nor counted.
+                    state.error("removeAndPoll", e);
+                    Err(())
+                }
+            },
+            None => client
+                .poll(&state.queues[queue], a.batch as u32, a.lease_ms, a.wait_ms)
+                .await
+                .map_err(|e| state.error("poll", e)),
+        };
+        let Ok(lease) = polled else {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            continue;
         };
         let received = Instant::now();
         let Some(lease) = lease else { continue };
-        let now_ns = state.since_start();
-        let shard = state.shard_of[queue];
-        {
-            let mut fates = state.fates.borrow_mut();
-            let mut h = state.histograms.borrow_mut();
-            if state.measuring.get() {
-                record(&mut h.poll, received - asked);
-                state.counts.borrow_mut().delivered[shard] += lease.messages.len() as u64;
-            }
-            for m in &lease.messages {
-                let Some((producer, seq, sent_at)) = parse(&m.payload) else {
-                    state.error("payload", "shorter than the loadgen header");
-                    continue;
-                };
-                let fate = fates.entry((producer, seq)).or_insert(Fate::Added);
-                if *fate != Fate::Added || m.delivery_count > 1 {
-                    state.duplicates.set(state.duplicates.get() + 1);
-                }
-                *fate = Fate::Delivered;
-                if state.measuring.get() {
-                    h.end_to_end
-                        .saturating_record((now_ns.saturating_sub(sent_at) / 1_000).max(1));
-                }
-            }
+        delivered(&state, queue, &lease, received - asked);
+        if a.remove_and_poll && client.has_remove_and_poll() {
+            held = Some(lease);
+            continue;
         }
         let asked = Instant::now();
         match client.remove(&state.queues[queue], &lease).await {
-            Ok(flags) => {
-                if state.measuring.get() {
-                    record(&mut state.histograms.borrow_mut().remove, asked.elapsed());
-                }
-                let mut fates = state.fates.borrow_mut();
-                let mut removed = 0;
-                for (m, ok) in lease.messages.iter().zip(flags) {
-                    if !ok {
-                        state.error("remove", "a fresh lease did not hold its message");
-                        continue;
-                    }
-                    if let Some((producer, seq, _)) = parse(&m.payload) {
-                        fates.insert((producer, seq), Fate::Removed);
-                    }
-                    removed += 1;
-                }
-                if state.measuring.get() {
-                    state.counts.borrow_mut().removed[shard] += removed;
-                }
-                state.total_removed.set(state.total_removed.get() + removed);
-                state.unacked.set(state.unacked.get().saturating_sub(removed as usize));
-                state.room.notify(usize::MAX);
-            }
+            Ok(flags) => removed(&state, queue, &lease, flags, asked.elapsed()),
             Err(e) => state.error("remove", e),
         }
     }
+    // What the last request leased is acknowledged before the drain ends.
+    if let Some(done) = held {
+        let asked = Instant::now();
+        match client.remove(&state.queues[queue], &done).await {
+            Ok(flags) => removed(&state, queue, &done, flags, asked.elapsed()),
+            Err(e) => state.error("remove", e),
+        }
+    }
+}
+
+/// Counts a lease's messages as delivered (duplicates, end-to-end latency).
+fn delivered(state: &State, queue: usize, lease: &Lease, took: Duration) {
+    let now_ns = state.since_start();
+    let shard = state.shard_of[queue];
+    let mut fates = state.fates.borrow_mut();
+    let mut h = state.histograms.borrow_mut();
+    if state.measuring.get() {
+        record(&mut h.poll, took);
+        state.counts.borrow_mut().delivered[shard] += lease.messages.len() as u64;
+    }
+    for m in &lease.messages {
+        let Some((producer, seq, sent_at)) = parse(&m.payload) else {
+            state.error("payload", "shorter than the loadgen header");
+            continue;
+        };
+        let fate = fates.entry((producer, seq)).or_insert(Fate::Added);
+        if *fate != Fate::Added || m.delivery_count > 1 {
+            state.duplicates.set(state.duplicates.get() + 1);
+        }
+        *fate = Fate::Delivered;
+        if state.measuring.get() {
+            h.end_to_end
+                .saturating_record((now_ns.saturating_sub(sent_at) / 1_000).max(1));
+        }
+    }
+}
+
+/// Counts a lease's messages as removed, by the server's flags.
+fn removed(state: &State, queue: usize, lease: &Lease, flags: Vec<bool>, took: Duration) {
+    let shard = state.shard_of[queue];
+    if state.measuring.get() {
+        record(&mut state.histograms.borrow_mut().remove, took);
+    }
+    let mut fates = state.fates.borrow_mut();
+    let mut count = 0;
+    for (m, ok) in lease.messages.iter().zip(flags) {
+        if !ok {
+            state.error("remove", "a fresh lease did not hold its message");
+            continue;
+        }
+        if let Some((producer, seq, _)) = parse(&m.payload) {
+            fates.insert((producer, seq), Fate::Removed);
+        }
+        count += 1;
+    }
+    if state.measuring.get() {
+        state.counts.borrow_mut().removed[shard] += count;
+    }
+    state.total_removed.set(state.total_removed.get() + count);
+    state.unacked.set(state.unacked.get().saturating_sub(count as usize));
+    state.room.notify(usize::MAX);
 }
 
 pub async fn run(args: Args) -> Result<Report, String> {

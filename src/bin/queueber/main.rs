@@ -346,8 +346,8 @@ enum TokenCommand {
         /// The one tenant the token is bound to.
         #[arg(long)]
         tenant: String,
-        /// Comma-separated: send (add), consume (poll, remove, extend,
-        /// release), admin (everything else).
+        /// Comma-separated: send (add), consume (poll, remove,
+        /// removeAndPoll, extend, release, fail), admin (everything else).
         #[arg(long, value_delimiter = ',', required = true)]
         perms: Vec<String>,
         /// Comma-separated queue name patterns (`*` matches any run of
