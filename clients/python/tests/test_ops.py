@@ -4,7 +4,7 @@ import asyncio
 import time
 
 import pytest
-from conftest import Server, aio_test
+from conftest import Server, aio_test, eventually
 
 import queueber
 from queueber import NewMessage, aio
@@ -159,6 +159,147 @@ async def test_large_poll_reply(server: Server, queue: str) -> None:
         assert all(await qb.remove(queue, lease, lease.messages))
 
 
+@aio_test
+async def test_remove_and_poll_removes_then_leases_the_next_batch(
+        server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        ids = await qb.add(queue, [b"%d" % i for i in range(5)])
+        first = await qb.poll(queue, max_items=2)
+        got = await qb.remove_and_poll(queue, first, first.messages, max_items=2, lease_ms=30000)
+        assert isinstance(got, queueber.RemovedAndPolled)
+        assert got.removed == [True, True]
+        assert got and len(got.lease.id) == 16 and got.lease.id != first.id
+        assert got.lease.expires_at_ms > 0
+        assert [m.id for m in got] == ids[2:4] and got.messages == got.lease.messages
+        assert all(m.delivery_count == 1 for m in got)
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.in_flight) == (1, 2)
+        # Raw bytes work as well as the objects.
+        got = await qb.remove_and_poll(queue, got.lease.id, [m.id for m in got], max_items=10)
+        assert got.removed == [True, True] and [m.id for m in got] == ids[4:]
+        # The last batch: removed, and nothing more to lease (falsy, as an
+        # empty poll).
+        last = await qb.remove_and_poll(queue, got.lease, got.messages, max_items=10)
+        assert last.removed == [True]
+        assert not last and last.lease.id == b"" and last.messages == [] and len(last) == 0
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.delayed, stats.in_flight) == (0, 0, 0)
+
+
+@aio_test
+async def test_remove_and_poll_without_ids_is_a_poll(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        ids = await qb.add(queue, [b"a", b"b", b"c"])
+        got = await qb.remove_and_poll(queue, None, [], max_items=2)
+        assert got.removed == [] and [m.id for m in got] == ids[:2]
+        # The lease of an empty result is empty too: a plain poll again, with
+        # the queue's lease (lease_ms=None).
+        got = await qb.remove_and_poll(queue, queueber.Lease(b"", 0), [], max_items=5,
+                                       lease_ms=None)
+        assert got.removed == [] and [m.id for m in got] == ids[2:]
+        assert got.lease.expires_at_ms > 0
+        assert not await qb.remove_and_poll(queue, b"", [])
+        assert (await qb.stats(queue)).in_flight == 3
+
+
+@aio_test
+async def test_remove_and_poll_with_a_wrong_lease_still_polls(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"1", b"2", b"3"])
+        a = await qb.poll(queue)
+        b = await qb.poll(queue)
+        # b's message is not a's, and an unknown id is nobody's: False, and
+        # they stay leased; a's own message is removed; the poll happens.
+        got = await qb.remove_and_poll(queue, a, [b.messages[0], b"\x07" * 16, a.messages[0]],
+                                       max_items=5)
+        assert got.removed == [False, False, True]
+        assert [m.payload for m in got] == [b"3"]
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.in_flight) == (0, 2)
+        assert await qb.remove(queue, b, b.messages) == [True]
+        # Ids removed already come back False too.
+        again = await qb.remove_and_poll(queue, a, a.messages)
+        assert again.removed == [False] and not again
+
+
+@aio_test
+async def test_remove_and_poll_errors_do_nothing(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"x", b"y"])
+        lease = await qb.poll(queue)
+        with pytest.raises(queueber.InvalidArgument):  # ids need their lease
+            await qb.remove_and_poll(queue, None, lease.messages)
+        with pytest.raises(queueber.InvalidArgument):
+            await qb.remove_and_poll(queue, b"short", lease.messages)
+        with pytest.raises(queueber.UnknownQueue):
+            await qb.remove_and_poll(queue + "-missing", lease, lease.messages)
+        # Nothing was removed and nothing leased.
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.in_flight) == (1, 1)
+        assert await qb.remove(queue, lease, lease.messages) == [True]
+
+
+@aio_test
+async def test_remove_and_poll_is_bounded_like_remove(tight_server: Server, queue: str) -> None:
+    async with aio.connect(tight_server.addr) as qb:
+        n = qb.server_info.limits.max_messages_per_add
+        await qb.add(queue, [b"m"] * n)
+        await qb.add(queue, [b"next"])
+        lease = await qb.poll(queue, max_items=n)
+        ids = [m.id for m in lease]
+        with pytest.raises(queueber.TooManyMessages):
+            await qb.remove_and_poll(queue, lease, ids + ids[:1], max_items=5)
+        assert (await qb.stats(queue)).in_flight == n  # the whole request refused
+        got = await qb.remove_and_poll(queue, lease, ids, max_items=5)
+        assert got.removed == [True] * n and [m.payload for m in got] == [b"next"]
+
+
+@aio_test
+async def test_remove_and_poll_waits_like_a_long_poll(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb, aio.connect(server.addr) as producer:
+        await producer.add(queue, [b"first"])
+        lease = await qb.poll(queue)
+        # The queue is empty now: the removes are done at once, then the
+        # request waits for a message.
+        parked = asyncio.ensure_future(
+            qb.remove_and_poll(queue, lease, lease.messages, max_items=5, wait_ms=10000))
+        await asyncio.sleep(0.2)
+        assert not parked.done()
+        stats = await producer.stats(queue)
+        assert (stats.visible, stats.in_flight) == (0, 0)  # removed while it waits
+        [mid] = await producer.add(queue, [b"wake"])
+        got = await asyncio.wait_for(parked, 5)
+        assert got.removed == [True] and [m.id for m in got] == [mid]
+        # With nothing to take, it waits wait_ms and comes back empty.
+        t0 = time.monotonic()
+        got = await qb.remove_and_poll(queue, got.lease, got.messages, wait_ms=300)
+        assert got.removed == [True] and not got
+        assert time.monotonic() - t0 >= 0.25
+
+
+@aio_test
+async def test_cancelled_remove_and_poll_gives_its_messages_back(
+        server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb, aio.connect(server.addr) as producer:
+        await producer.add(queue, [b"done"])
+        lease = await qb.poll(queue)
+        parked = asyncio.ensure_future(qb.remove_and_poll(
+            queue, lease, lease.messages, max_items=5, lease_ms=60000, wait_ms=10000))
+        await asyncio.sleep(0.1)
+        parked.cancel()
+        # The removes stay done; what the parked request leases when the add
+        # wakes it is released, not left to a 60 s lease.
+        await producer.add(queue, [b"a", b"b"])
+
+        async def visible_again() -> bool:
+            stats = await producer.stats(queue)
+            return (stats.visible, stats.in_flight) == (2, 0)
+
+        await eventually(visible_again)
+        again = await producer.poll(queue, max_items=5)
+        assert [(m.payload, m.delivery_count) for m in again] == [(b"a", 2), (b"b", 2)]
+
+
 def test_connect_refused_and_timeout() -> None:
     async def body() -> None:
         import socket
@@ -251,8 +392,12 @@ def test_tokens_bind_a_connection(tmp_path) -> None:  # type: ignore[no-untyped-
         with pytest.raises(queueber.Unauthenticated):
             queueber.connect(server.addr, tenant="acme", token=token + "0")
         with queueber.connect(server.addr, tenant="acme", token=token) as qb:
-            qb.add("jobs", [b"x"])
-            assert len(qb.poll("jobs")) == 1
+            qb.add("jobs", [b"x", b"y"])
+            lease = qb.poll("jobs")
+            assert len(lease) == 1
+            # removeAndPoll needs consume, as remove and poll do.
+            got = qb.remove_and_poll("jobs", lease, lease.messages)
+            assert got.removed == [True] and [m.payload for m in got] == [b"y"]
             with pytest.raises(queueber.PermissionDenied):
                 qb.stats("jobs")  # admin only
             # Policies are admin operations too.

@@ -31,6 +31,23 @@ def test_sync_operations(server: Server, queue: str) -> None:
         qb.stats(queue)  # closed
 
 
+def test_sync_remove_and_poll(server: Server, queue: str) -> None:
+    with queueber.connect(server.addr) as qb:
+        ids = qb.add(queue, [b"a", b"b", b"c"])
+        got = qb.remove_and_poll(queue, None, [], max_items=2)  # no ids: a poll
+        assert got.removed == [] and [m.id for m in got] == ids[:2]
+        got = qb.remove_and_poll(queue, got.lease, iter(got.messages), max_items=2,
+                                 lease_ms=10000, wait_ms=100)
+        assert got.removed == [True, True] and [m.id for m in got] == ids[2:]
+        # A wrong id is False; the poll waits (wait_ms) and finds nothing.
+        t0 = time.monotonic()
+        last = qb.remove_and_poll(queue, got.lease, [ids[0], ids[2]], wait_ms=300)
+        assert last.removed == [False, True] and not last
+        assert time.monotonic() - t0 >= 0.25
+        stats = qb.stats(queue)
+        assert (stats.visible, stats.in_flight) == (0, 0)
+
+
 def test_sync_consume(server: Server, queue: str) -> None:
     with queueber.Client(server.addr) as qb:
         qb.add(queue, [b"fail"] + [b"%d" % i for i in range(50)])

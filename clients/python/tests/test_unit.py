@@ -3,6 +3,7 @@
 import asyncio
 import copy
 import struct
+from typing import List
 
 import pytest
 
@@ -424,3 +425,56 @@ def test_policy_retention_ms_encodes_and_decodes() -> None:
     assert info.effective.retention_ms == queueber.UNLIMITED
     _rid, _kind, info = wire.decode(policy_reply(0))  # unset
     assert info.policy.retention_ms is None and info.policy == queueber.QueuePolicy()
+
+
+# --- removeAndPoll --------------------------------------------------------------
+
+def test_remove_and_poll_request_encodes() -> None:
+    lease, a, b = b"L" * 16, b"A" * 16, b"B" * 16
+    with wire.schema.Request.from_bytes(
+            wire.encode_remove_and_poll(9, "t", "q", lease, [a, b], 32, 30000, 5000)) as r:
+        assert r.which() == "removeAndPoll" and r.id == 9
+        rp = r.removeAndPoll
+        assert (rp.queue.tenant, rp.queue.queue, rp.lease, list(rp.ids)) == ("t", "q", lease,
+                                                                            [a, b])
+        assert (rp.maxItems, rp.leaseMs, rp.waitMs) == (32, 30000, 5000)
+    # No ids and no lease: a plain poll (both left empty on the wire).
+    with wire.schema.Request.from_bytes(
+            wire.encode_remove_and_poll(10, "t", "q", b"", [], 1, 0, 0)) as r:
+        rp = r.removeAndPoll
+        assert (rp.lease, len(rp.ids), rp.maxItems, rp.leaseMs, rp.waitMs) == (b"", 0, 1, 0, 0)
+
+
+def remove_and_poll_reply(rid: int, removed: List[bool], messages: int) -> bytes:
+    resp = wire.schema.Response.new_message()
+    resp.id = rid
+    rp = resp.init("removeAndPoll")
+    rp.removed = removed
+    poll = rp.init("poll")
+    if messages:
+        poll.lease = b"L" * 16
+        poll.expiresAtMs = 1234
+    for i, m in enumerate(poll.init("messages", messages)):
+        m.id = bytes([i]) * 16
+        m.payload = b"p%d" % i
+        m.deliveryCount = 1
+        m.enqueuedAtMs = 99
+    return resp.to_bytes()  # type: ignore[no-any-return]
+
+
+def test_remove_and_poll_reply_decodes() -> None:
+    rid, kind, reply = wire.decode(remove_and_poll_reply(4, [True, False], 2))
+    assert (rid, kind) == (4, "removeAndPoll")
+    got = wire.removed_and_polled(reply)
+    assert isinstance(got, queueber.RemovedAndPolled)
+    assert got.removed == [True, False]
+    assert got.lease == queueber.Lease(b"L" * 16, 1234, [
+        queueber.Message(b"\x00" * 16, b"p0", 1, 99), queueber.Message(b"\x01" * 16, b"p1", 1, 99)])
+    assert got and len(got) == 2 and [m.payload for m in got] == [b"p0", b"p1"]
+    assert got.messages is got.lease.messages
+    # The poll part, for releasing the messages of an abandoned request.
+    assert wire.leased(kind, reply) == (b"L" * 16, 1234, got.lease.messages)
+    assert wire.leased("remove", [True]) is None
+    # Nothing leased: falsy, with an empty lease (as an empty poll).
+    empty = wire.removed_and_polled(wire.decode(remove_and_poll_reply(5, [], 0))[2])
+    assert not empty and empty.removed == [] and empty.lease == queueber.Lease(b"", 0, [])

@@ -44,30 +44,6 @@ async def test_consume_processes_everything_once(server: Server, queue: str) -> 
         assert (stats.visible, stats.in_flight) == (0, 0)
 
 
-@aio_test
-async def test_acks_are_batched_per_lease(server: Server, queue: str) -> None:
-    async with aio.connect(server.addr) as qb:
-        await qb.add(queue, [b"m"] * 64)
-        removes = []
-        original = qb.remove
-
-        async def counting_remove(q, lease, ids):  # type: ignore[no-untyped-def]
-            ids = list(ids)
-            removes.append(len(ids))
-            return await original(q, lease, ids)
-
-        qb.remove = counting_remove  # type: ignore[method-assign]
-        n = 0
-        async with qb.consume(queue, batch=32, wait_ms=200) as consumer:
-            async for msg in consumer:
-                async with msg:
-                    n += 1
-                if n == 64:
-                    break
-        assert sum(removes) == 64
-        assert len(removes) <= 4, removes  # one per lease (and flush timer), not per message
-
-
 def spy(qb: aio.Client, name: str) -> List[Tuple[Any, ...]]:
     """Record the arguments of every call of ``qb.<name>`` (still made)."""
     calls: List[Tuple[Any, ...]] = []
@@ -79,6 +55,82 @@ def spy(qb: aio.Client, name: str) -> List[Tuple[Any, ...]]:
 
     setattr(qb, name, recording)
     return calls
+
+
+@aio_test
+async def test_acks_are_batched_per_lease(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"m"] * 64)
+        # remove(queue, lease, ids); remove_and_poll(queue, lease, ids, ...)
+        removes, carried = spy(qb, "remove"), spy(qb, "remove_and_poll")
+        n = 0
+        async with qb.consume(queue, batch=32, wait_ms=200) as consumer:
+            async for msg in consumer:
+                async with msg:
+                    n += 1
+                if n == 64:
+                    break
+        acks = [len(c[2]) for c in removes + carried]
+        assert sum(acks) == 64
+        # One per lease (and flush timer), not per message.
+        assert len(acks) <= 4, (removes, carried)
+
+
+@aio_test
+async def test_acks_ride_on_the_next_poll(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"%d" % i for i in range(40)])
+        polls, removes = spy(qb, "poll"), spy(qb, "remove")
+        carried = spy(qb, "remove_and_poll")
+        got = []
+        # One poll loop (max_held == batch), acknowledgements sent only when
+        # a lease is done (a long ack_delay_ms): each finished batch of 8 is
+        # acknowledged by the request that fetches the next one.
+        async with qb.consume(queue, batch=8, max_held=8, wait_ms=200,
+                              ack_delay_ms=10000) as consumer:
+            async for msg in consumer:
+                async with msg:
+                    got.append(int(msg.payload))
+                if len(got) == 40:
+                    break
+        assert got == list(range(40))
+        # remove_and_poll(queue, lease, ids, max_items, lease_ms, wait_ms)
+        assert len(carried) >= 4 and all(len(c[2]) == 8 for c in carried), carried
+        assert all(c[3:] == (8, 30000, 0) for c in carried)  # they do not wait
+        assert sum(len(c[2]) for c in carried + removes) == 40
+        # The first poll, and after the fifth batch (the last one's
+        # acknowledgement found the queue empty) at most one long poll.
+        assert len(polls) <= 2, polls
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.in_flight) == (0, 0)
+
+
+@aio_test
+async def test_a_server_without_remove_and_poll_gets_removes(server: Server, queue: str) -> None:
+    async with aio.connect(server.addr) as qb:
+        await qb.add(queue, [b"%d" % i for i in range(24)])
+        calls = []
+
+        async def old_server(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args)
+            raise queueber.UnknownOperation("unknown operation removeAndPoll")
+
+        qb.remove_and_poll = old_server  # type: ignore[method-assign]
+        removes = spy(qb, "remove")
+        got = []
+        async with qb.consume(queue, batch=8, max_held=8, wait_ms=200,
+                              ack_delay_ms=10000) as consumer:
+            async for msg in consumer:
+                async with msg:
+                    got.append(int(msg.payload))
+                if len(got) == 24:
+                    break
+        # The first refusal found out (its acknowledgements went as a
+        # remove); the rest went straight to removes.
+        assert got == list(range(24)) and len(calls) == 1
+        assert sorted(len(r[2]) for r in removes) == [8, 8, 8]
+        stats = await qb.stats(queue)
+        assert (stats.visible, stats.in_flight) == (0, 0)
 
 
 @aio_test

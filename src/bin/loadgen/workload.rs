@@ -261,8 +261,12 @@ async fn consume(state: Rc<State>, client: Conn, queue: usize) {
     while state.consuming.get() {
         let asked = Instant::now();
         let polled = match held.take() {
+            // No waiting in the combined request: its answer is also the
+            // confirmation of the removes, which producers wait for (at most
+            // --max-unacked in flight). When it finds nothing, the next
+            // round long-polls on its own.
             Some(done) => match client
-                .remove_and_poll(&state.queues[queue], &done, a.batch as u32, a.lease_ms, a.wait_ms)
+                .remove_and_poll(&state.queues[queue], &done, a.batch as u32, a.lease_ms, 0)
                 .await
             {
                 Ok((flags, lease)) => {

@@ -5,8 +5,8 @@
 * :mod:`queueber.errors` — one exception per protocol error code, all
   :class:`QueueberError`.
 * :mod:`queueber.types` — the result types (:class:`Message`,
-  :class:`Lease`, :class:`QueueStats`, :class:`ServerInfo`,
-  :class:`QueuePolicy`, :class:`DeadLetter`, ...).
+  :class:`Lease`, :class:`RemovedAndPolled`, :class:`QueueStats`,
+  :class:`ServerInfo`, :class:`QueuePolicy`, :class:`DeadLetter`, ...).
 """
 
 from . import aio, errors, types
@@ -18,7 +18,8 @@ from .errors import (ConnectionClosed, ConnectTimeout, DiskFull, FrameTooLarge, 
 from .sync import Client, SyncConsumer, SyncMessage, connect
 from .types import (MAX_DELIVERIES_LIMIT, MAX_RETENTION_MS, UNLIMITED, DeadLetter, DeadPeeked,
                     DeadReason, Lease, Limits, Message, NewMessage, Peeked, PolicyInfo,
-                    QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven, ServerInfo)
+                    QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven, RemovedAndPolled,
+                    ServerInfo)
 from .worker import ConsumedMessage, Consumer
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "Client", "connect", "SyncConsumer", "SyncMessage",
     "Consumer", "ConsumedMessage",
     "Lease", "Limits", "Message", "NewMessage", "Peeked", "QueueRef", "QueueStats", "ServerInfo",
+    "RemovedAndPolled",
     "QueuePolicy", "PolicyInfo", "QueueCreated", "UNLIMITED", "MAX_DELIVERIES_LIMIT",
     "MAX_RETENTION_MS",
     "DeadLetter", "DeadPeeked", "DeadReason", "Redriven",

@@ -19,9 +19,9 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 import capnp  # type: ignore[import-untyped]
 
 from .errors import Internal, UnknownOperation, error_for_code
-from .types import (DeadLetter, DeadPeeked, DeadReason, Limits, Message, NewMessage, Payload,
-                    Peeked, PolicyInfo, QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven,
-                    ServerInfo, clip_error)
+from .types import (DeadLetter, DeadPeeked, DeadReason, Lease, Limits, Message, NewMessage,
+                    Payload, Peeked, PolicyInfo, QueueCreated, QueuePolicy, QueueRef, QueueStats,
+                    Redriven, RemovedAndPolled, ServerInfo, clip_error)
 
 SCHEMA_PATH = Path(__file__).with_name("queueber.capnp")
 schema: Any = capnp.load(str(SCHEMA_PATH))
@@ -143,6 +143,23 @@ def encode_remove(rid: int, tenant: str, queue: str, lease: bytes,
     _queue(rm.queue, tenant, queue)
     rm.lease = lease
     rm.ids = ids
+    return req.to_bytes()  # type: ignore[no-any-return]
+
+
+def encode_remove_and_poll(rid: int, tenant: str, queue: str, lease: bytes, ids: List[bytes],
+                           max_items: int, lease_ms: int, wait_ms: int) -> bytes:
+    """``removeAndPoll``: ``ids`` removed under ``lease`` (both may be
+    empty: then it is a plain poll), then the poll."""
+    req = _new(rid)
+    rp = req.init("removeAndPoll")
+    _queue(rp.queue, tenant, queue)
+    if lease:
+        rp.lease = lease
+    if ids:
+        rp.ids = ids
+    rp.maxItems = max_items
+    rp.leaseMs = lease_ms
+    rp.waitMs = wait_ms
     return req.to_bytes()  # type: ignore[no-any-return]
 
 
@@ -293,6 +310,28 @@ def _poll(p: Any) -> Tuple[bytes, int, List[Message]]:
              for m in g("messages")])
 
 
+def _remove_and_poll(r: Any) -> Tuple[List[bool], Tuple[bytes, int, List[Message]]]:
+    """A removeAndPoll reply as (removed flags, the poll part as ``_poll``)."""
+    return list(r._get("removed")), _poll(r._get("poll"))
+
+
+def leased(kind: str, value: Any) -> Optional[Tuple[bytes, int, List[Message]]]:
+    """The poll part, (lease, expiry, messages), of a decoded ``poll`` or
+    ``removeAndPoll`` reply; ``None`` for any other kind."""
+    if kind == "poll":
+        return value  # type: ignore[no-any-return]
+    if kind == "removeAndPoll":
+        return value[1]  # type: ignore[no-any-return]
+    return None
+
+
+def removed_and_polled(reply: Tuple[List[bool], Tuple[bytes, int, List[Message]]]
+                       ) -> RemovedAndPolled:
+    """The result of a ``remove_and_poll`` from its decoded reply."""
+    removed, (lease, expires, messages) = reply
+    return RemovedAndPolled(removed, Lease(lease, expires, messages))
+
+
 _DEAD_REASONS = {0: DeadReason.MAX_DELIVERIES, 1: DeadReason.REJECTED}
 
 
@@ -378,6 +417,7 @@ _CONVERT: Any = {
     "add": lambda a: list(a._get("ids")),
     "poll": _poll,
     "remove": lambda r: list(r._get("removed")),
+    "removeAndPoll": _remove_and_poll,
     "extend": _extend,
     "release": lambda r: r._get("released"),
     "stats": _stats,

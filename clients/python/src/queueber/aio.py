@@ -20,7 +20,8 @@ sent again once on a new connection. The next request after a loss
 reconnects first. An ``add`` is never sent again by the client, nor are
 ``create_queue`` (its ``created`` would be wrong the second time),
 ``set_policy`` (it would move the version on twice), ``fail`` (the second
-would answer ``False``) and ``redrive`` (it could move more than ``max``).
+would answer ``False``), ``redrive`` (it could move more than ``max``) and
+``remove_and_poll`` (its flags would be ``False`` the second time).
 
 TLS: ``tls=True`` (or a CA, or a client certificate, or the ``QUEUEBER_TLS*``
 environment variables the CLI reads) connects with TLS 1.2 or newer,
@@ -45,7 +46,7 @@ from . import _tls, _wire
 from .errors import ConnectionClosed, ConnectTimeout, Internal, QueueberError, TLSError
 from .types import (DeadLetter, DeadPeeked, Lease, Message, NewMessage, Payload, Peeked,
                     PolicyInfo, QueueCreated, QueuePolicy, QueueRef, QueueStats, Redriven,
-                    ServerInfo)
+                    RemovedAndPolled, ServerInfo)
 from .worker import Consumer
 
 __all__ = ["Client", "connect", "DEFAULT_ADDRESS"]
@@ -313,8 +314,10 @@ class _Connection(asyncio.Protocol):
             # The caller gave up (cancelled). A poll's messages are leased to
             # nobody now: give them back instead of letting them sit out the
             # lease.
-            if kind == "poll" and ctx is not None and value[2]:
-                self._client._release_abandoned(ctx, value[0], value[2])
+            if ctx is not None:
+                polled = _wire.leased(kind, value)
+                if polled is not None and polled[2]:
+                    self._client._release_abandoned(ctx, polled[0], polled[2])
             return
         if kind == "error":
             fut.set_exception(value)
@@ -661,8 +664,9 @@ class Client:
 
         ``resend``: the request is safe to run twice, so if the connection
         is lost before the reply it is sent once more on a new connection.
-        ``ctx``: for polls, the queue to release messages to if the caller
-        is cancelled after the server has leased them.
+        ``ctx``: for polls (and removeAndPoll), the queue to release
+        messages to if the caller is cancelled after the server has leased
+        them.
         """
         attempt = 0
         while True:
@@ -687,9 +691,9 @@ class Client:
                 if ctx is not None and fut.done() and not fut.cancelled() \
                         and fut.exception() is None:
                     # Answered, but we were cancelled before we could use it.
-                    lease, _exp, messages = fut.result()
-                    if messages:
-                        self._release_abandoned(ctx, lease, messages)
+                    polled = _wire.leased(kind, fut.result())
+                    if polled is not None and polled[2]:
+                        self._release_abandoned(ctx, polled[0], polled[2])
                 raise
 
     def _release_abandoned(self, ctx: Tuple[str, str], lease: bytes,
@@ -784,6 +788,39 @@ class Client:
         flags: List[bool] = await self._call("remove", _wire.encode_remove, self.tenant, queue,
                                              _wire.lease_bytes(lease), _wire.id_list(ids))
         return flags
+
+    async def remove_and_poll(self, queue: str, lease: Optional[LeaseLike], ids: Iterable[IdLike],
+                              max_items: int = 1, lease_ms: Optional[int] = 30000,
+                              wait_ms: int = 0) -> RemovedAndPolled:
+        """A consumer's loop in one round trip: :meth:`remove` ``ids``
+        (delivered under ``lease``), then :meth:`poll` ``queue`` for more.
+
+        The removes run first, exactly as :meth:`remove` (one flag per id,
+        ``False`` when the lease no longer held it); then the poll, exactly
+        as :meth:`poll` (``max_items``, ``lease_ms`` with ``None``/0 for the
+        queue's lease, and ``wait_ms``, waiting included: the removes are
+        done by then whatever the wait brings). ``ids`` may be empty, and
+        then ``lease`` may be ``None`` or empty (a previous empty result's
+        lease): a plain poll. Ids with an empty lease raise
+        :class:`~queueber.errors.InvalidArgument`; more ids than the
+        server's ``max_messages_per_add``
+        :class:`~queueber.errors.TooManyMessages`; any error means nothing
+        was removed or leased. Needs the consume permission. A server older
+        than this operation raises
+        :class:`~queueber.errors.UnknownOperation` (use :meth:`remove`
+        then :meth:`poll`). Not re-sent after a lost connection. If the
+        caller is cancelled after the server leased messages, they are
+        released (the removes stay done).
+
+        Returns a :class:`~queueber.types.RemovedAndPolled`: ``removed``
+        (the flags) and ``lease`` (as :meth:`poll` returns it); falsy when
+        nothing was leased.
+        """
+        reply = await self._call(
+            "removeAndPoll", _wire.encode_remove_and_poll, self.tenant, queue,
+            b"" if lease is None else _wire.lease_bytes(lease), _wire.id_list(ids), max_items,
+            lease_ms or 0, wait_ms, ctx=(self.tenant, queue))
+        return _wire.removed_and_polled(reply)
 
     async def extend(self, queue: str, lease: LeaseLike, lease_ms: int) -> Optional[int]:
         """Make the lease expire ``lease_ms`` from now (not added to the old

@@ -37,7 +37,21 @@ struct Request {
     setPolicy @15 :SetPolicyRequest;
     fail @16 :FailRequest;
     redrive @17 :RedriveRequest;
+    removeAndPoll @18 :RemoveAndPollRequest;
   }
+}
+
+struct RemoveAndPollRequest {
+  # A consumer's loop in one round trip: acknowledge what it finished, then
+  # poll for more, on one queue. The removes run first, exactly as `remove`
+  # would; then the poll, exactly as `poll` would (waiting included).
+  queue @0 :QueueRef;
+  lease @1 :Data;       # the lease `ids` were delivered under (16 bytes;
+                        # may be empty when `ids` is)
+  ids @2 :List(Data);   # to remove first (16 bytes each); may be empty
+  maxItems @3 :UInt32;  # then the poll: as PollRequest
+  leaseMs @4 :UInt64;
+  waitMs @5 :UInt64;
 }
 
 struct FailRequest {
@@ -169,7 +183,13 @@ struct Response {
     setPolicy @16 :PolicyReply;
     fail @17 :FailReply;
     redrive @18 :RedriveReply;
+    removeAndPoll @19 :RemoveAndPollReply;
   }
+}
+
+struct RemoveAndPollReply {
+  removed @0 :List(Bool);     # one per requested id, as RemoveReply
+  poll @1 :PollReply;         # as the answer to poll (empty lease: nothing)
 }
 
 enum ErrorCode {

@@ -27,7 +27,7 @@ from typing import (Any, Callable, Coroutine, Iterable, Iterator, List, Optional
 from . import _tls, aio
 from .errors import ConnectionClosed
 from .types import (DeadPeeked, Lease, NewMessage, Payload, Peeked, PolicyInfo, QueueCreated,
-                    QueuePolicy, QueueRef, QueueStats, Redriven, ServerInfo)
+                    QueuePolicy, QueueRef, QueueStats, Redriven, RemovedAndPolled, ServerInfo)
 from .worker import ConsumedMessage, Consumer
 
 __all__ = ["Client", "connect", "SyncConsumer", "SyncMessage"]
@@ -153,6 +153,16 @@ class Client:
     def remove(self, queue: str, lease: aio.LeaseLike, ids: Iterable[aio.IdLike]) -> List[bool]:
         """See :meth:`queueber.aio.Client.remove`."""
         return self._run(self._aio.remove(queue, lease, list(ids)))
+
+    def remove_and_poll(self, queue: str, lease: Optional[aio.LeaseLike],
+                        ids: Iterable[aio.IdLike], max_items: int = 1,
+                        lease_ms: Optional[int] = 30000, wait_ms: int = 0) -> RemovedAndPolled:
+        """See :meth:`queueber.aio.Client.remove_and_poll`."""
+        return self._run(self._aio.remove_and_poll(queue, lease, list(ids), max_items, lease_ms,
+                                                   wait_ms),
+                         on_orphan=lambda got: self._loop.call_soon_threadsafe(
+                             self._aio._release_abandoned, (self.tenant, queue), got.lease.id,
+                             got.lease.messages))
 
     def extend(self, queue: str, lease: aio.LeaseLike, lease_ms: int) -> Optional[int]:
         """See :meth:`queueber.aio.Client.extend`."""

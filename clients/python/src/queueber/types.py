@@ -11,6 +11,7 @@ __all__ = [
     "NewMessage",
     "Message",
     "Lease",
+    "RemovedAndPolled",
     "Peeked",
     "DeadReason",
     "DeadLetter",
@@ -75,6 +76,35 @@ class Lease:
 
     def __iter__(self) -> Iterator[Message]:
         return iter(self.messages)
+
+
+@dataclass
+class RemovedAndPolled:
+    """The result of ``remove_and_poll``: the removes' flags and the poll's
+    lease.
+
+    Like a :class:`Lease` it is falsy when the poll leased nothing, and
+    iterating over it yields the newly leased messages; ``removed`` is what
+    ``remove`` would have answered for the ids.
+    """
+
+    #: One flag per requested id, in order; ``False`` when the lease no
+    #: longer held it (expired: it may be redelivered). Empty for no ids.
+    removed: List[bool]
+    #: What ``poll`` would have answered: empty (falsy, ``id`` ``b""``) when
+    #: nothing was leased.
+    lease: Lease
+
+    @property
+    def messages(self) -> List[Message]:
+        """The newly leased messages (``lease.messages``)."""
+        return self.lease.messages
+
+    def __len__(self) -> int:
+        return len(self.lease.messages)
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.lease.messages)
 
 
 @dataclass

@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Union
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple, Union
 
-from .errors import QueueberError, UnknownOperation, UnknownQueue
-from .types import Message, clip_error
+from .errors import ConnectionClosed, QueueberError, UnknownOperation, UnknownQueue
+from .types import Lease, Message, clip_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from .aio import Client
@@ -191,7 +191,10 @@ class Consumer:
             messages.
         ack_delay_ms: successful messages are removed in batches, one remove
             per lease; a batch goes out when every message of its lease is
-            settled, or this long after its first acknowledgement.
+            settled, or this long after its first acknowledgement. A batch
+            that goes out just as a poll loop gets room for its next batch
+            rides on that poll (one ``removeAndPoll`` request instead of a
+            ``remove`` and a ``poll``).
         retry_delay_ms: 0 (the default): a message whose processing failed
             is reported with ``fail`` (its error text kept; the queue's
             retry backoff and ``max_deliveries`` apply). Over 0: it is
@@ -227,14 +230,22 @@ class Consumer:
         self._want = min(batch, self._max_held)  # messages asked for per poll
         self._max_ids = 4096  # ids per remove: the server's limit, set at start
         self._can_fail = True  # False once the server answered fail unknownOperation
+        # False once the server answered removeAndPoll unknownOperation.
+        self._can_combine = True
 
         self._buffer: Deque[ConsumedMessage] = collections.deque()
         self._held = 0
         self._leases: Dict[bytes, _LeaseState] = {}
         self._unflushed: Dict[bytes, _LeaseState] = {}  # leases with acks to send
         self._flush_timer: Optional[asyncio.TimerHandle] = None
-        self._ops: Set["asyncio.Task[Any]"] = set()  # removes and releases in flight
+        # Removes, fails and releases in flight, and polls carrying removes.
+        self._ops: Set["asyncio.Future[Any]"] = set()
+        # Batches of acknowledgements for the next poll to carry, and the
+        # callback that sends the ones no poll took as removes.
+        self._riders: Deque[Tuple[_LeaseState, List[bytes]]] = collections.deque()
+        self._riders_handle: Optional[asyncio.Handle] = None
         self._reserved = 0  # room taken by polls in flight
+        self._idle_pollers = 0  # poll loops waiting for room
         self._pollers: List["asyncio.Task[None]"] = []
         self._heartbeat: Optional["asyncio.Task[None]"] = None
         self._item_waiter: Optional["asyncio.Future[None]"] = None
@@ -303,12 +314,25 @@ class Consumer:
                 if self._max_held - self._held - self._reserved < want:
                     if self._room_waiter is None or self._room_waiter.done():
                         self._room_waiter = loop.create_future()
-                    await self._room_waiter
+                    self._idle_pollers += 1
+                    try:
+                        await self._room_waiter
+                    finally:
+                        self._idle_pollers -= 1
                     continue
                 self._reserved += want
+                # Acknowledgements settled just as this loop got its room
+                # (see _flush) go out with the poll.
+                rider = self._riders.popleft() if self._riders else None
                 try:
-                    lease = await self._client.poll(self.queue, want, self._lease_ms,
-                                                    self._wait_ms)
+                    if rider is None:
+                        lease = await self._client.poll(self.queue, want, self._lease_ms,
+                                                        self._wait_ms)
+                    else:
+                        carried = await self._remove_and_poll(rider[0], rider[1], want)
+                        if carried is None:
+                            continue  # refused: polled apart on the next turn
+                        lease = carried
                     backoff = 0.05
                 except UnknownQueue:
                     # Only add creates queues, and a long poll does not wait
@@ -332,6 +356,45 @@ class Consumer:
         except BaseException as e:  # a non-retryable error ends the iteration
             self._error = e
             self._wake(self._item_waiter)
+
+    async def _remove_and_poll(self, st: _LeaseState, ids: List[bytes],
+                               want: int) -> Optional[Lease]:
+        """Acknowledge ``ids`` and poll in one request (``removeAndPoll``).
+
+        The poll does not wait: when nothing is visible, the next turn
+        long-polls as usual, so the removes are confirmed at once (and
+        :meth:`flush` waits for this request like for a remove). ``None``
+        when the server refused the request, so that nothing was removed or
+        leased: the acknowledgements then go out as a remove, and the poll
+        is made apart on the next turn (where an error of its own comes
+        back, handled as ever)."""
+        done: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+        self._ops.add(done)
+        try:
+            got = await self._client.remove_and_poll(self.queue, st.id, ids, want,
+                                                     self._lease_ms, 0)
+        except asyncio.CancelledError:
+            # Stopping: whether the request went out is unknown. Removing
+            # again does no harm (the second remove answers False).
+            self._spawn(self._remove(st, ids, again=True))
+            raise
+        except QueueberError as e:
+            if isinstance(e, ConnectionClosed) or e.connection_level:
+                # Unknown outcome: remove again (on the next connection);
+                # the error is the poll's to handle.
+                self._spawn(self._remove(st, ids, again=True))
+                raise
+            if isinstance(e, UnknownOperation) and self._can_combine:
+                self._can_combine = False
+                log.info("queueber: the server does not know removeAndPoll; acknowledgements "
+                         "on %s are sent apart from polls", self.queue)
+            self._spawn(self._remove(st, ids))
+            return None
+        finally:
+            self._ops.discard(done)
+            done.set_result(None)
+        self._report_late(got.removed)
+        return got.lease
 
     def _take(self, lease_id: bytes, messages: List[Message], now: float) -> None:
         st = _LeaseState(lease_id, len(messages), now + self._heartbeat_s)
@@ -406,7 +469,7 @@ class Consumer:
             acks = st.acks
             acks.append(msg.id)
             if st.open == 0 or len(acks) >= self._max_ids:
-                self._flush(st)
+                self._flush(st, ride=True)
             else:
                 self._unflushed[st.id] = st
                 if self._flush_timer is None:
@@ -419,14 +482,39 @@ class Consumer:
             else:
                 self._spawn(self._fail(st, msg.id, error_text(reason), dead))
             if st.open == 0:
-                self._flush(st)
+                self._flush(st, ride=True)
         if st.open == 0:
             self._leases.pop(st.id, None)
 
-    def _flush(self, st: _LeaseState) -> None:
+    def _flush(self, st: _LeaseState, ride: bool = False) -> None:
+        """Send ``st``'s acknowledgements; with ``ride``, on the next poll
+        if one is about to go out."""
         self._unflushed.pop(st.id, None)
         if st.acks:
             ids, st.acks = st.acks, []
+            if ride and self._poll_due():
+                # The poll loop just woken runs before this callback: it
+                # takes the batch, else the callback sends it as a remove.
+                self._riders.append((st, ids))
+                if self._riders_handle is None:
+                    self._riders_handle = asyncio.get_running_loop().call_soon(
+                        self._send_riders)
+            else:
+                self._spawn(self._remove(st, ids))
+
+    def _poll_due(self) -> bool:
+        """Whether a poll loop is about to poll: one waits for room and
+        there is room for its batch (so _room_changed has woken it)."""
+        return (self._can_combine and not self._stopping and self._idle_pollers > 0
+                and self._max_held - self._held - self._reserved >= self._want)
+
+    def _send_riders(self) -> None:
+        """Send the acknowledgements no poll took as removes."""
+        if self._riders_handle is not None:
+            self._riders_handle.cancel()  # nothing if this is it running
+            self._riders_handle = None
+        while self._riders:
+            st, ids = self._riders.popleft()
             self._spawn(self._remove(st, ids))
 
     def _flush_all(self) -> None:
@@ -439,13 +527,19 @@ class Consumer:
         self._ops.add(task)
         task.add_done_callback(self._ops.discard)
 
-    async def _remove(self, st: _LeaseState, ids: List[bytes]) -> None:
+    async def _remove(self, st: _LeaseState, ids: List[bytes], again: bool = False) -> None:
+        """Remove ``ids``; ``again``: they may have been removed already (by
+        a removeAndPoll whose answer was lost), so ``False`` is no news."""
         try:
             flags = await self._client.remove(self.queue, st.id, ids)
         except QueueberError as e:
             log.warning("queueber: acknowledging %d messages on %s failed (they are "
                         "redelivered after their lease): %s", len(ids), self.queue, e)
             return
+        if not again:
+            self._report_late(flags)
+
+    def _report_late(self, flags: List[bool]) -> None:
         late = flags.count(False)
         if late:
             log.warning("queueber: %d acknowledgements on %s came after the lease expired; "
@@ -487,6 +581,7 @@ class Consumer:
         """Send the pending acknowledgements now and wait for every removal,
         failure and release in flight."""
         self._flush_all()
+        self._send_riders()
         while self._ops:
             await asyncio.gather(*list(self._ops), return_exceptions=True)
 
