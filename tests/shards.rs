@@ -5,6 +5,10 @@
 //! own requests, and its token still binds it).
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+#[path = "common/wire.rs"]
+mod wire;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -177,4 +181,50 @@ fn a_moved_connection_keeps_its_token() {
         assert!(shard_total(metrics, "queueber_connections_moved_total") >= 1);
     });
     common::stop(server);
+}
+
+/// A moved connection is registered for revocation on the shard it moved
+/// to: a reload that removes its token closes it there even while it is
+/// idle (told why, with id 0), as on the shard that accepted it.
+#[test]
+fn a_moved_connection_is_still_revoked_by_a_reload() {
+    use std::time::{Duration, Instant};
+    let keep = new_token("test", &[Permission::Send], &[]).unwrap();
+    let revoke = new_token("test", &[Permission::Send], &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.toml");
+    std::fs::write(&file, format!("{}{}", keep.entry, revoke.entry)).unwrap();
+    let mut server = daemon::DaemonSpec::new(&dir.path().join("data"), "wal")
+        .arg("--auth-file")
+        .arg(file.to_str().unwrap())
+        .start();
+    let queue = queue_on_shard("revoked", 1, 2);
+    // Eight connections: those the kernel gave shard 0 move to shard 1
+    // after MOVE_AFTER adds (all eight stay on 1 with probability 1/256).
+    let mut wires: Vec<wire::Wire> = (0..8).map(|_| wire::Wire::connect(server.addr)).collect();
+    for w in &mut wires {
+        let auth = queueber::protocol::Op::Auth(queueber::ops::Auth {
+            token: revoke.secret.clone(),
+        });
+        assert!(w.call(1, auth).result.is_ok());
+        for id in 0..MOVE_AFTER + 4 {
+            assert!(w.add_one(2 + id, &queue, b"m".to_vec()).result.is_ok());
+        }
+    }
+    std::fs::write(&file, &keep.entry).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().contains("auth file reloaded") {
+        assert!(Instant::now() < deadline, "no reload logged:\n{}", server.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for w in &mut wires {
+        w.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let told = w.read_all().expect("closed, not reset, and within 10 s");
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].id, 0);
+        assert_eq!(told[0].result.clone().unwrap_err().code, ErrorCode::Unauthenticated);
+    }
+    server.terminate();
 }
