@@ -239,41 +239,33 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
     let mut shards: Vec<&ShardSnapshot> = scrape.shards.iter().collect();
     shards.sort_by_key(|s| s.shard);
     let shard_labels: Vec<String> = shards.iter().map(|s| s.shard.to_string()).collect();
-    w.family(
-        "queueber_shard_pending_requests",
-        Kind::Gauge,
-        "Requests waiting at a shard's core for the next storage batch.",
-    );
-    for (s, label) in shards.iter().zip(&shard_labels) {
-        w.sample(
+    // One sample per shard for each of these: name, kind, help, value.
+    type PerShard = (&'static str, Kind, &'static str, fn(&ShardSnapshot) -> u64);
+    let per_shard: [PerShard; 3] = [
+        (
             "queueber_shard_pending_requests",
-            &[("shard", label)],
-            s.pending_requests as f64,
-        );
-    }
-    w.family(
-        "queueber_cross_shard_requests_total",
-        Kind::Counter,
-        "Requests a shard's connections routed to another shard's core.",
-    );
-    for (s, label) in shards.iter().zip(&shard_labels) {
-        w.sample(
+            Kind::Gauge,
+            "Requests waiting at a shard's core for the next storage batch.",
+            |s| s.pending_requests,
+        ),
+        (
             "queueber_cross_shard_requests_total",
-            &[("shard", label)],
-            s.figures.cross_shard_requests as f64,
-        );
-    }
-    w.family(
-        "queueber_connections_moved_total",
-        Kind::Counter,
-        "Connections a shard handed to the shard that owns the queues they use.",
-    );
-    for (s, label) in shards.iter().zip(&shard_labels) {
-        w.sample(
+            Kind::Counter,
+            "Requests a shard's connections routed to another shard's core.",
+            |s| s.figures.cross_shard_requests,
+        ),
+        (
             "queueber_connections_moved_total",
-            &[("shard", label)],
-            s.figures.connections_moved as f64,
-        );
+            Kind::Counter,
+            "Connections a shard handed to the shard that owns the queues they use.",
+            |s| s.figures.connections_moved,
+        ),
+    ];
+    for (name, kind, help, value) in per_shard {
+        w.family(name, kind, help);
+        for (s, label) in shards.iter().zip(&shard_labels) {
+            w.sample(name, &[("shard", label)], value(s) as f64);
+        }
     }
     w.family(
         "queueber_tls_refused_connections_total",
