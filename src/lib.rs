@@ -28,7 +28,8 @@
 //! * [`tls`]: rustls configurations for the server, the metrics endpoint
 //!   and clients, from PEM files (feature `tls`).
 //! * [`client`]: an async, pipelining client over any `futures` stream
-//!   (plain TCP or [`tls::ClientTls`]'s).
+//!   (plain TCP or [`tls::ClientTls`]'s); [`consumer`]: a worker's loop
+//!   on it that acknowledges each batch in the request for the next.
 //! * [`types`]: the values client and server exchange (messages, leases,
 //!   queue counters).
 //!
@@ -37,7 +38,7 @@
 //! `server` (on by default) builds the daemon, the CLI, the load generator
 //! and everything they need: glommio, RocksDB, logging. A program that only
 //! talks to a server depends on `queueber = { default-features = false }`
-//! and gets [`client`], [`protocol`], [`types`], [`names`], [`ids`],
+//! and gets [`client`], [`consumer`], [`protocol`], [`types`], [`names`], [`ids`],
 //! [`clock`] and [`frame`], with neither RocksDB's C++ nor an executor;
 //! adding the `tls` feature gives it [`tls`] as well.
 
@@ -45,6 +46,7 @@
 pub mod auth;
 pub mod client;
 pub mod clock;
+pub mod consumer;
 pub mod frame;
 pub mod ids;
 #[cfg(feature = "server")]

@@ -711,3 +711,43 @@ fn remove_and_poll_acknowledges_then_leases_in_one_request() {
     });
     common::stop(server);
 }
+
+/// The Rust client's consumer helper drains a queue with one request per
+/// batch while messages wait, removing exactly what was marked done, and
+/// long-polls when the queue is empty.
+#[test]
+fn the_consumer_helper_removes_what_is_done_and_leaves_the_rest() {
+    use queueber::consumer::Consumer;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 2);
+    with_clients(server.local_addr(), 2, |clients| async move {
+        let queue = queue_on_shard("consumer", 1, 2);
+        clients[1].add(&queue, msgs(50, "c")).await.unwrap();
+        let mut consumer = Consumer::new(clients[0].clone(), queue.clone(), 8, 30_000, 200);
+        let (mut seen, mut skipped) = (HashSet::new(), 0);
+        while let Some(lease) = consumer.next().await.unwrap() {
+            for m in &lease.messages {
+                assert!(seen.insert(m.payload.clone()), "delivered twice");
+                // Every tenth message is left unhandled: it stays leased.
+                if seen.len() % 10 == 0 {
+                    skipped += 1;
+                } else {
+                    consumer.done(&lease, m.id);
+                }
+            }
+        }
+        consumer.flush().await.unwrap();
+        assert!(consumer.take_not_removed().is_empty());
+        assert_eq!((seen.len(), skipped), (50, 5));
+        let stats = clients[1].stats(&queue).await.unwrap();
+        assert_eq!((stats.visible, stats.in_flight), (0, 5), "{stats:?}");
+        // An empty queue: next() waits its wait_ms for a late message.
+        let late = async {
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            clients[1].add(&queue, msgs(1, "late")).await.unwrap();
+        };
+        let (got, ()) = futures::join!(consumer.next(), late);
+        assert_eq!(got.unwrap().expect("the late message").messages[0].payload, b"late0");
+    });
+    common::stop(server);
+}
