@@ -9,10 +9,15 @@
 #   scripts/scrape-impact.sh [--bin QUEUEBERD] [--loadgen LOADGEN]
 #                            [--queues 10000] [--rounds 6]
 #                            [--scraper-nice N] [--max-queues N]
+#                            [--scrape-path /metrics] [--scrape-addr HOST:PORT]
 #
 # --scraper-nice runs the scraping curl at that nice level (on a 2-core
 # machine it otherwise competes with the generator and the server as a
-# remote Prometheus would not); --max-queues passes --metrics-max-queues.
+# remote Prometheus would not); --max-queues passes --metrics-max-queues;
+# --scrape-path /healthz makes the same requests without asking any shard
+# for anything (a control: what scraping itself costs the machine);
+# --scrape-addr points the per-second curl elsewhere, e.g. 127.0.0.1:9
+# where nothing listens (a control: what the scraper process alone costs).
 #
 # Needs the Python venv of scripts/test-python.sh and curl. Listens on
 # 127.0.0.1 only; stops its server by PID. --help prints this and starts
@@ -21,7 +26,7 @@ source "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$HOME/.cache/queueber/target}/release"
-bin="$target/queueberd" loadgen="$target/loadgen" queues=10000 rounds=6 scraper_nice=0 max_queues=1000
+bin="$target/queueberd" loadgen="$target/loadgen" queues=10000 rounds=6 scraper_nice=0 max_queues=1000 scrape_path=/metrics scrape_addr=
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin="$2"; shift 2 ;;
@@ -30,6 +35,8 @@ while [ $# -gt 0 ]; do
     --rounds) rounds="$2"; shift 2 ;;
     --scraper-nice) scraper_nice="$2"; shift 2 ;;
     --max-queues) max_queues="$2"; shift 2 ;;
+    --scrape-path) scrape_path="$2"; shift 2 ;;
+    --scrape-addr) scrape_addr="$2"; shift 2 ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -71,7 +78,7 @@ echo "server CPU for 10 scrapes and 2 s idle: $(( ($(ticks) - before) * 1000 / $
 for round in $(seq "$rounds"); do
   for mode in quiet scraped; do
     if [ "$mode" = scraped ]; then
-      (while true; do nice -n "$scraper_nice" curl -s -o /dev/null "http://127.0.0.1:$metrics/metrics"; sleep 1; done) &
+      (while true; do nice -n "$scraper_nice" curl -s -o /dev/null "http://${scrape_addr:-127.0.0.1:$metrics}$scrape_path" || true; sleep 1; done) &
       scraper=$!
     fi
     "$loadgen" --addr "127.0.0.1:$port" --server-pid "$pid" -B 1 -P 2 -C 2 -Q 1 --duration 8 --warmup 1 \
