@@ -60,6 +60,20 @@ pub(crate) fn read_message_id(bytes: capnp::Result<&[u8]>) -> Result<MessageId, 
     MessageId::from_slice(bytes).ok_or_else(|| invalid(format!("message id must be 16 bytes, got {}", bytes.len())))
 }
 
+/// A request's list of message ids (16 bytes each).
+pub(crate) fn read_message_ids(
+    list: capnp::Result<capnp::data_list::Reader<'_>>,
+) -> Result<Vec<MessageId>, ErrorReply> {
+    list.map_err(malformed)?.iter().map(read_message_id).collect()
+}
+
+/// Writes message ids into a list built for them.
+pub(crate) fn set_message_ids(mut list: capnp::data_list::Builder<'_>, ids: &[MessageId]) {
+    for (i, id) in ids.iter().enumerate() {
+        list.set(i as u32, id.as_bytes());
+    }
+}
+
 /// A message id of a response.
 pub(crate) fn reply_message_id(bytes: capnp::Result<&[u8]>) -> Result<MessageId, ResponseDecodeError> {
     let bytes = bytes?;

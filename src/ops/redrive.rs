@@ -4,7 +4,7 @@
 //! short, so other requests on the shard keep flowing); `more` says to ask
 //! again.
 
-use super::fields::{malformed, read_message_id, read_queue, set_queue};
+use super::fields::{malformed, read_message_ids, read_queue, set_message_ids, set_queue};
 use super::Operation;
 use crate::ids::MessageId;
 use crate::names::QueueName;
@@ -36,11 +36,7 @@ impl Operation for Redrive {
 
     fn decode(arm: Self::RequestArm<'_>) -> Result<Self, ErrorReply> {
         let r = arm.map_err(malformed)?;
-        let list = r.get_ids().map_err(malformed)?;
-        let mut ids = Vec::with_capacity(list.len() as usize);
-        for id in list.iter() {
-            ids.push(read_message_id(id)?);
-        }
+        let ids = read_message_ids(r.get_ids())?;
         Ok(Redrive {
             queue: read_queue(r.get_queue())?,
             max: r.get_max(),
@@ -52,10 +48,7 @@ impl Operation for Redrive {
         let mut b = root.init_redrive();
         set_queue(b.reborrow().init_queue(), &self.queue);
         b.set_max(self.max);
-        let mut list = b.init_ids(self.ids.len() as u32);
-        for (i, id) in self.ids.iter().enumerate() {
-            list.set(i as u32, id.as_bytes());
-        }
+        set_message_ids(b.init_ids(self.ids.len() as u32), &self.ids);
     }
 
     fn encode_reply(r: &Redriven, root: response::Builder<'_>) {

@@ -1,7 +1,7 @@
 //! `remove`: acknowledges messages held by a lease, for good. One flag per
 //! id: false when that id is not (or no longer) held by the lease.
 
-use super::fields::{malformed, read_lease, read_message_id, read_queue, set_queue};
+use super::fields::{malformed, read_lease, read_message_ids, read_queue, set_message_ids, set_queue};
 use super::Operation;
 use crate::ids::{LeaseId, MessageId};
 use crate::names::QueueName;
@@ -23,11 +23,7 @@ impl Operation for Remove {
 
     fn decode(arm: Self::RequestArm<'_>) -> Result<Self, ErrorReply> {
         let r = arm.map_err(malformed)?;
-        let list = r.get_ids().map_err(malformed)?;
-        let mut ids = Vec::with_capacity(list.len() as usize);
-        for id in list.iter() {
-            ids.push(read_message_id(id)?);
-        }
+        let ids = read_message_ids(r.get_ids())?;
         Ok(Remove {
             queue: read_queue(r.get_queue())?,
             lease: read_lease(r.get_lease())?,
@@ -39,10 +35,7 @@ impl Operation for Remove {
         let mut b = root.init_remove();
         set_queue(b.reborrow().init_queue(), &self.queue);
         b.set_lease(self.lease.as_bytes());
-        let mut list = b.init_ids(self.ids.len() as u32);
-        for (i, id) in self.ids.iter().enumerate() {
-            list.set(i as u32, id.as_bytes());
-        }
+        set_message_ids(b.init_ids(self.ids.len() as u32), &self.ids);
     }
 
     fn encode_reply(flags: &Vec<bool>, root: response::Builder<'_>) {

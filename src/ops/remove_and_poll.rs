@@ -9,7 +9,7 @@
 //! network round trip and one storage trip per batch of messages instead
 //! of two of each.
 
-use super::fields::{invalid, malformed, read_lease, read_message_id, read_queue, set_queue};
+use super::fields::{invalid, malformed, read_lease, read_message_ids, read_queue, set_message_ids, set_queue};
 use super::poll::{read_poll_reply, set_poll_reply, Poll};
 use super::Operation;
 use crate::ids::{LeaseId, MessageId};
@@ -60,11 +60,7 @@ impl Operation for RemoveAndPoll {
 
     fn decode(arm: Self::RequestArm<'_>) -> Result<Self, ErrorReply> {
         let r = arm.map_err(malformed)?;
-        let list = r.get_ids().map_err(malformed)?;
-        let mut ids = Vec::with_capacity(list.len() as usize);
-        for id in list.iter() {
-            ids.push(read_message_id(id)?);
-        }
+        let ids = read_message_ids(r.get_ids())?;
         let lease_bytes = r.get_lease().map_err(malformed)?;
         let lease = if lease_bytes.is_empty() {
             if !ids.is_empty() {
@@ -95,10 +91,7 @@ impl Operation for RemoveAndPoll {
         b.set_max_items(self.max_items);
         b.set_lease_ms(self.lease_ms);
         b.set_wait_ms(self.wait_ms);
-        let mut list = b.init_ids(self.ids.len() as u32);
-        for (i, id) in self.ids.iter().enumerate() {
-            list.set(i as u32, id.as_bytes());
-        }
+        set_message_ids(b.init_ids(self.ids.len() as u32), &self.ids);
     }
 
     fn encode_reply(reply: &RemovedAndPolled, root: response::Builder<'_>) {
