@@ -74,6 +74,37 @@ pub(crate) fn set_message_ids(mut list: capnp::data_list::Builder<'_>, ids: &[Me
     }
 }
 
+/// Writes delivered messages (`List(PolledMessage)`: poll, peek).
+pub(crate) fn set_deliveries(
+    mut list: capnp::struct_list::Builder<'_, crate::queueber_capnp::polled_message::Owned>,
+    messages: &[crate::types::Delivery],
+) {
+    for (i, m) in messages.iter().enumerate() {
+        let mut e = list.reborrow().get(i as u32);
+        e.set_id(m.id.as_bytes());
+        e.set_payload(&m.payload);
+        e.set_delivery_count(m.delivery_count);
+        e.set_enqueued_at_ms(m.enqueued_at_ms);
+    }
+}
+
+/// Reads delivered messages of a response (poll, peek).
+pub(crate) fn read_deliveries(
+    list: capnp::Result<capnp::struct_list::Reader<'_, crate::queueber_capnp::polled_message::Owned>>,
+) -> Result<Vec<crate::types::Delivery>, ResponseDecodeError> {
+    list?
+        .iter()
+        .map(|m| {
+            Ok(crate::types::Delivery {
+                id: reply_message_id(m.get_id())?,
+                payload: m.get_payload()?.to_vec(),
+                delivery_count: m.get_delivery_count(),
+                enqueued_at_ms: m.get_enqueued_at_ms(),
+            })
+        })
+        .collect()
+}
+
 /// A message id of a response.
 pub(crate) fn reply_message_id(bytes: capnp::Result<&[u8]>) -> Result<MessageId, ResponseDecodeError> {
     let bytes = bytes?;

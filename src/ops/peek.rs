@@ -4,12 +4,14 @@
 //! pass to the next peek. With `dead`, the queue's dead letters instead,
 //! oldest death first, with why and when each died.
 
-use super::fields::{bad, invalid, malformed, read_queue, reply_message_id, set_queue};
+use super::fields::{
+    bad, invalid, malformed, read_deliveries, read_queue, reply_message_id, set_deliveries, set_queue,
+};
 use super::Operation;
 use crate::names::QueueName;
 use crate::protocol::{ErrorReply, ResponseDecodeError};
 use crate::queueber_capnp::{peek_reply, peek_request, request, response};
-use crate::types::{DeadLetter, DeadReason, Delivery, PeekCursor, Peeked};
+use crate::types::{DeadLetter, DeadReason, PeekCursor, Peeked};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peek {
@@ -65,14 +67,10 @@ impl Operation for Peek {
         if let Some(c) = peeked.cursor {
             b.set_cursor(&c.to_bytes());
         }
-        let mut list = b.reborrow().init_messages(peeked.messages.len() as u32);
-        for (i, m) in peeked.messages.iter().enumerate() {
-            let mut e = list.reborrow().get(i as u32);
-            e.set_id(m.id.as_bytes());
-            e.set_payload(&m.payload);
-            e.set_delivery_count(m.delivery_count);
-            e.set_enqueued_at_ms(m.enqueued_at_ms);
-        }
+        set_deliveries(
+            b.reborrow().init_messages(peeked.messages.len() as u32),
+            &peeked.messages,
+        );
         if !peeked.dead.is_empty() {
             let mut list = b.init_dead(peeked.dead.len() as u32);
             for (i, d) in peeked.dead.iter().enumerate() {
@@ -100,15 +98,7 @@ impl Operation for Peek {
         } else {
             Some(PeekCursor::from_bytes(cursor).ok_or_else(|| bad("peek cursor", format!("{} bytes", cursor.len())))?)
         };
-        let mut messages = Vec::new();
-        for m in p.get_messages()?.iter() {
-            messages.push(Delivery {
-                id: reply_message_id(m.get_id())?,
-                payload: m.get_payload()?.to_vec(),
-                delivery_count: m.get_delivery_count(),
-                enqueued_at_ms: m.get_enqueued_at_ms(),
-            });
-        }
+        let messages = read_deliveries(p.get_messages())?;
         let mut dead = Vec::new();
         for d in p.get_dead()?.iter() {
             let reason = match d.get_reason() {

@@ -3,13 +3,13 @@
 //! the shard core's (`server::core`), which parks an empty poll on its
 //! queue and retries it when messages become visible there.
 
-use super::fields::{bad, malformed, read_queue, reply_message_id, set_queue};
+use super::fields::{bad, malformed, read_deliveries, read_queue, set_deliveries, set_queue};
 use super::Operation;
 use crate::ids::LeaseId;
 use crate::names::QueueName;
 use crate::protocol::{ErrorReply, ResponseDecodeError};
 use crate::queueber_capnp::{poll_reply, poll_request, request, response};
-use crate::types::{Delivery, Lease};
+use crate::types::Lease;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Poll {
@@ -62,14 +62,7 @@ pub(crate) fn set_poll_reply(mut b: poll_reply::Builder<'_>, lease: &Option<Leas
     if let Some(lease) = lease {
         b.set_lease(lease.id.as_bytes());
         b.set_expires_at_ms(lease.expires_at_ms);
-        let mut list = b.init_messages(lease.messages.len() as u32);
-        for (i, m) in lease.messages.iter().enumerate() {
-            let mut e = list.reborrow().get(i as u32);
-            e.set_id(m.id.as_bytes());
-            e.set_payload(&m.payload);
-            e.set_delivery_count(m.delivery_count);
-            e.set_enqueued_at_ms(m.enqueued_at_ms);
-        }
+        set_deliveries(b.init_messages(lease.messages.len() as u32), &lease.messages);
     }
 }
 
@@ -80,19 +73,10 @@ pub(crate) fn read_poll_reply(p: poll_reply::Reader<'_>) -> Result<Option<Lease>
         return Ok(None);
     }
     let id = LeaseId::from_slice(lease).ok_or_else(|| bad("lease id", format!("{} bytes", lease.len())))?;
-    let mut messages = Vec::new();
-    for m in p.get_messages()?.iter() {
-        messages.push(Delivery {
-            id: reply_message_id(m.get_id())?,
-            payload: m.get_payload()?.to_vec(),
-            delivery_count: m.get_delivery_count(),
-            enqueued_at_ms: m.get_enqueued_at_ms(),
-        });
-    }
     Ok(Some(Lease {
         id,
         expires_at_ms: p.get_expires_at_ms(),
-        messages,
+        messages: read_deliveries(p.get_messages())?,
     }))
 }
 

@@ -270,13 +270,13 @@ struct Connection {
 }
 
 impl Connection {
-    /// Notes which shard `op` runs on.
-    fn note_route(&self, op: &Op) {
-        let Route::Owner(queue) = op.route() else {
+    /// Notes which shard a request runs on (`None`: it names no queue,
+    /// which says nothing about where the connection belongs).
+    fn note_owner(&self, owner: Option<usize>) {
+        let Some(owner) = owner else {
             return;
         };
         let router = &self.ctx.router;
-        let owner = queue.shard(router.shards());
         let mut a = self.affinity.get();
         if owner == router.index() {
             a.streak = 0;
@@ -619,7 +619,6 @@ fn dispatch(conn: &Rc<Connection>, len: usize, decoded: Result<Request, crate::p
         conn.answer(request.id, Err(error));
         return;
     }
-    conn.note_route(&request.op);
     conn.reserve();
     // The decoded request holds about as much as its frame did, until answered.
     let charge = conn.budget.charge(len);
@@ -630,6 +629,8 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
     let ctx = &conn.ctx;
     let started = Instant::now();
     let op = request.op.index();
+    let owner = ctx.router.owner(&request.op);
+    conn.note_owner(owner);
     let label = ctx.slow_request.is_some().then(|| QueueLabel::of(&request.op));
     let mut waited = false;
     // Access first: a request the connection may not make is not even
@@ -644,14 +645,14 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
         }
         Ok(Op::Poll(poll)) if poll.wait_ms > 0 => {
             waited = true;
-            long_poll(&conn, poll, started).await
+            long_poll(&conn, owner, poll, started).await
         }
         Ok(Op::RemoveAndPoll(op)) => {
             let may_wait = op.wait_ms > 0;
             let poll = op.poll();
             let first = ctx
                 .router
-                .call(Op::RemoveAndPoll(op), started, Some(conn.budget.clone()))
+                .call(owner, Op::RemoveAndPoll(op), started, Some(conn.budget.clone()))
                 .await;
             match first.result {
                 // Removed, nothing to lease yet: wait the rest as a poll.
@@ -659,7 +660,7 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
                     if may_wait && !ctx.shutdown.is_fired() =>
                 {
                     waited = true;
-                    let Answered { result, timing } = long_poll(&conn, poll, started).await;
+                    let Answered { result, timing } = long_poll(&conn, owner, poll, started).await;
                     let result = result.and_then(|reply| match reply {
                         Reply::Polled(lease) => Ok(Reply::RemovedAndPolled(ops::RemovedAndPolled { removed, lease })),
                         other => Err(ErrorReply::new(
@@ -675,7 +676,7 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
                 },
             }
         }
-        Ok(op) => ctx.router.call(op, started, Some(conn.budget.clone())).await,
+        Ok(op) => ctx.router.call(owner, op, started, Some(conn.budget.clone())).await,
     };
     let took = started.elapsed();
     let Answered { mut result, timing } = answered;
@@ -703,11 +704,14 @@ async fn handle(request: Request, conn: Rc<Connection>, frame: Charge) {
 /// A poll that may wait (`wait_ms` counts from `started`, the frame's
 /// read). A client that has finished sending gets one try, no wait; one
 /// that finishes while its poll is parked gets an empty answer.
-async fn long_poll(conn: &Rc<Connection>, mut poll: ops::Poll, started: Instant) -> Answered {
+async fn long_poll(conn: &Rc<Connection>, owner: Option<usize>, mut poll: ops::Poll, started: Instant) -> Answered {
     if conn.finished.is_fired() {
         poll.wait_ms = 0;
     }
-    let call = pin!(conn.ctx.router.call(Op::Poll(poll), started, Some(conn.budget.clone())));
+    let call = pin!(conn
+        .ctx
+        .router
+        .call(owner, Op::Poll(poll), started, Some(conn.budget.clone())));
     let finished = pin!(conn.finished.wait());
     match select(call, finished).await {
         Either::Left((answered, _)) => answered,

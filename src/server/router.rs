@@ -136,14 +136,27 @@ impl Router {
         (router, arrivals)
     }
 
-    /// Runs `op` on the shard that owns its queue. `budget` is the calling
-    /// connection's buffer account (a poll's reply is limited by it).
-    /// `read_at` is when the request's frame was read.
-    pub(crate) async fn call(&self, op: Op, read_at: Instant, budget: Option<Arc<ConnectionBudget>>) -> Answered {
-        let owner = match op.route() {
-            Route::Owner(queue) => queue.shard(self.shards),
-            Route::Local | Route::Connection => self.index,
-        };
+    /// The shard that owns `op`'s queue; `None` for an operation on no
+    /// queue, which this shard runs. Computed once per request (the
+    /// connection also notes it, to move to where its queues are).
+    pub(crate) fn owner(&self, op: &Op) -> Option<usize> {
+        match op.route() {
+            Route::Owner(queue) => Some(queue.shard(self.shards)),
+            Route::Local | Route::Connection => None,
+        }
+    }
+
+    /// Runs `op` on shard `owner` ([`Router::owner`] of it). `budget` is the
+    /// calling connection's buffer account (a poll's reply is limited by
+    /// it). `read_at` is when the request's frame was read.
+    pub(crate) async fn call(
+        &self,
+        owner: Option<usize>,
+        op: Op,
+        read_at: Instant,
+        budget: Option<Arc<ConnectionBudget>>,
+    ) -> Answered {
+        let owner = owner.unwrap_or(self.index);
         let (reply, answer) = oneshot::channel();
         let call = Call {
             op,
