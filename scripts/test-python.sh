@@ -2,7 +2,7 @@
 # Runs the Python client's tests (clients/python/tests) against a real
 # queueberd: creates a venv at ${QUEUEBER_VENV:-~/.cache/queueber/venv} when
 # missing (installing python3-venv with apt if needed), installs
-# ./clients/python and the pinned test tools into it, then runs pytest with
+# ./clients/python and the pinned test tools (pytest, pytest-timeout, and the reference Prometheus parsers for the metrics test) into it, then runs pytest with
 # a per-test and an overall timeout. Extra arguments go to pytest.
 #
 # The server binary is $QUEUEBERD, else
@@ -33,7 +33,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  pytest==8.4.2 pytest-timeout==2.4.0
+  pytest==8.4.2 pytest-timeout==2.4.0 prometheus-client==0.26.0
 # Not editable: the tests run against the package as pip installs it (with
 # the schema it ships). pip reinstalls a local directory every time.
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./clients/python

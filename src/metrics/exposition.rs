@@ -1,14 +1,23 @@
-//! The text exposition formats: Prometheus 0.0.4 (what `curl` and most
-//! tools read) and OpenMetrics 1.0 (what Prometheus asks for first).
+//! The text exposition formats, written by `prometheus-client`: Prometheus
+//! 0.0.4 (what `curl` and most tools read) and OpenMetrics 1.0 (what
+//! Prometheus asks for first).
 //!
-//! Written here rather than with `prometheus-client`: that crate renders
-//! OpenMetrics only, from metric objects it owns, while a scrape here is a
-//! snapshot of values counted elsewhere (per shard, per queue, folded), and
-//! both formats are needed. The two differ in three places, all handled by
-//! [`Writer`]: a counter's family name (OpenMetrics drops `_total` in
-//! `# TYPE`), the trailing `# EOF`, and the content type.
+//! A scrape here is a snapshot of values counted elsewhere (per shard, per
+//! queue, folded), not metric objects registered once, so the catalogue
+//! ([`super::render`]) is a `prometheus-client` [`Collector`] run once per
+//! scrape over that snapshot; this module is the narrow adaptor it writes
+//! through ([`Families`]). The crate owns everything the two formats
+//! disagree on (a counter's family name, `# EOF`, float spelling, escaping),
+//! so we do not.
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::exemplar::Exemplar;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use super::Histogram;
 
@@ -30,10 +39,22 @@ impl Format {
 
     pub fn content_type(self) -> &'static str {
         match self {
-            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
         }
     }
+}
+
+/// Renders what `collector` writes in `format`.
+pub fn encode(collector: impl Collector, format: Format) -> Result<String, fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut out = String::with_capacity(16 << 10);
+    match format {
+        Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?,
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry)?,
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,141 +64,144 @@ pub enum Kind {
     Histogram,
 }
 
-/// Builds one exposition. Families must be written whole, one after
-/// another (both formats require a family's samples to be contiguous).
-#[derive(Debug)]
-pub struct Writer {
-    out: String,
-    format: Format,
-}
-
 /// Label pairs of one sample.
 pub type Labels<'a> = &'a [(&'a str, &'a str)];
 
-impl Writer {
-    pub fn new(format: Format) -> Self {
-        Self {
-            out: String::with_capacity(16 << 10),
-            format,
+/// Where a [`Collector`] writes its families, one whole family at a time
+/// (both formats require a family's samples to be contiguous).
+pub struct Families<'a> {
+    encoder: DescriptorEncoder<'a>,
+}
+
+impl<'a> Families<'a> {
+    pub fn new(encoder: DescriptorEncoder<'a>) -> Self {
+        Self { encoder }
+    }
+
+    /// Starts a family. Counter names are given as exposed, ending in
+    /// `_total`; the crate adds that suffix itself, so it is taken off here.
+    pub fn family<'s>(&'s mut self, name: &'s str, kind: Kind, help: &str) -> Result<Family<'s>, fmt::Error> {
+        let (name, metric_type) = match kind {
+            Kind::Counter => (name.strip_suffix("_total").unwrap_or(name), MetricType::Counter),
+            Kind::Gauge => (name, MetricType::Gauge),
+            Kind::Histogram => (name, MetricType::Histogram),
+        };
+        let metric = self.encoder.encode_descriptor(name, help, None, metric_type)?;
+        Ok(Family { metric, kind })
+    }
+}
+
+/// A sample value: integers are written without a fraction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    Int(u64),
+    Float(f64),
+}
+
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::Int(v)
+    }
+}
+
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Value::Float(v)
+    }
+}
+
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Int(u64::from(v))
+    }
+}
+
+/// One family being written.
+pub struct Family<'s> {
+    metric: MetricEncoder<'s>,
+    kind: Kind,
+}
+
+// No exemplars are written; the encoder's signatures still name their types.
+const NO_EXEMPLAR: Option<&Exemplar<NoLabelSet, f64>> = None;
+const NO_EXEMPLARS: Option<&HashMap<usize, Exemplar<NoLabelSet, f64>>> = None;
+
+impl Family<'_> {
+    /// One counter or gauge sample.
+    pub fn sample(&mut self, labels: Labels<'_>, value: impl Into<Value>) -> fmt::Result {
+        let value = value.into();
+        if labels.is_empty() {
+            write_value(&mut self.metric, self.kind, value)
+        } else {
+            write_value(&mut self.metric.encode_family(&labels)?, self.kind, value)
         }
-    }
-
-    /// Starts a family. Counter names end in `_total`.
-    pub fn family(&mut self, name: &str, kind: Kind, help: &str) {
-        let family = match (kind, self.format) {
-            (Kind::Counter, Format::OpenMetrics) => name.strip_suffix("_total").unwrap_or(name),
-            _ => name,
-        };
-        let kind = match kind {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        };
-        let _ = writeln!(self.out, "# HELP {family} {}", escape_help(help));
-        let _ = writeln!(self.out, "# TYPE {family} {kind}");
-    }
-
-    /// One sample of the current family.
-    pub fn sample(&mut self, name: &str, labels: Labels<'_>, value: f64) {
-        self.out.push_str(name);
-        self.labels(labels, None);
-        let _ = writeln!(self.out, " {}", number(value));
     }
 
     /// The `_bucket`, `_sum` and `_count` samples of one histogram.
-    pub fn histogram(&mut self, name: &str, labels: Labels<'_>, h: &Histogram) {
-        let mut cumulative = 0;
-        for (bound, count) in h.bounds.iter().zip(&h.counts) {
-            cumulative += count;
-            let le = number(*bound);
-            let _ = write!(self.out, "{name}_bucket");
-            self.labels(labels, Some(&le));
-            let _ = writeln!(self.out, " {cumulative}");
-        }
-        let _ = write!(self.out, "{name}_bucket");
-        self.labels(labels, Some("+Inf"));
-        let _ = writeln!(self.out, " {}", h.count);
-        let _ = write!(self.out, "{name}_sum");
-        self.labels(labels, None);
-        let _ = writeln!(self.out, " {}", number(h.sum));
-        let _ = write!(self.out, "{name}_count");
-        self.labels(labels, None);
-        let _ = writeln!(self.out, " {}", h.count);
-    }
-
-    pub fn finish(mut self) -> String {
-        if self.format == Format::OpenMetrics {
-            self.out.push_str("# EOF\n");
-        }
-        self.out
-    }
-
-    fn labels(&mut self, labels: Labels<'_>, le: Option<&str>) {
-        if labels.is_empty() && le.is_none() {
-            return;
-        }
-        self.out.push('{');
-        let mut first = true;
-        for (k, v) in labels.iter().copied().chain(le.map(|le| ("le", le))) {
-            if !first {
-                self.out.push(',');
-            }
-            first = false;
-            self.out.push_str(k);
-            self.out.push_str("=\"");
-            escape_label_into(&mut self.out, v);
-            self.out.push('"');
-        }
-        self.out.push('}');
-    }
-}
-
-/// A sample value as both formats spell it (integers without a fraction).
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v == f64::INFINITY {
-        "+Inf".into()
-    } else if v == f64::NEG_INFINITY {
-        "-Inf".into()
-    } else if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
-    }
-}
-
-fn escape_label_into(out: &mut String, v: &str) {
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
+    pub fn histogram(&mut self, labels: Labels<'_>, h: &Histogram) -> fmt::Result {
+        // The crate takes per-bucket counts (it sums them) ending with +Inf.
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(h.counts.iter().copied())
+            .collect();
+        if labels.is_empty() {
+            self.metric.encode_histogram(h.sum, h.count, &buckets, NO_EXEMPLARS)
+        } else {
+            self.metric
+                .encode_family(&labels)?
+                .encode_histogram(h.sum, h.count, &buckets, NO_EXEMPLARS)
         }
     }
 }
 
-fn escape_help(help: &str) -> String {
-    help.replace('\\', "\\\\").replace('\n', "\\n")
+fn write_value(metric: &mut MetricEncoder<'_>, kind: Kind, value: Value) -> fmt::Result {
+    match (kind, value) {
+        (Kind::Counter, Value::Int(v)) => metric.encode_counter(&v, NO_EXEMPLAR),
+        (Kind::Counter, Value::Float(v)) => metric.encode_counter(&v, NO_EXEMPLAR),
+        (_, Value::Int(v)) => metric.encode_gauge(&v),
+        (_, Value::Float(v)) => metric.encode_gauge(&v),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct One(Kind, &'static str, Vec<(&'static str, &'static str)>, Option<Histogram>);
+
+    impl Collector for One {
+        fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+            let mut families = Families::new(encoder);
+            let mut family = families.family(self.1, self.0, "Things.")?;
+            match &self.3 {
+                Some(h) => family.histogram(&self.2, h),
+                None => family.sample(&self.2, 3u64),
+            }
+        }
+    }
+
     #[test]
     fn counters_differ_between_formats_only_in_the_family_name_and_eof() {
         for format in [Format::Prometheus, Format::OpenMetrics] {
-            let mut w = Writer::new(format);
-            w.family("x_total", Kind::Counter, "Things.");
-            w.sample("x_total", &[("queue", "a\"b")], 3.0);
-            let text = w.finish();
+            let text = encode(One(Kind::Counter, "x_total", vec![("queue", "a\"b")], None), format).unwrap();
             let family = if format == Format::OpenMetrics { "x" } else { "x_total" };
-            assert!(text.starts_with(&format!("# HELP {family} Things.\n# TYPE {family} counter\n")));
+            assert!(
+                text.starts_with(&format!("# HELP {family} Things.\n# TYPE {family} counter\n")),
+                "{text}"
+            );
             assert!(text.contains("x_total{queue=\"a\\\"b\"} 3\n"), "{text}");
             assert_eq!(text.ends_with("# EOF\n"), format == Format::OpenMetrics);
         }
+    }
+
+    #[test]
+    fn a_sample_without_labels_has_no_braces() {
+        let text = encode(One(Kind::Gauge, "g", vec![], None), Format::Prometheus).unwrap();
+        assert!(text.contains("\ng 3\n"), "{text}");
     }
 
     #[test]
@@ -186,15 +210,16 @@ mod tests {
         h.observe(0.1);
         h.observe(0.7);
         h.observe(5.0);
-        let mut w = Writer::new(Format::Prometheus);
-        w.family("d", Kind::Histogram, "D.");
-        w.histogram("d", &[("op", "add")], &h);
-        let text = w.finish();
+        let text = encode(
+            One(Kind::Histogram, "d", vec![("op", "add")], Some(h)),
+            Format::Prometheus,
+        )
+        .unwrap();
         assert!(text.contains("d_bucket{op=\"add\",le=\"0.5\"} 1\n"), "{text}");
-        assert!(text.contains("d_bucket{op=\"add\",le=\"1\"} 2\n"));
-        assert!(text.contains("d_bucket{op=\"add\",le=\"+Inf\"} 3\n"));
-        assert!(text.contains("d_sum{op=\"add\"} 5.8\n"));
-        assert!(text.contains("d_count{op=\"add\"} 3\n"));
+        assert!(text.contains("d_bucket{op=\"add\",le=\"1\"} 2\n"), "{text}");
+        assert!(text.contains("d_bucket{op=\"add\",le=\"+Inf\"} 3\n"), "{text}");
+        assert!(text.contains("d_sum{op=\"add\"} 5.8\n"), "{text}");
+        assert!(text.contains("d_count{op=\"add\"} 3\n"), "{text}");
     }
 
     #[test]

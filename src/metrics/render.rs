@@ -2,7 +2,12 @@
 //! rendered from the shards' snapshots. Names are fixed: dashboards and
 //! alerts depend on them (docs/operations.md lists them all).
 
-use super::exposition::{Format, Kind, Writer};
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::exposition::{self, Families, Format, Kind, Value};
 use super::process::ProcessFigures;
 use super::{
     code_label, op_label, Histogram, QueueSeries, ShardSnapshot, LATENCY_BUCKETS, REQUEST_ROWS, RESULT_COLUMNS,
@@ -96,28 +101,62 @@ type ShardHistogramSeries = (&'static str, &'static str, fn(&ShardSnapshot) -> &
 /// A per-queue family with one more label (`label`), a sample for each of
 /// the values `split` gives a row.
 fn per_queue_by<const N: usize>(
-    w: &mut Writer,
+    w: &mut Families<'_>,
     rows: &[((String, String), QueueRow)],
     (name, kind): (&str, Kind),
     help: &str,
     label: &str,
     split: impl Fn(&QueueRow) -> [(&'static str, u64); N],
-) {
-    w.family(name, kind, help);
+) -> fmt::Result {
+    let mut family = w.family(name, kind, help)?;
     for ((tenant, queue), row) in rows {
         for (value, n) in split(row) {
-            w.sample(name, &[("tenant", tenant), ("queue", queue), (label, value)], n as f64);
+            family.sample(&[("tenant", tenant), ("queue", queue), (label, value)], n)?;
         }
     }
+    Ok(())
+}
+
+/// A per-queue family: one sample per row.
+fn per_queue(
+    w: &mut Families<'_>,
+    rows: &[((String, String), QueueRow)],
+    (name, kind): (&str, Kind),
+    help: &str,
+    value: impl Fn(&QueueRow) -> Value,
+) -> fmt::Result {
+    let mut family = w.family(name, kind, help)?;
+    for ((tenant, queue), row) in rows {
+        family.sample(&[("tenant", tenant), ("queue", queue)], value(row))?;
+    }
+    Ok(())
+}
+
+/// A family of one sample without labels.
+fn single(w: &mut Families<'_>, name: &str, kind: Kind, help: &str, value: impl Into<Value>) -> fmt::Result {
+    w.family(name, kind, help)?.sample(&[], value)
 }
 
 /// Renders a scrape in `format`.
-pub fn render(scrape: &Scrape, format: Format) -> String {
-    let mut w = Writer::new(format);
+pub fn render(scrape: Scrape, format: Format) -> Result<String, fmt::Error> {
+    exposition::encode(Catalogue(scrape), format)
+}
+
+/// The catalogue as a `prometheus-client` collector over one scrape.
+#[derive(Debug)]
+struct Catalogue(Scrape);
+
+impl Collector for Catalogue {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        write_series(&self.0, &mut Families::new(encoder))
+    }
+}
+
+fn write_series(scrape: &Scrape, w: &mut Families<'_>) -> fmt::Result {
     let rows = queue_rows(&scrape.shards, scrape.max_queues);
 
     per_queue_by(
-        &mut w,
+        w,
         &rows,
         ("queueber_queue_messages", Kind::Gauge),
         "Messages in a queue by state: visible (ready now), delayed (ready later), inflight (leased), dead (dead letters).",
@@ -130,27 +169,21 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
                 ("dead", r.stats.dead),
             ]
         },
-    );
-    let per_queue = |w: &mut Writer, name: &str, kind: Kind, help: &str, value: &dyn Fn(&QueueRow) -> f64| {
-        w.family(name, kind, help);
-        for ((tenant, queue), row) in &rows {
-            w.sample(name, &[("tenant", tenant), ("queue", queue)], value(row));
-        }
-    };
+    )?;
     per_queue(
-        &mut w,
-        "queueber_queue_oldest_message_age_seconds",
-        Kind::Gauge,
+        w,
+        &rows,
+        ("queueber_queue_oldest_message_age_seconds", Kind::Gauge),
         "Age (since its first add) of the oldest visible message; 0 when none is visible.",
-        &|r| r.oldest_age_ms as f64 / 1000.0,
-    );
+        |r| Value::Float(r.oldest_age_ms as f64 / 1000.0),
+    )?;
     per_queue(
-        &mut w,
-        "queueber_queue_parked_polls",
-        Kind::Gauge,
+        w,
+        &rows,
+        ("queueber_queue_parked_polls", Kind::Gauge),
         "Long polls waiting for a message on the queue.",
-        &|r| r.parked as f64,
-    );
+        |r| Value::Int(r.parked),
+    )?;
     let counters: [QueueCounterSeries; 9] = [
         ("queueber_messages_added_total", "Messages added.", |r| r.counters.added),
         (
@@ -193,11 +226,11 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         ),
     ];
     for (name, help, value) in counters {
-        per_queue(&mut w, name, Kind::Counter, help, &|r| value(r) as f64);
+        per_queue(w, &rows, (name, Kind::Counter), help, |r| Value::Int(value(r)))?;
     }
 
     per_queue_by(
-        &mut w,
+        w,
         &rows,
         ("queueber_messages_dead_lettered_total", Kind::Counter),
         "Messages dead-lettered, by reason: max_deliveries (out of deliveries) or rejected (fail with dead).",
@@ -208,33 +241,40 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
                 ("rejected", r.counters.dead_rejected),
             ]
         },
-    );
+    )?;
 
     per_queue_by(
-        &mut w,
+        w,
         &rows,
         ("queueber_messages_dropped_total", Kind::Counter),
         "Messages dropped without a remove, by reason: retention (outlived the queue's retention_ms).",
         "reason",
         |r| [("retention", r.counters.dropped_retention)],
-    );
+    )?;
 
-    w.family("queueber_connections", Kind::Gauge, "Open client connections.");
-    w.sample("queueber_connections", &[], scrape.connections as f64);
+    single(
+        w,
+        "queueber_connections",
+        Kind::Gauge,
+        "Open client connections.",
+        scrape.connections,
+    )?;
     if let Some(n) = scrape.auth_failures {
-        w.family(
+        single(
+            w,
             "queueber_auth_failures_total",
             Kind::Counter,
             "Failed auth attempts (unknown token id or wrong secret).",
-        );
-        w.sample("queueber_auth_failures_total", &[], n as f64);
+            n,
+        )?;
     }
-    w.family(
+    single(
+        w,
         "queueber_ready",
         Kind::Gauge,
         "1 once recovery is done and until shutdown begins (as /readyz).",
-    );
-    w.sample("queueber_ready", &[], if scrape.ready { 1.0 } else { 0.0 });
+        scrape.ready,
+    )?;
 
     let mut shards: Vec<&ShardSnapshot> = scrape.shards.iter().collect();
     shards.sort_by_key(|s| s.shard);
@@ -262,23 +302,24 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         ),
     ];
     for (name, kind, help, value) in per_shard {
-        w.family(name, kind, help);
+        let mut family = w.family(name, kind, help)?;
         for (s, label) in shards.iter().zip(&shard_labels) {
-            w.sample(name, &[("shard", label)], value(s) as f64);
+            family.sample(&[("shard", label)], value(s))?;
         }
     }
-    w.family(
-        "queueber_tls_refused_connections_total",
-        Kind::Counter,
-        "Connections to the TLS port closed before being served, by reason (plaintext, handshake, timeout).",
-    );
-    for (s, label) in shards.iter().zip(&shard_labels) {
-        for why in crate::metrics::TlsRefusal::ALL {
-            w.sample(
-                "queueber_tls_refused_connections_total",
-                &[("shard", label), ("reason", why.label())],
-                s.figures.tls_refused[why as usize] as f64,
-            );
+    {
+        let mut family = w.family(
+            "queueber_tls_refused_connections_total",
+            Kind::Counter,
+            "Connections to the TLS port closed before being served, by reason (plaintext, handshake, timeout).",
+        )?;
+        for (s, label) in shards.iter().zip(&shard_labels) {
+            for why in crate::metrics::TlsRefusal::ALL {
+                family.sample(
+                    &[("shard", label), ("reason", why.label())],
+                    s.figures.tls_refused[why as usize],
+                )?;
+            }
         }
     }
 
@@ -295,30 +336,30 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
             sum.merge(h);
         }
     }
-    w.family(
-        "queueber_requests_total",
-        Kind::Counter,
-        "Requests answered, by operation and result code (ok or the error code).",
-    );
-    for (row, counts) in requests.iter().enumerate() {
-        for (column, &n) in counts.iter().enumerate() {
-            if n > 0 {
-                w.sample(
-                    "queueber_requests_total",
-                    &[("op", op_label(row)), ("code", code_label(column))],
-                    n as f64,
-                );
+    {
+        let mut family = w.family(
+            "queueber_requests_total",
+            Kind::Counter,
+            "Requests answered, by operation and result code (ok or the error code).",
+        )?;
+        for (row, counts) in requests.iter().enumerate() {
+            for (column, &n) in counts.iter().enumerate() {
+                if n > 0 {
+                    family.sample(&[("op", op_label(row)), ("code", code_label(column))], n)?;
+                }
             }
         }
     }
-    w.family(
-        "queueber_request_duration_seconds",
-        Kind::Histogram,
-        "Server time per request, from its frame read to its answer queued on the socket (a long poll's wait included).",
-    );
-    for (row, h) in durations.iter().enumerate() {
-        if h.count > 0 {
-            w.histogram("queueber_request_duration_seconds", &[("op", op_label(row))], h);
+    {
+        let mut family = w.family(
+            "queueber_request_duration_seconds",
+            Kind::Histogram,
+            "Server time per request, from its frame read to its answer queued on the socket (a long poll's wait included).",
+        )?;
+        for (row, h) in durations.iter().enumerate() {
+            if h.count > 0 {
+                family.histogram(&[("op", op_label(row))], h)?;
+            }
         }
     }
     let shard_histograms: [ShardHistogramSeries; 2] = [
@@ -334,78 +375,84 @@ pub fn render(scrape: &Scrape, format: Format) -> String {
         ),
     ];
     for (name, help, pick) in shard_histograms {
-        w.family(name, Kind::Histogram, help);
+        let mut family = w.family(name, Kind::Histogram, help)?;
         for (s, label) in shards.iter().zip(&shard_labels) {
-            w.histogram(name, &[("shard", label)], pick(s));
+            family.histogram(&[("shard", label)], pick(s))?;
         }
     }
     w.family(
         "queueber_wal_sync_duration_seconds",
         Kind::Histogram,
         "Time of one WAL fsync (per batch in fsync durability, per period in periodic).",
-    );
-    w.histogram("queueber_wal_sync_duration_seconds", &[], &scrape.wal_sync);
+    )?
+    .histogram(&[], &scrape.wal_sync)?;
 
     let rocks = &scrape.rocks;
-    let gauges: [(&str, &str, f64); 6] = [
+    let gauges: [(&str, &str, Value); 6] = [
         (
             "queueber_rocksdb_live_sst_bytes",
             "Bytes of live SST files.",
-            rocks.live_sst_bytes as f64,
+            rocks.live_sst_bytes.into(),
         ),
         (
             "queueber_rocksdb_pending_compaction_bytes",
             "Bytes RocksDB estimates compaction must rewrite.",
-            rocks.pending_compaction_bytes as f64,
+            rocks.pending_compaction_bytes.into(),
         ),
         (
             "queueber_rocksdb_write_stopped",
             "1 while RocksDB stops writes (a write stall).",
-            if rocks.write_stopped { 1.0 } else { 0.0 },
+            rocks.write_stopped.into(),
         ),
         (
             "queueber_rocksdb_delayed_write_rate_bytes",
             "The rate RocksDB slows writes to while delaying them; 0 when not delaying.",
-            rocks.delayed_write_rate as f64,
+            rocks.delayed_write_rate.into(),
         ),
         (
             "queueber_rocksdb_block_cache_bytes",
             "Bytes in RocksDB's block cache.",
-            rocks.block_cache_bytes as f64,
+            rocks.block_cache_bytes.into(),
         ),
         (
             "queueber_rocksdb_memtable_bytes",
             "Bytes in RocksDB's memtables.",
-            rocks.memtable_bytes as f64,
+            rocks.memtable_bytes.into(),
         ),
     ];
     for (name, help, value) in gauges {
-        w.family(name, Kind::Gauge, help);
-        w.sample(name, &[], value);
+        single(w, name, Kind::Gauge, help, value)?;
     }
 
     let p = &scrape.process;
-    w.family(
+    single(
+        w,
         "process_resident_memory_bytes",
         Kind::Gauge,
         "Resident memory size in bytes.",
-    );
-    w.sample("process_resident_memory_bytes", &[], p.resident_bytes as f64);
-    w.family(
+        p.resident_bytes,
+    )?;
+    single(
+        w,
         "process_cpu_seconds_total",
         Kind::Counter,
         "User and system CPU time spent in seconds.",
-    );
-    w.sample("process_cpu_seconds_total", &[], p.cpu_seconds);
-    w.family("process_open_fds", Kind::Gauge, "Number of open file descriptors.");
-    w.sample("process_open_fds", &[], p.open_fds as f64);
-    w.family(
+        p.cpu_seconds,
+    )?;
+    single(
+        w,
+        "process_open_fds",
+        Kind::Gauge,
+        "Number of open file descriptors.",
+        p.open_fds,
+    )?;
+    single(
+        w,
         "process_max_fds",
         Kind::Gauge,
         "Maximum number of open file descriptors.",
-    );
-    w.sample("process_max_fds", &[], p.max_fds as f64);
-    w.finish()
+        p.max_fds,
+    )
 }
 
 #[cfg(test)]
@@ -455,12 +502,13 @@ mod tests {
     #[test]
     fn queues_beyond_the_limit_fold_into_other() {
         let text = render(
-            &scrape(
+            scrape(
                 vec![series("t", "b", 2, 5), series("t", "a", 1, 4), series("t", "c", 3, 6)],
                 1,
             ),
             Format::Prometheus,
-        );
+        )
+        .unwrap();
         assert!(
             text.contains("queueber_queue_messages{tenant=\"t\",queue=\"a\",state=\"visible\"} 1\n"),
             "{text}"

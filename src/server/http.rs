@@ -309,10 +309,15 @@ async fn route(head: &Head, status: &Status) -> Response {
         },
         _ => {
             let format = Format::negotiate(head.accept.as_deref());
-            Response {
-                status: "200 OK",
-                content_type: format.content_type(),
-                body: render(&gather(status).await, format),
+            match render(gather(status).await, format) {
+                Ok(body) => Response {
+                    status: "200 OK",
+                    content_type: format.content_type(),
+                    body,
+                },
+                // Only a bug in the catalogue gets here (writing to a
+                // String does not fail): say so rather than serve half.
+                Err(_) => Response::text("500 Internal Server Error", "the metrics could not be rendered"),
             }
         }
     }
@@ -323,11 +328,22 @@ async fn route(head: &Head, status: &Status) -> Response {
 async fn gather(status: &Status) -> Scrape {
     let cores: Vec<(usize, CoreHandle)> = status.cores.lock().map(|c| c.clone()).unwrap_or_default();
     let snapshots = futures::future::join_all(cores.iter().map(|(shard, core)| async move {
-        let snapshot = within(SHARD_TIMEOUT, core.snapshot()).await.flatten();
-        if snapshot.is_none() {
-            tracing::warn!(shard, "a shard did not answer the metrics scrape in time");
+        match within(SHARD_TIMEOUT, core.snapshot()).await {
+            Some(Some(snapshot)) => Some(snapshot),
+            Some(None) if status.state() != READY => {
+                // A scrape that meets shutdown: the core has already stopped.
+                tracing::debug!(shard, "a stopped shard left out of a metrics scrape");
+                None
+            }
+            Some(None) => {
+                tracing::warn!(shard, "a shard's core has stopped: left out of the metrics scrape");
+                None
+            }
+            None => {
+                tracing::warn!(shard, "a shard did not answer the metrics scrape in time");
+                None
+            }
         }
-        snapshot
     }))
     .await;
     let engine = status.engine.get().cloned();

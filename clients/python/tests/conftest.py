@@ -59,10 +59,14 @@ class Server:
         self.proc = subprocess.Popen(
             [binary, "--listen", listen, "--data-dir", data_dir, "--shards", str(shards),
              "--durability", "periodic", "--log-json", "--log", "info",
-             # Tests run many servers at once: none serves metrics on the default port.
-             "--metrics-listen", "off", *self.args],
+             # Tests run many servers at once: no metrics endpoint unless asked
+             # (then on a port of its own: ``--metrics-listen 127.0.0.1:0``).
+             *([] if "--metrics-listen" in self.args else ["--metrics-listen", "off"]),
+             *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.addr = self._wait_listening()
+        self.addr = self._wait_listening("queueber listening")
+        self.metrics_addr = (self._wait_listening("metrics endpoint listening")
+                             if "--metrics-listen" in self.args else None)
         self.host, port = self.addr.rsplit(":", 1)
         self.port = int(port)
 
@@ -70,14 +74,14 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
-    def _wait_listening(self, timeout: float = 30.0) -> str:
+    def _wait_listening(self, what: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with open(self.log_path, "rb") as f:
                 f.seek(self._log_start)
                 lines = f.read().decode(errors="replace").splitlines()
             for line in lines:
-                if "queueber listening" in line:
+                if what in line:
                     try:
                         return str(json.loads(line)["fields"]["addr"])
                     except (ValueError, KeyError):
