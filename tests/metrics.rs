@@ -387,3 +387,91 @@ fn slow_requests_are_logged_with_where_the_time_went() {
         "a long poll's wait was logged as slow:\n{log}"
     );
 }
+
+/// The family names of an exposition in the Prometheus text format.
+fn families(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The metric names a piece of text mentions (`queueber_…`, `process_…`),
+/// a histogram's `_bucket`, `_sum` and `_count` samples by their family.
+fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("queueber_") || word.starts_with("process_") {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .unwrap_or(word);
+            names.insert(family.to_string());
+        }
+    }
+    names
+}
+
+/// docs/operations.md's series table is what the server exposes, and its
+/// alert rules parse (`promtool check rules`) and name only real series.
+#[test]
+fn the_documented_series_and_alerts_match_the_server() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).expect("operations.md");
+    let table: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("queueber_") || n.starts_with("process_"))
+        .map(str::to_string)
+        .collect();
+
+    // With access control, so that the auth series exists too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = common::config(dir.path(), 2);
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let tokens = queueber::auth::Tokens::parse("", "none").expect("an empty token list");
+    config.access = Some(Arc::new(queueber::auth::Access::new(tokens)));
+    let server = server::start(config).expect("server starts");
+    let (_, text) = get(server.metrics_addr().expect("a metrics endpoint"), "/metrics");
+    common::stop(server);
+    let exposed = families(&text);
+    assert_eq!(
+        exposed, table,
+        "docs/operations.md's series table and the server's families differ"
+    );
+
+    let rules = doc
+        .split("#### Alerts")
+        .nth(1)
+        .and_then(|s| s.split("```yaml\n").nth(1))
+        .and_then(|s| s.split("\n```").next())
+        .expect("an alert rules block in operations.md");
+    let unknown: Vec<String> = names_in(rules).difference(&exposed).cloned().collect();
+    assert!(
+        unknown.is_empty(),
+        "alert rules name series the server does not expose: {unknown:?}"
+    );
+    assert!(
+        rules.contains("queueber_messages_dead_lettered_total"),
+        "an alert on dead letters"
+    );
+
+    let file = dir.path().join("rules.yml");
+    std::fs::write(&file, rules).expect("write rules");
+    let program = if dirs_promtool().exists() {
+        dirs_promtool()
+    } else {
+        PathBuf::from("promtool")
+    };
+    match Command::new(program).arg("check").arg("rules").arg(&file).output() {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool rejected the documented rules: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => eprintln!("promtool not installed: the rules check is skipped (scripts/test.sh installs it)"),
+    }
+}
