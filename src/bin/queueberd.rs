@@ -106,6 +106,12 @@ struct Args {
     #[arg(long, env = "QUEUEBER_SPIN_BEFORE_PARK_US", default_value_t = 0)]
     spin_before_park_us: u64,
 
+    /// How long a shard's executor hands its CPU to its storage thread while
+    /// a storage batch runs, before it parks (microseconds; 0 = park at
+    /// once). Never for a batch that waits on fsync.
+    #[arg(long, env = "QUEUEBER_OFFLOAD_YIELD_US", default_value_t = queueber::server::config::DEFAULT_OFFLOAD_YIELD.as_micros() as u64)]
+    offload_yield_us: u64,
+
     /// Where to serve metrics (`GET /metrics`, Prometheus or OpenMetrics
     /// text), `/healthz` and `/readyz` over HTTP; `off` serves none.
     #[arg(long, env = "QUEUEBER_METRICS_LISTEN", default_value = "127.0.0.1:9420", value_parser = parse_metrics_listen)]
@@ -343,6 +349,7 @@ fn main() -> ExitCode {
     };
     config.block_cache_bytes = args.block_cache_mib << 20;
     config.spin_before_park = (args.spin_before_park_us > 0).then(|| Duration::from_micros(args.spin_before_park_us));
+    config.offload_yield = Duration::from_micros(args.offload_yield_us);
     config.limits = ServerLimits {
         max_frame_bytes: args.max_frame_bytes,
         max_messages_per_add: args.max_messages_per_add,

@@ -29,7 +29,7 @@ use crate::metrics::{QueueSeries, ShardMetrics, ShardSnapshot};
 use crate::names::QueueName;
 use crate::ops::{self, Plan, ReplyFn, Serve};
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
-use crate::runtime::{offload, within};
+use crate::runtime::{offload_yielding, within};
 use crate::storage::{
     Command, CommandError, Executed, Outcome, QueueSnapshot, QueueStore, ReplyBudget, StorageError, StoreError,
 };
@@ -363,10 +363,43 @@ pub(crate) fn spawn(
     store: Box<dyn QueueStore>,
     clock: Arc<dyn Clock>,
     metrics: Rc<ShardMetrics>,
+    hand_off: HandOff,
 ) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
     let (jobs, incoming) = mpsc::unbounded();
-    let task = glommio::spawn_local(run(shard, store, clock, metrics, incoming)).detach();
+    let task = glommio::spawn_local(run(shard, store, clock, metrics, incoming, hand_off)).detach();
     (CoreHandle { jobs }, task)
+}
+
+/// How the core waits for a storage batch on its offload thread (see
+/// [`crate::runtime::offload_yielding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HandOff {
+    /// How long the executor yields its CPU to the batch before parking.
+    pub yield_for: Duration,
+    /// Whether to yield for a batch that may fsync (in `fsync` durability a
+    /// batch with an add waits for the disk: yielding would only spin).
+    pub while_syncing: bool,
+}
+
+impl HandOff {
+    /// Always park (the plain offload).
+    #[cfg(test)]
+    pub(crate) const PARK: HandOff = HandOff {
+        yield_for: Duration::ZERO,
+        while_syncing: false,
+    };
+
+    /// How long to yield for the next batch, given how long batches have
+    /// lately taken (`typical`): not at all when they outlast the yield (a
+    /// deeply pipelined load), nor for one that may wait on fsync.
+    fn for_batch(&self, commands: &[Command], typical: Duration) -> Duration {
+        let syncs = !self.while_syncing && commands.iter().any(Command::needs_sync);
+        if syncs || typical > self.yield_for {
+            Duration::ZERO
+        } else {
+            self.yield_for
+        }
+    }
 }
 
 /// Converts the store's next deadline (epoch ms) to a monotonic instant.
@@ -524,6 +557,7 @@ async fn run(
     clock: Arc<dyn Clock>,
     metrics: Rc<ShardMetrics>,
     mut incoming: mpsc::UnboundedReceiver<Job>,
+    hand_off: HandOff,
 ) -> Box<dyn QueueStore> {
     // Storage logs come from the offload thread: label them with the shard.
     let span = tracing::info_span!("shard", index = shard);
@@ -536,6 +570,7 @@ async fn run(
     let mut draining = false;
     let mut stopping = false;
     let (mut batches, mut commands_run) = (0u64, 0u64);
+    let mut typical_batch = Duration::ZERO;
     loop {
         // Wait for work unless some is ready (woken waiters, deferred adds,
         // due timers).
@@ -596,6 +631,7 @@ async fn run(
             commands_run += commands.len() as u64;
             let batch_commands = commands.len();
             let started = Instant::now();
+            let yield_for = hand_off.for_batch(&commands, typical_batch);
             let span = span.clone();
             let work = move || {
                 let _in_shard = span.enter();
@@ -603,8 +639,10 @@ async fn run(
                 let next = owned.next_deadline();
                 (owned, executed, next)
             };
-            let (owned, executed, next) = offload(work).await;
+            let (owned, executed, next) = offload_yielding(work, yield_for).await;
             let took = started.elapsed();
+            // A moving average over about the last eight batches.
+            typical_batch = (typical_batch * 7 + took) / 8;
             metrics.record_batch(took, batch_commands);
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
@@ -920,12 +958,54 @@ mod tests {
     }
 
     #[test]
+    fn the_hand_off_yields_only_for_short_batches_that_do_not_wait_on_fsync() {
+        let add = Command::Add {
+            queue: q("a"),
+            messages: vec![NewMessage::new(b"1".to_vec())],
+        };
+        let extend = Command::Extend {
+            queue: q("a"),
+            lease: crate::ids::LeaseId::from_slice(&[1; 16]).expect("16 bytes"),
+            lease_ms: 10,
+        };
+        let yield_for = Duration::from_micros(200);
+        let short = Duration::from_micros(80);
+        let long = Duration::from_micros(400);
+        let periodic = HandOff {
+            yield_for,
+            while_syncing: true,
+        };
+        let fsync = HandOff {
+            yield_for,
+            while_syncing: false,
+        };
+        assert_eq!(periodic.for_batch(&[add.clone(), extend.clone()], short), yield_for);
+        assert_eq!(
+            periodic.for_batch(std::slice::from_ref(&extend), long),
+            Duration::ZERO,
+            "batches lately too long"
+        );
+        assert_eq!(fsync.for_batch(std::slice::from_ref(&extend), short), yield_for);
+        assert_eq!(
+            fsync.for_batch(&[extend, add], short),
+            Duration::ZERO,
+            "an add waits on fsync"
+        );
+        assert_eq!(HandOff::PARK.for_batch(&[], Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
     fn batches_map_back_to_their_callers() {
         let out = run_on_executor(|| {
             Box::pin(async {
                 let clock = Arc::new(ManualClock::new(1_000));
                 let store = ModelStore::new(clock.clone());
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default());
+                // The hand-off the server runs with (yielding), as the others park.
+                let hand_off = HandOff {
+                    yield_for: Duration::from_micros(200),
+                    while_syncing: true,
+                };
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), hand_off);
                 let add = core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
@@ -971,7 +1051,7 @@ mod tests {
             Box::pin(async {
                 let clock = Arc::new(ManualClock::new(1_000));
                 let store = ModelStore::new(clock.clone());
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default());
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK);
                 core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::delayed(b"later".to_vec(), 1_000_000)],
@@ -1047,7 +1127,7 @@ mod tests {
                     inner: Box::new(store),
                     batches: batches.clone(),
                 };
-                let (core, task) = spawn(0, Box::new(counted), clock.clone(), Rc::default());
+                let (core, task) = spawn(0, Box::new(counted), clock.clone(), Rc::default(), HandOff::PARK);
                 core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"m".to_vec())],

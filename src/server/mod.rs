@@ -42,7 +42,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::names::QueueName;
 use crate::protocol::{Limits, ServerInfo};
 use crate::runtime;
-use crate::storage::{Engine, EngineOptions, QueueStore, ShardStore, StoreError};
+use crate::storage::{Durability, Engine, EngineOptions, QueueStore, ShardStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -262,6 +262,10 @@ pub fn start_with_stop(
             slow_request: config.slow_request,
             access: config.access.clone(),
             tls: config.tls.clone(),
+            hand_off: core::HandOff {
+                yield_for: config.offload_yield,
+                while_syncing: config.durability != Durability::Fsync,
+            },
         };
         let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);
@@ -317,6 +321,7 @@ struct Shard {
     slow_request: Option<Duration>,
     access: Option<Arc<crate::auth::Access>>,
     tls: Option<crate::tls::ServerTls>,
+    hand_off: core::HandOff,
 }
 
 impl Shard {
@@ -339,7 +344,7 @@ impl Shard {
             }
         };
         let metrics = Rc::new(crate::metrics::ShardMetrics::default());
-        let (core, core_task) = core::spawn(self.index, self.store, self.clock, metrics.clone());
+        let (core, core_task) = core::spawn(self.index, self.store, self.clock, metrics.clone(), self.hand_off);
         self.status.add_core(self.index, core.clone());
         let (router, mut arrivals) =
             Router::connect(self.index, self.shards, core.clone(), metrics.clone(), self.links).await;
