@@ -158,10 +158,24 @@ fn one_connection_reaches_queues_on_every_shard() {
 
 #[test]
 fn concurrent_consumers_never_share_a_message() {
+    consumers_never_share_a_message(false);
+}
+
+/// Pinned, each shard's executor hands its CPU to its storage thread while
+/// a batch runs (`--offload-yield-us`) instead of parking: the same
+/// guarantees through that path.
+#[test]
+fn concurrent_consumers_never_share_a_message_on_pinned_shards() {
+    consumers_never_share_a_message(true);
+}
+
+fn consumers_never_share_a_message(pinned: bool) {
     const MESSAGES: usize = 3_000;
     const CONSUMERS: usize = 8;
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), 2);
+    let mut config = common::config(dir.path(), 2);
+    config.pin = pinned;
+    let server = queueber::server::start(config).expect("server starts");
     let queue = q("contended");
     let delivered = with_clients(server.local_addr(), CONSUMERS + 1, move |clients| async move {
         let producer = clients[0].clone();

@@ -243,6 +243,7 @@ pub fn start_with_stop(
     for index in 0..shards {
         let owns = Arc::new(move |q: &QueueName| q.shard(shards) == index);
         let store = ShardStore::open(engine.clone(), owns)?;
+        let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let shard = Shard {
             index,
             shards,
@@ -263,11 +264,16 @@ pub fn start_with_stop(
             access: config.access.clone(),
             tls: config.tls.clone(),
             hand_off: core::HandOff {
-                yield_for: config.offload_yield,
+                // Yielding hands the CPU to the storage thread only when the
+                // two share one (pinned); unpinned, it would be a spin.
+                yield_for: if cpu.is_some() {
+                    config.offload_yield
+                } else {
+                    Duration::ZERO
+                },
                 while_syncing: config.durability != Durability::Fsync,
             },
         };
-        let cpu = (config.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);
         if let Some(spin) = config.spin_before_park {
             builder = builder.spin_before_park(spin);
