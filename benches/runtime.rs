@@ -1,6 +1,7 @@
 //! Costs of the runtime plumbing every request pays: a blocking-offload round
-//! trip (executor → blocking thread → executor) and a cross-core channel round
-//! trip (shard A → shard B → shard A), each on pinned executors.
+//! trip (executor → blocking thread → executor; parked, or yielding its CPU
+//! to the blocking thread) and a cross-core channel round trip (shard A →
+//! shard B → shard A), each on pinned executors.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,24 @@ fn offload_round_trip(c: &mut Criterion) {
                 let start = Instant::now();
                 for i in 0..iters {
                     std::hint::black_box(queueber::runtime::offload(move || i + 1).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+}
+
+/// The same round trip with the executor yielding its CPU to the offload
+/// thread instead of parking (`offload_yielding`, what a pinned shard's
+/// core does for short storage batches).
+fn offload_round_trip_yielding(c: &mut Criterion) {
+    c.bench_function("offload_round_trip_yielding", |b| {
+        b.iter_custom(|iters| {
+            on_executor(iters, |iters| async move {
+                let start = Instant::now();
+                for i in 0..iters {
+                    let work = move || i + 1;
+                    std::hint::black_box(queueber::runtime::offload_yielding(work, Duration::from_micros(200)).await);
                 }
                 start.elapsed()
             })
@@ -78,6 +97,6 @@ fn cross_core_round_trip(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(3));
-    targets = offload_round_trip, cross_core_round_trip
+    targets = offload_round_trip, offload_round_trip_yielding, cross_core_round_trip
 }
 criterion_main!(benches);
