@@ -51,7 +51,7 @@ impl Operation for Remove {
 }
 
 #[cfg(feature = "server")]
-pub(crate) use serve::check_ids;
+pub(crate) use serve::{check_ids, push_removes};
 
 #[cfg(feature = "server")]
 mod serve {
@@ -77,6 +77,16 @@ mod serve {
         Ok(())
     }
 
+    /// One store command per id, so each gets its own flag; also
+    /// `removeAndPoll`'s.
+    pub(crate) fn push_removes(commands: &mut Vec<Command>, queue: &QueueName, lease: LeaseId, ids: Vec<MessageId>) {
+        commands.extend(ids.into_iter().map(|id| Command::Remove {
+            queue: queue.clone(),
+            id,
+            lease,
+        }));
+    }
+
     impl Serve for Remove {
         /// At least one id, at most `max-messages-per-add` (a remove is as
         /// large a batch as the add that stored them).
@@ -100,15 +110,9 @@ mod serve {
             0
         }
 
-        /// One store command per id, so each gets its own flag.
         fn plan(self, commands: &mut Vec<Command>) -> Plan {
             let n = self.ids.len();
-            let (queue, lease) = (self.queue, self.lease);
-            commands.extend(self.ids.into_iter().map(|id| Command::Remove {
-                queue: queue.clone(),
-                id,
-                lease,
-            }));
+            push_removes(commands, &self.queue, self.lease, self.ids);
             Plan::Commands(n)
         }
 

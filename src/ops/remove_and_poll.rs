@@ -150,12 +150,7 @@ mod serve {
             let poll = self.poll();
             let removes = self.ids.len();
             if let Some(lease) = self.lease {
-                let queue = &self.queue;
-                commands.extend(self.ids.into_iter().map(|id| Command::Remove {
-                    queue: queue.clone(),
-                    id,
-                    lease,
-                }));
+                crate::ops::remove::push_removes(commands, &self.queue, lease, self.ids);
             }
             Plan::RemoveThenPoll { removes, poll }
         }
