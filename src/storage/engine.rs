@@ -221,7 +221,38 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
         }
     }
     opts.set_block_based_table_factory(&table);
-    opts
+    match name {
+        CF_READY | CF_LEASES | CF_DEAD | CF_RETENTION => with_insert_hints(opts),
+        _ => opts,
+    }
+}
+
+/// Gives the memtable one insert hint per queue (its key prefix).
+///
+/// Why: without a hint, RocksDB's skip list reuses the splice of the previous
+/// insert only when the new key lands exactly in it (sequential appends), and
+/// otherwise searches again from the top. A consumed message's tombstone goes
+/// right after its own record, which the previous tombstone's splice never
+/// brackets, so every delete paid a full search: 4.8k instructions against
+/// 1.2k for an append (callgrind, peerbench B=32). With a hint the splice is
+/// repaired from the lowest level that brackets the key, which for the next
+/// record of the same queue is a step or two.
+///
+/// The option is not in RocksDB's C API, so it is set through the options
+/// string parser, which copies every other option of `opts` unchanged.
+fn with_insert_hints(mut opts: Options) -> Options {
+    let setting = format!(
+        "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{}",
+        keys::QID_LEN
+    );
+    match opts.get_options_from_string(&setting) {
+        Ok(hinted) => hinted,
+        Err(error) => {
+            // Only slower, never wrong: keep the options as they were.
+            tracing::warn!(%error, "RocksDB refused memtable insert hints; inserts use no hint");
+            opts
+        }
+    }
 }
 
 impl Engine {
