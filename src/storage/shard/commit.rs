@@ -99,7 +99,7 @@ impl QueueStore for ShardStore {
             needs_sync: false,
             woken: BTreeMap::new(),
             deleted: Vec::new(),
-            counted: HashMap::new(),
+            counted: Map::default(),
             touched: Vec::new(),
             record: Vec::new(),
         };

@@ -30,8 +30,8 @@ pub(super) struct QueueState {
     pub(super) metrics: QueueCounters,
     /// Ready records whose visible time is still in the future.
     pub(super) delayed: u64,
-    pub(super) leases: HashMap<LeaseId, LeaseState>,
-    pub(super) holders: HashMap<MessageId, Held>,
+    pub(super) leases: Map<LeaseId, LeaseState>,
+    pub(super) holders: Map<MessageId, Held>,
     /// The queue's own policy and its version (0: never set).
     pub(super) policy: QueuePolicy,
     pub(super) policy_version: u64,
@@ -98,8 +98,8 @@ impl QueueState {
             counters,
             metrics: QueueCounters::default(),
             delayed: 0,
-            leases: HashMap::new(),
-            holders: HashMap::new(),
+            leases: Map::default(),
+            holders: Map::default(),
             policy: QueuePolicy::default(),
             policy_version: 0,
             batch_low: None,
@@ -197,7 +197,7 @@ pub(super) struct Batch {
     pub(super) deleted: Vec<QueueName>,
     /// What the batch did per queue, added to the store's counters once it
     /// commits (a failed batch counts nothing).
-    pub(super) counted: HashMap<QueueId, QueueCounters>,
+    pub(super) counted: Map<QueueId, QueueCounters>,
     /// Queues whose counters may have changed (persisted at commit).
     pub(super) touched: Vec<QueueId>,
     pub(super) record: Vec<u8>,
