@@ -86,7 +86,11 @@ pub fn encode_request(req: &Request) -> Builder<HeapAllocator> {
 
 /// Encodes a response into a fresh message.
 pub fn encode_response(resp: &Response) -> Builder<HeapAllocator> {
-    let mut message = Builder::new_default();
+    let words = match &resp.result {
+        Ok(reply) => reply.words(),
+        Err(_) => crate::ops::SMALL_REPLY_WORDS,
+    };
+    let mut message = Builder::new(HeapAllocator::new().first_segment_words(words.max(1)));
     let mut root = message.init_root::<response::Builder<'_>>();
     root.set_id(resp.id);
     match &resp.result {
@@ -394,6 +398,65 @@ mod tests {
                 result: Err(ErrorReply::new(code, "why")),
             };
             assert_eq!(round_trip_response(&resp), resp);
+        }
+    }
+
+    #[test]
+    fn answers_fit_their_first_segment_and_small_ones_stay_small() {
+        let delivery = |size: usize| Delivery {
+            id: MessageId([7; 16]),
+            payload: vec![1; size],
+            delivery_count: 3,
+            enqueued_at_ms: 1_700_000_000_000,
+        };
+        let lease = |n: usize, size: usize| Lease {
+            id: LeaseId([9; 16]),
+            expires_at_ms: 1_700_000_030_000,
+            messages: (0..n).map(|_| delivery(size)).collect(),
+        };
+        // One segment each: the estimate covers the answer, so nothing is
+        // allocated (and zeroed) twice.
+        for (n, size) in [(1, 0), (1, 256), (32, 256), (7, 4000), (100, 1)] {
+            let resp = Response {
+                id: 1,
+                result: Ok(Reply::Polled(Some(lease(n, size)))),
+            };
+            let message = encode_response(&resp);
+            assert_eq!(message.get_segments_for_output().len(), 1, "{n} x {size} B");
+            let resp = Response {
+                id: 2,
+                result: Ok(Reply::RemovedAndPolled(ops::RemovedAndPolled {
+                    removed: vec![true; n],
+                    lease: Some(lease(n, size)),
+                })),
+            };
+            assert_eq!(
+                encode_response(&resp).get_segments_for_output().len(),
+                1,
+                "{n} x {size} B"
+            );
+        }
+        for n in [1, 32, 1000] {
+            let added = encode_response(&Response {
+                id: 3,
+                result: Ok(Reply::Added((0..n).map(|i| MessageId([i as u8; 16])).collect())),
+            });
+            assert_eq!(added.get_segments_for_output().len(), 1, "{n} ids");
+        }
+        // An answer without payloads or ids gets a 512-byte first segment,
+        // not capnp's default 8 KiB.
+        for result in [
+            Ok(Reply::Removed(vec![true; 32])),
+            Err(ErrorReply::new(ErrorCode::UnknownQueue, "no such queue")),
+        ] {
+            let message = encode_response(&Response { id: 4, result });
+            let segments = message.get_segments_for_output();
+            assert_eq!(segments.len(), 1);
+            assert!(
+                segments[0].len() <= 8 * ops::SMALL_REPLY_WORDS as usize,
+                "{}",
+                segments[0].len()
+            );
         }
     }
 

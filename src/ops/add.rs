@@ -48,6 +48,13 @@ impl Operation for Add {
         }
     }
 
+    fn reply_words(ids: &Vec<MessageId>) -> u32 {
+        // A list pointer to 16 bytes per id.
+        u32::try_from(ids.len() * 3)
+            .unwrap_or(u32::MAX)
+            .saturating_add(super::SMALL_REPLY_WORDS)
+    }
+
     fn encode_reply(ids: &Vec<MessageId>, root: response::Builder<'_>) {
         let mut list = root.init_add().init_ids(ids.len() as u32);
         for (i, id) in ids.iter().enumerate() {

@@ -25,6 +25,17 @@ impl Operation for ListQueues {
         root.set_list_queues(());
     }
 
+    fn reply_words(names: &Vec<QueueName>) -> u32 {
+        // A struct of two texts per name (NUL-terminated, word-padded).
+        let words: usize = names
+            .iter()
+            .map(|n| (n.tenant().len() + 1).div_ceil(8) + (n.queue().len() + 1).div_ceil(8) + 4)
+            .sum();
+        u32::try_from(words)
+            .unwrap_or(u32::MAX)
+            .saturating_add(super::SMALL_REPLY_WORDS)
+    }
+
     fn encode_reply(names: &Vec<QueueName>, root: response::Builder<'_>) {
         let mut list = root.init_list_queues(names.len() as u32);
         for (i, n) in names.iter().enumerate() {

@@ -59,8 +59,28 @@ pub trait Operation: Sized {
     fn encode(&self, root: request::Builder<'_>);
     /// Writes a successful answer into `root` (whose id is already set).
     fn encode_reply(reply: &Self::Reply, root: response::Builder<'_>);
+    /// About how many 8-byte words the encoded answer takes: the size of
+    /// the message's first segment. capnp zeroes a segment when it is
+    /// allocated, so a small answer should not get its default 8 KiB; an
+    /// underestimate only costs another segment.
+    fn reply_words(_reply: &Self::Reply) -> u32 {
+        SMALL_REPLY_WORDS
+    }
     /// Reads a successful answer (client side).
     fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<Self::Reply, ResponseDecodeError>;
+}
+
+/// First segment of an answer without payloads (ids, flags, counters, an
+/// error's message): 512 bytes.
+pub const SMALL_REPLY_WORDS: u32 = 64;
+
+/// First segment of an answer carrying `deliveries`: each message's payload
+/// and its fixed fields (id, counters, pointers: 8 words with room to spare).
+pub(crate) fn deliveries_words(deliveries: &[crate::types::Delivery]) -> u32 {
+    let words: usize = deliveries.iter().map(|d| d.payload.len().div_ceil(8) + 8).sum();
+    u32::try_from(words)
+        .unwrap_or(u32::MAX)
+        .saturating_add(SMALL_REPLY_WORDS)
 }
 
 /// Ties an operation to its variants of [`Op`] and [`Reply`]; implemented
@@ -267,6 +287,14 @@ macro_rules! operations {
             pub(crate) fn encode(&self, root: response::Builder<'_>) {
                 match self {
                     $( Reply::$answer(r) => <$ty as Operation>::encode_reply(r, root), )*
+                }
+            }
+
+            /// The first segment's size for this answer
+            /// ([`Operation::reply_words`]).
+            pub(crate) fn words(&self) -> u32 {
+                match self {
+                    $( Reply::$answer(r) => <$ty as Operation>::reply_words(r), )*
                 }
             }
 

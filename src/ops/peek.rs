@@ -62,6 +62,15 @@ impl Operation for Peek {
         }
     }
 
+    fn reply_words(peeked: &Peeked) -> u32 {
+        let dead: usize = peeked
+            .dead
+            .iter()
+            .map(|d| (d.payload.len() + d.last_error.as_ref().map_or(0, String::len)).div_ceil(8) + 12)
+            .sum();
+        super::deliveries_words(&peeked.messages).saturating_add(u32::try_from(dead).unwrap_or(u32::MAX))
+    }
+
     fn encode_reply(peeked: &Peeked, root: response::Builder<'_>) {
         let mut b = root.init_peek();
         if let Some(c) = peeked.cursor {

@@ -48,6 +48,12 @@ impl Operation for Poll {
     }
 
     /// No lease is an empty `lease` field (and no messages).
+    fn reply_words(lease: &Option<Lease>) -> u32 {
+        lease
+            .as_ref()
+            .map_or(super::SMALL_REPLY_WORDS, |l| super::deliveries_words(&l.messages))
+    }
+
     fn encode_reply(lease: &Option<Lease>, root: response::Builder<'_>) {
         set_poll_reply(root.init_poll(), lease);
     }

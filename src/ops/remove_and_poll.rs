@@ -94,6 +94,11 @@ impl Operation for RemoveAndPoll {
         set_message_ids(b.init_ids(self.ids.len() as u32), &self.ids);
     }
 
+    fn reply_words(reply: &RemovedAndPolled) -> u32 {
+        let flags = u32::try_from(reply.removed.len().div_ceil(64)).unwrap_or(u32::MAX);
+        <Poll as Operation>::reply_words(&reply.lease).saturating_add(flags)
+    }
+
     fn encode_reply(reply: &RemovedAndPolled, root: response::Builder<'_>) {
         let mut b = root.init_remove_and_poll();
         let mut list = b.reborrow().init_removed(reply.removed.len() as u32);
