@@ -5,6 +5,7 @@
 //! lets us use a length prefix instead of escaping in storage keys.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest tenant or queue part, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
@@ -23,10 +24,26 @@ pub enum NameError {
 }
 
 /// A validated (tenant, queue) pair.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Stored as one shared `tenant 0x00 queue` string: a name is cloned into
+/// every command of a request (a remove of 32 ids makes 32 commands) and
+/// into the server's maps, and a clone is then a reference count, not two
+/// allocations. 0x00 sorts below every allowed byte, so the derived order
+/// is the order of (tenant, queue) pairs.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueName {
-    tenant: String,
-    queue: String,
+    joined: Arc<str>,
+    /// Length of the tenant part (at most [`MAX_NAME_LEN`]).
+    tenant_len: usize,
+}
+
+impl fmt::Debug for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueName")
+            .field("tenant", &self.tenant())
+            .field("queue", &self.queue())
+            .finish()
+    }
 }
 
 fn validate(part: &'static str, s: &str) -> Result<(), NameError> {
@@ -47,31 +64,38 @@ fn validate(part: &'static str, s: &str) -> Result<(), NameError> {
 
 impl QueueName {
     /// Validates both parts exactly as given (no defaulting).
-    pub fn new(tenant: impl Into<String>, queue: impl Into<String>) -> Result<Self, NameError> {
-        let (tenant, queue) = (tenant.into(), queue.into());
-        validate("tenant", &tenant)?;
-        validate("queue", &queue)?;
-        Ok(Self { tenant, queue })
+    pub fn new(tenant: impl AsRef<str>, queue: impl AsRef<str>) -> Result<Self, NameError> {
+        let (tenant, queue) = (tenant.as_ref(), queue.as_ref());
+        validate("tenant", tenant)?;
+        validate("queue", queue)?;
+        let mut joined = String::with_capacity(tenant.len() + 1 + queue.len());
+        joined.push_str(tenant);
+        joined.push('\0');
+        joined.push_str(queue);
+        Ok(Self {
+            joined: Arc::from(joined),
+            tenant_len: tenant.len(),
+        })
     }
 
     /// As the wire protocol reads names: an empty part means [`DEFAULT_NAME`].
     pub fn from_wire(tenant: &str, queue: &str) -> Result<Self, NameError> {
-        let or_default = |s: &str| {
+        fn or_default(s: &str) -> &str {
             if s.is_empty() {
-                DEFAULT_NAME.to_owned()
+                DEFAULT_NAME
             } else {
-                s.to_owned()
+                s
             }
-        };
+        }
         Self::new(or_default(tenant), or_default(queue))
     }
 
     pub fn tenant(&self) -> &str {
-        &self.tenant
+        &self.joined[..self.tenant_len]
     }
 
     pub fn queue(&self) -> &str {
-        &self.queue
+        &self.joined[self.tenant_len + 1..]
     }
 
     /// Stable 64-bit hash (FNV-1a over `tenant 0x00 queue`). It must never
@@ -81,12 +105,8 @@ impl QueueName {
         const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
         const PRIME: u64 = 0x0000_0100_0000_01b3;
         let mut h = OFFSET;
-        let bytes = self
-            .tenant
-            .bytes()
-            .chain(std::iter::once(0u8))
-            .chain(self.queue.bytes());
-        for b in bytes {
+        // Exactly the joined form: tenant, 0x00, queue.
+        for b in self.joined.bytes() {
             h ^= u64::from(b);
             h = h.wrapping_mul(PRIME);
         }
@@ -101,7 +121,7 @@ impl QueueName {
 
 impl fmt::Display for QueueName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.tenant, self.queue)
+        write!(f, "{}/{}", self.tenant(), self.queue())
     }
 }
 
@@ -153,6 +173,25 @@ mod tests {
         let a = QueueName::new("ab", "c").unwrap();
         let b = QueueName::new("a", "bc").unwrap();
         assert_ne!(a.stable_hash(), b.stable_hash());
+    }
+
+    #[test]
+    fn names_order_as_tenant_then_queue_pairs() {
+        let pairs = [
+            ("a", "z"),
+            ("ab", "a"),
+            ("a", "b"),
+            ("A", "zz"),
+            ("ab", "-"),
+            ("a.b", "c"),
+        ];
+        let mut names: Vec<QueueName> = pairs.iter().map(|(t, q)| QueueName::new(*t, *q).unwrap()).collect();
+        names.sort();
+        let mut sorted = pairs.to_vec();
+        sorted.sort();
+        let got: Vec<(&str, &str)> = names.iter().map(|n| (n.tenant(), n.queue())).collect();
+        assert_eq!(got, sorted);
+        assert_eq!(format!("{:?}", names[0]), r#"QueueName { tenant: "A", queue: "zz" }"#);
     }
 
     #[test]

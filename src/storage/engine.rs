@@ -332,12 +332,14 @@ impl Engine {
     }
 
     pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
-        self.db
-            .cf_handle(name)
-            .ok_or(StoreError::Storage(StorageError::Corrupt {
+        // `ok_or_else`: this runs several times per message, and building
+        // the error eagerly allocated its text every time.
+        self.db.cf_handle(name).ok_or_else(|| {
+            StoreError::Storage(StorageError::Corrupt {
                 cf: name,
                 detail: "column family missing".into(),
-            }))
+            })
+        })
     }
 
     /// A fresh queue id. Ids are never handed out twice in one process; after a
