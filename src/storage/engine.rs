@@ -533,3 +533,75 @@ impl Syncer {
         let _ = self.handle.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// The options of one section of RocksDB's OPTIONS file, `key=value`
+    /// lines until the next section.
+    fn section<'a>(file: &'a str, header: &str) -> Vec<&'a str> {
+        file.lines()
+            .skip_while(|l| l.trim() != header)
+            .skip(1)
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .map(str::trim)
+            .collect()
+    }
+
+    /// The insert hints are set through RocksDB's options-string parser,
+    /// which falls back (with a warning) if a RocksDB upgrade refuses the
+    /// string: this checks, from the OPTIONS file RocksDB writes, that the
+    /// hints are on and that the copy kept every other option we set.
+    #[test]
+    fn queue_families_get_memtable_insert_hints_and_keep_their_other_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), EngineOptions::default(), Arc::new(ManualClock::new(0))).unwrap();
+        drop(engine);
+        let options = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .max_by_key(|e| e.file_name())
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .expect("RocksDB wrote an OPTIONS file");
+        let hint = format!(
+            "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{}",
+            keys::QID_LEN
+        );
+        let prefix = format!("prefix_extractor=rocksdb.FixedPrefix.{}", keys::QID_LEN);
+        let families = [
+            (CF_READY, 16384, "kLZ4Compression", true),
+            (CF_LEASES, 4096, "kNoCompression", true),
+            (CF_DEAD, 16384, "kLZ4Compression", false),
+            (CF_RETENTION, 4096, "kNoCompression", true),
+        ];
+        for (cf, block_size, compression, tombstone_compaction) in families {
+            let cf_options = section(&options, &format!("[CFOptions \"{cf}\"]"));
+            assert!(cf_options.contains(&hint.as_str()), "{cf}: no insert hints");
+            assert!(cf_options.contains(&prefix.as_str()), "{cf}: prefix extractor lost");
+            let compression = format!("compression={compression}");
+            assert!(cf_options.contains(&compression.as_str()), "{cf}: compression lost");
+            assert!(
+                cf_options.contains(&"level_compaction_dynamic_level_bytes=true"),
+                "{cf}"
+            );
+            let collector = cf_options.iter().any(|l| l.contains("CompactOnDeletionCollector"));
+            assert_eq!(collector, tombstone_compaction, "{cf}: deletion-triggered compaction");
+            let write_buffer = format!("write_buffer_size={}", EngineOptions::default().write_buffer_bytes);
+            assert!(
+                cf_options.contains(&write_buffer.as_str()),
+                "{cf}: write buffer size lost"
+            );
+            let table = section(&options, &format!("[TableOptions/BlockBasedTable \"{cf}\"]"));
+            assert!(
+                table.contains(&format!("block_size={block_size}").as_str()),
+                "{cf}: table options lost"
+            );
+            assert!(table.contains(&"format_version=6"), "{cf}: table options lost");
+        }
+        let registry = section(&options, &format!("[CFOptions \"{CF_REGISTRY}\"]"));
+        assert!(registry.contains(&"memtable_insert_with_hint_prefix_extractor=nullptr"));
+    }
+}
