@@ -90,7 +90,10 @@ pub fn encode_response(resp: &Response) -> Builder<HeapAllocator> {
         Ok(reply) => reply.words(),
         Err(_) => crate::ops::SMALL_REPLY_WORDS,
     };
-    let mut message = Builder::new(HeapAllocator::new().first_segment_words(words.max(1)));
+    // Clamped far below capnp's own limit (2^29 words, which it asserts):
+    // past 8 MiB, further segments are added as needed.
+    let words = words.clamp(1, 1 << 20);
+    let mut message = Builder::new(HeapAllocator::new().first_segment_words(words));
     let mut root = message.init_root::<response::Builder<'_>>();
     root.set_id(resp.id);
     match &resp.result {
