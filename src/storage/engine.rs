@@ -165,6 +165,12 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
     let mut opts = Options::default();
     opts.set_write_buffer_size(write_buffer);
     opts.set_level_compaction_dynamic_level_bytes(true);
+    // Every family but the registry is keyed queue id first: prefix blooms
+    // and insert hints per queue (below).
+    let queue_prefixed = matches!(name, CF_READY | CF_LEASES | CF_DEAD | CF_RETENTION);
+    if queue_prefixed {
+        opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
+    }
     match name {
         CF_READY => {
             // Scanned in order from a known position within one queue: prefix
@@ -173,7 +179,6 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
             table.set_block_size(16 << 10);
             table.set_bloom_filter(10.0, false);
             table.set_whole_key_filtering(false);
-            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
             opts.set_memtable_prefix_bloom_ratio(0.05);
             opts.set_compression_type(DBCompressionType::Lz4);
             opts.set_bottommost_compression_type(DBCompressionType::Zstd);
@@ -184,7 +189,6 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
             // compression on the hot levels, point and prefix blooms.
             table.set_block_size(4 << 10);
             table.set_bloom_filter(10.0, false);
-            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
             opts.set_memtable_prefix_bloom_ratio(0.05);
             opts.set_compression_type(DBCompressionType::None);
             opts.set_bottommost_compression_type(DBCompressionType::Lz4);
@@ -196,7 +200,6 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
             table.set_block_size(16 << 10);
             table.set_bloom_filter(10.0, false);
             table.set_whole_key_filtering(false);
-            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
             opts.set_compression_type(DBCompressionType::Lz4);
             opts.set_bottommost_compression_type(DBCompressionType::Zstd);
         }
@@ -206,7 +209,6 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
             table.set_block_size(4 << 10);
             table.set_bloom_filter(10.0, false);
             table.set_whole_key_filtering(false);
-            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(keys::QID_LEN));
             opts.set_memtable_prefix_bloom_ratio(0.05);
             opts.set_compression_type(DBCompressionType::None);
             opts.set_bottommost_compression_type(DBCompressionType::Lz4);
@@ -221,10 +223,20 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
         }
     }
     opts.set_block_based_table_factory(&table);
-    match name {
-        CF_READY | CF_LEASES | CF_DEAD | CF_RETENTION => with_insert_hints(opts),
-        _ => opts,
+    if queue_prefixed {
+        with_insert_hints(opts)
+    } else {
+        opts
     }
+}
+
+/// The option that keys the memtable's insert hints by queue id, as
+/// RocksDB's options string (and its OPTIONS file) spells it.
+fn insert_hint_setting() -> String {
+    format!(
+        "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{}",
+        keys::QID_LEN
+    )
 }
 
 /// Gives the memtable one insert hint per queue (its key prefix).
@@ -241,11 +253,7 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
 /// The option is not in RocksDB's C API, so it is set through the options
 /// string parser, which copies every other option of `opts` unchanged.
 fn with_insert_hints(mut opts: Options) -> Options {
-    let setting = format!(
-        "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{}",
-        keys::QID_LEN
-    );
-    match opts.get_options_from_string(&setting) {
+    match opts.get_options_from_string(insert_hint_setting()) {
         Ok(hinted) => hinted,
         Err(error) => {
             // Only slower, never wrong: keep the options as they were.
@@ -566,10 +574,7 @@ mod tests {
             .max_by_key(|e| e.file_name())
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
             .expect("RocksDB wrote an OPTIONS file");
-        let hint = format!(
-            "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{}",
-            keys::QID_LEN
-        );
+        let hint = insert_hint_setting();
         let prefix = format!("prefix_extractor=rocksdb.FixedPrefix.{}", keys::QID_LEN);
         let families = [
             (CF_READY, 16384, "kLZ4Compression", true),
