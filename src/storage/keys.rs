@@ -7,8 +7,8 @@
 //! | column family | key                               | value                         |
 //! |---------------|-----------------------------------|-------------------------------|
 //! | `ready`       | qid · visible_at · message id (28)| record                        |
-//! | `leases`      | qid · lease id (20)               | expires_at (8)                |
-//! | `leases`      | qid · lease id · message id (36)  | record                        |
+//! | `leases`      | qid · lease id (20)               | lease block, or expires_at (8)|
+//! | `leases`      | qid · lease id · message id (36)  | empty (member ended), or record|
 //! | `registry`    | `n` · len · tenant · queue        | qid (4)                       |
 //! | `registry`    | `c` · qid (5)                     | counters                      |
 //! | `registry`    | `p` · qid (5)                     | policy (version · 4 fields)   |
@@ -22,6 +22,14 @@
 //! copy. A message a worker reported failing carries the error text too:
 //! the top bit of `delivery_count` is then set and `len (2) · text` comes
 //! before the payload.
+//!
+//! A *lease block* is `expires_at (8)` followed by each member as
+//! `message id (16) · record length (4) · record`: a poll writes its whole
+//! lease as one value. A member that ends while others stay (a remove,
+//! release or failure of some of its messages) is marked by an empty value
+//! under its member key, deleted with the lease. Leases written before
+//! blocks have an 8-byte header and one record per member key; both are
+//! read, so a database from before keeps its leases.
 
 use crate::ids::{LeaseId, MessageId};
 use crate::names::QueueName;
@@ -109,6 +117,74 @@ pub fn parse_lease_entry(k: &[u8]) -> Option<LeaseEntry> {
     }
 }
 
+/// Starts a lease block in `out` (see the module docs).
+pub fn start_lease_block(out: &mut Vec<u8>, expires_at: u64) {
+    out.clear();
+    out.extend_from_slice(&expires_at.to_be_bytes());
+}
+
+/// Appends a member to a lease block: its id and its record.
+pub fn push_block_member(
+    out: &mut Vec<u8>,
+    id: &MessageId,
+    header: RecordHeader,
+    error: Option<&[u8]>,
+    payload: &[u8],
+) {
+    out.extend_from_slice(id.as_bytes());
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    append_record(out, header, error, payload);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// A lease header's value: a block (`members` holds the rest of it) or,
+/// from before blocks, only the expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseHeader<'a> {
+    pub expires_at: u64,
+    pub members: Option<BlockMembers<'a>>,
+}
+
+/// A lease header's value; `None` if it is neither an expiry nor a block.
+pub fn parse_lease_header(v: &[u8]) -> Option<LeaseHeader<'_>> {
+    let expires_at = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let members = (v.len() > 8).then(|| BlockMembers(&v[8..]));
+    Some(LeaseHeader { expires_at, members })
+}
+
+/// The members of a lease block, in the order the poll took them. Yields
+/// `Err(())` once, then stops, if the rest is not a whole member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockMembers<'a>(&'a [u8]);
+
+impl<'a> Iterator for BlockMembers<'a> {
+    type Item = Result<(MessageId, &'a [u8]), ()>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let member = (|| {
+            let id = MessageId::from_slice(self.0.get(..16)?)?;
+            let len = u32::from_be_bytes(self.0.get(16..20)?.try_into().ok()?) as usize;
+            let record = self.0.get(20..20usize.checked_add(len)?)?;
+            Some((id, record, 20 + len))
+        })();
+        match member {
+            Some((id, record, used)) => {
+                self.0 = &self.0[used..];
+                Some(Ok((id, record)))
+            }
+            None => {
+                self.0 = &[];
+                Some(Err(()))
+            }
+        }
+    }
+}
+
 /// A message record: its metadata followed by the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {
@@ -131,6 +207,11 @@ pub fn encode_record(out: &mut Vec<u8>, header: RecordHeader, payload: &[u8]) {
 /// A record that carries `error`, the last failure a worker reported.
 pub fn encode_record_with_error(out: &mut Vec<u8>, header: RecordHeader, error: Option<&[u8]>, payload: &[u8]) {
     out.clear();
+    append_record(out, header, error, payload);
+}
+
+/// Appends a record to `out` (see [`encode_record_with_error`]).
+fn append_record(out: &mut Vec<u8>, header: RecordHeader, error: Option<&[u8]>, payload: &[u8]) {
     let error = error.map(|e| &e[..e.len().min(MAX_ERROR_LEN)]);
     out.reserve(RECORD_HEADER_LEN + error.map_or(0, |e| 2 + e.len()) + payload.len());
     out.extend_from_slice(&header.enqueued_at.to_be_bytes());
@@ -481,6 +562,43 @@ mod tests {
 
     fn mid(n: u8) -> MessageId {
         MessageId([n; 16])
+    }
+
+    #[test]
+    fn a_lease_block_holds_its_expiry_and_every_member_record() {
+        let header = |count| RecordHeader {
+            enqueued_at: 7,
+            delivery_count: count,
+        };
+        let mut block = vec![1, 2, 3];
+        start_lease_block(&mut block, 1_000);
+        push_block_member(&mut block, &mid(1), header(1), None, b"first");
+        push_block_member(&mut block, &mid(2), header(3), Some(b"boom"), b"");
+        let parsed = parse_lease_header(&block).expect("a block");
+        assert_eq!(parsed.expires_at, 1_000);
+        let members: Vec<_> = parsed
+            .members
+            .expect("members")
+            .collect::<Result<_, _>>()
+            .expect("whole");
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0].0, mid(1));
+        assert_eq!(parse_record(members[0].1), Some((header(1), &b"first"[..])));
+        let second = parse_full_record(members[1].1).expect("record");
+        assert_eq!(
+            (second.header, second.error, second.payload),
+            (header(3), Some(&b"boom"[..]), &b""[..])
+        );
+        // An expiry alone is a lease from before blocks.
+        let expiry = 5u64.to_be_bytes();
+        let old = parse_lease_header(&expiry).expect("an expiry");
+        assert_eq!((old.expires_at, old.members), (5, None));
+        assert_eq!(parse_lease_header(&[0; 7]), None);
+        // A torn member is reported once, then the walk stops.
+        let torn = parse_lease_header(&block[..block.len() - 1]).expect("a block");
+        let walked: Vec<_> = torn.members.expect("members").collect();
+        assert_eq!(walked.len(), 2);
+        assert!(walked[0].is_ok() && walked[1].is_err());
     }
 
     #[test]

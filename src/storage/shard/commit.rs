@@ -95,13 +95,14 @@ impl QueueStore for ShardStore {
         }
         let now = self.now();
         let mut batch = Batch {
-            writes: WriteBatch::default(),
+            writes: WriteBatch::with_capacity_bytes(self.batch_bytes.capacity()),
             needs_sync: false,
             woken: BTreeMap::new(),
             deleted: Vec::new(),
             counted: Map::default(),
             touched: Vec::new(),
             record: Vec::new(),
+            unmarked: Vec::new(),
         };
         let count = commands.len();
         // A storage failure anywhere stops the whole batch; a command's own
@@ -143,9 +144,14 @@ impl QueueStore for ShardStore {
             }
         }
         if fatal.is_none() {
-            fatal = self.persist_counters(&mut batch).err().map(storage);
+            fatal = self
+                .mark_ended_members(&mut batch)
+                .and_then(|()| self.persist_counters(&mut batch))
+                .err()
+                .map(storage);
         }
         if fatal.is_none() && !batch.writes.is_empty() {
+            self.batch_bytes.observe(batch.writes.size_in_bytes());
             match self.engine.commit(batch.writes, batch.needs_sync) {
                 Ok(took) => synced = took,
                 Err(e) => fatal = Some(storage(e)),

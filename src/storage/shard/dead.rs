@@ -112,19 +112,40 @@ impl ShardStore {
             return Ok(false);
         }
         // The record goes back as it is (delivery count included), with the
-        // error text of a failure; read into the batch's buffer.
-        let record = self
-            .engine
-            .db()
-            .get_pinned_cf(self.engine.cf(CF_LEASES)?, keys::member_key(qid, &lease, &id))
-            .map_err(StoreError::rocks("read a leased message"))?
-            .ok_or_else(|| {
-                StoreError::Storage(StorageError::Corrupt {
-                    cf: CF_LEASES,
-                    detail: format!("message {id} of lease {lease} in {queue} has no record"),
-                })
-            })?;
-        let keys::FullRecord { header, payload, .. } = keys::parse_full_record(&record).ok_or_else(|| {
+        // error text of a failure; read into the batch's buffer. It is in
+        // the lease's block, or (from before blocks) under its member key.
+        let block = self
+            .queues
+            .get(&qid)
+            .and_then(|q| q.leases.get(&lease))
+            .is_some_and(|l| l.block);
+        let no_record = || {
+            StoreError::Storage(StorageError::Corrupt {
+                cf: CF_LEASES,
+                detail: format!("message {id} of lease {lease} in {queue} has no record"),
+            })
+        };
+        let cf = self.engine.cf(CF_LEASES)?;
+        let db = self.engine.db();
+        let stored = if block {
+            db.get_pinned_cf(cf, keys::lease_key(qid, &lease))
+        } else {
+            db.get_pinned_cf(cf, keys::member_key(qid, &lease, &id))
+        }
+        .map_err(StoreError::rocks("read a leased message"))?
+        .ok_or_else(no_record)?;
+        let record = if block {
+            keys::parse_lease_header(&stored)
+                .and_then(|h| h.members)
+                .into_iter()
+                .flatten()
+                .map_while(Result::ok)
+                .find_map(|(member, record)| (member == id).then_some(record))
+                .ok_or_else(no_record)?
+        } else {
+            &stored[..]
+        };
+        let keys::FullRecord { header, payload, .. } = keys::parse_full_record(record).ok_or_else(|| {
             StoreError::Storage(StorageError::Corrupt {
                 cf: CF_LEASES,
                 detail: format!("record of {id} in {queue} is {} bytes", record.len()),
@@ -135,7 +156,7 @@ impl ShardStore {
             Ending::Release { delay_ms } => {
                 counted.released += 1;
                 batch.record.clear();
-                batch.record.extend_from_slice(&record);
+                batch.record.extend_from_slice(record);
                 (*delay_ms, false)
             }
             Ending::Fail { error, dead } => {
@@ -144,7 +165,7 @@ impl ShardStore {
                 (0, *dead)
             }
         };
-        drop(record);
+        drop(stored);
         let bytes = self.take_member(qid, id, lease, batch)?;
         let defaults = self.engine.options().defaults();
         let (ready, dead) = (ReadyIndex::of(&self.engine)?, DeadSet::of(&self.engine)?);

@@ -50,46 +50,64 @@ impl ShardStore {
             return Ok(());
         }
         let dead = DeadSet::of(&self.engine)?;
-        let mut buried = 0;
+        let (mut returned, mut visible, mut dropped, mut buried) = (0, 0, 0, 0);
+        batch.touched.push(qid);
+        let corrupt = |detail: String| StoreError::Storage(StorageError::Corrupt { cf: CF_LEASES, detail });
+        // Each member the lease still holds is dead or back as of the
+        // expiry, in the same batch as the lease's end.
+        let mut land = |q: &mut QueueState, batch: &mut Batch, id: MessageId, record: &[u8]| {
+            let Some(bytes) = q.release_holder(lease, &id) else {
+                return;
+            };
+            let ended = dead::Ended {
+                id,
+                record,
+                at: expired_at,
+                delay_ms: 0,
+                rejected: false,
+                bytes,
+            };
+            let writes = (&mut batch.writes, &mut batch.record);
+            match dead::land(
+                q,
+                &policy,
+                &mut self.delay_deadlines,
+                (&ready, &dead),
+                ended,
+                now,
+                writes,
+            ) {
+                dead::Landed::Dropped => dropped += 1,
+                dead::Landed::Dead(_) => buried += 1,
+                dead::Landed::Back { visible: now_visible } => {
+                    returned += 1;
+                    visible += u64::from(now_visible);
+                }
+            }
+        };
         let mut it = self
             .engine
             .scan(CF_LEASES, &keys::lease_key(qid, &lease), keys::lease_end(qid, &lease))?;
-        let (mut returned, mut visible, mut dropped) = (0, 0, 0);
-        batch.touched.push(qid);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match (keys::parse_lease_entry(k), <MemberKey>::try_from(k)) {
                 (Some(LeaseEntry::Member(_, id)), Ok(member)) => {
-                    if let Some(bytes) = leases.take_member(&mut batch.writes, q, &member, lease, id) {
-                        // Dead or back as of the expiry, in the same batch
-                        // as the lease's end.
-                        let ended = dead::Ended {
-                            id,
-                            record: v,
-                            at: expired_at,
-                            delay_ms: 0,
-                            rejected: false,
-                            bytes,
-                        };
-                        let writes = (&mut batch.writes, &mut batch.record);
-                        match dead::land(
-                            q,
-                            &policy,
-                            &mut self.delay_deadlines,
-                            (&ready, &dead),
-                            ended,
-                            now,
-                            writes,
-                        ) {
-                            dead::Landed::Dropped => dropped += 1,
-                            dead::Landed::Dead(_) => buried += 1,
-                            dead::Landed::Back { visible: now_visible } => {
-                                returned += 1;
-                                visible += u64::from(now_visible);
-                            }
-                        }
+                    leases.delete_member(&mut batch.writes, &member);
+                    // Empty: a block member that ended before the lease.
+                    if !v.is_empty() {
+                        land(q, batch, id, v);
                     }
                 }
-                _ => leases.delete_expiry(&mut batch.writes, k),
+                _ => {
+                    leases.delete_header(&mut batch.writes, k);
+                    let header = keys::parse_lease_header(v).ok_or_else(|| {
+                        corrupt(format!("header of lease {lease} in {} is {} bytes", q.name, v.len()))
+                    })?;
+                    for member in header.members.into_iter().flatten() {
+                        let (id, record) =
+                            member.map_err(|()| corrupt(format!("torn block of lease {lease} in {}", q.name)))?;
+                        land(q, batch, id, record);
+                    }
+                }
             }
             it.next();
         }
@@ -104,9 +122,11 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Drops `id` from `lease` in memory and stages the deletes; the lease
-    /// record goes with its last member. Returns the payload size of the
-    /// message taken.
+    /// Drops `id` from `lease` in memory and stages what ends it on disk:
+    /// the lease's delete with its last member; before that, an end marker
+    /// for a block member (written at the end of the batch, see
+    /// [`Self::mark_ended_members`]) or the delete of a member record from
+    /// before blocks. Returns the payload size of the message taken.
     pub(super) fn take_member(
         &mut self,
         qid: QueueId,
@@ -118,19 +138,51 @@ impl ShardStore {
         let Some(q) = self.queues.get_mut(&qid) else {
             return Ok(0);
         };
-        let bytes = leases
-            .take_member(&mut batch.writes, q, &keys::member_key(qid, &lease, &id), lease, id)
-            .unwrap_or(0);
-        if let Some(state) = q.leases.get_mut(&lease) {
-            state.live = state.live.saturating_sub(1);
-            if state.live == 0 {
-                let expires_at = state.expires_at;
-                q.leases.remove(&lease);
-                self.lease_deadlines.remove(&(expires_at, qid, lease));
-                leases.delete_expiry(&mut batch.writes, &keys::lease_key(qid, &lease));
+        let bytes = q.release_holder(lease, &id).unwrap_or(0);
+        let Some(state) = q.leases.get_mut(&lease) else {
+            return Ok(bytes);
+        };
+        if !state.block {
+            leases.delete_member(&mut batch.writes, &keys::member_key(qid, &lease, &id));
+        }
+        state.live = state.live.saturating_sub(1);
+        if state.live == 0 {
+            let expires_at = state.expires_at;
+            if let Some(ended) = q.leases.remove(&lease) {
+                for marked in &ended.marked {
+                    leases.delete_member(&mut batch.writes, &keys::member_key(qid, &lease, marked));
+                }
             }
+            self.lease_deadlines.remove(&(expires_at, qid, lease));
+            leases.delete_header(&mut batch.writes, &keys::lease_key(qid, &lease));
+        } else if state.block {
+            if state.unmarked.is_empty() {
+                batch.unmarked.push((qid, lease));
+            }
+            state.unmarked.push(id);
         }
         Ok(bytes)
+    }
+
+    /// Marks the block members that ended in this batch while their lease
+    /// goes on. Done once the batch's commands have run, so a lease whose
+    /// every member ends in one batch (a remove of all its ids) writes only
+    /// its delete; a lease a purge or delete took since is skipped.
+    pub(super) fn mark_ended_members(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
+        if batch.unmarked.is_empty() {
+            return Ok(());
+        }
+        let leases = LeaseTable::of(&self.engine)?;
+        for (qid, lease) in std::mem::take(&mut batch.unmarked) {
+            let Some(state) = self.queues.get_mut(&qid).and_then(|q| q.leases.get_mut(&lease)) else {
+                continue;
+            };
+            for id in std::mem::take(&mut state.unmarked) {
+                leases.mark_ended(&mut batch.writes, qid, &lease, &id);
+                state.marked.push(id);
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn holds(&self, qid: QueueId, id: &MessageId, lease: &LeaseId, now: u64) -> bool {
@@ -181,10 +233,34 @@ impl ShardStore {
             return Ok(None);
         }
         let new_expiry = deadline(now, lease_ms);
+        let key = keys::lease_key(qid, &lease);
+        if state.block {
+            // The block is rewritten whole with the new expiry. The committed
+            // one is current: a lease is polled in an earlier batch than any
+            // extend of it (its id is unknown until the poll is answered),
+            // and nothing else rewrites a block.
+            let committed = self
+                .engine
+                .db()
+                .get_pinned_cf(self.engine.cf(CF_LEASES)?, key)
+                .map_err(StoreError::rocks("read a lease block"))?
+                .filter(|v| v.len() > 8)
+                .ok_or_else(|| {
+                    StoreError::Storage(StorageError::Corrupt {
+                        cf: CF_LEASES,
+                        detail: format!("lease {lease} in {queue} has no block"),
+                    })
+                })?;
+            batch.record.clear();
+            batch.record.extend_from_slice(&new_expiry.to_be_bytes());
+            batch.record.extend_from_slice(&committed[8..]);
+            leases.put_header(&mut batch.writes, qid, &lease, &batch.record);
+        } else {
+            leases.put_header(&mut batch.writes, qid, &lease, &new_expiry.to_be_bytes());
+        }
         self.lease_deadlines.remove(&(state.expires_at, qid, lease));
         self.lease_deadlines.insert((new_expiry, qid, lease));
         state.expires_at = new_expiry;
-        leases.put_expiry(&mut batch.writes, qid, &lease, new_expiry);
         Ok(Some(new_expiry))
     }
 }

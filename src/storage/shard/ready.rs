@@ -174,10 +174,20 @@ impl ShardStore {
                 })
             })?;
             header.delivery_count = header.delivery_count.saturating_add(1);
-            // The last error a worker reported travels with the message.
-            keys::encode_record_with_error(&mut batch.record, header, error, payload);
+            // The whole lease is one block, written below; the last error a
+            // worker reported travels with the message.
+            if messages.is_empty() {
+                keys::start_lease_block(&mut batch.record, expires_at);
+            }
+            keys::push_block_member(&mut batch.record, &id, header, error, payload);
             ready.take(&mut batch.writes, q, &key, header.enqueued_at);
-            leases.put_member(&mut batch.writes, q, lease, id, &batch.record);
+            q.holders.insert(
+                id,
+                Held {
+                    lease,
+                    bytes: payload.len() as u32,
+                },
+            );
             messages.push(Delivery {
                 id,
                 payload: payload.to_vec(),
@@ -210,15 +220,10 @@ impl ShardStore {
         if messages.is_empty() {
             return Ok(None);
         }
-        q.leases.insert(
-            lease,
-            LeaseState {
-                expires_at,
-                live: messages.len() as u32,
-            },
-        );
+        q.leases
+            .insert(lease, LeaseState::new(expires_at, messages.len() as u32, true));
         self.lease_deadlines.insert((expires_at, qid, lease));
-        leases.put_expiry(&mut batch.writes, qid, &lease, expires_at);
+        leases.put_header(&mut batch.writes, qid, &lease, &batch.record);
         let counted = batch.counted.entry(qid).or_default();
         counted.delivered += messages.len() as u64;
         counted.redelivered += messages.iter().filter(|m| m.delivery_count > 1).count() as u64;

@@ -63,37 +63,48 @@ impl ShardStore {
         let count_bytes = q.counters.bytes.is_none();
         let mut leased_bytes = 0u64;
 
-        // Leases: a header (expiry) followed by its members, in key order.
+        // Leases: a header (a block, or an expiry from before blocks)
+        // followed by its member keys (end markers of a block's members,
+        // or records from before blocks), in key order.
+        let corrupt = |detail: String| StoreError::Storage(StorageError::Corrupt { cf: CF_LEASES, detail });
         let mut it = engine.scan(CF_LEASES, &keys::queue_prefix(qid), keys::queue_end(qid).to_vec())?;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             match keys::parse_lease_entry(k) {
                 Some(LeaseEntry::Header(lease)) => {
-                    let expires_at = v.try_into().map(u64::from_be_bytes).map_err(|_| {
-                        StoreError::Storage(StorageError::Corrupt {
-                            cf: CF_LEASES,
-                            detail: format!("lease header of {name} is {} bytes", v.len()),
-                        })
-                    })?;
-                    q.leases.insert(lease, LeaseState { expires_at, live: 0 });
+                    let header = keys::parse_lease_header(v)
+                        .ok_or_else(|| corrupt(format!("lease header of {name} is {} bytes", v.len())))?;
+                    let state = q.leases.entry(lease).or_insert(LeaseState::new(0, 0, false));
+                    state.expires_at = header.expires_at;
+                    state.block = header.members.is_some();
+                    for member in header.members.into_iter().flatten() {
+                        let (id, record) =
+                            member.map_err(|()| corrupt(format!("torn block of lease {lease} in {name}")))?;
+                        let bytes = keys::payload_len(record) as u32;
+                        state.live += 1;
+                        leased_bytes += u64::from(bytes);
+                        q.holders.insert(id, Held { lease, bytes });
+                    }
+                }
+                Some(LeaseEntry::Member(lease, id)) if v.is_empty() => {
+                    // A block member that ended: after its block in key order.
+                    if let Some(held) = q.release_holder(lease, &id) {
+                        leased_bytes -= u64::from(held);
+                    }
+                    if let Some(state) = q.leases.get_mut(&lease) {
+                        state.live = state.live.saturating_sub(1);
+                        state.marked.push(id);
+                    }
                 }
                 Some(LeaseEntry::Member(lease, id)) => {
                     // A member without a header cannot happen (they are written
                     // and deleted together); if it does, expire it at once
                     // rather than hold the message forever.
-                    q.leases
-                        .entry(lease)
-                        .or_insert(LeaseState { expires_at: 0, live: 0 })
-                        .live += 1;
+                    q.leases.entry(lease).or_insert(LeaseState::new(0, 0, false)).live += 1;
                     let bytes = keys::payload_len(v) as u32;
                     leased_bytes += u64::from(bytes);
                     q.holders.insert(id, Held { lease, bytes });
                 }
-                None => {
-                    return Err(StoreError::Storage(StorageError::Corrupt {
-                        cf: CF_LEASES,
-                        detail: format!("unparseable key {k:?} in {name}"),
-                    }))
-                }
+                None => return Err(corrupt(format!("unparseable key {k:?} in {name}"))),
             }
             it.next();
         }

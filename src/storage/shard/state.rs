@@ -8,6 +8,28 @@ pub(super) struct LeaseState {
     pub(super) expires_at: u64,
     /// Messages still held. The lease record is deleted with the last one.
     pub(super) live: u32,
+    /// Written as one block (the header holds every member's record), or,
+    /// from before blocks, as an expiry and a record per member.
+    pub(super) block: bool,
+    /// Block members that ended in earlier batches: their end markers are
+    /// on disk, and go with the lease.
+    pub(super) marked: Vec<MessageId>,
+    /// Block members that ended in this batch: marked at its end unless
+    /// the lease ends in the same batch (a remove of every id of a lease
+    /// then writes a single delete).
+    pub(super) unmarked: Vec<MessageId>,
+}
+
+impl LeaseState {
+    pub(super) fn new(expires_at: u64, live: u32, block: bool) -> Self {
+        Self {
+            expires_at,
+            live,
+            block,
+            marked: Vec::new(),
+            unmarked: Vec::new(),
+        }
+    }
 }
 
 /// Who holds a leased message, and its payload's size (what a remove takes
@@ -183,6 +205,16 @@ impl QueueState {
         self.retention.as_ref().is_some_and(|r| r.expired(enqueued_at, now))
     }
 
+    /// Drops `id`'s holder entry if `lease` holds it; returns the payload
+    /// size of what it took then.
+    pub(super) fn release_holder(&mut self, lease: LeaseId, id: &MessageId) -> Option<u32> {
+        let held = self.holders.get(id).filter(|h| h.lease == lease).map(|h| h.bytes);
+        if held.is_some() {
+            self.holders.remove(id);
+        }
+        held
+    }
+
     pub(super) fn lease_valid(&self, lease: &LeaseId, now: u64) -> bool {
         self.leases.get(lease).is_some_and(|l| l.expires_at > now)
     }
@@ -201,4 +233,7 @@ pub(super) struct Batch {
     /// Queues whose counters may have changed (persisted at commit).
     pub(super) touched: Vec<QueueId>,
     pub(super) record: Vec<u8>,
+    /// Block leases with members that ended in this batch (see
+    /// `LeaseState::unmarked`).
+    pub(super) unmarked: Vec<(QueueId, LeaseId)>,
 }

@@ -115,12 +115,17 @@ impl<'e> RetentionIndex<'e> {
     }
 }
 
-/// A lease member's key: written once when the message is leased, deleted
-/// once when it is removed, released or its lease expires.
+/// A lease member's key: written once (a member record from before lease
+/// blocks, or a block member's end marker), deleted once, with its lease.
 pub(super) type MemberKey = [u8; keys::MEMBER_KEY_LEN];
 
-/// Leases: a header per lease (its expiry, rewritten by extends) and a
-/// member record per leased message.
+/// Leases: a header per lease holding its block (its expiry, rewritten by
+/// extends, and every member's record) and an end marker per member that
+/// ended before the lease. A poll of 32 messages writes one value and a
+/// remove of all 32 one delete, where a record per member cost 66 memtable
+/// inserts per lease (a third of the server's instructions per message at
+/// B=32, callgrind). Leases from before blocks (an expiry in the header, a
+/// record per member key) are still read and ended.
 pub(super) struct LeaseTable<'e>(&'e ColumnFamily);
 
 impl<'e> LeaseTable<'e> {
@@ -128,46 +133,25 @@ impl<'e> LeaseTable<'e> {
         Ok(Self(engine.cf(CF_LEASES)?))
     }
 
-    /// Records that `lease` holds message `id` (the record is the message's).
-    pub(super) fn put_member(
-        &self,
-        writes: &mut WriteBatch,
-        q: &mut QueueState,
-        lease: LeaseId,
-        id: MessageId,
-        record: &[u8],
-    ) {
-        writes.put_cf(self.0, keys::member_key(q.qid, &lease, &id), record);
-        let bytes = keys::payload_len(record) as u32;
-        q.holders.insert(id, Held { lease, bytes });
-    }
-
-    /// Deletes a member record, and its holder entry when `lease` still
-    /// holds the message; returns the payload size of what it took then.
-    pub(super) fn take_member(
-        &self,
-        writes: &mut WriteBatch,
-        q: &mut QueueState,
-        key: &MemberKey,
-        lease: LeaseId,
-        id: MessageId,
-    ) -> Option<u32> {
-        writes.single_delete_cf(self.0, key);
-        let held = q.holders.get(&id).filter(|h| h.lease == lease).map(|h| h.bytes);
-        if held.is_some() {
-            q.holders.remove(&id);
-        }
-        held
-    }
-
-    /// Writes (or rewrites) a lease's expiry.
-    pub(super) fn put_expiry(&self, writes: &mut WriteBatch, qid: QueueId, lease: &LeaseId, expires_at: u64) {
-        writes.put_cf(self.0, keys::lease_key(qid, lease), expires_at.to_be_bytes());
+    /// Writes (or, with a new expiry, rewrites) a lease's header: a block
+    /// or, for a lease from before blocks, an expiry.
+    pub(super) fn put_header(&self, writes: &mut WriteBatch, qid: QueueId, lease: &LeaseId, value: &[u8]) {
+        writes.put_cf(self.0, keys::lease_key(qid, lease), value);
     }
 
     /// Deletes a lease's header (rewritten by extends: a plain delete).
-    pub(super) fn delete_expiry(&self, writes: &mut WriteBatch, key: &[u8]) {
+    pub(super) fn delete_header(&self, writes: &mut WriteBatch, key: &[u8]) {
         writes.delete_cf(self.0, key);
+    }
+
+    /// Marks a block member as ended while its lease goes on.
+    pub(super) fn mark_ended(&self, writes: &mut WriteBatch, qid: QueueId, lease: &LeaseId, id: &MessageId) {
+        writes.put_cf(self.0, keys::member_key(qid, lease, id), []);
+    }
+
+    /// Deletes a member key: a record from before blocks, or an end marker.
+    pub(super) fn delete_member(&self, writes: &mut WriteBatch, key: &MemberKey) {
+        writes.single_delete_cf(self.0, key);
     }
 
     /// Drops every lease of a queue.

@@ -586,3 +586,173 @@ fn retention_set_on_a_queue_of_dead_letters_drops_them() {
     let stats = f.store.stats(&jobs).unwrap();
     assert_eq!((stats.dead, stats.dropped), (0, 1));
 }
+
+#[test]
+fn a_batch_starts_at_the_recent_largest_batch_rounded_up_and_capped() {
+    let mut bytes = BatchBytes::default();
+    assert_eq!(bytes.capacity(), 1);
+    bytes.observe(10_000);
+    assert_eq!(bytes.capacity(), 16_384);
+    // A small batch in between does not shrink the next one's buffer much.
+    bytes.observe(300);
+    assert_eq!(bytes.capacity(), 16_384);
+    bytes.observe(usize::MAX);
+    assert_eq!(bytes.capacity(), BatchBytes::CAP);
+    // Forgotten an eighth per batch.
+    for _ in 0..100 {
+        bytes.observe(300);
+    }
+    assert_eq!(bytes.capacity(), 512);
+}
+
+#[test]
+fn the_batch_size_follows_what_was_committed() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    f.store.add(&jobs, msgs(&["a", "b", "c"])).unwrap();
+    let after_add = f.store.batch_bytes.capacity();
+    assert!(after_add >= 3 * 16, "{after_add}");
+    f.store
+        .add(&jobs, (0..100).map(|_| NewMessage::new(vec![7; 1000])).collect())
+        .unwrap();
+    assert!(f.store.batch_bytes.capacity() >= 100_000, "{:?}", f.store.batch_bytes);
+}
+
+/// Every key and value of the `leases` column family.
+fn lease_entries(store: &ShardStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let cf = store.engine.cf(CF_LEASES).unwrap();
+    store
+        .engine
+        .db()
+        .iterator_cf(cf, rocksdb::IteratorMode::Start)
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+        .collect()
+}
+
+fn remove_all(store: &mut ShardStore, queue: &QueueName, lease: &Lease) {
+    let commands = lease
+        .messages
+        .iter()
+        .map(|m| Command::Remove {
+            queue: queue.clone(),
+            id: m.id,
+            lease: lease.id,
+        })
+        .collect();
+    let outcomes = store.execute(commands).outcomes.unwrap();
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Ok(Outcome::Removed(true)))),
+        "{outcomes:?}"
+    );
+}
+
+#[test]
+fn a_lease_is_one_block_and_a_remove_of_all_its_ids_one_delete() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    f.store.add(&jobs, msgs(&["a", "b", "c"])).unwrap();
+    let lease = f.store.poll(&jobs, 3, 1000).unwrap().unwrap();
+    let entries = lease_entries(&f.store);
+    assert_eq!(entries.len(), 1, "one header holds the lease");
+    let header = keys::parse_lease_header(&entries[0].1).unwrap();
+    assert_eq!(header.expires_at, lease.expires_at_ms);
+    let members: Vec<_> = header.members.unwrap().map(|m| m.unwrap().0).collect();
+    assert_eq!(members, lease.messages.iter().map(|m| m.id).collect::<Vec<_>>());
+    // All ids in one batch: no end marker is written on the way.
+    remove_all(&mut f.store, &jobs, &lease);
+    assert!(lease_entries(&f.store).is_empty());
+    assert_eq!(f.store.stats(&jobs).unwrap().in_flight, 0);
+    f = f.reopen();
+    assert_eq!(f.store.stats(&jobs).unwrap().in_flight, 0);
+    assert_eq!(f.store.next_deadline(), None);
+}
+
+#[test]
+fn members_that_end_before_their_lease_are_marked_and_survive_a_reopen() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    f.store.add(&jobs, msgs(&["a", "b", "c"])).unwrap();
+    let lease = f.store.poll(&jobs, 3, 1000).unwrap().unwrap();
+    let [a, b, c] = [0, 1, 2].map(|i| lease.messages[i].id);
+    assert!(f.store.remove(&jobs, a, lease.id).unwrap());
+    assert!(f.store.release(&jobs, b, lease.id, 0).unwrap());
+    let marked = lease_entries(&f.store);
+    assert_eq!(marked.len(), 3, "the block and two end markers");
+    assert!(marked[1..].iter().all(|(_, v)| v.is_empty()));
+    f = f.reopen();
+    let stats = f.store.stats(&jobs).unwrap();
+    assert_eq!((stats.visible, stats.in_flight), (1, 1), "b is back, c still leased");
+    assert!(
+        !f.store.remove(&jobs, a, lease.id).unwrap(),
+        "a ended before the reopen"
+    );
+    // c is still the lease's, with its record: a failure puts it back.
+    assert!(f.store.release(&jobs, c, lease.id, 0).unwrap());
+    assert!(
+        lease_entries(&f.store).is_empty(),
+        "the last member takes the block and markers"
+    );
+    let again = f.store.poll(&jobs, 5, 1000).unwrap().unwrap();
+    assert_eq!(payloads(&again), vec![b"b", b"c"]);
+    assert!(again.messages.iter().all(|m| m.delivery_count == 2));
+}
+
+#[test]
+fn an_extended_block_keeps_its_members_and_expires_with_its_markers() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    f.store.add(&jobs, msgs(&["a", "b"])).unwrap();
+    let lease = f.store.poll(&jobs, 2, 100).unwrap().unwrap();
+    assert!(f.store.remove(&jobs, lease.messages[0].id, lease.id).unwrap());
+    assert_eq!(f.store.extend(&jobs, lease.id, 5_000).unwrap(), Some(T0 + 5_000));
+    f = f.reopen();
+    f.clock.advance(1_000);
+    f.store.expire_due();
+    assert_eq!(f.store.stats(&jobs).unwrap().in_flight, 1, "the extension survived");
+    f.clock.advance(5_000);
+    f.store.expire_due();
+    let stats = f.store.stats(&jobs).unwrap();
+    assert_eq!((stats.visible, stats.in_flight), (1, 0));
+    assert!(
+        lease_entries(&f.store).is_empty(),
+        "the expiry took the block and its marker"
+    );
+    let again = f.store.poll(&jobs, 5, 1000).unwrap().unwrap();
+    assert_eq!(payloads(&again), vec![b"b"]);
+}
+
+#[test]
+fn leases_written_before_blocks_are_read_removed_and_expired() {
+    let mut f = fixture();
+    let jobs = q("jobs");
+    f.store.add(&jobs, msgs(&["a", "b", "c"])).unwrap();
+    let lease = f.store.poll(&jobs, 3, 1000).unwrap().unwrap();
+    // Rewrite the lease as a server from before blocks stored it: an
+    // expiry in the header and a record under each member key.
+    let (header_key, block) = lease_entries(&f.store).remove(0);
+    let header = keys::parse_lease_header(&block).unwrap();
+    // The queue id is the header key's first bytes.
+    let qid = u32::from_be_bytes(header_key[..4].try_into().unwrap());
+    let cf = f.store.engine.cf(CF_LEASES).unwrap();
+    let mut old = WriteBatch::default();
+    old.put_cf(cf, &header_key, header.expires_at.to_be_bytes());
+    for member in header.members.unwrap() {
+        let (id, record) = member.unwrap();
+        old.put_cf(cf, keys::member_key(qid, &lease.id, &id), record);
+    }
+    f.store.engine.db().write(old).unwrap();
+    assert_eq!(lease_entries(&f.store).len(), 4);
+    f = f.reopen();
+    assert_eq!(f.store.stats(&jobs).unwrap().in_flight, 3);
+    let [a, b, _] = [0, 1, 2].map(|i| lease.messages[i].id);
+    assert!(f.store.remove(&jobs, a, lease.id).unwrap());
+    assert!(f.store.release(&jobs, b, lease.id, 0).unwrap());
+    assert_eq!(lease_entries(&f.store).len(), 2, "each ended member's record went");
+    f = f.reopen();
+    assert_eq!(f.store.stats(&jobs).unwrap().in_flight, 1);
+    f.clock.advance(1_000);
+    f.store.expire_due();
+    assert!(lease_entries(&f.store).is_empty());
+    let again = f.store.poll(&jobs, 5, 1000).unwrap().unwrap();
+    assert_eq!(payloads(&again), vec![b"b", b"c"]);
+}
