@@ -5,7 +5,8 @@
 //!
 //! * counters (ready records, delayed records) so stats never scan;
 //! * the lease table (expiry, members, which lease holds which message), so a
-//!   remove is validated without a read and costs two deletes;
+//!   remove is validated without a read and costs one write (the lease's
+//!   delete with its last member, an end marker before that);
 //! * the *floor* of each queue's ready index: every live ready key sorts at or
 //!   above it. Polls seek straight to the floor, so the tombstones left by
 //!   consumed messages are never walked (the RocksDB "queue trap",
