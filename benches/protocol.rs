@@ -30,7 +30,7 @@ fn poll_response() -> Response {
             messages: (0..32)
                 .map(|i| Delivery {
                     id: MessageId([i as u8; 16]),
-                    payload: vec![7u8; 256],
+                    payload: vec![7u8; 256].into(),
                     delivery_count: 1,
                     enqueued_at_ms: 1,
                 })

@@ -299,7 +299,7 @@ mod tests {
             expires_at_ms: 77,
             messages: vec![Delivery {
                 id: MessageId([4; 16]),
-                payload: b"p".to_vec(),
+                payload: b"p".to_vec().into(),
                 delivery_count: 2,
                 enqueued_at_ms: 5,
             }],
@@ -346,7 +346,7 @@ mod tests {
             Ok(Reply::Peeked(crate::types::Peeked {
                 messages: vec![Delivery {
                     id: MessageId([8; 16]),
-                    payload: b"q".to_vec(),
+                    payload: b"q".to_vec().into(),
                     delivery_count: 0,
                     enqueued_at_ms: 9,
                 }],
@@ -408,7 +408,7 @@ mod tests {
     fn answers_fit_their_first_segment_and_small_ones_stay_small() {
         let delivery = |size: usize| Delivery {
             id: MessageId([7; 16]),
-            payload: vec![1; size],
+            payload: vec![1; size].into(),
             delivery_count: 3,
             enqueued_at_ms: 1_700_000_000_000,
         };

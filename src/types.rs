@@ -3,25 +3,30 @@
 //! runtime behind it, so the client (`default-features = false`) has them
 //! without RocksDB or glommio.
 
+use bytes::Bytes;
+
 use crate::ids::{LeaseId, MessageId};
 
-/// One message to add.
+/// One message to add. Payloads are `Bytes`: the server reads the payloads
+/// of one request (or one poll) into one buffer that they share, instead
+/// of an allocation per message that another thread then frees (two per
+/// message were 7% of the server's instructions at B=32).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     /// Milliseconds before the message becomes visible (0 = at once).
     pub delay_ms: u64,
 }
 
 impl NewMessage {
-    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+    pub fn new(payload: impl Into<Bytes>) -> Self {
         Self {
             payload: payload.into(),
             delay_ms: 0,
         }
     }
 
-    pub fn delayed(payload: impl Into<Vec<u8>>, delay_ms: u64) -> Self {
+    pub fn delayed(payload: impl Into<Bytes>, delay_ms: u64) -> Self {
         Self {
             payload: payload.into(),
             delay_ms,
@@ -33,7 +38,7 @@ impl NewMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub id: MessageId,
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     /// How many times this message has been leased, this time included.
     pub delivery_count: u32,
     pub enqueued_at_ms: u64,

@@ -271,7 +271,7 @@ fn delete_answers_polls_parked_on_its_queue() {
             wait_ms: 0,
         }),
     );
-    assert_eq!(wire::leased(&r).expect("visible").messages[0].payload, b"second");
+    assert_eq!(wire::leased(&r).expect("visible").messages[0].payload, &b"second"[..]);
 }
 
 /// With RLIMIT_NOFILE too low for --max-connections (and no privilege to

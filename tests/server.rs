@@ -53,7 +53,7 @@ fn every_operation_and_error_path() {
         let lease = c.poll(&a, 2, 30_000, 0).await.unwrap().unwrap();
         assert_eq!(lease.messages.len(), 2);
         assert_eq!(lease.messages[0].id, ids[0]);
-        assert_eq!(lease.messages[0].payload, b"m0");
+        assert_eq!(lease.messages[0].payload, &b"m0"[..]);
         assert_eq!(lease.messages[0].delivery_count, 1);
         let flags = c
             .remove(&a, lease.id, vec![ids[0], ids[2], MessageId([7; 16])])
@@ -140,7 +140,7 @@ fn one_connection_reaches_queues_on_every_shard() {
             let payloads: Vec<_> = lease
                 .messages
                 .iter()
-                .map(|m| String::from_utf8(m.payload.clone()).unwrap())
+                .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
                 .collect();
             assert_eq!(payloads, (0..5).map(|n| format!("s{i}-{n}")).collect::<Vec<_>>());
             let ids = lease.messages.iter().map(|m| m.id).collect();
@@ -227,7 +227,7 @@ fn long_polls_wake_on_add_and_on_due_delays_but_not_for_other_queues() {
         };
         let (got, ()) = futures::join!(wait, add);
         let got = got.unwrap().expect("woken by the add");
-        assert_eq!(got.messages[0].payload, b"wake0");
+        assert_eq!(got.messages[0].payload, &b"wake0"[..]);
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "took {:?}",
@@ -245,7 +245,7 @@ fn long_polls_wake_on_add_and_on_due_delays_but_not_for_other_queues() {
             .await
             .unwrap()
             .expect("woken by the due delay");
-        assert_eq!(got.messages[0].payload, b"due");
+        assert_eq!(got.messages[0].payload, &b"due"[..]);
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
@@ -622,7 +622,7 @@ fn peek_pages_through_the_visible_head_without_leasing() {
                 peeked
                     .messages
                     .iter()
-                    .map(|m| (m.id, m.payload.clone(), m.delivery_count)),
+                    .map(|m| (m.id, m.payload.to_vec(), m.delivery_count)),
             );
             cursor = peeked.cursor;
             if cursor.is_none() {
@@ -702,7 +702,7 @@ fn remove_and_poll_acknowledges_then_leases_in_one_request() {
             let waited = waited.unwrap();
             assert_eq!(waited.removed, vec![true]);
             let got = waited.lease.expect("the late message");
-            assert_eq!(got.messages[0].payload, b"late0");
+            assert_eq!(got.messages[0].payload, &b"late0"[..]);
             assert!(
                 started.elapsed() >= Duration::from_millis(90),
                 "{:?}",
@@ -761,7 +761,10 @@ fn the_consumer_helper_removes_what_is_done_and_leaves_the_rest() {
             clients[1].add(&queue, msgs(1, "late")).await.unwrap();
         };
         let (got, ()) = futures::join!(consumer.next(), late);
-        assert_eq!(got.unwrap().expect("the late message").messages[0].payload, b"late0");
+        assert_eq!(
+            got.unwrap().expect("the late message").messages[0].payload,
+            &b"late0"[..]
+        );
     });
     common::stop(server);
 }

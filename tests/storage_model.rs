@@ -236,7 +236,7 @@ fn shape(lease: &Option<Lease>) -> PollShape {
             l.expires_at_ms,
             l.messages
                 .iter()
-                .map(|m| (m.payload.clone(), m.delivery_count, m.enqueued_at_ms))
+                .map(|m| (m.payload.to_vec(), m.delivery_count, m.enqueued_at_ms))
                 .collect(),
         )
     })
@@ -364,15 +364,15 @@ impl Harness {
             }
             assert_eq!(visible.len() as u64, stats.visible, "census of visible at {now}");
             assert_eq!(dead.len() as u64, stats.dead, "census of dead at {now}");
-            let in_flight: BTreeSet<&Vec<u8>> = self
+            let in_flight: BTreeSet<&[u8]> = self
                 .held
                 .iter()
                 .filter(|(_, &(slot, expiry))| expiry > now && self.leases[slot].q == q)
-                .map(|(p, _)| p)
+                .map(|(p, _)| &p[..])
                 .collect();
             assert_eq!(in_flight.len() as u64, stats.in_flight, "census in flight at {now}");
-            let shown: BTreeSet<&Vec<u8>> = visible.iter().map(|(p, _)| p).collect();
-            let buried: BTreeSet<&Vec<u8>> = dead.iter().map(|d| &d.payload).collect();
+            let shown: BTreeSet<&[u8]> = visible.iter().map(|(p, _)| &p[..]).collect();
+            let buried: BTreeSet<&[u8]> = dead.iter().map(|d| &d.payload[..]).collect();
             assert_eq!(shown.len(), visible.len(), "a message visible twice");
             assert_eq!(buried.len(), dead.len(), "a message dead twice");
             assert!(shown.is_disjoint(&buried), "visible and dead at {now}");
@@ -417,7 +417,7 @@ impl Harness {
                         NewMessage::delayed(self.next_payload.to_be_bytes().to_vec(), delay)
                     })
                     .collect();
-                let payloads: Vec<_> = messages.iter().map(|m| m.payload.clone()).collect();
+                let payloads: Vec<_> = messages.iter().map(|m| m.payload.to_vec()).collect();
                 let (r, m) = self.same(Command::Add {
                     queue: self.names[q].clone(),
                     messages,
@@ -466,20 +466,20 @@ impl Harness {
                     for (rm, mm) in r.messages.iter().zip(&m.messages) {
                         // The invariant itself, checked on the RocksDB store's
                         // own answers: nobody else holds this message now.
-                        if let Some(&(other, expiry)) = self.held.get(&rm.payload) {
+                        if let Some(&(other, expiry)) = self.held.get(&rm.payload[..]) {
                             assert!(
                                 expiry <= now,
                                 "message {:?} handed to lease {slot} while lease {other} holds it until {expiry}",
                                 rm.payload
                             );
                         }
-                        self.held.insert(rm.payload.clone(), (slot, r.expires_at_ms));
+                        self.held.insert(rm.payload.to_vec(), (slot, r.expires_at_ms));
                         self.saw_count(&rm.payload, q, rm.delivery_count);
                         self.delivered.push(Delivered {
                             lease: slot,
                             real: rm.id,
                             model: mm.id,
-                            payload: rm.payload.clone(),
+                            payload: rm.payload.to_vec(),
                         });
                     }
                 }
@@ -714,7 +714,7 @@ impl Harness {
                     let page_shape = |p: &queueber::types::Peeked| {
                         p.messages
                             .iter()
-                            .map(|m| (m.payload.clone(), m.delivery_count, m.enqueued_at_ms))
+                            .map(|m| (m.payload.to_vec(), m.delivery_count, m.enqueued_at_ms))
                             .collect::<Vec<_>>()
                     };
                     assert_eq!(page_shape(&r), page_shape(&m), "peek page {page} at {now}");
@@ -726,7 +726,7 @@ impl Harness {
                     assert!(r.messages.len() <= max as usize);
                     // Nothing peeked is leased by it.
                     for d in &r.messages {
-                        if let Some(&(_, expiry)) = self.held.get(&d.payload) {
+                        if let Some(&(_, expiry)) = self.held.get(&d.payload[..]) {
                             assert!(expiry <= now, "peek showed {:?}, leased until {expiry}", d.payload);
                         }
                     }
@@ -907,7 +907,10 @@ fn drain(store: &mut dyn QueueStore, queues: &[QueueName]) -> BTreeMap<Vec<u8>, 
             match store.poll(name, 1000, 1_000_000) {
                 Ok(Some(lease)) => {
                     for m in lease.messages {
-                        assert!(found.insert(m.payload, q).is_none(), "delivered twice in the drain");
+                        assert!(
+                            found.insert(m.payload.to_vec(), q).is_none(),
+                            "delivered twice in the drain"
+                        );
                     }
                 }
                 Ok(None) | Err(StoreError::Command(CommandError::UnknownQueue(_))) => break,

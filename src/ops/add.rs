@@ -24,13 +24,24 @@ impl Operation for Add {
     fn decode(arm: Self::RequestArm<'_>) -> Result<Self, ErrorReply> {
         let r = arm.map_err(malformed)?;
         let list = r.get_messages().map_err(malformed)?;
-        let mut messages = Vec::with_capacity(list.len() as usize);
+        // Every payload is copied into one buffer the messages share: one
+        // allocation per request, freed with its last message.
+        let mut read = Vec::with_capacity(list.len() as usize);
         for m in list.iter() {
-            messages.push(NewMessage {
-                payload: m.get_payload().map_err(malformed)?.to_vec(),
-                delay_ms: m.get_delay_ms(),
-            });
+            read.push((m.get_payload().map_err(malformed)?, m.get_delay_ms()));
         }
+        let mut all = bytes::BytesMut::with_capacity(read.iter().map(|(p, _)| p.len()).sum());
+        for (payload, _) in &read {
+            all.extend_from_slice(payload);
+        }
+        let mut all = all.freeze();
+        let messages = read
+            .iter()
+            .map(|&(payload, delay_ms)| NewMessage {
+                payload: all.split_to(payload.len()),
+                delay_ms,
+            })
+            .collect();
         Ok(Add {
             queue: read_queue(r.get_queue())?,
             messages,

@@ -97,7 +97,7 @@ pub(crate) fn read_deliveries(
         .map(|m| {
             Ok(crate::types::Delivery {
                 id: reply_message_id(m.get_id())?,
-                payload: m.get_payload()?.to_vec(),
+                payload: bytes::Bytes::copy_from_slice(m.get_payload()?),
                 delivery_count: m.get_delivery_count(),
                 enqueued_at_ms: m.get_enqueued_at_ms(),
             })

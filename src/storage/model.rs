@@ -19,7 +19,7 @@ use crate::names::QueueName;
 
 #[derive(Debug, Clone)]
 struct Message {
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
     enqueued_at: u64,
     visible_at: u64,
     delivery_count: u32,
@@ -441,7 +441,7 @@ impl ModelStore {
                     }
                     peeked.letters.push(DeadLetter {
                         id,
-                        payload: m.payload.clone(),
+                        payload: m.payload.to_vec(),
                         delivery_count: m.delivery_count,
                         enqueued_at_ms: m.enqueued_at,
                         died_at_ms: died_at,

@@ -116,7 +116,7 @@ impl Conn {
             Conn::Redis(r) => {
                 let key = redis_key(queue, "");
                 let mut args: Vec<&[u8]> = vec![b"LPUSH", key.as_bytes()];
-                args.extend(messages.iter().map(|m| m.payload.as_slice()));
+                args.extend(messages.iter().map(|m| &m.payload[..]));
                 match r.call(&args).await? {
                     Resp::Int(_) => Ok(()),
                     other => Err(format!("LPUSH answered {other:?}")),
@@ -165,7 +165,7 @@ impl Conn {
                         expires_at_ms: 0,
                         messages: vec![Delivery {
                             id: MessageId([0; 16]),
-                            payload,
+                            payload: payload.into(),
                             delivery_count: 1,
                             enqueued_at_ms: 0,
                         }],

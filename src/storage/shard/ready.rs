@@ -124,7 +124,9 @@ impl ShardStore {
             named => named,
         };
         let expires_at = deadline(now, lease_ms);
-        let mut messages = Vec::with_capacity(want as usize);
+        let mut messages: Vec<Delivery> = Vec::with_capacity(want as usize);
+        let mut lengths = Vec::with_capacity(want as usize);
+        let mut held = bytes::BytesMut::new();
         let mut last_key: Option<ReadyKey> = None;
         let (mut bytes, mut dropped) = (0, 0u64);
         while (messages.len() as u64) < want {
@@ -188,9 +190,16 @@ impl ShardStore {
                     bytes: payload.len() as u32,
                 },
             );
+            // The payloads go into one buffer the deliveries share (cut
+            // below), sized on the first as if all were alike.
+            if messages.is_empty() {
+                held.reserve(payload.len().saturating_mul(want as usize).min(budget));
+            }
+            held.extend_from_slice(payload);
+            lengths.push(payload.len());
             messages.push(Delivery {
                 id,
-                payload: payload.to_vec(),
+                payload: bytes::Bytes::new(),
                 delivery_count: header.delivery_count,
                 enqueued_at_ms: header.enqueued_at,
             });
@@ -198,6 +207,10 @@ impl ShardStore {
             it.next();
         }
         it.status().map_err(StoreError::rocks("scan the ready index"))?;
+        let mut held = held.freeze();
+        for (m, len) in messages.iter_mut().zip(lengths) {
+            m.payload = held.split_to(len);
+        }
         let Some(last) = last_key else {
             return Ok(None);
         };
@@ -290,7 +303,7 @@ impl ShardStore {
                 .ok_or_else(|| corrupt(format!("record of {id} in {queue} is {} bytes", v.len())))?;
             peeked.messages.push(Delivery {
                 id,
-                payload: payload.to_vec(),
+                payload: bytes::Bytes::copy_from_slice(payload),
                 delivery_count: header.delivery_count,
                 enqueued_at_ms: header.enqueued_at,
             });

@@ -97,7 +97,7 @@ fn an_expired_lease_is_invalid_before_any_sweep() {
     let again = f.store.poll(&q("a"), 1, 100).unwrap().unwrap();
     assert_eq!(again.messages[0].id, lease.messages[0].id);
     assert_eq!(again.messages[0].delivery_count, 2);
-    assert_eq!(again.messages[0].payload, b"1");
+    assert_eq!(again.messages[0].payload, &b"1"[..]);
 }
 
 #[test]
@@ -268,7 +268,7 @@ fn adds_and_polls_in_one_batch() {
         .into_iter()
         .skip(1)
         .map(|o| match o.unwrap() {
-            Outcome::Polled(l) => l.map(|l| l.messages[0].payload.clone()),
+            Outcome::Polled(l) => l.map(|l| l.messages[0].payload.to_vec()),
             other => panic!("{other:?}"),
         })
         .collect();
