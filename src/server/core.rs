@@ -66,9 +66,10 @@ pub(crate) struct Timing {
     /// From the frame read (or, for a woken long poll, its wake-up) until
     /// its storage batch started: routing and waiting for the batch ahead.
     pub queued: Duration,
-    /// The storage batch, less its WAL sync.
+    /// The storage batch.
     pub storage: Duration,
-    /// The batch's WAL sync.
+    /// Waiting for the WAL sync that made its writes durable (`fsync`
+    /// durability: adds, purges and deletes), after the batch.
     pub sync: Duration,
 }
 
@@ -229,6 +230,9 @@ enum Finish {
         commands: usize,
         build: ReplyFn,
         read_at: Instant,
+        /// Answered once the batch's WAL sync is done, if it has one (see
+        /// `Command::needs_sync`).
+        waits_for_sync: bool,
     },
     /// A poll that ran.
     Poll(Parked),
@@ -371,14 +375,12 @@ pub(crate) fn spawn(
 }
 
 /// How the core waits for a storage batch on its offload thread (see
-/// [`crate::runtime::offload_yielding`]).
+/// [`crate::runtime::offload_yielding`]). No batch waits for the disk there
+/// (WAL syncs run on the engine's syncer), so every batch may be yielded to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct HandOff {
     /// How long the executor yields its CPU to the batch before parking.
     pub yield_for: Duration,
-    /// Whether to yield for a batch that may fsync (in `fsync` durability a
-    /// batch with an add waits for the disk: yielding would only spin).
-    pub while_syncing: bool,
 }
 
 impl HandOff {
@@ -386,15 +388,13 @@ impl HandOff {
     #[cfg(test)]
     pub(crate) const PARK: HandOff = HandOff {
         yield_for: Duration::ZERO,
-        while_syncing: false,
     };
 
     /// How long to yield for the next batch, given how long batches have
     /// lately taken (`typical`): not at all when they outlast the yield (a
-    /// deeply pipelined load), nor for one that may wait on fsync.
-    fn for_batch(&self, commands: &[Command], typical: Duration) -> Duration {
-        let syncs = !self.while_syncing && commands.iter().any(Command::needs_sync);
-        if syncs || typical > self.yield_for {
+    /// deeply pipelined load).
+    fn for_batch(&self, typical: Duration) -> Duration {
+        if typical > self.yield_for {
             Duration::ZERO
         } else {
             self.yield_for
@@ -631,7 +631,7 @@ async fn run(
             commands_run += commands.len() as u64;
             let batch_commands = commands.len();
             let started = Instant::now();
-            let yield_for = hand_off.for_batch(&commands, typical_batch);
+            let yield_for = hand_off.for_batch(typical_batch);
             let span = span.clone();
             let work = move || {
                 let _in_shard = span.enter();
@@ -646,18 +646,13 @@ async fn run(
             metrics.record_batch(took, batch_commands);
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
-            let batch = BatchTiming {
-                started,
-                took,
-                synced: executed.synced,
-            };
+            let batch = BatchTiming { started, took };
             Some((executed, batch))
         } else if !finishes.is_empty() {
             // Nothing ran: answers (polls without room, hello) take no time here.
             let batch = BatchTiming {
                 started: Instant::now(),
                 took: Duration::ZERO,
-                synced: Duration::ZERO,
             };
             Some((Executed::default(), batch))
         } else {
@@ -759,6 +754,9 @@ fn plan(call: Call, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishe
             commands: n,
             build,
             read_at,
+            waits_for_sync: commands[commands.len().saturating_sub(n)..]
+                .iter()
+                .any(Command::needs_sync),
         }),
         (Plan::Poll(poll), _) => {
             let deadline = read_at + Duration::from_millis(poll.wait_ms);
@@ -825,7 +823,6 @@ fn park_or_answer(
 struct BatchTiming {
     started: Instant,
     took: Duration,
-    synced: Duration,
 }
 
 impl BatchTiming {
@@ -834,8 +831,8 @@ impl BatchTiming {
     fn of(&self, since: Instant) -> Timing {
         Timing {
             queued: self.started.saturating_duration_since(since),
-            storage: self.took.saturating_sub(self.synced),
-            sync: self.synced,
+            storage: self.took,
+            sync: Duration::ZERO,
         }
     }
 }
@@ -863,6 +860,7 @@ fn finish(
         Err(e) => Box::new(std::iter::repeat(Err(ErrorReply::from(&e)))),
     };
     let now = Instant::now();
+    let mut held = Vec::new();
     for f in finishes {
         match f {
             Finish::Reply {
@@ -870,13 +868,21 @@ fn finish(
                 commands,
                 build,
                 read_at,
+                waits_for_sync,
             } => {
                 let mut own = outcomes.by_ref().take(commands);
                 let result = build(&mut own);
                 // Whatever the operation did not read is still its own.
                 own.for_each(drop);
-                let timing = batch.of(read_at);
-                let _ = reply.send(Answered { result, timing });
+                let answered = Answered {
+                    result,
+                    timing: batch.of(read_at),
+                };
+                if waits_for_sync && executed.sync.is_some() {
+                    held.push((reply, answered));
+                } else {
+                    let _ = reply.send(answered);
+                }
             }
             Finish::Poll(parked) => {
                 let result = ops::Poll::reply(&mut outcomes.by_ref().take(1)).map(Reply::Polled);
@@ -934,6 +940,38 @@ fn finish(
     for (queue, n) in executed.woken {
         waiters.wake(&queue, n, retry);
     }
+    if let Some(sync) = executed.sync {
+        answer_when_synced(sync, held);
+    }
+}
+
+/// Sends the answers that wait for the batch's WAL sync once it is done,
+/// without holding up the core: the next batches run meanwhile (their own
+/// durable answers wait for a later sync). A failed sync answers them with
+/// an error: their writes are in the database but may not survive a power
+/// loss, so they are not acknowledged.
+fn answer_when_synced(sync: crate::storage::SyncWait, held: Vec<(ReplyTx, Answered)>) {
+    if held.is_empty() {
+        return;
+    }
+    let waited = Instant::now();
+    glommio::spawn_local(async move {
+        let synced = sync
+            .await
+            .unwrap_or_else(|_| Err("the WAL syncer stopped before this batch was synced".into()));
+        let waited = waited.elapsed();
+        for (reply, mut answered) in held {
+            answered.timing.sync = waited;
+            if let Err(detail) = &synced {
+                answered.result = Err(ErrorReply::new(
+                    ErrorCode::Unavailable,
+                    format!("the write is not known to be durable: {detail}"),
+                ));
+            }
+            let _ = reply.send(answered);
+        }
+    })
+    .detach();
 }
 
 #[cfg(test)]
@@ -958,40 +996,16 @@ mod tests {
     }
 
     #[test]
-    fn the_hand_off_yields_only_for_short_batches_that_do_not_wait_on_fsync() {
-        let add = Command::Add {
-            queue: q("a"),
-            messages: vec![NewMessage::new(b"1".to_vec())],
-        };
-        let extend = Command::Extend {
-            queue: q("a"),
-            lease: crate::ids::LeaseId::from_slice(&[1; 16]).expect("16 bytes"),
-            lease_ms: 10,
-        };
+    fn the_hand_off_yields_only_while_batches_are_short() {
         let yield_for = Duration::from_micros(200);
-        let short = Duration::from_micros(80);
-        let long = Duration::from_micros(400);
-        let periodic = HandOff {
-            yield_for,
-            while_syncing: true,
-        };
-        let fsync = HandOff {
-            yield_for,
-            while_syncing: false,
-        };
-        assert_eq!(periodic.for_batch(&[add.clone(), extend.clone()], short), yield_for);
+        let hand_off = HandOff { yield_for };
+        assert_eq!(hand_off.for_batch(Duration::from_micros(80)), yield_for);
         assert_eq!(
-            periodic.for_batch(std::slice::from_ref(&extend), long),
+            hand_off.for_batch(Duration::from_micros(400)),
             Duration::ZERO,
             "batches lately too long"
         );
-        assert_eq!(fsync.for_batch(std::slice::from_ref(&extend), short), yield_for);
-        assert_eq!(
-            fsync.for_batch(&[extend, add], short),
-            Duration::ZERO,
-            "an add waits on fsync"
-        );
-        assert_eq!(HandOff::PARK.for_batch(&[], Duration::ZERO), Duration::ZERO);
+        assert_eq!(HandOff::PARK.for_batch(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
@@ -1003,7 +1017,6 @@ mod tests {
                 // The hand-off the server runs with (yielding), as the others park.
                 let hand_off = HandOff {
                     yield_for: Duration::from_micros(200),
-                    while_syncing: true,
                 };
                 let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), hand_off);
                 let add = core.call(Op::Add(ops::Add {
@@ -1082,6 +1095,101 @@ mod tests {
         });
         assert_eq!(timed_out, Ok(Reply::Polled(None)));
         assert_eq!(drained, Ok(Reply::Polled(None)));
+    }
+
+    /// A store whose durable batches wait for a WAL sync the test completes.
+    struct SyncedByHand {
+        inner: ModelStore,
+        syncs: Arc<std::sync::Mutex<Vec<crate::storage::SyncDone>>>,
+    }
+
+    impl QueueStore for SyncedByHand {
+        fn execute(&mut self, commands: Vec<Command>) -> Executed {
+            let durable = commands.iter().any(Command::needs_sync);
+            let mut executed = self.inner.execute(commands);
+            if durable {
+                let (done, wait) = futures::channel::oneshot::channel();
+                self.syncs.lock().expect("syncs").push(done);
+                executed.sync = Some(wait);
+            }
+            executed
+        }
+
+        fn next_deadline(&self) -> Option<u64> {
+            self.inner.next_deadline()
+        }
+
+        fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
+            self.inner.list_queues()
+        }
+    }
+
+    #[test]
+    fn durable_answers_wait_for_their_sync_and_nothing_else_does() {
+        let syncs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let pending = syncs.clone();
+        let (held_while_unsynced, stats, added, failed) = run_on_executor(move || {
+            Box::pin(async move {
+                let clock = Arc::new(ManualClock::new(1_000));
+                let store = SyncedByHand {
+                    inner: ModelStore::new(clock.clone()),
+                    syncs: pending.clone(),
+                };
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK);
+                let core = Rc::new(core);
+                let answered = Rc::new(std::cell::Cell::new(false));
+                let add = |payload: &'static [u8]| {
+                    let (core, answered) = (core.clone(), answered.clone());
+                    glommio::spawn_local(async move {
+                        let reply = core
+                            .call(Op::Add(ops::Add {
+                                queue: q("a"),
+                                messages: vec![NewMessage::new(payload)],
+                            }))
+                            .await;
+                        answered.set(true);
+                        reply
+                    })
+                };
+                let take_sync = || async {
+                    for _ in 0..500 {
+                        if let Some(done) = pending.lock().expect("syncs").pop() {
+                            return done;
+                        }
+                        glommio::timer::sleep(Duration::from_millis(2)).await;
+                    }
+                    panic!("no batch asked for a sync within a second");
+                };
+                let first = add(b"one");
+                let sync = take_sync().await;
+                // The core goes on while the add waits for its sync: a later
+                // request that needs none is answered first.
+                let stats = core.call(Op::Stats(ops::Stats { queue: q("a") })).await;
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                let held_while_unsynced = !answered.get();
+                sync.send(Ok(Duration::from_micros(300))).expect("the core waits");
+                let added = first.await;
+                let second = add(b"two");
+                take_sync().await.send(Err("disk gone".into())).expect("the core waits");
+                let failed = second.await;
+                core.stop();
+                task.await;
+                (held_while_unsynced, stats, added, failed)
+            })
+        });
+        assert!(held_while_unsynced, "an add was answered before its sync");
+        let Ok(Reply::Stats(stats)) = stats else {
+            panic!("{stats:?}")
+        };
+        assert_eq!(stats.visible, 1, "the unsynced add is already visible");
+        assert!(
+            matches!(added, Ok(Reply::Added(ref ids)) if ids.len() == 1),
+            "{added:?}"
+        );
+        let Err(error) = failed else { panic!("{failed:?}") };
+        assert_eq!(error.code, ErrorCode::Unavailable);
+        assert!(error.message.contains("disk gone"), "{}", error.message);
+        assert!(syncs.lock().expect("syncs").is_empty());
     }
 
     /// Counts the batches a store runs.

@@ -42,7 +42,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::names::QueueName;
 use crate::protocol::{Limits, ServerInfo};
 use crate::runtime;
-use crate::storage::{Durability, Engine, EngineOptions, QueueStore, ShardStore, StoreError};
+use crate::storage::{Engine, EngineOptions, QueueStore, ShardStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -271,7 +271,6 @@ pub fn start_with_stop(
                 } else {
                     Duration::ZERO
                 },
-                while_syncing: config.durability != Durability::Fsync,
             },
         };
         let mut builder = runtime::executor(&format!("queueber-shard-{index}"), cpu, config.io_memory);

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
-    Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
+    Options, ReadOptions, SliceTransform, WriteBatch, DB,
 };
 
 use super::disk::{is_no_space, DiskState, DiskWatcher};
@@ -46,10 +46,11 @@ pub const COLUMN_FAMILIES: [&str; 5] = [CF_READY, CF_LEASES, CF_REGISTRY, CF_DEA
 /// When an acknowledged write reaches stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// A batch holding an add, purge or delete is acknowledged only after its
-    /// WAL record is fsynced. Concurrent batches share one sync (RocksDB group
-    /// commit), and each shard's coalescer batches whatever arrived during the
-    /// previous sync, so throughput grows with load.
+    /// An add, purge or delete is acknowledged only after its WAL record is
+    /// fsynced. The sync runs on the engine's WAL syncer thread, not in the
+    /// write: the shard's storage thread goes on with the next batch while
+    /// the disk works, and one sync covers every batch written before it
+    /// starts (all shards' alike), so throughput grows with load.
     Fsync,
     /// The WAL is written at once and fsynced by a background thread every
     /// interval: a power cut loses at most about one interval of writes.
@@ -133,6 +134,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     next_qid: AtomicU32,
     syncer: Option<Syncer>,
+    /// In `fsync` durability: syncs the WAL for the batches that need it.
+    wal_syncer: Option<WalSyncer>,
     disk: Arc<DiskState>,
     watcher: Option<DiskWatcher>,
     path: PathBuf,
@@ -303,6 +306,12 @@ impl Engine {
             })?),
             _ => None,
         };
+        let wal_syncer = match options.durability {
+            Durability::Fsync => Some(WalSyncer::start(db.clone(), wal_syncs.clone()).map_err(|e| {
+                StoreError::Storage(StorageError::Unavailable(format!("spawning the WAL fsync thread: {e}")))
+            })?),
+            _ => None,
+        };
         let disk = DiskState::new(&path, options.min_free_disk_bytes);
         let probe_db = db.clone();
         let watcher = DiskWatcher::start(disk.clone(), move || probe_write(&probe_db)).map_err(|e| {
@@ -316,6 +325,7 @@ impl Engine {
             clock,
             next_qid: AtomicU32::new(max_qid + 1),
             syncer,
+            wal_syncer,
             disk,
             watcher: Some(watcher),
             path,
@@ -381,27 +391,22 @@ impl Engine {
         Ok(it)
     }
 
-    /// Writes one batch with the sync policy of the durability mode;
-    /// returns how long the write took when it synced the WAL (else zero).
-    pub(crate) fn commit(&self, batch: WriteBatch, needs_sync: bool) -> Result<Duration, StoreError> {
-        let mut opts = WriteOptions::default();
-        let sync = needs_sync && self.options.durability == Durability::Fsync;
-        opts.set_sync(sync);
-        let started = sync.then(std::time::Instant::now);
-        let written = self.db.write_opt(batch, &opts).map_err(|source| {
+    /// Writes one batch. When it holds writes that must be durable before
+    /// they are acknowledged (`needs_sync`) and the durability is `fsync`,
+    /// returns the wait for the WAL sync that covers it: whoever answers
+    /// those writes holds the answers until it completes. The write itself
+    /// never waits for the disk, so the caller can go on with its next batch.
+    pub(crate) fn commit(&self, batch: WriteBatch, needs_sync: bool) -> Result<Option<SyncWait>, StoreError> {
+        let written = self.db.write(batch).map_err(|source| {
             if is_no_space(&source) {
                 self.disk.note_no_space();
             }
             StoreError::rocks("write a batch")(source)
         });
         written?;
-        Ok(match started {
-            Some(started) => {
-                let took = started.elapsed();
-                self.wal_syncs.observe(took);
-                took
-            }
-            None => Duration::ZERO,
+        Ok(match &self.wal_syncer {
+            Some(syncer) if needs_sync => Some(syncer.request()),
+            _ => None,
         })
     }
 
@@ -456,6 +461,9 @@ impl Drop for Engine {
             watcher.stop();
         }
         if let Some(syncer) = self.syncer.take() {
+            syncer.stop();
+        }
+        if let Some(syncer) = self.wal_syncer.take() {
             syncer.stop();
         }
         // Whatever mode we ran in, a clean shutdown leaves nothing unsynced.
@@ -543,6 +551,73 @@ impl Syncer {
     }
 }
 
+/// The wait for the WAL sync that makes a batch durable: how long the sync
+/// took, or why it failed (then the batch may or may not survive a power
+/// loss; it is in the database either way).
+pub type SyncWait = futures::channel::oneshot::Receiver<Result<Duration, String>>;
+
+/// Completes a [`SyncWait`].
+pub type SyncDone = futures::channel::oneshot::Sender<Result<Duration, String>>;
+
+/// The `fsync` durability's syncer: a thread that fsyncs the WAL whenever
+/// batches wait for it. Each sync covers every batch whose request it took
+/// before starting, since a batch asks only once its write has returned;
+/// requests that arrive during a sync share the next one.
+struct WalSyncer {
+    requests: Option<crossbeam_channel::Sender<SyncDone>>,
+    handle: JoinHandle<()>,
+}
+
+impl WalSyncer {
+    fn start(db: Arc<DB>, timings: Arc<AtomicHistogram>) -> std::io::Result<WalSyncer> {
+        let (requests, waiting) = crossbeam_channel::unbounded::<SyncDone>();
+        let handle = std::thread::Builder::new()
+            .name("queueber-wal-fsync".into())
+            .spawn(move || {
+                // Ends when the engine drops its sender, after answering
+                // every request made before.
+                while let Ok(first) = waiting.recv() {
+                    let mut covered = vec![first];
+                    covered.extend(waiting.try_iter());
+                    let started = std::time::Instant::now();
+                    let synced = match db.flush_wal(true) {
+                        Ok(()) => {
+                            let took = started.elapsed();
+                            timings.observe(took);
+                            Ok(took)
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "WAL fsync failed; the adds it covered are answered with an error");
+                            Err(format!("WAL fsync failed: {e}"))
+                        }
+                    };
+                    for waiter in covered {
+                        let _ = waiter.send(synced.clone());
+                    }
+                }
+            })?;
+        Ok(WalSyncer {
+            requests: Some(requests),
+            handle,
+        })
+    }
+
+    fn request(&self) -> SyncWait {
+        let (done, wait) = futures::channel::oneshot::channel();
+        if let Some(requests) = &self.requests {
+            // The thread outlives the engine's last batch (it is stopped
+            // only when the engine drops), so the send cannot fail.
+            let _ = requests.send(done);
+        }
+        wait
+    }
+
+    fn stop(mut self) {
+        drop(self.requests.take());
+        let _ = self.handle.join();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,6 +632,45 @@ mod tests {
             .take_while(|l| !l.trim_start().starts_with('['))
             .map(str::trim)
             .collect()
+    }
+
+    fn probe_batch(engine: &Engine, key: &[u8]) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(engine.cf(CF_REGISTRY).unwrap(), key, b"v");
+        batch
+    }
+
+    /// In `fsync` durability a durable batch comes back with the wait for
+    /// its sync, which the syncer thread completes; nothing else waits.
+    #[test]
+    fn durable_batches_wait_for_the_syncer_and_only_in_fsync_durability() {
+        let dir = tempfile::tempdir().unwrap();
+        let fsync = Engine::open(dir.path(), EngineOptions::default(), Arc::new(ManualClock::new(0))).unwrap();
+        assert!(fsync.commit(probe_batch(&fsync, b"a"), false).unwrap().is_none());
+        let waits: Vec<SyncWait> = (0..20)
+            .map(|i| {
+                fsync
+                    .commit(probe_batch(&fsync, &[i]), true)
+                    .unwrap()
+                    .expect("a sync to wait for")
+            })
+            .collect();
+        for wait in waits {
+            let synced = futures::executor::block_on(wait).expect("the syncer answers");
+            assert!(synced.is_ok(), "{synced:?}");
+        }
+        assert!(fsync.wal_sync_histogram().count >= 1);
+        // Requests made just before the engine drops are still answered.
+        let last = fsync.commit(probe_batch(&fsync, b"z"), true).unwrap().expect("a sync");
+        drop(fsync);
+        assert!(matches!(futures::executor::block_on(last), Ok(Ok(_))));
+        let periodic = EngineOptions {
+            durability: Durability::Periodic(Duration::from_secs(60)),
+            ..EngineOptions::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let periodic = Engine::open(dir.path(), periodic, Arc::new(ManualClock::new(0))).unwrap();
+        assert!(periodic.commit(probe_batch(&periodic, b"a"), true).unwrap().is_none());
     }
 
     /// The insert hints are set through RocksDB's options-string parser,

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use crate::ids::{LeaseId, MessageId};
 use crate::names::{NameError, QueueName};
 
-pub use engine::{Durability, Engine, EngineOptions};
+pub use engine::{Durability, Engine, EngineOptions, SyncDone, SyncWait};
 pub use model::ModelStore;
 pub use shard::ShardStore;
 // The values clients and the server exchange live outside the storage layer
@@ -386,8 +386,10 @@ pub struct Executed {
     /// expired leases, delays coming due), with how many: the server wakes as
     /// many long-polls. A hint: the model store reports none.
     pub woken: Vec<(QueueName, u64)>,
-    /// Time the batch's commit spent syncing the WAL (zero when it did not).
-    pub synced: std::time::Duration,
+    /// In `fsync` durability, when the batch wrote an add, purge or delete:
+    /// the WAL sync that makes it durable. The answers of those commands
+    /// wait for it; everything else may be answered at once.
+    pub sync: Option<SyncWait>,
 }
 
 impl Default for Executed {
@@ -397,7 +399,7 @@ impl Default for Executed {
             outcomes: Ok(Vec::new()),
             deleted: Vec::new(),
             woken: Vec::new(),
-            synced: std::time::Duration::ZERO,
+            sync: None,
         }
     }
 }

@@ -121,12 +121,12 @@ impl QueueStore for ShardStore {
         if fatal.is_none() && !batch.writes.is_empty() {
             fatal = self
                 .persist_counters(&mut batch)
-                .and_then(|()| self.engine.commit(std::mem::take(&mut batch.writes), false))
+                .and_then(|()| self.engine.commit(std::mem::take(&mut batch.writes), false).map(drop))
                 .err()
                 .map(storage);
         }
         let mut outcomes = Vec::with_capacity(count);
-        let mut synced = std::time::Duration::ZERO;
+        let mut sync = None;
         if fatal.is_none() {
             for command in commands {
                 let sync = command.needs_sync();
@@ -153,7 +153,7 @@ impl QueueStore for ShardStore {
         if fatal.is_none() && !batch.writes.is_empty() {
             self.batch_bytes.observe(batch.writes.size_in_bytes());
             match self.engine.commit(batch.writes, batch.needs_sync) {
-                Ok(took) => synced = took,
+                Ok(wait) => sync = wait,
                 Err(e) => fatal = Some(storage(e)),
             }
         }
@@ -188,7 +188,7 @@ impl QueueStore for ShardStore {
             outcomes: Ok(outcomes),
             deleted: batch.deleted,
             woken,
-            synced,
+            sync,
         }
     }
 
