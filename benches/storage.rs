@@ -44,16 +44,7 @@ fn add_batches(c: &mut Criterion) {
 fn cycle(store: &mut ShardStore, queue: &QueueName, n: usize) {
     store.add(queue, batch(n)).unwrap();
     let lease = store.poll(queue, n as u32, 30_000).unwrap().expect("messages");
-    let removes = lease
-        .messages
-        .iter()
-        .map(|m| Command::Remove {
-            queue: queue.clone(),
-            id: m.id,
-            lease: lease.id,
-        })
-        .collect();
-    let done = store.execute(removes);
+    let done = store.execute(Command::remove_all(queue, &lease));
     let removed = done.outcomes.expect("no storage failure");
     assert!(removed.iter().all(|o| matches!(o, Ok(Outcome::Removed(true)))));
 }

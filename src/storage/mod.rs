@@ -258,6 +258,20 @@ pub enum Command {
 }
 
 impl Command {
+    /// A remove of every message of `lease`: how a consumer acknowledges a
+    /// whole lease in one batch (then only the lease's delete is written).
+    pub fn remove_all(queue: &QueueName, lease: &Lease) -> Vec<Command> {
+        lease
+            .messages
+            .iter()
+            .map(|m| Command::Remove {
+                queue: queue.clone(),
+                id: m.id,
+                lease: lease.id,
+            })
+            .collect()
+    }
+
     /// Whether losing this command's effect in a power cut would lose or
     /// resurrect data, so `fsync` durability must sync it before answering.
     /// A lost poll, remove, extend or release only causes a redelivery. The

@@ -630,16 +630,7 @@ fn lease_entries(store: &ShardStore) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 fn remove_all(store: &mut ShardStore, queue: &QueueName, lease: &Lease) {
-    let commands = lease
-        .messages
-        .iter()
-        .map(|m| Command::Remove {
-            queue: queue.clone(),
-            id: m.id,
-            lease: lease.id,
-        })
-        .collect();
-    let outcomes = store.execute(commands).outcomes.unwrap();
+    let outcomes = store.execute(Command::remove_all(queue, lease)).outcomes.unwrap();
     assert!(
         outcomes.iter().all(|o| matches!(o, Ok(Outcome::Removed(true)))),
         "{outcomes:?}"
@@ -686,7 +677,7 @@ fn members_that_end_before_their_lease_are_marked_and_survive_a_reopen() {
         !f.store.remove(&jobs, a, lease.id).unwrap(),
         "a ended before the reopen"
     );
-    // c is still the lease's, with its record: a failure puts it back.
+    // c is still the lease's, with its record: a release puts it back.
     assert!(f.store.release(&jobs, c, lease.id, 0).unwrap());
     assert!(
         lease_entries(&f.store).is_empty(),
