@@ -16,7 +16,8 @@ use queueber::storage::Durability;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DurabilityMode {
-    /// Acknowledge an add only after its WAL record is fsynced (group commit).
+    /// Acknowledge an add only after its WAL record is fsynced (one sync, on
+    /// a syncer thread, covers every batch written before it).
     Fsync,
     /// Fsync the WAL in the background every --sync-interval-ms.
     Periodic,
@@ -108,7 +109,7 @@ struct Args {
 
     /// How long a shard's executor hands its CPU to its storage thread while
     /// a storage batch runs, before it parks (microseconds; 0 = park at
-    /// once). Never for a batch that waits on fsync.
+    /// once). Not while batches take longer than this.
     #[arg(long, env = "QUEUEBER_OFFLOAD_YIELD_US", default_value_t = queueber::server::config::DEFAULT_OFFLOAD_YIELD.as_micros() as u64)]
     offload_yield_us: u64,
 

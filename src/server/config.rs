@@ -27,7 +27,6 @@ pub struct ServerConfig {
     pub spin_before_park: Option<std::time::Duration>,
     /// How long a shard's executor yields its CPU to its storage thread
     /// while a storage batch runs, before parking (zero: park at once).
-    /// Not for batches that wait on fsync.
     pub offload_yield: std::time::Duration,
     /// Adds are refused while the data filesystem has less free space.
     pub min_free_disk_bytes: u64,
