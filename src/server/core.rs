@@ -68,8 +68,8 @@ pub(crate) struct Timing {
     pub queued: Duration,
     /// The storage batch.
     pub storage: Duration,
-    /// Waiting for the WAL sync that made its writes durable (`fsync`
-    /// durability: adds, purges and deletes), after the batch.
+    /// Waiting for the WAL sync that made its writes durable, after the
+    /// batch (`fsync` durability, the writes `Command::needs_sync` marks).
     pub sync: Duration,
 }
 

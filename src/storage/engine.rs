@@ -46,8 +46,9 @@ pub const COLUMN_FAMILIES: [&str; 5] = [CF_READY, CF_LEASES, CF_REGISTRY, CF_DEA
 /// When an acknowledged write reaches stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// An add, purge or delete is acknowledged only after its WAL record is
-    /// fsynced. The sync runs on the engine's WAL syncer thread, not in the
+    /// A write that must not be lost (`Command::needs_sync`: adds, purges,
+    /// deletes, policy changes, redrives) is acknowledged only after its WAL
+    /// record is fsynced. The sync runs on the engine's WAL syncer thread, not in the
     /// write: the shard's storage thread goes on with the next batch while
     /// the disk works, and one sync covers every batch written before it
     /// starts (all shards' alike), so throughput grows with load.
@@ -169,8 +170,8 @@ fn cf_options(name: &str, cache: &Cache, write_buffer: usize) -> Options {
     opts.set_write_buffer_size(write_buffer);
     opts.set_level_compaction_dynamic_level_bytes(true);
     // Every family but the registry is keyed queue id first: prefix blooms
-    // and insert hints per queue (below).
-    // No memtable prefix bloom: every insert hashed its prefix into it (2%
+    // in the SST files and insert hints per queue (below). No memtable
+    // prefix bloom: every insert hashed its prefix into it (2%
     // of the server's instructions per message, callgrind B=32) to spare a
     // seek into the memtable for a queue it does not hold, and the queues
     // that are sought are the busy ones, which it holds.
@@ -533,10 +534,8 @@ impl Syncer {
             .spawn(move || loop {
                 match stopped.recv_timeout(every) {
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        let started = std::time::Instant::now();
-                        match db.flush_wal(true) {
-                            Ok(()) => timings.observe(started.elapsed()),
-                            Err(e) => tracing::error!(error = %e, "periodic WAL sync failed"),
+                        if let Err(e) = sync_wal(&db, &timings) {
+                            tracing::error!(error = %e, "periodic WAL sync failed");
                         }
                     }
                     _ => return,
@@ -549,6 +548,16 @@ impl Syncer {
         let _ = self.stop.send(());
         let _ = self.handle.join();
     }
+}
+
+/// Fsyncs every WAL file written so far (RocksDB's `SyncWAL`), recording
+/// how long it took: the one way both syncers sync.
+fn sync_wal(db: &DB, timings: &AtomicHistogram) -> Result<Duration, rocksdb::Error> {
+    let started = std::time::Instant::now();
+    db.flush_wal(true)?;
+    let took = started.elapsed();
+    timings.observe(took);
+    Ok(took)
 }
 
 /// The wait for the WAL sync that makes a batch durable: how long the sync
@@ -579,18 +588,10 @@ impl WalSyncer {
                 while let Ok(first) = waiting.recv() {
                     let mut covered = vec![first];
                     covered.extend(waiting.try_iter());
-                    let started = std::time::Instant::now();
-                    let synced = match db.flush_wal(true) {
-                        Ok(()) => {
-                            let took = started.elapsed();
-                            timings.observe(took);
-                            Ok(took)
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "WAL fsync failed; the adds it covered are answered with an error");
-                            Err(format!("WAL fsync failed: {e}"))
-                        }
-                    };
+                    let synced = sync_wal(&db, &timings).map_err(|e| {
+                        tracing::error!(error = %e, "WAL fsync failed; the writes it covered are answered with an error");
+                        format!("WAL fsync failed: {e}")
+                    });
                     for waiter in covered {
                         let _ = waiter.send(synced.clone());
                     }
