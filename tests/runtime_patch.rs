@@ -1,0 +1,159 @@
+//! The glommio patch set (third_party/glommio, QUEUEBER-PATCHES.md) keeps
+//! preemption timers armed across executor passes instead of cancelling and
+//! re-arming them each pass. These tests hold it to what the unpatched
+//! reactor guarantees: a busy task queue is still preempted, every time, and
+//! user timers still fire, whether the executor is busy or asleep.
+//!
+//! Each test runs its executor on its own thread and waits for the verdict
+//! with a timeout, so a reactor that stops re-arming fails instead of hanging.
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+/// Runs `test` on a fresh executor with a `preempt`-long preemption timer and
+/// returns what it returned, or fails after `limit`.
+fn on_executor<T: Send + 'static>(
+    preempt: Duration,
+    limit: Duration,
+    test: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+) -> T {
+    queueber::runtime::raise_memlock(queueber::runtime::MIN_MEMLOCK_BYTES, 64 << 20)
+        .expect("locked memory for io_uring");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let executor = LocalExecutorBuilder::new(Placement::Unbound)
+            .preempt_timer(preempt)
+            .make()
+            .expect("executor");
+        let verdict = executor.run(test());
+        let _ = tx.send(verdict);
+    });
+    rx.recv_timeout(limit)
+        .expect("the executor did not finish: a timer was lost")
+}
+
+/// Spins without awaiting until the executor says it should yield, for at
+/// most `limit`; how long that took, or `None` if it never said so.
+fn spin_until_preempted(limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if glommio::executor().need_preempt() {
+            return Some(started.elapsed());
+        }
+        std::hint::spin_loop();
+    }
+    None
+}
+
+#[test]
+fn a_busy_task_queue_is_preempted_again_after_every_preemption() {
+    // The timer that preempted one stretch must be replaced for the next: a
+    // reactor that kept a fired timer as "armed" would never preempt again.
+    // Before each stretch the executor sleeps with a far user timer armed (a
+    // task sleeping 60 s) and is woken by an offload's completion instead:
+    // that user timer must not be kept in place of the preemption timer.
+    let waits = on_executor(Duration::from_millis(5), Duration::from_secs(60), || {
+        Box::pin(async {
+            let far = glommio::spawn_local(glommio::timer::sleep(Duration::from_secs(60)));
+            let mut waits = Vec::new();
+            for _ in 0..20 {
+                glommio::executor()
+                    .spawn_blocking(|| thread::sleep(Duration::from_millis(1)))
+                    .await;
+                waits.push(spin_until_preempted(Duration::from_secs(2)));
+                glommio::executor().yield_now().await;
+            }
+            drop(far);
+            waits
+        })
+    });
+    for (stretch, wait) in waits.iter().enumerate() {
+        let wait = wait.unwrap_or_else(|| panic!("stretch {stretch} was never preempted: {waits:?}"));
+        // A kept timer may fire early (armed in an earlier pass), never late.
+        assert!(wait < Duration::from_millis(500), "stretch {stretch} preempted after {wait:?}");
+    }
+}
+
+#[test]
+fn a_timer_fires_while_other_tasks_keep_the_executor_busy() {
+    let late = on_executor(Duration::from_millis(100), Duration::from_secs(30), || {
+        Box::pin(async {
+            let busy = glommio::spawn_local(async {
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_millis(600) {
+                    glommio::executor().yield_now().await;
+                }
+            });
+            let mut late = Vec::new();
+            for _ in 0..5 {
+                let asked = Instant::now();
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                late.push(asked.elapsed());
+            }
+            busy.await;
+            late
+        })
+    });
+    for slept in late {
+        assert!(slept >= Duration::from_millis(20));
+        assert!(slept < Duration::from_millis(400), "a 20 ms timer took {slept:?}");
+    }
+}
+
+#[test]
+fn an_idle_executor_wakes_for_its_timer_after_busy_stretches() {
+    // Busy stretches leave a preemption timer armed; going to sleep must
+    // replace it with the user timer, or the sleep lasts until the next
+    // unrelated wake-up (there is none here).
+    // A preemption period far longer than the sleeps: a sleep that waited
+    // for a kept preemption timer instead of its own would take seconds.
+    let slept = on_executor(Duration::from_secs(5), Duration::from_secs(60), || {
+        Box::pin(async {
+            let mut slept = Vec::new();
+            for _ in 0..10 {
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_millis(20) {
+                    glommio::executor().yield_now().await;
+                }
+                let asked = Instant::now();
+                glommio::timer::sleep(Duration::from_millis(30)).await;
+                slept.push(asked.elapsed());
+            }
+            slept
+        })
+    });
+    for s in slept {
+        assert!(s >= Duration::from_millis(30));
+        assert!(s < Duration::from_millis(500), "a 30 ms sleep took {s:?}");
+    }
+}
+
+#[test]
+fn blocking_work_wakes_a_sleeping_executor_between_timers() {
+    // The offload's completion arrives through the eventfd the throughput
+    // timer also writes; a kept throughput timer must not swallow it.
+    let took = on_executor(Duration::from_millis(100), Duration::from_secs(30), || {
+        Box::pin(async {
+            let mut took = Vec::new();
+            for round in 0..50u64 {
+                let asked = Instant::now();
+                let echoed = glommio::executor()
+                    .spawn_blocking(move || {
+                        thread::sleep(Duration::from_millis(2));
+                        round
+                    })
+                    .await;
+                assert_eq!(echoed, round);
+                took.push(asked.elapsed());
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            took
+        })
+    });
+    for t in took {
+        assert!(t < Duration::from_millis(500), "a 2 ms offload took {t:?}");
+    }
+}
