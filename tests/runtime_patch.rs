@@ -157,3 +157,89 @@ fn blocking_work_wakes_a_sleeping_executor_between_timers() {
         assert!(t < Duration::from_millis(500), "a 2 ms offload took {t:?}");
     }
 }
+
+#[test]
+fn a_sleep_shorter_than_the_armed_timer_arms_its_own() {
+    // The executor sleeps with a far user timer armed (a task sleeping 60 s),
+    // is woken by an offload, then needs a 20 ms timer: the armed one is
+    // kept only when it fires no later than needed, so this one is armed.
+    let slept = on_executor(Duration::from_millis(100), Duration::from_secs(60), || {
+        Box::pin(async {
+            let far = glommio::spawn_local(glommio::timer::sleep(Duration::from_secs(60)));
+            let mut slept = Vec::new();
+            for _ in 0..5 {
+                glommio::executor()
+                    .spawn_blocking(|| thread::sleep(Duration::from_millis(1)))
+                    .await;
+                let asked = Instant::now();
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                slept.push(asked.elapsed());
+            }
+            drop(far);
+            slept
+        })
+    });
+    for s in slept {
+        assert!(s >= Duration::from_millis(20));
+        assert!(s < Duration::from_millis(500), "a 20 ms sleep took {s:?}");
+    }
+}
+
+#[test]
+fn executors_wake_each_other_for_every_cross_core_message() {
+    // A ping-pong between two executors over glommio's shared channels: each
+    // side parks between messages, so every message needs the sender to see
+    // that the receiver sleeps and wake it (the flag and fence pairing the
+    // patch puts in place of a membarrier). A lost wake-up hangs the
+    // exchange, and the timeout fails the test.
+    use glommio::channels::shared_channel;
+    const ROUND_TRIPS: u32 = 5_000;
+    queueber::runtime::raise_memlock(queueber::runtime::MIN_MEMLOCK_BYTES, 64 << 20)
+        .expect("locked memory for io_uring");
+    let (ping_tx, ping_rx) = shared_channel::new_bounded::<u32>(1);
+    let (pong_tx, pong_rx) = shared_channel::new_bounded::<u32>(1);
+    let (done_tx, done_rx) = mpsc::channel();
+    let echo = LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            let (rx, tx) = (ping_rx.connect().await, pong_tx.connect().await);
+            while let Some(n) = rx.recv().await {
+                if tx.send(n).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("echo executor");
+    let caller = LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            let (tx, rx) = (ping_tx.connect().await, pong_rx.connect().await);
+            for n in 0..ROUND_TRIPS {
+                tx.send(n).await.expect("echo side alive");
+                assert_eq!(rx.recv().await, Some(n));
+            }
+            let _ = done_tx.send(());
+        })
+        .expect("calling executor");
+    done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a cross-executor wake-up was lost");
+    caller.join().expect("caller");
+    echo.join().expect("echo");
+}
+
+#[test]
+fn offload_completions_wake_a_parked_executor_every_time() {
+    // Back-to-back offloads with nothing else to do: the executor parks for
+    // each and only the blocking thread's notification wakes it.
+    let rounds = on_executor(Duration::from_millis(100), Duration::from_secs(60), || {
+        Box::pin(async {
+            let mut rounds = 0u32;
+            for n in 0..5_000u32 {
+                let echoed = glommio::executor().spawn_blocking(move || n).await;
+                assert_eq!(echoed, n);
+                rounds += 1;
+            }
+            rounds
+        })
+    });
+    assert_eq!(rounds, 5_000);
+}
