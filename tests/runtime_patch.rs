@@ -73,7 +73,10 @@ fn a_busy_task_queue_is_preempted_again_after_every_preemption() {
     for (stretch, wait) in waits.iter().enumerate() {
         let wait = wait.unwrap_or_else(|| panic!("stretch {stretch} was never preempted: {waits:?}"));
         // A kept timer may fire early (armed in an earlier pass), never late.
-        assert!(wait < Duration::from_millis(500), "stretch {stretch} preempted after {wait:?}");
+        assert!(
+            wait < Duration::from_millis(500),
+            "stretch {stretch} preempted after {wait:?}"
+        );
     }
 }
 
