@@ -80,11 +80,7 @@ mod serve {
     /// One store command per id, so each gets its own flag; also
     /// `removeAndPoll`'s.
     pub(crate) fn push_removes(commands: &mut Vec<Command>, queue: &QueueName, lease: LeaseId, ids: Vec<MessageId>) {
-        commands.extend(ids.into_iter().map(|id| Command::Remove {
-            queue: queue.clone(),
-            id,
-            lease,
-        }));
+        commands.extend(Command::removes(queue, lease, ids));
     }
 
     impl Serve for Remove {

@@ -1097,22 +1097,19 @@ mod tests {
         assert_eq!(drained, Ok(Reply::Polled(None)));
     }
 
-    /// A store whose durable batches wait for a WAL sync the test completes.
-    struct SyncedByHand {
-        inner: ModelStore,
-        syncs: Arc<std::sync::Mutex<Vec<crate::storage::SyncDone>>>,
+    /// A store whose batches run through `around`, which calls the inner
+    /// store itself: how a test counts batches or attaches a WAL sync.
+    struct Around<F> {
+        inner: Box<dyn QueueStore>,
+        around: F,
     }
 
-    impl QueueStore for SyncedByHand {
+    impl<F> QueueStore for Around<F>
+    where
+        F: FnMut(&mut dyn QueueStore, Vec<Command>) -> Executed + Send + 'static,
+    {
         fn execute(&mut self, commands: Vec<Command>) -> Executed {
-            let durable = commands.iter().any(Command::needs_sync);
-            let mut executed = self.inner.execute(commands);
-            if durable {
-                let (done, wait) = futures::channel::oneshot::channel();
-                self.syncs.lock().expect("syncs").push(done);
-                executed.sync = Some(wait);
-            }
-            executed
+            (self.around)(&mut *self.inner, commands)
         }
 
         fn next_deadline(&self) -> Option<u64> {
@@ -1131,9 +1128,20 @@ mod tests {
         let (held_while_unsynced, stats, added, failed) = run_on_executor(move || {
             Box::pin(async move {
                 let clock = Arc::new(ManualClock::new(1_000));
-                let store = SyncedByHand {
-                    inner: ModelStore::new(clock.clone()),
-                    syncs: pending.clone(),
+                // Durable batches wait for a WAL sync the test completes.
+                let syncs = pending.clone();
+                let store = Around {
+                    inner: Box::new(ModelStore::new(clock.clone())),
+                    around: move |inner: &mut dyn QueueStore, commands: Vec<Command>| {
+                        let durable = commands.iter().any(Command::needs_sync);
+                        let mut executed = inner.execute(commands);
+                        if durable {
+                            let (done, wait) = futures::channel::oneshot::channel();
+                            syncs.lock().expect("syncs").push(done);
+                            executed.sync = Some(wait);
+                        }
+                        executed
+                    },
                 };
                 let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK);
                 let core = Rc::new(core);
@@ -1192,27 +1200,6 @@ mod tests {
         assert!(syncs.lock().expect("syncs").is_empty());
     }
 
-    /// Counts the batches a store runs.
-    struct Counting {
-        inner: Box<dyn QueueStore>,
-        batches: Arc<std::sync::atomic::AtomicUsize>,
-    }
-
-    impl QueueStore for Counting {
-        fn execute(&mut self, commands: Vec<Command>) -> Executed {
-            self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.inner.execute(commands)
-        }
-
-        fn next_deadline(&self) -> Option<u64> {
-            self.inner.next_deadline()
-        }
-
-        fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
-            self.inner.list_queues()
-        }
-    }
-
     #[test]
     fn the_sweeper_runs_on_the_injected_clock() {
         // An expired lease wakes a parked poll when the *store's* clock says
@@ -1231,9 +1218,13 @@ mod tests {
                 let engine = crate::storage::Engine::open(&path, options, clock.clone()).expect("engine");
                 let store = crate::storage::ShardStore::open_all(engine).expect("store");
                 let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                let counted = Counting {
+                let counting = batches.clone();
+                let counted = Around {
                     inner: Box::new(store),
-                    batches: batches.clone(),
+                    around: move |inner: &mut dyn QueueStore, commands: Vec<Command>| {
+                        counting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        inner.execute(commands)
+                    },
                 };
                 let (core, task) = spawn(0, Box::new(counted), clock.clone(), Rc::default(), HandOff::PARK);
                 core.call(Op::Add(ops::Add {

@@ -261,15 +261,20 @@ impl Command {
     /// A remove of every message of `lease`: how a consumer acknowledges a
     /// whole lease in one batch (then only the lease's delete is written).
     pub fn remove_all(queue: &QueueName, lease: &Lease) -> Vec<Command> {
-        lease
-            .messages
-            .iter()
-            .map(|m| Command::Remove {
-                queue: queue.clone(),
-                id: m.id,
-                lease: lease.id,
-            })
-            .collect()
+        Command::removes(queue, lease.id, lease.messages.iter().map(|m| m.id)).collect()
+    }
+
+    /// One remove per id of `lease`, so each gets its own outcome.
+    pub fn removes<'q>(
+        queue: &'q QueueName,
+        lease: LeaseId,
+        ids: impl IntoIterator<Item = MessageId> + 'q,
+    ) -> impl Iterator<Item = Command> + 'q {
+        ids.into_iter().map(move |id| Command::Remove {
+            queue: queue.clone(),
+            id,
+            lease,
+        })
     }
 
     /// Whether losing this command's effect in a power cut would lose or
@@ -400,9 +405,10 @@ pub struct Executed {
     /// expired leases, delays coming due), with how many: the server wakes as
     /// many long-polls. A hint: the model store reports none.
     pub woken: Vec<(QueueName, u64)>,
-    /// In `fsync` durability, when the batch wrote an add, purge or delete:
-    /// the WAL sync that makes it durable. The answers of those commands
-    /// wait for it; everything else may be answered at once.
+    /// In `fsync` durability, when the batch wrote a command that
+    /// [`Command::needs_sync`] marks: the WAL sync that makes it durable.
+    /// The answers of those commands wait for it; everything else may be
+    /// answered at once.
     pub sync: Option<SyncWait>,
 }
 

@@ -208,11 +208,15 @@ impl QueueState {
     /// Drops `id`'s holder entry if `lease` holds it; returns the payload
     /// size of what it took then.
     pub(super) fn release_holder(&mut self, lease: LeaseId, id: &MessageId) -> Option<u32> {
-        let held = self.holders.get(id).filter(|h| h.lease == lease).map(|h| h.bytes);
-        if held.is_some() {
-            self.holders.remove(id);
+        // One lookup on the usual path (the lease does hold it); a stale
+        // lease puts the entry back.
+        let held = self.holders.remove(id)?;
+        if held.lease == lease {
+            Some(held.bytes)
+        } else {
+            self.holders.insert(*id, held);
+            None
         }
-        held
     }
 
     pub(super) fn lease_valid(&self, lease: &LeaseId, now: u64) -> bool {
