@@ -10,7 +10,11 @@
 //!   on its queue. When a batch reports messages becoming visible on a queue
 //!   (add, release, expired lease, delay come due), enough parked polls to
 //!   take those messages are retried in the next batch; the rest keep
-//!   waiting until their deadline.
+//!   waiting until their deadline. Two shortcuts save storage trips on
+//!   quiet queues: polls parked on a queue the batch adds to run right
+//!   after it in the same hand-off ([`FollowUp`]), and a poll of a queue
+//!   the store last reported with nothing visible parks without a storage
+//!   call ([`Waiters::nothing_visible`]).
 //! * **Sweeper.** The loop sleeps until the earliest of: new work, a waiter's
 //!   deadline, or the store's next lease expiry / delay deadline, and runs an
 //!   (empty) batch then, which settles what is due and wakes waiters.
@@ -18,7 +22,7 @@
 //! The store is moved into the blocking-offload thread for each call and moved
 //! back, so exactly one thread touches it at a time without a lock.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
@@ -236,8 +240,9 @@ enum Finish {
     },
     /// A poll that ran.
     Poll(Parked),
-    /// A poll that did not run: its connection has no room for a reply.
-    PollNoRoom(Parked),
+    /// A poll that did not run: its connection has no room for a reply, or
+    /// its queue is known to have nothing visible ([`Waiters::nothing_visible`]).
+    PollNotRun(Parked),
     /// `removeAndPoll`: its removes' outcomes, then its poll attempt's
     /// (when it ran: `polled`).
     RemoveThenPoll {
@@ -271,6 +276,12 @@ struct Waiters {
     next_seq: u64,
     /// Polls answered with nothing, per queue (metrics).
     polls_empty: HashMap<QueueName, u64>,
+    /// Queues with nothing visible as of the last batch that polled them
+    /// (`Executed::empty`), until a batch reports messages becoming visible
+    /// there (`Executed::woken`). A poll of one parks (or is answered empty)
+    /// without a storage call: on a quiet queue a consumer's next poll
+    /// would otherwise cost a trip to the storage thread to find nothing.
+    nothing_visible: HashSet<QueueName>,
 }
 
 impl Waiters {
@@ -323,6 +334,7 @@ impl Waiters {
     /// Answers every waiter of `queue` with an empty poll (the queue was
     /// deleted: a poll must not outlive it into a queue re-created by name).
     fn answer_queue(&mut self, queue: &QueueName) {
+        self.nothing_visible.remove(queue);
         if let Some(list) = self.by_queue.remove(queue) {
             for (seq, parked) in list {
                 self.deadlines.remove(&(parked.deadline, seq));
@@ -607,7 +619,7 @@ async fn run(
         let mut finishes = Vec::new();
         let mut room = ReplyRooms::default();
         for call in calls {
-            plan(call, &mut room, &mut commands, &mut finishes);
+            plan(call, &waiters.nothing_visible, &mut room, &mut commands, &mut finishes);
         }
         for parked in retry.drain(..) {
             plan_poll(parked, &mut room, &mut commands, &mut finishes);
@@ -622,24 +634,36 @@ async fn run(
         let now = Instant::now();
         waiters.expire(if draining { None } else { Some(now) });
         let timers_due = store_due.is_some_and(|d| d <= now);
+        let follow = if draining {
+            FollowUp::default()
+        } else {
+            FollowUp::plan(&commands, &mut waiters, &mut room)
+        };
 
         let ran = if !commands.is_empty() || timers_due {
             let Some(mut owned) = store.take() else {
                 break;
             };
             batches += 1;
-            commands_run += commands.len() as u64;
-            let batch_commands = commands.len();
+            let batch_commands = commands.len() + follow.commands.len();
+            commands_run += batch_commands as u64;
             let started = Instant::now();
             let yield_for = hand_off.for_batch(typical_batch);
             let span = span.clone();
+            let FollowUp {
+                commands: follow_commands,
+                finishes: follow_finishes,
+                queues: follow_queues,
+            } = follow;
             let work = move || {
                 let _in_shard = span.enter();
                 let executed = owned.execute(commands);
+                // After the batch has committed, so the polls see its adds.
+                let followed = (!follow_commands.is_empty()).then(|| owned.execute(follow_commands));
                 let next = owned.next_deadline();
-                (owned, executed, next)
+                (owned, executed, followed, next)
             };
-            let (owned, executed, next) = offload_yielding(work, yield_for).await;
+            let (owned, mut executed, followed, next) = offload_yielding(work, yield_for).await;
             let took = started.elapsed();
             // A moving average over about the last eight batches.
             typical_batch = (typical_batch * 7 + took) / 8;
@@ -647,18 +671,30 @@ async fn run(
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
             let batch = BatchTiming { started, took };
-            Some((executed, batch))
-        } else if !finishes.is_empty() {
-            // Nothing ran: answers (polls without room, hello) take no time here.
+            // (Follow-ups without a command are polls without room: they park.)
+            let followed = (!follow_finishes.is_empty()).then(|| {
+                let f = followed.unwrap_or_default();
+                for (queue, _) in &executed.woken {
+                    waiters.nothing_visible.remove(queue);
+                }
+                // What the follow-up polls took wakes nobody else.
+                executed.woken = still_to_wake(std::mem::take(&mut executed.woken), &follow_queues, &f);
+                (f, follow_finishes)
+            });
+            Some((executed, batch, followed))
+        } else if !finishes.is_empty() || !follow.finishes.is_empty() {
+            // Nothing ran: answers (polls without room, hello) take no time
+            // here. (Follow-ups without commands are polls without room.)
             let batch = BatchTiming {
                 started: Instant::now(),
                 took: Duration::ZERO,
             };
-            Some((Executed::default(), batch))
+            let followed = (!follow.finishes.is_empty()).then(|| (Executed::default(), follow.finishes));
+            Some((Executed::default(), batch, followed))
         } else {
             None
         };
-        if let Some((executed, batch)) = ran {
+        if let Some((executed, batch, followed)) = ran {
             let ctx = Finishing {
                 draining,
                 reporter: Reporter {
@@ -669,6 +705,9 @@ async fn run(
                 batch,
             };
             finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
+            if let Some((executed, finishes)) = followed {
+                finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
+            }
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
             drop(room);
@@ -693,6 +732,83 @@ async fn run(
         Some(s) => s,
         None => unreachable!("the store is always returned by the offload"),
     }
+}
+
+/// Long polls parked on queues that a batch adds to, run right after it in
+/// the same hand-off to the storage thread (its second `execute`).
+///
+/// Why: otherwise the batch's answer wakes them and they run in the next
+/// batch, so a consumer that waits gets its message two storage round trips
+/// after the add instead of one; under a light load (an open loop, a quiet
+/// queue) that second trip is a third of a message's CPU and latency.
+/// A follow-up that finds nothing (the add failed, was delayed, or another
+/// poll of the batch took the messages) parks again, as a woken poll does.
+#[derive(Default)]
+struct FollowUp {
+    commands: Vec<Command>,
+    finishes: Vec<Finish>,
+    /// The queue of each of `commands`.
+    queues: Vec<QueueName>,
+}
+
+impl FollowUp {
+    /// Takes, per queue that `commands` add visible messages to, enough
+    /// parked polls to take them ([`Waiters::wake`]) and plans them.
+    fn plan(commands: &[Command], waiters: &mut Waiters, rooms: &mut ReplyRooms) -> FollowUp {
+        let mut follow = FollowUp::default();
+        if waiters.by_queue.is_empty() {
+            return follow;
+        }
+        let mut visible: Vec<(&QueueName, u64)> = Vec::new();
+        for command in commands {
+            let Command::Add { queue, messages } = command else {
+                continue;
+            };
+            if !waiters.by_queue.contains_key(queue) {
+                continue;
+            }
+            let n = messages.iter().filter(|m| m.delay_ms == 0).count() as u64;
+            match visible.iter_mut().find(|(q, _)| *q == queue) {
+                Some((_, total)) => *total += n,
+                None => visible.push((queue, n)),
+            }
+        }
+        let mut woken = Vec::new();
+        for (queue, n) in visible {
+            waiters.wake(queue, n, &mut woken);
+        }
+        for parked in woken {
+            let queue = parked.poll.queue.clone();
+            let before = follow.commands.len();
+            plan_poll(parked, rooms, &mut follow.commands, &mut follow.finishes);
+            if follow.commands.len() > before {
+                follow.queues.push(queue);
+            }
+        }
+        follow
+    }
+}
+
+/// The batch's woken counts less what its follow-up polls (`followed`, on
+/// `queues`) delivered: those messages are taken, and waking more polls
+/// for them would only cost a batch that finds nothing.
+fn still_to_wake(woken: Vec<(QueueName, u64)>, queues: &[QueueName], followed: &Executed) -> Vec<(QueueName, u64)> {
+    let Ok(outcomes) = &followed.outcomes else {
+        return woken;
+    };
+    let mut delivered: HashMap<&QueueName, u64> = HashMap::new();
+    for (queue, outcome) in queues.iter().zip(outcomes) {
+        if let Ok(Outcome::Polled(Some(lease))) = outcome {
+            *delivered.entry(queue).or_default() += lease.messages.len() as u64;
+        }
+    }
+    woken
+        .into_iter()
+        .filter_map(|(queue, n)| {
+            let left = n.saturating_sub(delivered.get(&queue).copied().unwrap_or(0));
+            (left > 0).then_some((queue, left))
+        })
+        .collect()
 }
 
 /// The reply room of each calling connection in the batch being planned:
@@ -731,7 +847,7 @@ fn plan_poll(parked: Parked, rooms: &mut ReplyRooms, commands: &mut Vec<Command>
         return;
     }
     let Some(budget) = rooms.for_caller(parked.budget.as_ref()) else {
-        finishes.push(Finish::PollNoRoom(parked));
+        finishes.push(Finish::PollNotRun(parked));
         return;
     };
     commands.push(parked.poll.command(budget));
@@ -741,7 +857,13 @@ fn plan_poll(parked: Parked, rooms: &mut ReplyRooms, commands: &mut Vec<Command>
 /// Turns one call into storage commands and a way to finish it: the
 /// operation plans itself (`ops`), the core adds what is its own (parking
 /// polls, reply rooms).
-fn plan(call: Call, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishes: &mut Vec<Finish>) {
+fn plan(
+    call: Call,
+    nothing_visible: &HashSet<QueueName>,
+    rooms: &mut ReplyRooms,
+    commands: &mut Vec<Command>,
+    finishes: &mut Vec<Finish>,
+) {
     let Call {
         op,
         reply,
@@ -767,7 +889,11 @@ fn plan(call: Call, rooms: &mut ReplyRooms, commands: &mut Vec<Command>, finishe
                 reply,
                 budget,
             };
-            plan_poll(parked, rooms, commands, finishes);
+            if nothing_visible.contains(&parked.poll.queue) {
+                finishes.push(Finish::PollNotRun(parked));
+            } else {
+                plan_poll(parked, rooms, commands, finishes);
+            }
         }
         (Plan::RemoveThenPoll { removes, poll }, _) => {
             // One attempt against the caller's reply room; none for a caller
@@ -888,7 +1014,7 @@ fn finish(
                 let result = ops::Poll::reply(&mut outcomes.by_ref().take(1)).map(Reply::Polled);
                 park_or_answer(parked, result, waiters, draining, now, batch);
             }
-            Finish::PollNoRoom(parked) => {
+            Finish::PollNotRun(parked) => {
                 park_or_answer(parked, Ok(Reply::Polled(None)), waiters, draining, now, batch)
             }
             Finish::RemoveThenPoll {
@@ -938,8 +1064,10 @@ fn finish(
         waiters.answer_queue(queue);
     }
     for (queue, n) in executed.woken {
+        waiters.nothing_visible.remove(&queue);
         waiters.wake(&queue, n, retry);
     }
+    waiters.nothing_visible.extend(executed.empty);
     if let Some(sync) = executed.sync {
         answer_when_synced(sync, held);
     }
@@ -1271,6 +1399,152 @@ mod tests {
         assert!(
             waited < Duration::from_millis(2_000),
             "the sweeper missed the manual deadline: {waited:?}"
+        );
+    }
+
+    /// The commands of each `execute`, by kind, and the real shard store
+    /// under them (it reports `woken` and `empty`, which the model does
+    /// not). An add whose payload is `refused` is turned into a command
+    /// that fails, as a full queue would refuse it.
+    fn logged_shard_store(
+        path: &std::path::Path,
+        clock: Arc<ManualClock>,
+        log: Arc<std::sync::Mutex<Vec<Vec<&'static str>>>>,
+    ) -> Box<dyn QueueStore> {
+        let options = crate::storage::EngineOptions {
+            durability: crate::storage::Durability::Wal,
+            ..Default::default()
+        };
+        let engine = crate::storage::Engine::open(path, options, clock).expect("engine");
+        let store = crate::storage::ShardStore::open_all(engine).expect("store");
+        Box::new(Around {
+            inner: Box::new(store),
+            around: move |inner: &mut dyn QueueStore, commands: Vec<Command>| {
+                let commands: Vec<Command> = commands
+                    .into_iter()
+                    .map(|c| match c {
+                        Command::Add { queue, messages } if messages[0].payload[..] == b"refused"[..] => {
+                            Command::Stats {
+                                queue: QueueName::new(queue.tenant(), "missing").expect("name"),
+                            }
+                        }
+                        other => other,
+                    })
+                    .collect();
+                let kinds = commands
+                    .iter()
+                    .map(|c| match c {
+                        Command::Add { .. } => "add",
+                        Command::Poll { .. } => "poll",
+                        Command::Stats { .. } => "refused add",
+                        _ => "other",
+                    })
+                    .collect();
+                log.lock().expect("log").push(kinds);
+                inner.execute(commands)
+            },
+        })
+    }
+
+    #[test]
+    fn a_waiting_poll_is_served_in_the_hand_off_of_the_add_that_wakes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let logged = log.clone();
+        let (first, second, early, batches) = run_on_executor(move || {
+            Box::pin(async move {
+                let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+                let store = logged_shard_store(&path, clock.clone(), logged.clone());
+                let metrics = Rc::new(ShardMetrics::default());
+                let (core, task) = spawn(0, store, clock, metrics.clone(), HandOff::PARK);
+                let core = Rc::new(core);
+                // The queue exists and is empty.
+                core.call(Op::Add(ops::Add {
+                    queue: q("a"),
+                    messages: vec![NewMessage::new(b"seed".to_vec())],
+                }))
+                .await
+                .unwrap();
+                let poll = |wait_ms| {
+                    let core = core.clone();
+                    glommio::spawn_local(async move {
+                        core.call(Op::Poll(ops::Poll {
+                            queue: q("a"),
+                            max_items: 1,
+                            lease_ms: 60_000,
+                            wait_ms,
+                        }))
+                        .await
+                    })
+                    .detach()
+                };
+                let Some(Ok(Reply::Polled(Some(_)))) = poll(0).await else {
+                    panic!("the seed")
+                };
+                let logged_now = || logged.lock().expect("log").len();
+                let settle = || glommio::timer::sleep(Duration::from_millis(30));
+                let first = poll(60_000);
+                settle().await;
+                // The first poll ran and found nothing; the second parks
+                // without a storage call, and so is a poll that may not wait
+                // answered.
+                let ran = logged_now();
+                let second = poll(60_000);
+                let early = poll(0).await;
+                settle().await;
+                assert_eq!(logged_now(), ran, "polls of an empty queue went to the store");
+                // A refused add runs the oldest waiter after it in the same
+                // hand-off; it finds nothing and waits on, now the youngest.
+                let refused = core
+                    .call(Op::Add(ops::Add {
+                        queue: q("a"),
+                        messages: vec![NewMessage::new(b"refused".to_vec())],
+                    }))
+                    .await;
+                assert!(refused.is_err(), "{refused:?}");
+                let mut first = std::pin::pin!(first);
+                assert!(within(Duration::from_millis(30), first.as_mut()).await.is_none());
+                let before = metrics.figures().batch_commands.count;
+                for payload in [b"one", b"two"] {
+                    core.call(Op::Add(ops::Add {
+                        queue: q("a"),
+                        messages: vec![NewMessage::new(payload.to_vec())],
+                    }))
+                    .await
+                    .unwrap();
+                }
+                let (first, second) = (first.await, second.await);
+                let batches = metrics.figures().batch_commands.count - before;
+                core.stop();
+                Rc::try_unwrap(core).ok();
+                task.await;
+                (first, second, early, batches)
+            })
+        });
+        let payload = |r: Option<ReplyResult>| match r {
+            Some(Ok(Reply::Polled(Some(lease)))) => lease.messages[0].payload.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        // The first waiter waits on behind the second, as a woken poll that
+        // finds nothing does.
+        assert_eq!(payload(second), b"one");
+        assert_eq!(payload(first), b"two");
+        assert!(matches!(early, Some(Ok(Reply::Polled(None)))), "{early:?}");
+        assert_eq!(batches, 2, "each add and the poll it woke took one hand-off");
+        let log = log.lock().expect("log").clone();
+        let tail: Vec<Vec<&str>> = log[log.len() - 6..].to_vec();
+        assert_eq!(
+            tail,
+            vec![
+                vec!["refused add"],
+                vec!["poll"],
+                vec!["add"],
+                vec!["poll"],
+                vec!["add"],
+                vec!["poll"]
+            ],
+            "{log:?}"
         );
     }
 }

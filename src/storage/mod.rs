@@ -405,6 +405,12 @@ pub struct Executed {
     /// expired leases, delays coming due), with how many: the server wakes as
     /// many long-polls. A hint: the model store reports none.
     pub woken: Vec<(QueueName, u64)>,
+    /// Queues that polls of the batch touched and that have nothing visible
+    /// at its end: the server parks the next waiting poll of such a queue
+    /// without a storage call, until a batch reports it in `woken`. A hint
+    /// like `woken` (the model store reports none), and only sound because
+    /// `woken` names every queue where messages become visible.
+    pub empty: Vec<QueueName>,
     /// In `fsync` durability, when the batch wrote a command that
     /// [`Command::needs_sync`] marks: the WAL sync that makes it durable.
     /// The answers of those commands wait for it; everything else may be
@@ -419,6 +425,7 @@ impl Default for Executed {
             outcomes: Ok(Vec::new()),
             deleted: Vec::new(),
             woken: Vec::new(),
+            empty: Vec::new(),
             sync: None,
         }
     }

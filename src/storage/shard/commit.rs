@@ -98,6 +98,7 @@ impl QueueStore for ShardStore {
             writes: WriteBatch::with_capacity_bytes(self.batch_bytes.capacity()),
             needs_sync: false,
             woken: BTreeMap::new(),
+            polled: Vec::new(),
             deleted: Vec::new(),
             counted: Map::default(),
             touched: Vec::new(),
@@ -184,10 +185,20 @@ impl QueueStore for ShardStore {
             .into_iter()
             .filter_map(|(qid, n)| self.queues.get(&qid).map(|q| (q.name.clone(), n)))
             .collect();
+        let mut polled = batch.polled;
+        polled.sort_unstable();
+        polled.dedup();
+        let empty = polled
+            .into_iter()
+            .filter_map(|qid| self.queues.get(&qid))
+            .filter(|q| q.visible() == 0)
+            .map(|q| q.name.clone())
+            .collect();
         Executed {
             outcomes: Ok(outcomes),
             deleted: batch.deleted,
             woken,
+            empty,
             sync,
         }
     }

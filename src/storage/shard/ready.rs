@@ -99,6 +99,7 @@ impl ShardStore {
         batch: &mut Batch,
     ) -> Result<Option<Lease>, StoreError> {
         let qid = self.queue_id(queue)?;
+        batch.polled.push(qid);
         let (ready, leases) = (ReadyIndex::of(&self.engine)?, LeaseTable::of(&self.engine)?);
         let Some(q) = self.queues.get_mut(&qid) else {
             return Err(StoreError::Command(CommandError::UnknownQueue(queue.clone())));

@@ -229,6 +229,9 @@ pub(super) struct Batch {
     pub(super) writes: WriteBatch,
     pub(super) needs_sync: bool,
     pub(super) woken: BTreeMap<QueueId, u64>,
+    /// Queues polled in this batch (reported in `Executed::empty` when
+    /// nothing is visible in them at its end).
+    pub(super) polled: Vec<QueueId>,
     /// Queues the batch deleted (reported once it commits).
     pub(super) deleted: Vec<QueueName>,
     /// What the batch did per queue, added to the store's counters once it
