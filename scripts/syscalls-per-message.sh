@@ -4,7 +4,9 @@
 # whose ptrace stops change the server's timing too much to be useful).
 #
 #   scripts/syscalls-per-message.sh --bin BIN [--batch 32] [--rounds 2]
-#                                   [--peerbench PATH] [--port 17860]
+#                                   [--rate N] [--peerbench PATH] [--port 17860]
+#
+# --rate N runs peerbench's open loop at N msg/s instead of its closed loop.
 #
 # Each round starts BIN (1 shard, periodic durability, 127.0.0.1:PORT),
 # runs peerbench against it for 8 s, counts the server's syscalls over 3 s
@@ -13,13 +15,14 @@
 # Needs perf (Debian's linux-perf) and root or perf_event_paranoid <= 1.
 source "$(dirname "$0")/help.sh"
 set -euo pipefail
-bin="" batch=32 rounds=2 port=17860
+bin="" batch=32 rounds=2 port=17860 rate_flag=()
 peerbench="${PEERBENCH_BIN:-$HOME/.cache/peerbench/target/release/peerbench}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin="$2"; shift 2 ;;
     --batch) batch="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
+    --rate) rate_flag=(--rate "$2"); shift 2 ;;
     --peerbench) peerbench="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
@@ -40,7 +43,7 @@ for round in $(seq "$rounds"); do
   pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
   timeout 30 "$peerbench" --target queueber --addr "127.0.0.1:$port" --server-pid "$pid" \
-    -B "$batch" --duration 7 --warmup 1 >"$work/result.json" 2>/dev/null &
+    -B "$batch" "${rate_flag[@]}" --duration 7 --warmup 1 >"$work/result.json" 2>/dev/null &
   bench=$!
   sleep 2.5
   timeout 10 perf trace -s -p "$pid" -o "$work/trace.txt" -- sleep 3 >/dev/null 2>&1 || true
