@@ -682,15 +682,15 @@ async fn run(
                 (f, follow_finishes)
             });
             Some((executed, batch, followed))
-        } else if !finishes.is_empty() || !follow.finishes.is_empty() {
-            // Nothing ran: answers (polls without room, hello) take no time
-            // here. (Follow-ups without commands are polls without room.)
+        } else if !finishes.is_empty() {
+            // Follow-ups come only from adds, which are commands.
+            debug_assert!(follow.finishes.is_empty());
+            // Nothing ran: answers (polls without room, hello) take no time here.
             let batch = BatchTiming {
                 started: Instant::now(),
                 took: Duration::ZERO,
             };
-            let followed = (!follow.finishes.is_empty()).then(|| (Executed::default(), follow.finishes));
-            Some((Executed::default(), batch, followed))
+            Some((Executed::default(), batch, None))
         } else {
             None
         };
@@ -759,18 +759,13 @@ impl FollowUp {
         if waiters.by_queue.is_empty() {
             return follow;
         }
-        let mut visible: Vec<(&QueueName, u64)> = Vec::new();
+        let mut visible: HashMap<&QueueName, u64> = HashMap::new();
         for command in commands {
             let Command::Add { queue, messages } = command else {
                 continue;
             };
-            if !waiters.by_queue.contains_key(queue) {
-                continue;
-            }
-            let n = messages.iter().filter(|m| m.delay_ms == 0).count() as u64;
-            match visible.iter_mut().find(|(q, _)| *q == queue) {
-                Some((_, total)) => *total += n,
-                None => visible.push((queue, n)),
+            if waiters.by_queue.contains_key(queue) {
+                *visible.entry(queue).or_default() += messages.iter().filter(|m| m.delay_ms == 0).count() as u64;
             }
         }
         let mut woken = Vec::new();
