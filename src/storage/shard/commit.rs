@@ -226,6 +226,10 @@ impl ShardStore {
                 continue;
             };
             q.batch_low = None;
+            if q.head.is_none() && q.counters.ready == 0 {
+                // Emptied: every record from now on goes through this shard.
+                q.head = Some(HeadCache::empty(&self.head_budget));
+            }
             registry.put_counters(&mut batch.writes, q);
             self.list_retention_deadline(qid);
         }

@@ -25,6 +25,7 @@
 
 mod commit;
 mod dead;
+mod head;
 mod leases;
 mod policy;
 mod ready;
@@ -51,6 +52,7 @@ use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
 use dead::Ending;
+use head::HeadCache;
 use state::{Batch, Held, LeaseState, QueueState};
 use tables::{DeadSet, Death, LeaseTable, MemberKey, ReadyIndex, Registry, RetentionIndex};
 
@@ -88,6 +90,8 @@ pub struct ShardStore {
     failed: Option<String>,
     /// Repeated batch failures: a line at most every 10 s, with a count.
     failure_log: crate::runtime::LogEvery,
+    /// The bytes the queues' head caches hold between them ([`head`]).
+    head_budget: head::HeadBudget,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -143,6 +147,7 @@ impl ShardStore {
             batch_bytes: BatchBytes::default(),
             failed: None,
             failure_log: crate::runtime::LogEvery::new(std::time::Duration::from_secs(10)),
+            head_budget: head::HeadBudget::default(),
         };
         store.load_all()?;
         Ok(store)

@@ -110,9 +110,13 @@ impl ShardStore {
             return Ok(None);
         }
         batch.touched.push(qid);
-        let mut it = self
-            .engine
-            .scan(CF_READY, &q.scan_start(), keys::ready_visible_end(qid, now).to_vec())?;
+        // The queue's cache when this shard knows all its records (taken out
+        // while the loop below takes records from the queue), else RocksDB.
+        let start = q.scan_start().into_owned();
+        let end = keys::ready_visible_end(qid, now);
+        let cached = q.head.take();
+        // What the poll took or dropped, to take out of the cache after.
+        let mut taken: Vec<ReadyKey> = Vec::new();
 
         let lease = self.ids.lease_id(now);
         // A poll that names no lease gets the queue's (or the server's).
@@ -130,10 +134,8 @@ impl ShardStore {
         let mut held = bytes::BytesMut::new();
         let mut last_key: Option<ReadyKey> = None;
         let (mut bytes, mut dropped) = (0, 0u64);
-        while (messages.len() as u64) < want {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
+        // One ready record in key order; `false` when the poll is done.
+        let mut visit = |k: &[u8], v: &[u8]| -> Result<bool, StoreError> {
             let corrupt_key = || {
                 StoreError::Storage(StorageError::Corrupt {
                     cf: CF_READY,
@@ -146,21 +148,21 @@ impl ShardStore {
                 // shortened in this batch): never handed out. Bounded like
                 // the drop itself; the next poll goes on.
                 if dropped == super::retention::RETENTION_BATCH as u64 {
-                    break;
+                    return Ok(false);
                 }
                 let key: ReadyKey = k.try_into().map_err(|_| corrupt_key())?;
                 ready.take(&mut batch.writes, q, &key, enqueued_at);
                 q.take_bytes(keys::payload_len(v) as u64);
                 dropped += 1;
+                taken.push(key);
                 last_key = Some(key);
-                it.next();
-                continue;
+                return Ok(true);
             }
             // Payload and per-message overhead (not a failure's error text).
             let cost = keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD;
             let first = messages.is_empty();
             if (!first && bytes + cost > budget) || !max_bytes.take(cost, first) {
-                break;
+                return Ok(false);
             }
             bytes += cost;
             let (_, id) = keys::parse_ready_key(k).ok_or_else(corrupt_key)?;
@@ -204,10 +206,35 @@ impl ShardStore {
                 delivery_count: header.delivery_count,
                 enqueued_at_ms: header.enqueued_at,
             });
+            taken.push(key);
             last_key = Some(key);
-            it.next();
+            Ok((messages.len() as u64) < want)
+        };
+        match &cached {
+            Some(head) => {
+                for (k, v) in head.range(&start, &end) {
+                    if !visit(k, v)? {
+                        break;
+                    }
+                }
+            }
+            None => {
+                let mut it = self.engine.scan(CF_READY, &start, end.to_vec())?;
+                while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    if !visit(k, v)? {
+                        break;
+                    }
+                    it.next();
+                }
+                it.status().map_err(StoreError::rocks("scan the ready index"))?;
+            }
         }
-        it.status().map_err(StoreError::rocks("scan the ready index"))?;
+        if let Some(mut head) = cached {
+            for key in &taken {
+                head.remove(key);
+            }
+            q.head = Some(head);
+        }
         let mut held = held.freeze();
         for (m, len) in messages.iter_mut().zip(lengths) {
             m.payload = held.split_to(len);
@@ -326,6 +353,8 @@ impl ShardStore {
         ready.purge(&mut batch.writes, qid);
         leases.purge(&mut batch.writes, qid);
         dead.purge(&mut batch.writes, qid);
+        // Nothing is left in the ready index: known whole again.
+        q.head = Some(HeadCache::empty(&self.head_budget));
         // What retention dropped is history a purge does not undo.
         q.counters = Counters {
             bytes: Some(0),

@@ -146,6 +146,9 @@ impl ShardStore {
             q.dirty = true;
         }
 
+        if q.counters.ready == 0 {
+            q.head = Some(HeadCache::empty(&self.head_budget));
+        }
         self.names.insert(name, qid);
         self.sorted = None;
         self.queues.insert(qid, q);

@@ -76,6 +76,9 @@ pub(super) struct QueueState {
     pub(super) retention: Option<Retention>,
     /// The retention deadline listed in the shard's timers for this queue.
     pub(super) retention_listed: Option<u64>,
+    /// Every ready record of the queue, when this shard knows them all
+    /// (see [`super::head`]); polls read it instead of RocksDB.
+    pub(super) head: Option<super::head::HeadCache>,
 }
 
 /// What a shard keeps in memory of a queue's retention.
@@ -130,6 +133,7 @@ impl QueueState {
             head_seen: std::cell::Cell::new(None),
             retention: None,
             retention_listed: None,
+            head: None,
         }
     }
 

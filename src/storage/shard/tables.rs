@@ -32,6 +32,13 @@ impl<'e> ReadyIndex<'e> {
     /// Writes a record and moves its queue's counters and floor with it.
     pub(super) fn insert(&self, writes: &mut WriteBatch, q: &mut QueueState, key: ReadyKey, record: &[u8]) {
         writes.put_cf(self.0, key, record);
+        if let Some(head) = &mut q.head {
+            if !head.insert(key, record) {
+                // Over the shard's budget: polls of this queue read RocksDB
+                // until it is empty again.
+                q.head = None;
+            }
+        }
         q.note_ready_insert(&key);
         if q.retention.is_some() {
             if let Some((at, id)) = keys::parse_ready_key(&key) {
@@ -50,6 +57,9 @@ impl<'e> ReadyIndex<'e> {
     /// caller moves the queue's floor past it and counts it.
     pub(super) fn take(&self, writes: &mut WriteBatch, q: &mut QueueState, key: &ReadyKey, enqueued_at: u64) {
         writes.single_delete_cf(self.0, key);
+        if let Some(head) = &mut q.head {
+            head.remove(key);
+        }
         if q.retention.is_some() {
             if let Some((at, id)) = keys::parse_ready_key(key) {
                 if at != enqueued_at {
