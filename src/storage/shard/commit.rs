@@ -226,6 +226,7 @@ impl ShardStore {
                 continue;
             };
             q.batch_low = None;
+            q.batch_read_to = None;
             if q.head.is_none() && q.counters.ready == 0 {
                 // Emptied: every record from now on goes through this shard.
                 q.head = Some(HeadCache::empty(&self.head_budget));

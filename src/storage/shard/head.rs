@@ -26,6 +26,17 @@ use crate::storage::keys::ReadyKey;
 /// memory across its queues.
 pub(crate) const SHARD_HEAD_BYTES: usize = 32 << 20;
 
+/// The most messages a poll may ask for and keep its queue's cache.
+///
+/// Why: the cache saves a poll its iterator (creation and seek, about
+/// 11,700 instructions) but costs every message a copy of its record and a
+/// map insert and removal. A poll of one message saves far more than that;
+/// a poll of 32 shares one iterator among 32 messages, and with the cache
+/// the server spent 2% more instructions per message (callgrind, B=32) and
+/// 1–3% more CPU (peerbench). So a poll asking for more drops the cache,
+/// and the queue gets a new one when it is next empty.
+pub(crate) const SMALL_POLL: u32 = 4;
+
 /// What an entry costs beyond its record: its key and the map's share.
 const ENTRY_OVERHEAD: usize = 64;
 

@@ -112,7 +112,13 @@ impl ShardStore {
         batch.touched.push(qid);
         // The queue's cache when this shard knows all its records (taken out
         // while the loop below takes records from the queue), else RocksDB.
-        let start = q.scan_start().into_owned();
+        // Past what earlier polls of this batch consumed: RocksDB still
+        // shows those records (their deletes are not committed), and a
+        // write of this batch below them may have lowered the floor.
+        let start = match &q.batch_read_to {
+            Some(read) if read[..] > q.scan_start()[..] => read.clone(),
+            _ => q.scan_start().into_owned(),
+        };
         let end = keys::ready_visible_end(qid, now);
         let cached = q.head.take();
         // What the poll took or dropped, to take out of the cache after.
@@ -229,7 +235,9 @@ impl ShardStore {
                 it.status().map_err(StoreError::rocks("scan the ready index"))?;
             }
         }
-        if let Some(mut head) = cached {
+        // Kept for queues polled a few messages at a time; a larger poll
+        // drops it (see `head::SMALL_POLL`).
+        if let Some(mut head) = cached.filter(|_| max_items <= super::head::SMALL_POLL) {
             for key in &taken {
                 head.remove(key);
             }
@@ -247,6 +255,7 @@ impl ShardStore {
         let mut floor = Vec::with_capacity(last.len() + 1);
         floor.extend_from_slice(&last);
         floor.push(0);
+        q.batch_read_to = Some(floor.clone());
         if let Some(low) = q.batch_low.filter(|low| low[..] < floor[..]) {
             floor = low.to_vec();
         }

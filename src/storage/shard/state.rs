@@ -61,6 +61,9 @@ pub(super) struct QueueState {
     /// same batch cannot see those records yet (they are not committed), so
     /// the floor must not move past them.
     pub(super) batch_low: Option<ReadyKey>,
+    /// Just above the last ready key a poll of the batch in progress
+    /// consumed: later polls of the batch start there, whatever the floor.
+    pub(super) batch_read_to: Option<Vec<u8>>,
     pub(super) dirty: bool,
     /// Moves with every change to the queue's ready records (a record
     /// written or taken, a purge): while it stands still the ready index of
@@ -128,6 +131,7 @@ impl QueueState {
             policy: QueuePolicy::default(),
             policy_version: 0,
             batch_low: None,
+            batch_read_to: None,
             dirty: false,
             ready_generation: 0,
             head_seen: std::cell::Cell::new(None),
