@@ -225,12 +225,8 @@ impl ShardStore {
             let Some(q) = self.queues.get_mut(&qid) else {
                 continue;
             };
-            q.batch_low = None;
-            q.batch_read_to = None;
-            if q.head.is_none() && q.counters.ready == 0 {
-                // Emptied: every record from now on goes through this shard.
-                q.head = Some(HeadCache::empty(&self.head_budget));
-            }
+            q.settle_floor();
+            q.cache_head_if_empty(&self.head_budget);
             registry.put_counters(&mut batch.writes, q);
             self.list_retention_deadline(qid);
         }

@@ -19,7 +19,7 @@ impl ShardStore {
             ..Counters::default()
         };
         let mut state = QueueState::new(queue.clone(), qid, counters);
-        state.head = Some(HeadCache::empty(&self.head_budget));
+        state.cache_head_if_empty(&self.head_budget);
         state.dirty = true;
         self.queues.insert(qid, state);
         batch.touched.push(qid);

@@ -112,13 +112,7 @@ impl ShardStore {
         batch.touched.push(qid);
         // The queue's cache when this shard knows all its records (taken out
         // while the loop below takes records from the queue), else RocksDB.
-        // Past what earlier polls of this batch consumed: RocksDB still
-        // shows those records (their deletes are not committed), and a
-        // write of this batch below them may have lowered the floor.
-        let start = match &q.batch_read_to {
-            Some(read) if read[..] > q.scan_start()[..] => read.clone(),
-            _ => q.scan_start().into_owned(),
-        };
+        let start = q.scan_start().into_owned();
         let end = keys::ready_visible_end(qid, now);
         let cached = q.head.take();
         // What the poll took or dropped, to take out of the cache after.
@@ -250,15 +244,11 @@ impl ShardStore {
         let Some(last) = last_key else {
             return Ok(None);
         };
-        // Just above the last consumed key, but never above a record this
-        // batch wrote and the iterator could not see.
+        // Just above the last consumed key (lowered to what this batch wrote
+        // below it when the batch ends: `QueueState::settle_floor`).
         let mut floor = Vec::with_capacity(last.len() + 1);
         floor.extend_from_slice(&last);
         floor.push(0);
-        q.batch_read_to = Some(floor.clone());
-        if let Some(low) = q.batch_low.filter(|low| low[..] < floor[..]) {
-            floor = low.to_vec();
-        }
         q.counters.floor = Some(floor);
         q.note_ready_change();
         q.counters.ready -= messages.len() as u64 + dropped;

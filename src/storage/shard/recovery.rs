@@ -146,9 +146,7 @@ impl ShardStore {
             q.dirty = true;
         }
 
-        if q.counters.ready == 0 {
-            q.head = Some(HeadCache::empty(&self.head_budget));
-        }
+        q.cache_head_if_empty(&self.head_budget);
         self.names.insert(name, qid);
         self.sorted = None;
         self.queues.insert(qid, q);

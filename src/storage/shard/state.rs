@@ -57,13 +57,14 @@ pub(super) struct QueueState {
     /// The queue's own policy and its version (0: never set).
     pub(super) policy: QueuePolicy,
     pub(super) policy_version: u64,
-    /// The lowest ready key written by the batch in progress. Polls in the
-    /// same batch cannot see those records yet (they are not committed), so
-    /// the floor must not move past them.
+    /// The lowest ready key written by the batch in progress. The floor
+    /// drops to it only when the batch's counters are persisted
+    /// ([`QueueState::settle_floor`]): until the batch commits, its polls
+    /// read RocksDB as it was, which does not show those records but still
+    /// shows the ones the batch's polls took (their deletes are not
+    /// committed either), so a floor lowered mid-batch would hand those out
+    /// twice.
     pub(super) batch_low: Option<ReadyKey>,
-    /// Just above the last ready key a poll of the batch in progress
-    /// consumed: later polls of the batch start there, whatever the floor.
-    pub(super) batch_read_to: Option<Vec<u8>>,
     pub(super) dirty: bool,
     /// Moves with every change to the queue's ready records (a record
     /// written or taken, a purge): while it stands still the ready index of
@@ -131,7 +132,6 @@ impl QueueState {
             policy: QueuePolicy::default(),
             policy_version: 0,
             batch_low: None,
-            batch_read_to: None,
             dirty: false,
             ready_generation: 0,
             head_seen: std::cell::Cell::new(None),
@@ -150,13 +150,28 @@ impl QueueState {
         self.counters.ready.saturating_sub(self.delayed)
     }
 
+    /// At the end of a batch: the floor drops to the lowest record the
+    /// batch wrote below it (see `batch_low`).
+    pub(super) fn settle_floor(&mut self) {
+        if let Some(low) = self.batch_low.take() {
+            if self.counters.floor.as_deref().is_some_and(|f| low[..] < *f) {
+                self.counters.floor = Some(low.to_vec());
+            }
+        }
+    }
+
+    /// Gives the queue a head cache if it has no ready record (see
+    /// [`super::head`]): from now on every record goes through this shard.
+    pub(super) fn cache_head_if_empty(&mut self, budget: &super::head::HeadBudget) {
+        if self.head.is_none() && self.counters.ready == 0 {
+            self.head = Some(super::head::HeadCache::empty(budget));
+        }
+    }
+
     /// Bookkeeping for a record written to the ready index in this batch.
     pub(super) fn note_ready_insert(&mut self, key: &ReadyKey) {
         self.note_ready_change();
         self.counters.ready += 1;
-        if self.counters.floor.as_deref().is_some_and(|f| &key[..] < f) {
-            self.counters.floor = Some(key.to_vec());
-        }
         if self.batch_low.is_none_or(|low| key < &low) {
             self.batch_low = Some(*key);
         }
