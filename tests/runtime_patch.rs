@@ -1,8 +1,10 @@
 //! The glommio patch set (third_party/glommio, QUEUEBER-PATCHES.md) keeps
 //! preemption timers armed across executor passes instead of cancelling and
-//! re-arming them each pass. These tests hold it to what the unpatched
-//! reactor guarantees: a busy task queue is still preempted, every time, and
-//! user timers still fire, whether the executor is busy or asleep.
+//! re-arming them each pass, and sets its rings up with cooperative task
+//! runs (no interrupt when a completion comes from another CPU). These tests
+//! hold it to what the unpatched reactor guarantees: a busy task queue is
+//! still preempted, every time, user timers still fire, and completions from
+//! other threads are still seen, whether the executor is busy or asleep.
 //!
 //! Each test runs its executor on its own thread and waits for the verdict
 //! with a timeout, so a reactor that stops re-arming fails instead of hanging.
@@ -246,4 +248,102 @@ fn offload_completions_wake_a_parked_executor_every_time() {
         })
     });
     assert_eq!(rounds, 5_000);
+}
+
+/// Echoes `rounds` 8-byte messages from a plain thread through a socket the
+/// executor serves, with `busy` tasks spinning beside the echo (each yields
+/// but never enters the kernel); returns the slowest round trip.
+fn socket_echo_from_another_thread(rounds: u32, busy: usize, preempt: Duration) -> Duration {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let peer = thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut slowest = Duration::ZERO;
+        let mut echo = [0u8; 8];
+        for n in 0..u64::from(rounds) {
+            let sent = Instant::now();
+            stream.write_all(&n.to_le_bytes()).expect("write");
+            stream.read_exact(&mut echo).expect("read");
+            assert_eq!(u64::from_le_bytes(echo), n);
+            slowest = slowest.max(sent.elapsed());
+        }
+        slowest
+    });
+    on_executor(preempt, Duration::from_secs(60), move || {
+        Box::pin(async move {
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            let (accepted, _) = listener.accept().expect("accept");
+            accepted.set_nonblocking(true).expect("nonblocking");
+            // SAFETY: the descriptor was just taken out of its owner.
+            let mut stream = unsafe { glommio::net::TcpStream::from_raw_fd(accepted.into_raw_fd()) };
+            let stop = std::rc::Rc::new(std::cell::Cell::new(false));
+            let spinners: Vec<_> = (0..busy)
+                .map(|_| {
+                    let stop = stop.clone();
+                    glommio::spawn_local(async move {
+                        while !stop.get() {
+                            glommio::executor().yield_now().await;
+                        }
+                    })
+                })
+                .collect();
+            let mut buf = [0u8; 8];
+            for _ in 0..rounds {
+                stream.read_exact(&mut buf).await.expect("read");
+                stream.write_all(&buf).await.expect("write");
+            }
+            stop.set(true);
+            for spinner in spinners {
+                spinner.await;
+            }
+        })
+    });
+    peer.join().expect("peer thread")
+}
+
+#[test]
+fn a_parked_executor_wakes_for_every_message_from_another_thread() {
+    // Each message arrives while the executor sleeps in io_uring_enter; with
+    // cooperative task runs the waking completion is no longer delivered by
+    // an interrupt, so a reactor that lost one would hang here.
+    let slowest = socket_echo_from_another_thread(5_000, 0, Duration::from_millis(100));
+    assert!(slowest < Duration::from_secs(1), "a round trip took {slowest:?}");
+}
+
+#[test]
+fn a_busy_executor_still_sees_messages_from_another_thread() {
+    // Tasks that yield without entering the kernel keep the executor running
+    // in user space, so the echo runs once per preemption period (5 ms), as
+    // with upstream's rings (measured: 9.0 ms slowest either way). With
+    // cooperative task runs the completion from the peer's CPU is not pushed
+    // by an interrupt: it must still be seen by the next pass, every time.
+    let slowest = socket_echo_from_another_thread(200, 2, Duration::from_millis(5));
+    assert!(slowest < Duration::from_secs(1), "a round trip took {slowest:?}");
+}
+
+#[test]
+fn an_executor_waiting_on_offloads_never_parks_with_a_task_queued() {
+    // The storage hand-off (`offload_yielding`): the executor yields its CPU
+    // until the offload's work is done, then collects the result on its next
+    // pass. A preemption timer that fires between that pass's poll (which
+    // wakes the task) and its run of the task queues cut the pass short;
+    // upstream then parked with the task queued, and nothing was left to wake
+    // it (patch 0003). A 1 ms preemption period makes that window come round
+    // hundreds of times a second; unpatched, this stalled within a second.
+    let rounds = on_executor(Duration::from_millis(1), Duration::from_secs(30), || {
+        Box::pin(async {
+            let started = Instant::now();
+            let mut rounds = 0u64;
+            while started.elapsed() < Duration::from_secs(3) {
+                let echoed = queueber::runtime::offload_yielding(move || rounds, Duration::from_micros(200)).await;
+                assert_eq!(echoed, rounds);
+                rounds += 1;
+            }
+            rounds
+        })
+    });
+    assert!(rounds > 1_000, "only {rounds} offloads in 3 s");
 }

@@ -1325,6 +1325,19 @@ impl LocalExecutor {
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
+                // queueber patch: a pass cut short before it ran anything may
+                // leave runnable tasks behind (a poll just woke them). Upstream
+                // returned `false` here, and the executor loop took that as
+                // "nothing to run" and parked, asleep with tasks queued until
+                // some unrelated completion woke it. Upstream re-arms its
+                // preemption timer on every pass, so it almost never fires in
+                // this window; with patch 0001 a kept timer fires anywhere in
+                // the pass, and an executor waiting on an offload stalled
+                // within seconds. Report the queues as still active so the
+                // loop polls (which consumes the timer) and runs them.
+                if !ran && !self.queues.borrow().active_executors.is_empty() {
+                    ran = true;
+                }
                 break;
             }
             if !self.run_one_task_queue() {

@@ -92,6 +92,10 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
+        // queueber patch: completions posted from another CPU do not
+        // interrupt the ring's task with an IPI; their task work runs at
+        // the task's next entry to the kernel (Linux 5.19+).
+        const COOP_TASKRUN = 1 << 8;
     }
 }
 

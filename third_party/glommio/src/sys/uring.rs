@@ -895,6 +895,28 @@ struct SleepableRing {
     in_kernel: usize,
 }
 
+/// queueber patch: a sleepable ring asks for `IORING_SETUP_COOP_TASKRUN`.
+/// Upstream's rings take the default, under which a completion that arrives
+/// from another CPU (a socket made readable by its peer, say) kicks the
+/// executor with an inter-processor interrupt so it runs the completion's
+/// task work at once. The executor enters the kernel constantly (every send,
+/// every receive, every pass that submits), and sleeps in `io_uring_enter`,
+/// which runs pending task work, so the kick buys nothing but an interrupt,
+/// which a virtualised host makes expensive. A timer that fires on the
+/// executor's own CPU still completes on the interrupt's return to user
+/// space, so preemption is unchanged. Kernels before 5.19 refuse the flag
+/// (`EINVAL`); the ring is then set up as upstream does.
+fn coop_taskrun_ring(entries: u32) -> io::Result<iou::IoUring> {
+    match iou::IoUring::new_with_flags(
+        entries,
+        iou::SetupFlags::COOP_TASKRUN,
+        iou::SetupFeatures::empty(),
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(entries),
+        ring => ring,
+    }
+}
+
 impl SleepableRing {
     fn new(
         size: usize,
@@ -904,7 +926,7 @@ impl SleepableRing {
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
         Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
+            ring: coop_taskrun_ring(size as _)?,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
