@@ -347,3 +347,45 @@ fn an_executor_waiting_on_offloads_never_parks_with_a_task_queued() {
     });
     assert!(rounds > 1_000, "only {rounds} offloads in 3 s");
 }
+
+/// CPU time this thread has used (user and system).
+fn thread_cpu_time() -> Duration {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
+#[test]
+fn an_idle_executor_sleeps_through_its_kept_timers() {
+    // Patch 0005 keeps the preemption timer armed through a sleep and keeps
+    // a sleep's timer across wake-ups. Idle after busy stretches, with a
+    // far timer pending (a task sleeping 60 s), the executor must still
+    // sleep: a kept timer that woke it over and over would burn the CPU.
+    let (idle_cpu, idle_wall) = on_executor(Duration::from_millis(5), Duration::from_secs(60), || {
+        Box::pin(async {
+            let far = glommio::spawn_local(glommio::timer::sleep(Duration::from_secs(60)));
+            for _ in 0..5 {
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_millis(20) {
+                    glommio::executor().yield_now().await;
+                }
+                glommio::executor()
+                    .spawn_blocking(|| thread::sleep(Duration::from_millis(1)))
+                    .await;
+            }
+            let (cpu, wall) = (thread_cpu_time(), Instant::now());
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+            let idle = (thread_cpu_time() - cpu, wall.elapsed());
+            drop(far);
+            idle
+        })
+    });
+    assert!(idle_wall >= Duration::from_millis(500), "slept {idle_wall:?}");
+    assert!(
+        idle_cpu < Duration::from_millis(50),
+        "an idle executor used {idle_cpu:?} of CPU in {idle_wall:?}"
+    );
+}

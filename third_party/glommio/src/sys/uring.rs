@@ -1093,14 +1093,21 @@ impl SleepableRing {
 
             // We have now prepared the SQE that links the two rings. We now need to submit
             // it successfully to be able to safely sleep.
-
-            if self
-                .submit_sqes()
+            //
+            // queueber patch: submit it and wait in one `io_uring_enter`
+            // (upstream made two: submit, then wait). The kernel waits only
+            // once everything handed to it was submitted, and then returns
+            // the number submitted even if the wait itself was interrupted,
+            // so a result of 1 means the rings are linked and we slept.
+            let submitted = self
+                .ring
+                .submit_sqes_and_wait(1)
+                .map(|x| x as usize)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
+                .or_else(Reactor::intr_ok)?;
+            self.in_kernel += submitted;
+            if submitted != 1 {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
                 // Waiting here is unsafe because we could end up waiting much longer than
                 // needed.
@@ -1108,14 +1115,8 @@ impl SleepableRing {
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                // The rings were linked and we slept until a completion.
+                Ok(1)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1248,6 +1249,12 @@ pub(crate) struct Reactor {
     /// preemption timer (kept while pending) rather than a user timer armed
     /// for a sleep (always replaced).
     latency_src_is_preempt: Cell<bool>,
+    /// queueber patch: the timer armed for a sleep (the next user timer),
+    /// kept in its own slot so it survives the wake-up and the next sleep
+    /// needs no new one while it is due no later than needed.
+    sleep_timer_src: Cell<Option<Source>>,
+    /// When `sleep_timer_src` fires.
+    sleep_timer_due: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1380,6 +1387,8 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             latency_src_is_preempt: Cell::new(false),
+            sleep_timer_src: Cell::new(None),
+            sleep_timer_due: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1851,9 +1860,17 @@ impl Reactor {
         // last pass, so the running task queue may be preempted early,
         // once per period. A user timer armed for a sleep, a timer that has
         // completed, and any timer when we may sleep are replaced as before.
+        //
+        // queueber patch (0005): it is kept while we sleep as well, and the
+        // timer armed for a sleep lives in its own slot (`sleep_timer_src`),
+        // so the latency slot only ever holds a preemption timer. Upstream
+        // cancelled the preemption timer on the way to sleep and re-armed it
+        // on waking, and replaced the sleep's timer both ways: four timer
+        // operations, each its own `io_uring_enter`, per sleep. The cost: an
+        // executor that goes idle wakes once when its last preemption timer
+        // fires (at most one period later), then sleeps without one.
         let preempt = preempt_timer();
-        let keep_latency = preempt.is_some()
-            && self.latency_src_is_preempt.get()
+        let keep_latency = self.latency_src_is_preempt.get()
             && Self::timer_pending(&self.latency_preemption_timeout_src);
         if !keep_latency {
             // Cancel the old timer regardless of whether we can sleep:
@@ -1899,10 +1916,24 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
+            //
+            // queueber patch (0005): a sleep timer still armed from an
+            // earlier sleep is kept when it fires no later than this sleep
+            // needs (an early one costs a spurious wake-up, after which the
+            // next sleep arms its own). A later one is replaced; its
+            // cancellation goes out with the next flush, and should it fire
+            // first, that too is only a spurious wake-up.
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                let due = Instant::now() + dur;
+                let keep_sleep_timer = Self::timer_pending(&self.sleep_timer_src)
+                    && self.sleep_timer_due.get().is_some_and(|armed| armed <= due);
+                if !keep_sleep_timer {
+                    drop(self.sleep_timer_src.take());
+                    self.sleep_timer_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.sleep_timer_due.set(Some(due));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
