@@ -294,6 +294,12 @@ impl Source {
         }
     }
 
+    /// queueber patch: whether the source was handed to a ring and its
+    /// completion has not been consumed yet.
+    pub(super) fn is_enqueued(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(super) fn raw(&self) -> RawFd {
         self.inner.borrow().raw
     }

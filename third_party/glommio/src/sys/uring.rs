@@ -1066,6 +1066,22 @@ impl SleepableRing {
         }
     }
 
+    /// queueber patch (0006): sleeps on a link poll that is already armed.
+    fn sleep_linked(&mut self) -> io::Result<usize> {
+        assert_eq!(
+            self.waiting_kernel_submission(),
+            0,
+            "sleeping with pending SQEs"
+        );
+        self.ring
+            .cq()
+            .wait(1)
+            .map(|_| 1)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
+    }
+
     fn sleep(&mut self, link: &Source) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
@@ -1258,6 +1274,9 @@ pub(crate) struct Reactor {
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
+    /// queueber patch (0006): the poll that links the main ring to the
+    /// latency ring, kept while it is armed so the next sleep reuses it.
+    link_src: RefCell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1392,6 +1411,7 @@ impl Reactor {
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
+            link_src: RefCell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1762,6 +1782,16 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        // queueber patch (0006): a link poll from an earlier sleep that has
+        // not fired is still armed in the kernel, so sleep on it. Upstream
+        // armed a new one for every sleep and dropped the old without
+        // removing it from the kernel; each stayed armed until the latency
+        // ring next had a completion. With the timers kept across sleeps
+        // (0005) that can be a preemption period away, and a busy network
+        // would pile up thousands of stale polls that then complete at once.
+        if self.link_src.borrow().as_ref().is_some_and(Source::is_enqueued) {
+            return ring.sleep_linked().or_else(Self::busy_ok).map(|_| {});
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1769,7 +1799,12 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let slept = ring.sleep(&link_rings).or_else(Self::busy_ok);
+        if matches!(slept, Ok(1)) {
+            // Submitted: keep it for the next sleep while it stays armed.
+            self.link_src.borrow_mut().replace(link_rings);
+        }
+        slept.map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
