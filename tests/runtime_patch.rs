@@ -250,10 +250,17 @@ fn offload_completions_wake_a_parked_executor_every_time() {
     assert_eq!(rounds, 5_000);
 }
 
+/// What an echo run saw: its slowest round trip, and the most polls armed
+/// in the process's rings at once (sampled every 50 round trips).
+struct EchoRun {
+    slowest: Duration,
+    most_armed_polls: usize,
+}
+
 /// Echoes `rounds` 8-byte messages from a plain thread through a socket the
 /// executor serves, with `busy` tasks spinning beside the echo (each yields
-/// but never enters the kernel); returns the slowest round trip.
-fn socket_echo_from_another_thread(rounds: u32, busy: usize, preempt: Duration) -> Duration {
+/// but never enters the kernel).
+fn socket_echo_from_another_thread(rounds: u32, busy: usize, preempt: Duration) -> EchoRun {
     use futures::{AsyncReadExt, AsyncWriteExt};
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -272,7 +279,7 @@ fn socket_echo_from_another_thread(rounds: u32, busy: usize, preempt: Duration) 
         }
         slowest
     });
-    on_executor(preempt, Duration::from_secs(60), move || {
+    let most_armed_polls = on_executor(preempt, Duration::from_secs(60), move || {
         Box::pin(async move {
             use std::os::fd::{FromRawFd, IntoRawFd};
             let (accepted, _) = listener.accept().expect("accept");
@@ -291,17 +298,25 @@ fn socket_echo_from_another_thread(rounds: u32, busy: usize, preempt: Duration) 
                 })
                 .collect();
             let mut buf = [0u8; 8];
-            for _ in 0..rounds {
+            let mut most = 0;
+            for n in 0..rounds {
                 stream.read_exact(&mut buf).await.expect("read");
                 stream.write_all(&buf).await.expect("write");
+                if n % 50 == 49 {
+                    most = most.max(armed_polls());
+                }
             }
             stop.set(true);
             for spinner in spinners {
                 spinner.await;
             }
+            most
         })
     });
-    peer.join().expect("peer thread")
+    EchoRun {
+        slowest: peer.join().expect("peer thread"),
+        most_armed_polls,
+    }
 }
 
 #[test]
@@ -309,7 +324,7 @@ fn a_parked_executor_wakes_for_every_message_from_another_thread() {
     // Each message arrives while the executor sleeps in io_uring_enter; with
     // cooperative task runs the waking completion is no longer delivered by
     // an interrupt, so a reactor that lost one would hang here.
-    let slowest = socket_echo_from_another_thread(5_000, 0, Duration::from_millis(100));
+    let slowest = socket_echo_from_another_thread(5_000, 0, Duration::from_millis(100)).slowest;
     assert!(slowest < Duration::from_secs(1), "a round trip took {slowest:?}");
 }
 
@@ -340,38 +355,7 @@ fn sleeps_woken_by_the_network_leave_no_link_polls_behind() {
     // a new one each time and left the old in the kernel until the latency
     // ring next had a completion, which with timers kept across sleeps
     // (0005) can be a preemption period (here 10 s) away.
-    let armed = on_executor(Duration::from_secs(10), Duration::from_secs(60), || {
-        Box::pin(async {
-            use futures::{AsyncReadExt, AsyncWriteExt};
-            use std::io::{Read, Write};
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("address");
-            let peer = thread::spawn(move || {
-                let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-                let mut echo = [0u8; 8];
-                for n in 0..2_000u64 {
-                    stream.write_all(&n.to_le_bytes()).expect("write");
-                    stream.read_exact(&mut echo).expect("read");
-                }
-            });
-            use std::os::fd::{FromRawFd, IntoRawFd};
-            let (accepted, _) = listener.accept().expect("accept");
-            accepted.set_nonblocking(true).expect("nonblocking");
-            // SAFETY: the descriptor was just taken out of its owner.
-            let mut stream = unsafe { glommio::net::TcpStream::from_raw_fd(accepted.into_raw_fd()) };
-            let mut buf = [0u8; 8];
-            let mut most = 0;
-            for n in 0..2_000 {
-                stream.read_exact(&mut buf).await.expect("read");
-                stream.write_all(&buf).await.expect("write");
-                if n % 50 == 49 {
-                    most = most.max(armed_polls());
-                }
-            }
-            peer.join().expect("peer thread");
-            most
-        })
-    });
+    let armed = socket_echo_from_another_thread(2_000, 0, Duration::from_secs(10)).most_armed_polls;
     // The socket's own readiness poll, a link poll, and the few of another
     // test's executor running beside this one; never one per sleep (without
     // the patch this saw 119 within the 2,000 round trips).
@@ -385,7 +369,7 @@ fn a_busy_executor_still_sees_messages_from_another_thread() {
     // with upstream's rings (measured: 9.0 ms slowest either way). With
     // cooperative task runs the completion from the peer's CPU is not pushed
     // by an interrupt: it must still be seen by the next pass, every time.
-    let slowest = socket_echo_from_another_thread(200, 2, Duration::from_millis(5));
+    let slowest = socket_echo_from_another_thread(200, 2, Duration::from_millis(5)).slowest;
     assert!(slowest < Duration::from_secs(1), "a round trip took {slowest:?}");
 }
 

@@ -115,7 +115,10 @@ impl ShardStore {
         let start = q.scan_start().into_owned();
         let end = keys::ready_visible_end(qid, now);
         let cached = q.head.take();
-        // What the poll took or dropped, to take out of the cache after.
+        // Kept for queues polled a few messages at a time; a larger poll
+        // drops it (see `head::SMALL_POLL`), and only a kept cache needs to
+        // know what the poll took or dropped.
+        let keep_cache = cached.is_some() && max_items <= super::head::SMALL_POLL;
         let mut taken: Vec<ReadyKey> = Vec::new();
 
         let lease = self.ids.lease_id(now);
@@ -154,7 +157,9 @@ impl ShardStore {
                 ready.take(&mut batch.writes, q, &key, enqueued_at);
                 q.take_bytes(keys::payload_len(v) as u64);
                 dropped += 1;
-                taken.push(key);
+                if keep_cache {
+                    taken.push(key);
+                }
                 last_key = Some(key);
                 return Ok(true);
             }
@@ -206,7 +211,9 @@ impl ShardStore {
                 delivery_count: header.delivery_count,
                 enqueued_at_ms: header.enqueued_at,
             });
-            taken.push(key);
+            if keep_cache {
+                taken.push(key);
+            }
             last_key = Some(key);
             Ok((messages.len() as u64) < want)
         };
@@ -229,9 +236,7 @@ impl ShardStore {
                 it.status().map_err(StoreError::rocks("scan the ready index"))?;
             }
         }
-        // Kept for queues polled a few messages at a time; a larger poll
-        // drops it (see `head::SMALL_POLL`).
-        if let Some(mut head) = cached.filter(|_| max_items <= super::head::SMALL_POLL) {
+        if let Some(mut head) = cached.filter(|_| keep_cache) {
             for key in &taken {
                 head.remove(key);
             }

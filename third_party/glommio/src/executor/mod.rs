@@ -1335,9 +1335,7 @@ impl LocalExecutor {
                 // the pass, and an executor waiting on an offload stalled
                 // within seconds. Report the queues as still active so the
                 // loop polls (which consumes the timer) and runs them.
-                if !ran && !self.queues.borrow().active_executors.is_empty() {
-                    ran = true;
-                }
+                ran = ran || !self.queues.borrow().active_executors.is_empty();
                 break;
             }
             if !self.run_one_task_queue() {

@@ -1261,10 +1261,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    /// queueber patch: whether `latency_preemption_timeout_src` holds a
-    /// preemption timer (kept while pending) rather than a user timer armed
-    /// for a sleep (always replaced).
-    latency_src_is_preempt: Cell<bool>,
     /// queueber patch: the timer armed for a sleep (the next user timer),
     /// kept in its own slot so it survives the wake-up and the next sleep
     /// needs no new one while it is due no later than needed.
@@ -1405,7 +1401,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_src_is_preempt: Cell::new(false),
             sleep_timer_src: Cell::new(None),
             sleep_timer_due: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
@@ -1886,36 +1881,25 @@ impl Reactor {
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // queueber patch: a preemption timer the kernel still holds stays
-        // armed while we keep running, instead of being cancelled here and
-        // re-armed below on every pass of the executor loop. Upstream's
-        // cancel + re-arm costs an ASYNC_CANCEL, a TIMEOUT and two hrtimer
-        // reprogrammings per pass, which a virtualised host makes expensive
-        // (see queueber's docs/benchmarks.md). The cost: a kept timer fires
-        // up to one preempt period after it was armed rather than after the
-        // last pass, so the running task queue may be preempted early,
-        // once per period. A user timer armed for a sleep, a timer that has
-        // completed, and any timer when we may sleep are replaced as before.
-        //
-        // queueber patch (0005): it is kept while we sleep as well, and the
-        // timer armed for a sleep lives in its own slot (`sleep_timer_src`),
-        // so the latency slot only ever holds a preemption timer. Upstream
-        // cancelled the preemption timer on the way to sleep and re-armed it
-        // on waking, and replaced the sleep's timer both ways: four timer
-        // operations, each its own `io_uring_enter`, per sleep. The cost: an
-        // executor that goes idle wakes once when its last preemption timer
-        // fires (at most one period later), then sleeps without one.
+        // armed, while we keep running (0001) and while we sleep (0005),
+        // instead of being cancelled here and re-armed below on every pass
+        // of the executor loop and around every sleep. Upstream's cancel +
+        // re-arm costs an ASYNC_CANCEL, a TIMEOUT and two hrtimer
+        // reprogrammings each time, each its own `io_uring_enter`, which a
+        // virtualised host makes expensive (see queueber's
+        // docs/benchmarks.md). The latency slot holds only preemption
+        // timers: the timer armed for a sleep has its own slot
+        // (`sleep_timer_src`, below). The cost: a kept timer fires up to one
+        // preempt period after it was armed rather than after the last pass,
+        // so the running task queue may be preempted early, once per period,
+        // and an executor that goes idle wakes once when its last preemption
+        // timer fires, then sleeps without one.
         let preempt = preempt_timer();
-        let keep_latency = self.latency_src_is_preempt.get()
-            && Self::timer_pending(&self.latency_preemption_timeout_src);
+        let keep_latency = Self::timer_pending(&self.latency_preemption_timeout_src);
         if !keep_latency {
-            // Cancel the old timer regardless of whether we can sleep:
-            // if we won't sleep, we will register the new timer with its new
-            // value.
-            //
-            // But if we will sleep, there might be a timer registered that needs
-            // to be removed otherwise we'll wake up when it expires.
+            // A fired timer (or none): if we keep running, a new one is armed
+            // below.
             drop(self.latency_preemption_timeout_src.take());
-            self.latency_src_is_preempt.set(false);
         }
 
         // queueber patch: the throughput timer completes after a number of
@@ -1997,7 +1981,6 @@ impl Reactor {
         if let (Some(preempt), false) = (preempt, keep_latency) {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            self.latency_src_is_preempt.set(true);
             flush_rings!(lat_ring, main_ring)?;
         }
 
