@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1959,10 +1959,18 @@ impl Reactor {
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // queueber patch (0007): a `SeqCst` fence here and one in
+            // `SleepNotifier::notify` (before it reads the flag stored above)
+            // instead of upstream's `membarrier::heavy()`: the store-buffering
+            // pattern, so either the waker sees the flag or this sweep sees
+            // what the waker published. Upstream's `sys_membarrier()`
+            // (`MEMBARRIER_CMD_PRIVATE_EXPEDITED`) interrupts every CPU that
+            // runs one of the process's threads, on every sleep, and waits
+            // for each to answer; on a virtualised host that is an IPI and a
+            // VM exit per CPU, paid by idle executors too. See
+            // https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/
+            // for the asymmetric design this gives up.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
