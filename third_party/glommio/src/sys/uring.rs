@@ -1785,7 +1785,7 @@ impl Reactor {
         // (0005) that can be a preemption period away, and a busy network
         // would pile up thousands of stale polls that then complete at once.
         if self.link_src.borrow().as_ref().is_some_and(Source::is_enqueued) {
-            return ring.sleep_linked().or_else(Self::busy_ok).map(|_| {});
+            return ring.sleep_linked().map(|_| {});
         }
         let link_rings = Source::new(
             IoRequirements::default(),
