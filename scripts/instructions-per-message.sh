@@ -4,7 +4,7 @@
 # that does not move with the machine's noise, for A/B work on CPU cost.
 #
 #   scripts/instructions-per-message.sh --bin BIN [--batch 32] [--duration 10]
-#       [--valgrind PATH] [--peerbench PATH] [--port 17870] [--keep DIR]
+#       [--rate N] [--valgrind PATH] [--peerbench PATH] [--port 17870] [--keep DIR]
 #
 # Starts BIN under callgrind (1 shard, periodic durability, 127.0.0.1:PORT)
 # with instrumentation off, switches it on, runs peerbench for --duration
@@ -25,7 +25,7 @@
 #   ./configure --prefix="$HOME/.cache/valgrind" --enable-only64bit && make -j2 && make install
 source "$(dirname "$0")/help.sh"
 set -euo pipefail
-bin="" batch=32 duration=10 port=17870 keep=""
+bin="" batch=32 duration=10 port=17870 keep="" rate=()
 valgrind="$HOME/.cache/valgrind/bin/valgrind"
 peerbench="${PEERBENCH_BIN:-$HOME/.cache/peerbench/target/release/peerbench}"
 while [ $# -gt 0 ]; do
@@ -33,6 +33,7 @@ while [ $# -gt 0 ]; do
     --bin) bin="$2"; shift 2 ;;
     --batch) batch="$2"; shift 2 ;;
     --duration) duration="$2"; shift 2 ;;
+    --rate) rate=(--rate "$2"); shift 2 ;;
     --valgrind) valgrind="$2"; shift 2 ;;
     --peerbench) peerbench="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
@@ -57,7 +58,7 @@ pid=$!
 for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 "$control" -i on "$pid" >/dev/null 2>&1
 timeout $((duration + 120)) "$peerbench" --target queueber --addr "127.0.0.1:$port" --server-pid "$pid" \
-  -B "$batch" --duration "$duration" --warmup 0 >"$work/result.txt" 2>/dev/null
+  -B "$batch" "${rate[@]}" --duration "$duration" --warmup 0 >"$work/result.txt" 2>/dev/null
 "$control" -i off "$pid" >/dev/null 2>&1
 "$control" -d "$pid" >/dev/null 2>&1
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""

@@ -98,6 +98,14 @@ enum Op {
         q: usize,
         max: u64,
     },
+    /// An add and a poll of one queue in one batch (as the server's core
+    /// runs a long poll with the add that wakes it).
+    AddThenPoll {
+        q: usize,
+        n: usize,
+        max: u32,
+        lease_ms: u64,
+    },
 }
 
 /// Policies small enough for the generated adds (8-byte payloads, 1 to 3
@@ -150,7 +158,20 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), prop::bool::weighted(0.3)).prop_map(|(pick, dead)| Op::Fail { pick, dead }),
         1 => (0..QUEUES, 1..4u32).prop_map(|(q, max)| Op::PeekDead { q, max }),
         1 => (0..QUEUES, 0..3u64).prop_map(|(q, max)| Op::Redrive { q, max }),
+        2 => (0..QUEUES, 1..4usize, 1..4u32, 1..60u64)
+            .prop_map(|(q, n, max, lease_ms)| Op::AddThenPoll { q, n, max, lease_ms }),
     ]
+}
+
+/// A poll as the generated ops make it. Each store gets its own budget
+/// (clones would share one).
+fn poll_command(queue: &QueueName, max: u32, lease_ms: u64, budget: Option<usize>) -> Command {
+    Command::Poll {
+        queue: queue.clone(),
+        max_items: max,
+        lease_ms,
+        max_bytes: budget.map_or_else(ReplyBudget::unlimited, ReplyBudget::new),
+    }
 }
 
 /// A lease as both stores named it.
@@ -451,33 +472,89 @@ impl Harness {
         }
     }
 
+    /// An add of `n` new payloads to queue `q`, and the payloads.
+    fn add_command(&mut self, q: usize, n: usize, delay: u64) -> (Command, Vec<Vec<u8>>) {
+        let messages: Vec<_> = (0..n)
+            .map(|_| {
+                self.next_payload += 1;
+                NewMessage::delayed(self.next_payload.to_be_bytes().to_vec(), delay)
+            })
+            .collect();
+        let payloads = messages.iter().map(|m| m.payload.to_vec()).collect();
+        let add = Command::Add {
+            queue: self.names[q].clone(),
+            messages,
+        };
+        (add, payloads)
+    }
+
+    /// Checks an add's outcome in both stores and notes what it stored.
+    fn added(
+        &mut self,
+        q: usize,
+        payloads: Vec<Vec<u8>>,
+        r: Result<Outcome, StoreError>,
+        m: Result<Outcome, StoreError>,
+    ) {
+        // Refused by a policy (full, payload too large): both, and
+        // nothing of it is stored (the drain checks that).
+        if Self::assert_errors_match(&r, &m) {
+            return;
+        }
+        match (r, m) {
+            (Ok(Outcome::Added(a)), Ok(Outcome::Added(b))) => assert_eq!(a.len(), b.len()),
+            other => panic!("add: {other:?}"),
+        }
+        for p in payloads {
+            self.live.insert(p, q);
+        }
+    }
+
+    /// Checks a poll's outcome in both stores and notes what it leased.
+    fn polled(&mut self, q: usize, now: u64, r: Result<Outcome, StoreError>, m: Result<Outcome, StoreError>) {
+        if Self::assert_errors_match(&r, &m) {
+            return;
+        }
+        let (Ok(Outcome::Polled(r)), Ok(Outcome::Polled(m))) = (r, m) else {
+            panic!("poll answered with another outcome");
+        };
+        assert_eq!(shape(&r), shape(&m), "poll at {now}");
+        if let (Some(r), Some(m)) = (r, m) {
+            let slot = self.leases.len();
+            self.leases.push(LeasePair {
+                real: r.id,
+                model: m.id,
+                q,
+            });
+            for (rm, mm) in r.messages.iter().zip(&m.messages) {
+                // The invariant itself, checked on the RocksDB store's
+                // own answers: nobody else holds this message now.
+                if let Some(&(other, expiry)) = self.held.get(&rm.payload[..]) {
+                    assert!(
+                        expiry <= now,
+                        "message {:?} handed to lease {slot} while lease {other} holds it until {expiry}",
+                        rm.payload
+                    );
+                }
+                self.held.insert(rm.payload.to_vec(), (slot, r.expires_at_ms));
+                self.saw_count(&rm.payload, q, rm.delivery_count);
+                self.delivered.push(Delivered {
+                    lease: slot,
+                    real: rm.id,
+                    model: mm.id,
+                    payload: rm.payload.to_vec(),
+                });
+            }
+        }
+    }
+
     fn apply_op(&mut self, op: Op) {
         let now = self.clock.now_ms();
         match op {
             Op::Add { q, n, delay } => {
-                let messages: Vec<_> = (0..n)
-                    .map(|_| {
-                        self.next_payload += 1;
-                        NewMessage::delayed(self.next_payload.to_be_bytes().to_vec(), delay)
-                    })
-                    .collect();
-                let payloads: Vec<_> = messages.iter().map(|m| m.payload.to_vec()).collect();
-                let (r, m) = self.same(Command::Add {
-                    queue: self.names[q].clone(),
-                    messages,
-                });
-                // Refused by a policy (full, payload too large): both, and
-                // nothing of it is stored (the drain checks that).
-                if Self::assert_errors_match(&r, &m) {
-                    return;
-                }
-                match (r, m) {
-                    (Ok(Outcome::Added(a)), Ok(Outcome::Added(b))) => assert_eq!(a.len(), b.len()),
-                    other => panic!("add: {other:?}"),
-                }
-                for p in payloads {
-                    self.live.insert(p, q);
-                }
+                let (add, payloads) = self.add_command(q, n, delay);
+                let (r, m) = self.same(add);
+                self.added(q, payloads, r, m);
             }
             Op::Poll {
                 q,
@@ -485,48 +562,29 @@ impl Harness {
                 lease_ms,
                 budget,
             } => {
-                // Each store gets its own budget (clones would share one).
-                let poll = |name: &QueueName| Command::Poll {
-                    queue: name.clone(),
-                    max_items: max,
-                    lease_ms,
-                    max_bytes: budget.map_or_else(ReplyBudget::unlimited, ReplyBudget::new),
+                let (r, m) = self.both(
+                    poll_command(&self.names[q], max, lease_ms, budget),
+                    poll_command(&self.names[q], max, lease_ms, budget),
+                );
+                self.polled(q, now, r, m);
+            }
+            Op::AddThenPoll { q, n, max, lease_ms } => {
+                let (add, payloads) = self.add_command(q, n, 0);
+                let poll = poll_command(&self.names[q], max, lease_ms, None);
+                let mut r = self
+                    .real()
+                    .execute(vec![add.clone(), poll.clone()])
+                    .outcomes
+                    .expect("real batch");
+                let mut m = self.model.execute(vec![add, poll]).outcomes.expect("model batch");
+                let (Some(rp), Some(mp)) = (r.pop(), m.pop()) else {
+                    panic!("two outcomes each");
                 };
-                let (r, m) = self.both(poll(&self.names[q]), poll(&self.names[q]));
-                if Self::assert_errors_match(&r, &m) {
-                    return;
-                }
-                let (Ok(Outcome::Polled(r)), Ok(Outcome::Polled(m))) = (r, m) else {
-                    panic!("poll answered with another outcome");
+                let (Some(ra), Some(ma)) = (r.pop(), m.pop()) else {
+                    panic!("two outcomes each");
                 };
-                assert_eq!(shape(&r), shape(&m), "poll at {now}");
-                if let (Some(r), Some(m)) = (r, m) {
-                    let slot = self.leases.len();
-                    self.leases.push(LeasePair {
-                        real: r.id,
-                        model: m.id,
-                        q,
-                    });
-                    for (rm, mm) in r.messages.iter().zip(&m.messages) {
-                        // The invariant itself, checked on the RocksDB store's
-                        // own answers: nobody else holds this message now.
-                        if let Some(&(other, expiry)) = self.held.get(&rm.payload[..]) {
-                            assert!(
-                                expiry <= now,
-                                "message {:?} handed to lease {slot} while lease {other} holds it until {expiry}",
-                                rm.payload
-                            );
-                        }
-                        self.held.insert(rm.payload.to_vec(), (slot, r.expires_at_ms));
-                        self.saw_count(&rm.payload, q, rm.delivery_count);
-                        self.delivered.push(Delivered {
-                            lease: slot,
-                            real: rm.id,
-                            model: mm.id,
-                            payload: rm.payload.to_vec(),
-                        });
-                    }
-                }
+                self.added(q, payloads, ra.map_err(Into::into), ma.map_err(Into::into));
+                self.polled(q, now, rp.map_err(Into::into), mp.map_err(Into::into));
             }
             Op::Remove { pick } | Op::RemoveWithWrongLease { pick, .. } if self.delivered.is_empty() => {
                 let _ = pick;

@@ -104,6 +104,7 @@ impl QueueStore for ShardStore {
             touched: Vec::new(),
             record: Vec::new(),
             unmarked: Vec::new(),
+            fresh: super::fresh::Fresh::plan(&commands),
         };
         let count = commands.len();
         // A storage failure anywhere stops the whole batch; a command's own
@@ -146,7 +147,10 @@ impl QueueStore for ShardStore {
         }
         if fatal.is_none() {
             fatal = self
-                .mark_ended_members(&mut batch)
+                .engine
+                .cf(CF_READY)
+                .map(|ready| batch.fresh.flush(&mut batch.writes, ready))
+                .and_then(|()| self.mark_ended_members(&mut batch))
                 .and_then(|()| self.persist_counters(&mut batch))
                 .err()
                 .map(storage);

@@ -19,12 +19,14 @@
 //! Layout: [`state`] (in-memory queue state, the batch), [`recovery`]
 //! (rebuilding it at open), [`ready`] (adds, polls, stats, purges),
 //! [`leases`] (expiry, remove, extend, release), [`dead`] (failures, dead
-//! letters and redrive), [`retention`] (dropping what outlived its queue's
+//! letters and redrive), [`fresh`] (records added and leased in one batch,
+//! never written), [`retention`] (dropping what outlived its queue's
 //! retention), [`policy`] (queue policies, created and changed), [`commit`]
 //! (one batch).
 
 mod commit;
 mod dead;
+mod fresh;
 mod head;
 mod leases;
 mod policy;
@@ -52,6 +54,7 @@ use crate::ids::{IdGenerator, LeaseId, MessageId};
 use crate::names::QueueName;
 
 use dead::Ending;
+use fresh::Fresh;
 use head::HeadCache;
 use state::{Batch, Held, LeaseState, QueueState};
 use tables::{DeadSet, Death, LeaseTable, MemberKey, ReadyIndex, Registry, RetentionIndex};

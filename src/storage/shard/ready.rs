@@ -66,6 +66,9 @@ impl ShardStore {
             enqueued_at: now,
             delivery_count: 0,
         };
+        // Immediate adds that a poll of this batch may take are held out of
+        // its writes (`super::fresh`).
+        let hold = batch.fresh.wants(&queue);
         let mut ids = Vec::with_capacity(messages.len());
         let mut visible_now = 0;
         for m in &messages {
@@ -73,7 +76,11 @@ impl ShardStore {
             let at = deadline(now, m.delay_ms);
             let key = keys::ready_key(qid, at, &id);
             keys::encode_record(&mut batch.record, header, &m.payload);
-            ready.insert(&mut batch.writes, q, key, &batch.record);
+            if at <= now && hold {
+                ready.insert_held(&mut batch.fresh, &mut batch.writes, q, key, &batch.record);
+            } else {
+                ready.insert(&mut batch.writes, q, key, &batch.record);
+            }
             if at > now {
                 q.delayed += 1;
                 *self.delay_deadlines.entry((at, qid)).or_default() += 1;
@@ -134,11 +141,16 @@ impl ShardStore {
         let expires_at = deadline(now, lease_ms);
         let mut messages: Vec<Delivery> = Vec::with_capacity(want as usize);
         let mut lengths = Vec::with_capacity(want as usize);
-        let mut held = bytes::BytesMut::new();
+        let mut held_payloads = bytes::BytesMut::new();
         let mut last_key: Option<ReadyKey> = None;
         let (mut bytes, mut dropped) = (0, 0u64);
-        // One ready record in key order; `false` when the poll is done.
-        let mut visit = |k: &[u8], v: &[u8]| -> Result<bool, StoreError> {
+        // Records this batch holds out of its writes (`super::fresh`) that
+        // the poll takes: forgotten once the scan is done.
+        let fresh = &batch.fresh;
+        let mut taken_held: Vec<ReadyKey> = Vec::new();
+        // One ready record in key order: whether the poll took it, and
+        // whether it goes on.
+        let mut visit = |k: &[u8], v: &[u8]| -> Result<Step, StoreError> {
             let corrupt_key = || {
                 StoreError::Storage(StorageError::Corrupt {
                     cf: CF_READY,
@@ -151,23 +163,27 @@ impl ShardStore {
                 // shortened in this batch): never handed out. Bounded like
                 // the drop itself; the next poll goes on.
                 if dropped == super::retention::RETENTION_BATCH as u64 {
-                    return Ok(false);
+                    return Ok(Step::Stop);
                 }
                 let key: ReadyKey = k.try_into().map_err(|_| corrupt_key())?;
-                ready.take(&mut batch.writes, q, &key, enqueued_at);
+                let written = !fresh.holds(&key);
+                if !written {
+                    taken_held.push(key);
+                }
+                ready.take(&mut batch.writes, written, q, &key, enqueued_at);
                 q.take_bytes(keys::payload_len(v) as u64);
                 dropped += 1;
                 if keep_cache {
                     taken.push(key);
                 }
                 last_key = Some(key);
-                return Ok(true);
+                return Ok(Step::Took);
             }
             // Payload and per-message overhead (not a failure's error text).
             let cost = keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD;
             let first = messages.is_empty();
             if (!first && bytes + cost > budget) || !max_bytes.take(cost, first) {
-                return Ok(false);
+                return Ok(Step::Stop);
             }
             bytes += cost;
             let (_, id) = keys::parse_ready_key(k).ok_or_else(corrupt_key)?;
@@ -190,7 +206,11 @@ impl ShardStore {
                 keys::start_lease_block(&mut batch.record, expires_at);
             }
             keys::push_block_member(&mut batch.record, &id, header, error, payload);
-            ready.take(&mut batch.writes, q, &key, header.enqueued_at);
+            let written = !fresh.holds(&key);
+            if !written {
+                taken_held.push(key);
+            }
+            ready.take(&mut batch.writes, written, q, &key, header.enqueued_at);
             q.holders.insert(
                 id,
                 Held {
@@ -201,9 +221,9 @@ impl ShardStore {
             // The payloads go into one buffer the deliveries share (cut
             // below), sized on the first as if all were alike.
             if messages.is_empty() {
-                held.reserve(payload.len().saturating_mul(want as usize).min(budget));
+                held_payloads.reserve(payload.len().saturating_mul(want as usize).min(budget));
             }
-            held.extend_from_slice(payload);
+            held_payloads.extend_from_slice(payload);
             lengths.push(payload.len());
             messages.push(Delivery {
                 id,
@@ -215,36 +235,62 @@ impl ShardStore {
                 taken.push(key);
             }
             last_key = Some(key);
-            Ok((messages.len() as u64) < want)
+            Ok(if (messages.len() as u64) < want {
+                Step::Took
+            } else {
+                Step::TookLast
+            })
         };
         match &cached {
             Some(head) => {
                 for (k, v) in head.range(&start, &end) {
-                    if !visit(k, v)? {
+                    if visit(k, v)? != Step::Took {
                         break;
                     }
                 }
             }
             None => {
+                // RocksDB has what earlier batches wrote; the records this
+                // batch holds are merged in, in key order.
+                let mut held = fresh.range(&start, &end).peekable();
                 let mut it = self.engine.scan(CF_READY, &start, end.to_vec())?;
-                while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                    if !visit(k, v)? {
+                loop {
+                    let from_held = match (it.key(), held.peek()) {
+                        (None, None) => break,
+                        (Some(k), Some((h, _))) => &h[..] < k,
+                        (Some(_), None) => false,
+                        (None, Some(_)) => true,
+                    };
+                    let step = if from_held {
+                        let Some((k, v)) = held.next() else {
+                            break;
+                        };
+                        visit(k, v)?
+                    } else {
+                        let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                            break;
+                        };
+                        let step = visit(k, v)?;
+                        it.next();
+                        step
+                    };
+                    if step != Step::Took {
                         break;
                     }
-                    it.next();
                 }
                 it.status().map_err(StoreError::rocks("scan the ready index"))?;
             }
         }
+        batch.fresh.forget(&taken_held);
         if let Some(mut head) = cached.filter(|_| keep_cache) {
             for key in &taken {
                 head.remove(key);
             }
             q.head = Some(head);
         }
-        let mut held = held.freeze();
+        let mut payloads = held_payloads.freeze();
         for (m, len) in messages.iter_mut().zip(lengths) {
-            m.payload = held.split_to(len);
+            m.payload = payloads.split_to(len);
         }
         let Some(last) = last_key else {
             return Ok(None);
@@ -354,7 +400,7 @@ impl ShardStore {
         };
         let dropped = q.counters.ready + q.holders.len() as u64 + q.counters.dead;
         batch.touched.push(qid);
-        ready.purge(&mut batch.writes, qid);
+        ready.purge(&mut batch.writes, &mut batch.fresh, qid);
         leases.purge(&mut batch.writes, qid);
         dead.purge(&mut batch.writes, qid);
         // Nothing is left in the ready index: known whole again.
@@ -499,4 +545,15 @@ fn queue_stats(
         it.status().map_err(StoreError::rocks("read the head of a queue"))?;
     }
     Ok(stats)
+}
+
+/// What a poll did with one ready record it was shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Took it and wants more.
+    Took,
+    /// Took it and has all it wants.
+    TookLast,
+    /// Left it (over a budget): the poll is done.
+    Stop,
 }

@@ -454,7 +454,8 @@ fn drop_found(
     q.dirty = true;
     match found.place {
         keys::Place::Ready(at) => {
-            ready.take(&mut batch.writes, q, &key, found.enqueued_at);
+            let written = !batch.fresh.take(&key);
+            ready.take(&mut batch.writes, written, q, &key, found.enqueued_at);
             q.counters.ready = q.counters.ready.saturating_sub(1);
             q.take_bytes(found.payload_len);
             q.note_ready_change();

@@ -266,4 +266,7 @@ pub(super) struct Batch {
     /// Block leases with members that ended in this batch (see
     /// `LeaseState::unmarked`).
     pub(super) unmarked: Vec<(QueueId, LeaseId)>,
+    /// Ready records held out of `writes` while a poll of the batch may take
+    /// them (see [`super::fresh`]).
+    pub(super) fresh: super::fresh::Fresh,
 }

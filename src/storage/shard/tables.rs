@@ -32,6 +32,28 @@ impl<'e> ReadyIndex<'e> {
     /// Writes a record and moves its queue's counters and floor with it.
     pub(super) fn insert(&self, writes: &mut WriteBatch, q: &mut QueueState, key: ReadyKey, record: &[u8]) {
         writes.put_cf(self.0, key, record);
+        self.noted(writes, q, key, record);
+    }
+
+    /// [`ReadyIndex::insert`] for a record held out of the batch's writes
+    /// (an immediate add that a poll of the batch may take; see
+    /// [`super::fresh`]): written when the batch's commands are applied,
+    /// unless a poll took it by then.
+    pub(super) fn insert_held(
+        &self,
+        fresh: &mut Fresh,
+        writes: &mut WriteBatch,
+        q: &mut QueueState,
+        key: ReadyKey,
+        record: &[u8],
+    ) {
+        fresh.hold(key, record);
+        self.noted(writes, q, key, record);
+    }
+
+    /// What a record's insert moves besides the record itself: the head
+    /// cache, the queue's counters and floor, its retention index.
+    fn noted(&self, writes: &mut WriteBatch, q: &mut QueueState, key: ReadyKey, record: &[u8]) {
         if let Some(head) = &mut q.head {
             if !head.insert(key, record) {
                 // Over the shard's budget: polls of this queue read RocksDB
@@ -54,9 +76,20 @@ impl<'e> ReadyIndex<'e> {
     }
 
     /// Takes a record out (a poll leased it, or retention dropped it). The
-    /// caller moves the queue's floor past it and counts it.
-    pub(super) fn take(&self, writes: &mut WriteBatch, q: &mut QueueState, key: &ReadyKey, enqueued_at: u64) {
-        writes.single_delete_cf(self.0, key);
+    /// caller moves the queue's floor past it and counts it. A record the
+    /// batch held (`super::fresh`) was never `written`: there is nothing to
+    /// delete.
+    pub(super) fn take(
+        &self,
+        writes: &mut WriteBatch,
+        written: bool,
+        q: &mut QueueState,
+        key: &ReadyKey,
+        enqueued_at: u64,
+    ) {
+        if written {
+            writes.single_delete_cf(self.0, key);
+        }
         if let Some(head) = &mut q.head {
             head.remove(key);
         }
@@ -71,7 +104,9 @@ impl<'e> ReadyIndex<'e> {
 
     /// Drops every record of a queue (a range tombstone: O(1) to write, and
     /// later scans skip the range whole), and its retention index.
-    pub(super) fn purge(&self, writes: &mut WriteBatch, qid: QueueId) {
+    pub(super) fn purge(&self, writes: &mut WriteBatch, fresh: &mut Fresh, qid: QueueId) {
+        // Held records would be written after the range delete: drop them.
+        fresh.drop_queue(qid);
         writes.delete_range_cf(self.0, keys::queue_prefix(qid), keys::queue_end(qid));
         self.1.purge(writes, qid);
     }

@@ -308,6 +308,9 @@ fn adds_and_polls_in_one_batch_reading(cached: bool) {
     if !cached {
         f = f.reopen();
     }
+    // Ids made after a reopen order after the old ones from the next
+    // millisecond on (within one, a new generator's counter starts afresh).
+    f.clock.advance(1);
     let out = f.store.execute(vec![
         Command::Add {
             queue: q("a"),
@@ -337,16 +340,151 @@ fn adds_and_polls_in_one_batch_reading(cached: bool) {
         })
         .collect();
     assert_eq!(out.woken, vec![(q("a"), 1)]);
-    if cached {
-        // The cache holds the batch's add as soon as it is applied.
-        assert_eq!(polled, vec![Some(b"old".to_vec()), Some(b"new".to_vec())]);
-        assert!(f.store.poll(&q("a"), 5, 100).unwrap().is_none());
-    } else {
-        // RocksDB shows it once the batch has committed.
-        assert_eq!(polled, vec![Some(b"old".to_vec()), None]);
-        let got = f.store.poll(&q("a"), 5, 100).unwrap().unwrap();
-        assert_eq!(payloads(&got), vec![b"new"]);
+    // A poll sees the adds before it in its batch: the cache holds them as
+    // soon as they are applied, and a poll that reads RocksDB (which shows
+    // them only once the batch has committed) merges the batch's held
+    // records in (`super::fresh`).
+    assert_eq!(
+        polled,
+        vec![Some(b"old".to_vec()), Some(b"new".to_vec())],
+        "cached {cached}"
+    );
+    assert!(f.store.poll(&q("a"), 5, 100).unwrap().is_none());
+}
+
+/// Entries (puts and deletes) in the active memtable of the ready index.
+fn ready_memtable_entries(store: &ShardStore) -> u64 {
+    let cf = store.engine.cf(CF_READY).unwrap();
+    store
+        .engine
+        .db()
+        .property_int_value_cf(cf, "rocksdb.num-entries-active-mem-table")
+        .unwrap()
+        .unwrap()
+}
+
+fn add_then_poll(f: &mut Fixture, add: &[&str], max_items: u32) -> Vec<Vec<u8>> {
+    let out = f.store.execute(vec![
+        Command::Add {
+            queue: q("a"),
+            messages: msgs(add),
+        },
+        Command::Poll {
+            queue: q("a"),
+            max_items,
+            lease_ms: 1000,
+            max_bytes: ReplyBudget::unlimited(),
+        },
+    ]);
+    match &out.outcomes.expect("no storage failure")[1] {
+        Ok(Outcome::Polled(Some(l))) => payloads(l).iter().map(|p| p.to_vec()).collect(),
+        other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_add_leased_in_its_own_batch_is_never_written_to_the_ready_index() {
+    for cached in [true, false] {
+        let mut f = fixture();
+        if !cached {
+            // A delayed record and a reopen: the queue has no cache, so the
+            // poll reads RocksDB and must merge the batch's held records.
+            f.store
+                .add(&q("a"), vec![NewMessage::delayed(b"later".to_vec(), 60_000)])
+                .unwrap();
+            f = f.reopen();
+        }
+        let before = ready_memtable_entries(&f.store);
+        assert_eq!(
+            add_then_poll(&mut f, &["now"], 1),
+            vec![b"now".to_vec()],
+            "cached {cached}"
+        );
+        assert_eq!(
+            ready_memtable_entries(&f.store),
+            before,
+            "no put and delete of the record (cached {cached})"
+        );
+        // Durable as a lease: after a reopen it is held until the lease
+        // ends, then delivered again.
+        let mut f = f.reopen();
+        assert!(f.store.poll(&q("a"), 5, 1000).unwrap().is_none(), "cached {cached}");
+        f.clock.advance(1001);
+        let again = f.store.poll(&q("a"), 5, 1000).unwrap().unwrap();
+        assert_eq!(payloads(&again), vec![b"now"]);
+        assert_eq!(again.messages[0].delivery_count, 2);
+    }
+}
+
+#[test]
+fn held_records_a_poll_leaves_are_written_with_the_batch() {
+    for cached in [true, false] {
+        let mut f = fixture();
+        if !cached {
+            f.store
+                .add(&q("a"), vec![NewMessage::delayed(b"later".to_vec(), 60_000)])
+                .unwrap();
+            f = f.reopen();
+        }
+        let before = ready_memtable_entries(&f.store);
+        assert_eq!(
+            add_then_poll(&mut f, &["1", "2", "3"], 2),
+            vec![b"1".to_vec(), b"2".to_vec()]
+        );
+        assert_eq!(ready_memtable_entries(&f.store), before + 1, "only 3 is written");
+        let mut f = f.reopen();
+        let rest = f.store.poll(&q("a"), 5, 1000).unwrap().unwrap();
+        assert_eq!(payloads(&rest), vec![b"3"], "cached {cached}");
+    }
+}
+
+#[test]
+fn a_purge_drops_the_records_its_batch_held() {
+    let mut f = fixture();
+    let poll = || Command::Poll {
+        queue: q("a"),
+        max_items: 5,
+        lease_ms: 1000,
+        max_bytes: ReplyBudget::unlimited(),
+    };
+    let out = f.store.execute(vec![
+        Command::Add {
+            queue: q("a"),
+            messages: msgs(&["gone"]),
+        },
+        Command::Purge { queue: q("a") },
+        Command::Add {
+            queue: q("a"),
+            messages: msgs(&["kept"]),
+        },
+        Command::Add {
+            queue: q("a"),
+            messages: msgs(&["also"]),
+        },
+        poll(),
+    ]);
+    let outcomes = out.outcomes.expect("no storage failure");
+    match &outcomes[4] {
+        Ok(Outcome::Polled(Some(l))) => assert_eq!(payloads(l), vec![b"kept", b"also"]),
+        other => panic!("{other:?}"),
+    }
+    // Nothing was left behind in the ready index (below the floor, a
+    // record written after the purge's range delete would never be seen
+    // again, nor ever deleted).
+    let cf = f.store.engine.cf(CF_READY).unwrap();
+    assert_eq!(
+        f.store
+            .engine
+            .db()
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .count(),
+        0
+    );
+    // Nothing comes back from before the purge, after a reopen either.
+    let mut f = f.reopen();
+    f.clock.advance(1001);
+    let again = f.store.poll(&q("a"), 5, 1000).unwrap().unwrap();
+    assert_eq!(payloads(&again), vec![b"kept", b"also"]);
 }
 
 #[test]
