@@ -363,6 +363,21 @@ fn ready_memtable_entries(store: &ShardStore) -> u64 {
         .unwrap()
 }
 
+/// A store with queue `a` and nothing visible in it, which polls read
+/// through its head cache (`cached`) or from RocksDB: a delayed record and
+/// a reopen leave it without a cache, so a poll must merge the batch's
+/// held records with what it reads.
+fn queue_a(cached: bool) -> Fixture {
+    let mut f = fixture();
+    if !cached {
+        f.store
+            .add(&q("a"), vec![NewMessage::delayed(b"later".to_vec(), 60_000)])
+            .unwrap();
+        f = f.reopen();
+    }
+    f
+}
+
 fn add_then_poll(f: &mut Fixture, add: &[&str], max_items: u32) -> Vec<Vec<u8>> {
     let out = f.store.execute(vec![
         Command::Add {
@@ -385,15 +400,7 @@ fn add_then_poll(f: &mut Fixture, add: &[&str], max_items: u32) -> Vec<Vec<u8>> 
 #[test]
 fn an_add_leased_in_its_own_batch_is_never_written_to_the_ready_index() {
     for cached in [true, false] {
-        let mut f = fixture();
-        if !cached {
-            // A delayed record and a reopen: the queue has no cache, so the
-            // poll reads RocksDB and must merge the batch's held records.
-            f.store
-                .add(&q("a"), vec![NewMessage::delayed(b"later".to_vec(), 60_000)])
-                .unwrap();
-            f = f.reopen();
-        }
+        let mut f = queue_a(cached);
         let before = ready_memtable_entries(&f.store);
         assert_eq!(
             add_then_poll(&mut f, &["now"], 1),
@@ -419,13 +426,7 @@ fn an_add_leased_in_its_own_batch_is_never_written_to_the_ready_index() {
 #[test]
 fn held_records_a_poll_leaves_are_written_with_the_batch() {
     for cached in [true, false] {
-        let mut f = fixture();
-        if !cached {
-            f.store
-                .add(&q("a"), vec![NewMessage::delayed(b"later".to_vec(), 60_000)])
-                .unwrap();
-            f = f.reopen();
-        }
+        let mut f = queue_a(cached);
         let before = ready_memtable_entries(&f.store);
         assert_eq!(
             add_then_poll(&mut f, &["1", "2", "3"], 2),
