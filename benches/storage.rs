@@ -1,13 +1,16 @@
-//! Storage hot paths: add batches, poll+remove cycles, and poll cost on a
-//! queue that has consumed many messages (the tombstone trap) against a
-//! fresh one. `QUEUEBER_BENCH_CONSUMED` sets the history (default 1,000,000).
+//! Storage hot paths: add batches, poll+remove cycles, a long poll served
+//! by the add that wakes it (in the add's batch or in a second one), and
+//! poll cost on a queue that has consumed many messages (the tombstone
+//! trap) against a fresh one. `QUEUEBER_BENCH_CONSUMED` sets the history (default 1,000,000).
 
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use queueber::clock::SystemClock;
 use queueber::names::QueueName;
-use queueber::storage::{Command, Durability, Engine, EngineOptions, NewMessage, Outcome, QueueStore, ShardStore};
+use queueber::storage::{
+    Command, Durability, Engine, EngineOptions, NewMessage, Outcome, QueueStore, ReplyBudget, ShardStore,
+};
 
 const PAYLOAD: usize = 256;
 
@@ -63,6 +66,49 @@ fn poll_remove_cycles(c: &mut Criterion) {
     group.finish();
 }
 
+/// A consumer waiting on an empty queue gets the message of the add that
+/// wakes it, then removes it: the add and the poll as one storage batch
+/// (the core's follow-up polls since the eighth session; the record is
+/// held and never written to the ready index) against two batches, the
+/// poll after the add has committed (how the core ran them before).
+fn woken_poll(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let queue = QueueName::new("bench", "woken").unwrap();
+    let add = |queue: &QueueName| Command::Add {
+        queue: queue.clone(),
+        messages: batch(1),
+    };
+    let poll = |queue: &QueueName| Command::Poll {
+        queue: queue.clone(),
+        max_items: 1,
+        lease_ms: 30_000,
+        max_bytes: ReplyBudget::unlimited(),
+    };
+    let lease_of = |outcome: Option<Result<Outcome, _>>| match outcome {
+        Some(Ok(Outcome::Polled(Some(lease)))) => lease,
+        other => panic!("no lease: {other:?}"),
+    };
+    let mut group = c.benchmark_group("woken_poll");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one_batch", |b| {
+        b.iter(|| {
+            let mut outcomes = store.execute(vec![add(&queue), poll(&queue)]).outcomes.expect("batch");
+            let lease = lease_of(outcomes.pop());
+            store.execute(Command::remove_all(&queue, &lease));
+        })
+    });
+    group.bench_function("two_batches", |b| {
+        b.iter(|| {
+            store.execute(vec![add(&queue)]);
+            let mut outcomes = store.execute(vec![poll(&queue)]).outcomes.expect("batch");
+            let lease = lease_of(outcomes.pop());
+            store.execute(Command::remove_all(&queue, &lease));
+        })
+    });
+    group.finish();
+}
+
 /// Poll (and keep the queue steady) on a fresh queue and on one that has
 /// consumed `QUEUEBER_BENCH_CONSUMED` messages; the two should cost the same.
 fn tombstones(c: &mut Criterion) {
@@ -101,6 +147,6 @@ fn tombstones(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(4));
-    targets = add_batches, poll_remove_cycles, tombstones
+    targets = add_batches, poll_remove_cycles, woken_poll, tombstones
 }
 criterion_main!(benches);
