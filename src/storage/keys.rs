@@ -492,6 +492,7 @@ pub struct Counters {
     pub dropped: u64,
     /// Payload bytes of the queue's messages, ready and leased (`max_bytes`).
     /// `None` in counters written before it was kept: recovery counts them.
+    /// Persisted without the leased ones (see [`encode_counters`]).
     pub bytes: Option<u64>,
     /// Every ready key of the queue sorts at or after this one; polls seek here
     /// instead of wading through the tombstones of consumed messages.
@@ -505,12 +506,22 @@ pub struct Counters {
 const COUNTERS_V2: u8 = 2;
 const COUNTERS_V3: u8 = 3;
 const COUNTERS_V4: u8 = 4;
+/// As v4, but `bytes` leaves out the payloads of leased messages, which
+/// recovery counts from the lease blocks it reads anyway.
+const COUNTERS_V5: u8 = 5;
 
-pub fn encode_counters(c: &Counters) -> Vec<u8> {
+/// Encodes counters with `leased` (the payload bytes of the queue's leased
+/// messages) left out of `bytes`.
+///
+/// Why: a remove ends a leased message, which changes the queue's bytes and
+/// nothing else in its counters. Kept without the leased payloads, the
+/// persisted counters do not change, and a batch of removes writes none
+/// (the shard skips a write that would not change the stored value).
+pub fn encode_counters(c: &Counters, leased: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + 32 + 32);
-    v.push(COUNTERS_V4);
+    v.push(COUNTERS_V5);
     v.extend_from_slice(&c.ready.to_be_bytes());
-    v.extend_from_slice(&c.bytes.unwrap_or(0).to_be_bytes());
+    v.extend_from_slice(&c.bytes.unwrap_or(0).saturating_sub(leased).to_be_bytes());
     v.extend_from_slice(&c.dead.to_be_bytes());
     v.extend_from_slice(&c.dropped.to_be_bytes());
     if let Some(f) = &c.floor {
@@ -519,11 +530,19 @@ pub fn encode_counters(c: &Counters) -> Vec<u8> {
     v
 }
 
+/// Whether stored counters leave the leased payloads out of `bytes`
+/// ([`encode_counters`]); older ones count them.
+pub fn counters_exclude_leased(v: &[u8]) -> bool {
+    v.first() == Some(&COUNTERS_V5)
+}
+
+/// Parses stored counters; `bytes` is as stored (see
+/// [`counters_exclude_leased`]).
 pub fn parse_counters(v: &[u8]) -> Option<Counters> {
     let u64_at = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
     let floor_from = |at: usize| (v.len() > at).then(|| v[at..].to_vec());
     match v.first() {
-        Some(&COUNTERS_V4) => Some(Counters {
+        Some(&COUNTERS_V5 | &COUNTERS_V4) => Some(Counters {
             ready: u64_at(1)?,
             bytes: Some(u64_at(9)?),
             dead: u64_at(17)?,
@@ -667,12 +686,16 @@ mod tests {
             dropped: 6,
             floor: Some(ready_key(1, 2, &mid(3)).to_vec()),
         };
-        assert_eq!(parse_counters(&encode_counters(&c)), Some(c));
+        assert_eq!(parse_counters(&encode_counters(&c, 0)), Some(c.clone()));
+        // Leased payloads are left out of the stored bytes.
+        let stored = encode_counters(&c, 234);
+        assert!(counters_exclude_leased(&stored));
+        assert_eq!(parse_counters(&stored).unwrap().bytes, Some(1000));
         let empty = Counters {
             bytes: Some(0),
             ..Counters::default()
         };
-        assert_eq!(parse_counters(&encode_counters(&empty)), Some(empty));
+        assert_eq!(parse_counters(&encode_counters(&empty, 0)), Some(empty));
         assert_eq!(parse_counters(&[1, 2]), None);
     }
 

@@ -211,7 +211,7 @@ impl ShardStore {
                 taken_held.push(key);
             }
             ready.take(&mut batch.writes, written, q, &key, header.enqueued_at);
-            q.holders.insert(
+            q.hold(
                 id,
                 Held {
                     lease,
@@ -423,7 +423,7 @@ impl ShardStore {
         q.note_ready_change();
         q.delayed = 0;
         q.leases.clear();
-        q.holders.clear();
+        q.clear_holders();
         q.batch_low = None;
         q.dirty = true;
         self.lease_deadlines.retain(|&(_, owner, _)| owner != qid);

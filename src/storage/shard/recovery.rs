@@ -33,11 +33,12 @@ impl ShardStore {
     pub(super) fn load_queue(&mut self, name: QueueName, qid: QueueId, now: u64) -> Result<(), StoreError> {
         let engine = &self.engine;
         let db = engine.db();
-        let counters = match db
+        let stored = db
             .get_pinned_cf(engine.cf(CF_REGISTRY)?, keys::counters_key(qid))
             .map_err(StoreError::rocks("read queue counters"))?
-        {
-            Some(v) => keys::parse_counters(&v).ok_or_else(|| {
+            .map(|v| v.to_vec());
+        let counters = match &stored {
+            Some(v) => keys::parse_counters(v).ok_or_else(|| {
                 StoreError::Storage(StorageError::Corrupt {
                     cf: CF_REGISTRY,
                     detail: format!("counters of {name}"),
@@ -45,7 +46,9 @@ impl ShardStore {
             })?,
             None => Counters::default(),
         };
+        let exclude_leased = stored.as_deref().is_some_and(keys::counters_exclude_leased);
         let mut q = QueueState::new(name.clone(), qid, counters);
+        q.persisted = stored;
         if let Some(v) = db
             .get_pinned_cf(engine.cf(CF_REGISTRY)?, keys::policy_key(qid))
             .map_err(StoreError::rocks("read a queue policy"))?
@@ -61,7 +64,6 @@ impl ShardStore {
         // (leased payloads below, ready ones after), and persist them with
         // the queue's next batch.
         let count_bytes = q.counters.bytes.is_none();
-        let mut leased_bytes = 0u64;
 
         // Leases: a header (a block, or an expiry from before blocks)
         // followed by its member keys (end markers of a block's members,
@@ -81,15 +83,17 @@ impl ShardStore {
                             member.map_err(|()| corrupt(format!("torn block of lease {lease} in {name}")))?;
                         let bytes = keys::payload_len(record) as u32;
                         state.live += 1;
-                        leased_bytes += u64::from(bytes);
-                        q.holders.insert(id, Held { lease, bytes });
+                        // `QueueState::hold`, field by field: `state`
+                        // borrows the queue's leases meanwhile.
+                        if let Some(old) = q.holders.insert(id, Held { lease, bytes }) {
+                            q.leased_bytes -= u64::from(old.bytes);
+                        }
+                        q.leased_bytes += u64::from(bytes);
                     }
                 }
                 Some(LeaseEntry::Member(lease, id)) if v.is_empty() => {
                     // A block member that ended: after its block in key order.
-                    if let Some(held) = q.release_holder(lease, &id) {
-                        leased_bytes -= u64::from(held);
-                    }
+                    q.release_holder(lease, &id);
                     if let Some(state) = q.leases.get_mut(&lease) {
                         state.live = state.live.saturating_sub(1);
                         state.marked.push(id);
@@ -101,8 +105,7 @@ impl ShardStore {
                     // rather than hold the message forever.
                     q.leases.entry(lease).or_insert(LeaseState::new(0, 0, false)).live += 1;
                     let bytes = keys::payload_len(v) as u32;
-                    leased_bytes += u64::from(bytes);
-                    q.holders.insert(id, Held { lease, bytes });
+                    q.hold(id, Held { lease, bytes });
                 }
                 None => return Err(corrupt(format!("unparseable key {k:?} in {name}"))),
             }
@@ -142,8 +145,12 @@ impl ShardStore {
             }
             it.status()
                 .map_err(StoreError::rocks("count a queue's payload bytes"))?;
-            q.counters.bytes = Some(leased_bytes + ready_bytes);
+            q.counters.bytes = Some(q.leased_bytes + ready_bytes);
             q.dirty = true;
+        } else if exclude_leased {
+            // Stored without the leased payloads, which the leases just
+            // read hold.
+            q.counters.bytes = q.counters.bytes.map(|b| b + q.leased_bytes);
         }
 
         q.cache_head_if_empty(&self.head_budget);

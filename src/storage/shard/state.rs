@@ -53,7 +53,15 @@ pub(super) struct QueueState {
     /// Ready records whose visible time is still in the future.
     pub(super) delayed: u64,
     pub(super) leases: Map<LeaseId, LeaseState>,
+    /// Which lease holds each leased message (changed through
+    /// [`QueueState::hold`], [`QueueState::release_holder`] and
+    /// [`QueueState::clear_holders`], which keep `leased_bytes`).
     pub(super) holders: Map<MessageId, Held>,
+    /// The payload bytes of `holders`: left out of the persisted counters.
+    pub(super) leased_bytes: u64,
+    /// The counters as last read or written (encoded): a batch that would
+    /// write them unchanged writes nothing.
+    pub(super) persisted: Option<Vec<u8>>,
     /// The queue's own policy and its version (0: never set).
     pub(super) policy: QueuePolicy,
     pub(super) policy_version: u64,
@@ -129,6 +137,8 @@ impl QueueState {
             delayed: 0,
             leases: Map::default(),
             holders: Map::default(),
+            leased_bytes: 0,
+            persisted: None,
             policy: QueuePolicy::default(),
             policy_version: 0,
             batch_low: None,
@@ -228,6 +238,20 @@ impl QueueState {
         self.retention.as_ref().is_some_and(|r| r.expired(enqueued_at, now))
     }
 
+    /// Notes that `held.lease` holds `id`.
+    pub(super) fn hold(&mut self, id: MessageId, held: Held) {
+        self.leased_bytes += u64::from(held.bytes);
+        if let Some(old) = self.holders.insert(id, held) {
+            self.leased_bytes -= u64::from(old.bytes);
+        }
+    }
+
+    /// Forgets every holder (a purge).
+    pub(super) fn clear_holders(&mut self) {
+        self.holders.clear();
+        self.leased_bytes = 0;
+    }
+
     /// Drops `id`'s holder entry if `lease` holds it; returns the payload
     /// size of what it took then.
     pub(super) fn release_holder(&mut self, lease: LeaseId, id: &MessageId) -> Option<u32> {
@@ -235,6 +259,7 @@ impl QueueState {
         // lease puts the entry back.
         let held = self.holders.remove(id)?;
         if held.lease == lease {
+            self.leased_bytes -= u64::from(held.bytes);
             Some(held.bytes)
         } else {
             self.holders.insert(*id, held);

@@ -295,9 +295,15 @@ impl<'e> Registry<'e> {
     }
 
     /// Persists a queue's counters if they changed since the last batch.
+    /// Writes a changed queue's counters, unless they are stored as they
+    /// are (a batch of removes only: see [`keys::encode_counters`]).
     pub(super) fn put_counters(&self, writes: &mut WriteBatch, q: &mut QueueState) {
         if std::mem::take(&mut q.dirty) {
-            writes.put_cf(self.0, keys::counters_key(q.qid), keys::encode_counters(&q.counters));
+            let encoded = keys::encode_counters(&q.counters, q.leased_bytes);
+            if q.persisted.as_deref() != Some(&encoded[..]) {
+                writes.put_cf(self.0, keys::counters_key(q.qid), &encoded);
+                q.persisted = Some(encoded);
+            }
         }
     }
 }

@@ -352,15 +352,66 @@ fn adds_and_polls_in_one_batch_reading(cached: bool) {
     assert!(f.store.poll(&q("a"), 5, 100).unwrap().is_none());
 }
 
-/// Entries (puts and deletes) in the active memtable of the ready index.
-fn ready_memtable_entries(store: &ShardStore) -> u64 {
-    let cf = store.engine.cf(CF_READY).unwrap();
+/// Entries (puts and deletes) in the active memtable of a column family.
+fn memtable_entries(store: &ShardStore, family: &'static str) -> u64 {
+    let cf = store.engine.cf(family).unwrap();
     store
         .engine
         .db()
         .property_int_value_cf(cf, "rocksdb.num-entries-active-mem-table")
         .unwrap()
         .unwrap()
+}
+
+fn ready_memtable_entries(store: &ShardStore) -> u64 {
+    memtable_entries(store, CF_READY)
+}
+
+fn bytes_of(store: &ShardStore, queue: &QueueName) -> u64 {
+    store.queues[&store.names[queue]].bytes()
+}
+
+#[test]
+fn counters_stored_before_v5_count_the_leased_bytes_themselves() {
+    let mut f = fixture();
+    f.store.add(&q("a"), msgs(&["12345", "678"])).unwrap();
+    let _lease = f.store.poll(&q("a"), 1, 60_000).unwrap().unwrap();
+    let qid = f.store.names[&q("a")];
+    // Rewritten as a v4 server stored them: 8 bytes, the leased 5 included.
+    let mut v4 = vec![4u8];
+    let counters = &f.store.queues[&qid].counters;
+    for n in [counters.ready, 8, counters.dead, counters.dropped] {
+        v4.extend_from_slice(&n.to_be_bytes());
+    }
+    v4.extend_from_slice(counters.floor.as_deref().unwrap_or_default());
+    let cf = f.store.engine.cf(CF_REGISTRY).unwrap();
+    f.store.engine.db().put_cf(cf, keys::counters_key(qid), &v4).unwrap();
+    let f = f.reopen();
+    assert_eq!(bytes_of(&f.store, &q("a")), 8);
+}
+
+#[test]
+fn a_batch_of_removes_writes_no_counters_and_the_bytes_survive_a_reopen() {
+    let mut f = fixture();
+    f.store.add(&q("a"), msgs(&["12345", "678"])).unwrap();
+    let first = f.store.poll(&q("a"), 1, 60_000).unwrap().unwrap();
+    let before = memtable_entries(&f.store, CF_REGISTRY);
+    remove_all(&mut f.store, &q("a"), &first);
+    assert_eq!(
+        memtable_entries(&f.store, CF_REGISTRY),
+        before,
+        "the counters were written for a remove"
+    );
+    assert_eq!(bytes_of(&f.store, &q("a")), 3);
+    // Leased bytes are counted back from the lease at a reopen.
+    let second = f.store.poll(&q("a"), 1, 60_000).unwrap().unwrap();
+    assert_eq!(payloads(&second), vec![b"678"]);
+    let mut f = f.reopen();
+    assert_eq!(bytes_of(&f.store, &q("a")), 3);
+    remove_all(&mut f.store, &q("a"), &second);
+    assert_eq!(bytes_of(&f.store, &q("a")), 0);
+    let f = f.reopen();
+    assert_eq!(bytes_of(&f.store, &q("a")), 0);
 }
 
 /// A store with queue `a` and nothing visible in it, which polls read
