@@ -147,9 +147,7 @@ impl QueueStore for ShardStore {
         }
         if fatal.is_none() {
             fatal = self
-                .engine
-                .cf(CF_READY)
-                .map(|ready| batch.fresh.flush(&mut batch.writes, ready))
+                .flush_held(&mut batch)
                 .and_then(|()| self.mark_ended_members(&mut batch))
                 .and_then(|()| self.persist_counters(&mut batch))
                 .err()
@@ -222,6 +220,14 @@ impl QueueStore for ShardStore {
 }
 
 impl ShardStore {
+    /// Writes the ready records the batch still holds (`super::fresh`).
+    fn flush_held(&self, batch: &mut Batch) -> Result<(), StoreError> {
+        if !batch.fresh.is_empty() {
+            batch.fresh.flush(&mut batch.writes, self.engine.cf(CF_READY)?);
+        }
+        Ok(())
+    }
+
     pub(super) fn persist_counters(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
         let engine = self.engine.clone();
         let registry = Registry::of(&engine)?;

@@ -104,6 +104,10 @@ impl Fresh {
         self.held.retain(|k, _| !k.starts_with(&prefix));
     }
 
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
     /// Writes what is still held, once the batch's commands are applied.
     pub(super) fn flush(&mut self, writes: &mut WriteBatch, ready: &ColumnFamily) {
         for (key, at) in std::mem::take(&mut self.held) {

@@ -148,9 +148,8 @@ impl ShardStore {
         // the poll takes: forgotten once the scan is done.
         let fresh = &batch.fresh;
         let mut taken_held: Vec<ReadyKey> = Vec::new();
-        // One ready record in key order: whether the poll took it, and
-        // whether it goes on.
-        let mut visit = |k: &[u8], v: &[u8]| -> Result<Step, StoreError> {
+        // One ready record in key order; `false` when the poll is done.
+        let mut visit = |k: &[u8], v: &[u8]| -> Result<bool, StoreError> {
             let corrupt_key = || {
                 StoreError::Storage(StorageError::Corrupt {
                     cf: CF_READY,
@@ -163,7 +162,7 @@ impl ShardStore {
                 // shortened in this batch): never handed out. Bounded like
                 // the drop itself; the next poll goes on.
                 if dropped == super::retention::RETENTION_BATCH as u64 {
-                    return Ok(Step::Stop);
+                    return Ok(false);
                 }
                 let key: ReadyKey = k.try_into().map_err(|_| corrupt_key())?;
                 let written = !fresh.holds(&key);
@@ -177,13 +176,13 @@ impl ShardStore {
                     taken.push(key);
                 }
                 last_key = Some(key);
-                return Ok(Step::Took);
+                return Ok(true);
             }
             // Payload and per-message overhead (not a failure's error text).
             let cost = keys::payload_len(v) + crate::storage::POLL_MESSAGE_OVERHEAD;
             let first = messages.is_empty();
             if (!first && bytes + cost > budget) || !max_bytes.take(cost, first) {
-                return Ok(Step::Stop);
+                return Ok(false);
             }
             bytes += cost;
             let (_, id) = keys::parse_ready_key(k).ok_or_else(corrupt_key)?;
@@ -235,16 +234,12 @@ impl ShardStore {
                 taken.push(key);
             }
             last_key = Some(key);
-            Ok(if (messages.len() as u64) < want {
-                Step::Took
-            } else {
-                Step::TookLast
-            })
+            Ok((messages.len() as u64) < want)
         };
         match &cached {
             Some(head) => {
                 for (k, v) in head.range(&start, &end) {
-                    if visit(k, v)? != Step::Took {
+                    if !visit(k, v)? {
                         break;
                     }
                 }
@@ -261,7 +256,7 @@ impl ShardStore {
                         (Some(_), None) => false,
                         (None, Some(_)) => true,
                     };
-                    let step = if from_held {
+                    let go_on = if from_held {
                         let Some((k, v)) = held.next() else {
                             break;
                         };
@@ -270,11 +265,11 @@ impl ShardStore {
                         let (Some(k), Some(v)) = (it.key(), it.value()) else {
                             break;
                         };
-                        let step = visit(k, v)?;
+                        let go_on = visit(k, v)?;
                         it.next();
-                        step
+                        go_on
                     };
-                    if step != Step::Took {
+                    if !go_on {
                         break;
                     }
                 }
@@ -545,15 +540,4 @@ fn queue_stats(
         it.status().map_err(StoreError::rocks("read the head of a queue"))?;
     }
     Ok(stats)
-}
-
-/// What a poll did with one ready record it was shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    /// Took it and wants more.
-    Took,
-    /// Took it and has all it wants.
-    TookLast,
-    /// Left it (over a budget): the poll is done.
-    Stop,
 }
