@@ -40,22 +40,28 @@ fn offload_round_trip(c: &mut Criterion) {
     });
 }
 
-/// The same round trip with the executor yielding its CPU to the offload
-/// thread instead of parking (`offload_yielding`, what a pinned shard's
-/// core does for short storage batches).
-fn offload_round_trip_yielding(c: &mut Criterion) {
-    c.bench_function("offload_round_trip_yielding", |b| {
-        b.iter_custom(|iters| {
-            on_executor(iters, |iters| async move {
-                let start = Instant::now();
-                for i in 0..iters {
-                    let work = move || i + 1;
-                    std::hint::black_box(queueber::runtime::offload_yielding(work, Duration::from_micros(200)).await);
-                }
-                start.elapsed()
+/// A round trip through a shard's own offload thread (`OffloadThread`, what
+/// a shard's core hands its storage batches to): the executor parked while
+/// the work runs, or yielding its CPU to the thread (what a pinned shard's
+/// core does for short batches).
+fn offload_thread_round_trip(c: &mut Criterion) {
+    for (name, yield_for) in [
+        ("offload_thread_round_trip", Duration::ZERO),
+        ("offload_thread_round_trip_yielding", Duration::from_micros(200)),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                on_executor(iters, move |iters| async move {
+                    let thread = queueber::runtime::OffloadThread::spawn("bench-offload".into()).expect("a thread");
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        std::hint::black_box(thread.run(move || i + 1, yield_for).await);
+                    }
+                    start.elapsed()
+                })
             })
-        })
-    });
+        });
+    }
 }
 
 fn cross_core_round_trip(c: &mut Criterion) {
@@ -97,6 +103,6 @@ fn cross_core_round_trip(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(3));
-    targets = offload_round_trip, offload_round_trip_yielding, cross_core_round_trip
+    targets = offload_round_trip, offload_thread_round_trip, cross_core_round_trip
 }
 criterion_main!(benches);

@@ -375,19 +375,26 @@ fn a_busy_executor_still_sees_messages_from_another_thread() {
 
 #[test]
 fn an_executor_waiting_on_offloads_never_parks_with_a_task_queued() {
-    // The storage hand-off (`offload_yielding`): the executor yields its CPU
-    // until the offload's work is done, then collects the result on its next
-    // pass. A preemption timer that fires between that pass's poll (which
+    // The storage hand-off (`OffloadThread`): the executor yields its CPU
+    // until the offload's work is done, or (every other round here) waits
+    // for the offload thread's wake-up, delivered as a foreign wake on its
+    // next pass. A preemption timer that fires between that pass's poll (which
     // wakes the task) and its run of the task queues cut the pass short;
     // upstream then parked with the task queued, and nothing was left to wake
     // it (patch 0003). A 1 ms preemption period makes that window come round
     // hundreds of times a second; unpatched, this stalled within a second.
     let rounds = on_executor(Duration::from_millis(1), Duration::from_secs(30), || {
         Box::pin(async {
+            let thread = queueber::runtime::OffloadThread::spawn("patch-offload".into()).expect("a thread");
             let started = Instant::now();
             let mut rounds = 0u64;
             while started.elapsed() < Duration::from_secs(3) {
-                let echoed = queueber::runtime::offload_yielding(move || rounds, Duration::from_micros(200)).await;
+                let yield_for = if rounds.is_multiple_of(2) {
+                    Duration::from_micros(200)
+                } else {
+                    Duration::ZERO
+                };
+                let echoed = thread.run(move || rounds, yield_for).await;
                 assert_eq!(echoed, rounds);
                 rounds += 1;
             }

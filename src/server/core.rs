@@ -19,8 +19,9 @@
 //!   deadline, or the store's next lease expiry / delay deadline, and runs an
 //!   (empty) batch then, which settles what is due and wakes waiters.
 //!
-//! The store is moved into the blocking-offload thread for each call and moved
-//! back, so exactly one thread touches it at a time without a lock.
+//! The store is moved into the shard's own blocking-offload thread
+//! ([`OffloadThread`]) for each call and moved back, so exactly one thread
+//! touches it at a time without a lock.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ use crate::metrics::{QueueSeries, ShardMetrics, ShardSnapshot};
 use crate::names::QueueName;
 use crate::ops::{self, Plan, ReplyFn, Serve};
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
-use crate::runtime::{offload_yielding, within};
+use crate::runtime::{within, OffloadThread};
 use crate::storage::{
     Command, CommandError, Executed, Outcome, QueueSnapshot, QueueStore, ReplyBudget, StorageError, StoreError,
 };
@@ -380,14 +381,15 @@ pub(crate) fn spawn(
     clock: Arc<dyn Clock>,
     metrics: Rc<ShardMetrics>,
     hand_off: HandOff,
+    offload: OffloadThread,
 ) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
     let (jobs, incoming) = mpsc::unbounded();
-    let task = glommio::spawn_local(run(shard, store, clock, metrics, incoming, hand_off)).detach();
+    let task = glommio::spawn_local(run(shard, store, clock, metrics, incoming, hand_off, offload)).detach();
     (CoreHandle { jobs }, task)
 }
 
 /// How the core waits for a storage batch on its offload thread (see
-/// [`crate::runtime::offload_yielding`]). No batch waits for the disk there
+/// [`OffloadThread::run`]). No batch waits for the disk there
 /// (WAL syncs run on the engine's syncer), so every batch may be yielded to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct HandOff {
@@ -570,6 +572,7 @@ async fn run(
     metrics: Rc<ShardMetrics>,
     mut incoming: mpsc::UnboundedReceiver<Job>,
     hand_off: HandOff,
+    offload: OffloadThread,
 ) -> Box<dyn QueueStore> {
     // Storage logs come from the offload thread: label them with the shard.
     let span = tracing::info_span!("shard", index = shard);
@@ -667,7 +670,7 @@ async fn run(
                 let next = owned.next_deadline();
                 (owned, executed, followed, next)
             };
-            let (owned, mut executed, followed, next) = offload_yielding(work, yield_for).await;
+            let (owned, mut executed, followed, next) = offload.run(work, yield_for).await;
             let took = started.elapsed();
             // A moving average over about the last eight batches.
             typical_batch = (typical_batch * 7 + took) / 8;
@@ -1122,6 +1125,10 @@ fn answer_when_synced(sync: crate::storage::SyncWait, held: Vec<(ReplyTx, Answer
 
 #[cfg(test)]
 mod tests {
+
+    fn test_offload() -> OffloadThread {
+        OffloadThread::spawn("queueber-store-test".into()).expect("a storage thread starts")
+    }
     use super::*;
     use crate::clock::ManualClock;
     use crate::storage::{ModelStore, NewMessage};
@@ -1164,7 +1171,7 @@ mod tests {
                 let hand_off = HandOff {
                     yield_for: Duration::from_micros(200),
                 };
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), hand_off);
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), hand_off, test_offload());
                 let add = core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
@@ -1210,7 +1217,7 @@ mod tests {
             Box::pin(async {
                 let clock = Arc::new(ManualClock::new(1_000));
                 let store = ModelStore::new(clock.clone());
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK);
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK, test_offload());
                 core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::delayed(b"later".to_vec(), 1_000_000)],
@@ -1289,7 +1296,7 @@ mod tests {
                         executed
                     },
                 };
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK);
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK, test_offload());
                 let core = Rc::new(core);
                 let answered = Rc::new(std::cell::Cell::new(false));
                 let add = |payload: &'static [u8]| {
@@ -1372,7 +1379,14 @@ mod tests {
                         inner.execute(commands)
                     },
                 };
-                let (core, task) = spawn(0, Box::new(counted), clock.clone(), Rc::default(), HandOff::PARK);
+                let (core, task) = spawn(
+                    0,
+                    Box::new(counted),
+                    clock.clone(),
+                    Rc::default(),
+                    HandOff::PARK,
+                    test_offload(),
+                );
                 core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"m".to_vec())],
@@ -1475,7 +1489,7 @@ mod tests {
                 let clock = Arc::new(ManualClock::new(1_700_000_000_000));
                 let store = logged_shard_store(&path, clock.clone(), logged.clone());
                 let metrics = Rc::new(ShardMetrics::default());
-                let (core, task) = spawn(0, store, clock, metrics.clone(), HandOff::PARK);
+                let (core, task) = spawn(0, store, clock, metrics.clone(), HandOff::PARK, test_offload());
                 let core = Rc::new(core);
                 // The queue exists and is empty.
                 core.call(Op::Add(ops::Add {

@@ -349,7 +349,22 @@ impl Shard {
             }
         };
         let metrics = Rc::new(crate::metrics::ShardMetrics::default());
-        let (core, core_task) = core::spawn(self.index, self.store, self.clock, metrics.clone(), self.hand_off);
+        // Its storage thread: spawned here, on the executor, so it shares the
+        // executor's CPU (a thread inherits its creator's affinity).
+        let offload = runtime::OffloadThread::spawn(format!("queueber-store-{}", self.index)).map_err(|source| {
+            ServerError::Io {
+                context: format!("starting shard {}'s storage thread", self.index),
+                source,
+            }
+        })?;
+        let (core, core_task) = core::spawn(
+            self.index,
+            self.store,
+            self.clock,
+            metrics.clone(),
+            self.hand_off,
+            offload,
+        );
         self.status.add_core(self.index, core.clone());
         let (router, mut arrivals) =
             Router::connect(self.index, self.shards, core.clone(), metrics.clone(), self.links).await;

@@ -1,62 +1,26 @@
 //! Small runtime helpers the server leans on (in the spirit of Redpanda's
-//! `ssx`): blocking offload, CPU placement, locked-memory limits, executor
-//! construction and a timeout.
+//! `ssx`): blocking offload (glommio's pool for occasional work, a shard's
+//! own [`OffloadThread`] for its storage batches), CPU placement,
+//! locked-memory limits, executor construction and a timeout.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-/// Runs blocking work (RocksDB) on the executor's blocking-offload thread so
-/// the executor keeps serving while it runs.
+mod offload_thread;
+pub use offload_thread::OffloadThread;
+
+/// Runs occasional blocking work (a metrics scrape's RocksDB reads, file
+/// reads) on glommio's blocking-offload pool so the executor keeps serving
+/// while it runs. A shard's storage batches, which come by the thousand per
+/// second, go to its [`OffloadThread`] instead.
 pub async fn offload<F, R>(work: F) -> R
 where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
     glommio::executor().spawn_blocking(work).await
-}
-
-/// [`offload`], but while the work runs the executor hands its CPU to the
-/// offload thread (`sched_yield`) for up to `yield_for` instead of parking.
-///
-/// Why: the shard's executor and its offload thread share one CPU, so the
-/// executor can do nothing useful while a storage batch runs. Parking costs
-/// more than the batch on a virtualised host: arming the reactor's timer
-/// (about 13 µs on the benchmark guest), an eventfd write from the offload
-/// thread, and a wake-up. Yielding lets the batch run at once and finds its
-/// result without any of those. Work that outlasts `yield_for` (a batch
-/// waiting on fsync, say) is awaited the usual way, so the executor never
-/// spins longer than that.
-pub async fn offload_yielding<F, R>(work: F, yield_for: Duration) -> R
-where
-    F: FnOnce() -> R + Send + 'static,
-    R: Send + 'static,
-{
-    if yield_for.is_zero() {
-        return offload(work).await;
-    }
-    let done = Arc::new(AtomicBool::new(false));
-    let finished = done.clone();
-    let mut result = std::pin::pin!(glommio::executor().spawn_blocking(move || {
-        let r = work();
-        finished.store(true, Ordering::Release);
-        r
-    }));
-    // The first poll hands the work to the offload thread.
-    if let Poll::Ready(r) = futures::poll!(result.as_mut()) {
-        return r;
-    }
-    let until = Instant::now() + yield_for;
-    while !done.load(Ordering::Acquire) && Instant::now() < until {
-        std::thread::yield_now();
-    }
-    // Done (its result is collected on the reactor's next pass, without a
-    // park) or out of patience (an ordinary wait).
-    result.await
 }
 
 /// Awaits `fut` for at most `limit`; `None` on timeout.
@@ -210,47 +174,5 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(out, (42, true));
-    }
-
-    #[test]
-    fn a_yielding_offload_returns_the_work_whether_it_outlasts_the_yield_or_not() {
-        let out = executor("t", None, 1 << 20)
-            .spawn(|| async {
-                let short = offload_yielding(|| 21 * 2, Duration::from_millis(50)).await;
-                // Longer than the yield: the executor stops yielding and waits,
-                // and keeps serving its other tasks meanwhile.
-                let ticks = std::rc::Rc::new(std::cell::Cell::new(0u32));
-                let counter = ticks.clone();
-                let ticker = glommio::spawn_local(async move {
-                    loop {
-                        counter.set(counter.get() + 1);
-                        glommio::timer::sleep(Duration::from_millis(5)).await;
-                    }
-                })
-                .detach();
-                let started = Instant::now();
-                let long = offload_yielding(
-                    || {
-                        std::thread::sleep(Duration::from_millis(100));
-                        7
-                    },
-                    Duration::from_micros(200),
-                )
-                .await;
-                let waited = started.elapsed();
-                ticker.cancel();
-                let off = offload_yielding(|| 9, Duration::ZERO).await;
-                (short, long, off, waited, ticks.get())
-            })
-            .unwrap()
-            .join()
-            .unwrap();
-        let (short, long, off, waited, ticks) = out;
-        assert_eq!((short, long, off), (42, 7, 9));
-        assert!(waited >= Duration::from_millis(100), "{waited:?}");
-        assert!(
-            ticks >= 5,
-            "the executor served other tasks while it waited: {ticks} ticks"
-        );
     }
 }
