@@ -98,6 +98,60 @@ fn a_busy_task_queue_is_preempted_again_after_every_preemption() {
 }
 
 #[test]
+fn due_timers_fire_in_deadline_order_and_cancelled_ones_never() {
+    // Patch 0008 takes due timers off the front of the timer tree one by one
+    // instead of splitting the tree. Timers with deadlines spread over 40 ms
+    // (some sharing a deadline) must each fire once (a wake-up lost there
+    // hangs this test into its timeout), in deadline order; timers dropped
+    // before their deadline must not fire.
+    let (fired, cancelled_fired) = on_executor(Duration::from_millis(100), Duration::from_secs(30), || {
+        Box::pin(async {
+            let order = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+            let cancelled_fired = std::rc::Rc::new(std::cell::Cell::new(0u32));
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            let mut cancelled = Vec::new();
+            for i in 0..200u64 {
+                let deadline = Duration::from_micros((i * 7919) % 40_000);
+                if i % 5 == 0 {
+                    let count = cancelled_fired.clone();
+                    cancelled.push(glommio::spawn_local(async move {
+                        glommio::timer::sleep(deadline + Duration::from_millis(20)).await;
+                        count.set(count.get() + 1);
+                    }));
+                    continue;
+                }
+                let order = order.clone();
+                tasks.push(
+                    glommio::spawn_local(async move {
+                        glommio::timer::sleep(deadline).await;
+                        order.borrow_mut().push((deadline, started.elapsed()));
+                    })
+                    .detach(),
+                );
+            }
+            // Cancel the others before any of them is due.
+            drop(cancelled);
+            for t in tasks {
+                t.await;
+            }
+            glommio::timer::sleep(Duration::from_millis(80)).await;
+            let fired = order.borrow().clone();
+            (fired, cancelled_fired.get())
+        })
+    });
+    assert_eq!(fired.len(), 160, "every timer fired once");
+    for (deadline, at) in &fired {
+        assert!(at >= deadline, "a timer for {deadline:?} fired at {at:?}");
+    }
+    assert!(
+        fired.windows(2).all(|w| w[0].0 <= w[1].0),
+        "timers fired out of deadline order: {fired:?}"
+    );
+    assert_eq!(cancelled_fired, 0, "a dropped timer fired");
+}
+
+#[test]
 fn a_timer_fires_while_other_tasks_keep_the_executor_busy() {
     let slept = on_executor(Duration::from_millis(100), Duration::from_secs(30), || {
         Box::pin(async {
