@@ -475,6 +475,10 @@ async fn read_requests<S: AsyncRead + AsyncWrite>(
     // The receive buffer counts against the server, not the share.
     let mut buffer_charge = Charge::server(&ctx.budget, 0);
     let mut closing_at: Option<Instant> = None;
+    // One watch for the whole connection, not one per read that has to
+    // wait (each registers two listeners, an allocation apiece). Fused: once
+    // it has fired, `closing_at` is set and it is not awaited again.
+    let mut stopping = pin!(futures::FutureExt::fuse(conn.stopping()));
     loop {
         // Dispatch every request that has fully arrived.
         loop {
@@ -557,7 +561,7 @@ async fn read_requests<S: AsyncRead + AsyncWrite>(
                     // every request instead of losing answers to a reset. A
                     // writer that failed (the client stopped reading past the
                     // stall timeout) ends the connection even while idle.
-                    None => match select(read, pin!(conn.stopping())).await {
+                    None => match select(read, stopping.as_mut()).await {
                         Either::Left((read, _)) => read,
                         Either::Right(_) if conn.broken.get() => return Stop::Eof,
                         Either::Right(_) => {
