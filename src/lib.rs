@@ -22,7 +22,7 @@
 //! * [`metrics`]: what the server counts (per shard, per queue) and the
 //!   Prometheus / OpenMetrics text a scrape renders.
 //! * [`runtime`]: the small helpers the server leans on (blocking offload,
-//!   CPU placement, locked memory, timeouts).
+//!   a shard's own storage thread, CPU placement, locked memory, timeouts).
 //! * [`auth`]: the token file, secret verification, grants and their
 //!   reload (what the server enforces per connection).
 //! * [`tls`]: rustls configurations for the server, the metrics endpoint

@@ -530,6 +530,35 @@ pub fn encode_counters(c: &Counters, leased: u64) -> Vec<u8> {
     v
 }
 
+/// Whether counters encoded as `new` differ from the `stored` ones only by a
+/// higher floor (or a floor where none was stored: no floor is the queue's
+/// lowest key).
+///
+/// Why: the floor is a lower bound that scans start from ("every live ready
+/// key sorts at or above it"), so a stored floor below the true one is still
+/// correct, only a longer scan after a restart (over the records taken in
+/// between). A batch that adds as many messages to a queue as it leases
+/// from it (an add that wakes a long poll; at B=1, an add and a poll in one
+/// batch) changes the queue's counters only by its floor: the shard skips
+/// that write for a bounded number of batches in a row
+/// (`tables::FLOOR_LAG_BATCHES`), which saves a counters write per message
+/// on those paths.
+pub fn only_floor_rose(stored: &[u8], new: &[u8]) -> bool {
+    const FIXED: usize = 1 + 32;
+    if stored.first() != Some(&COUNTERS_V5) || stored.len() < FIXED || new.len() < FIXED {
+        return false;
+    }
+    if stored[..FIXED] != new[..FIXED] {
+        return false;
+    }
+    let (old_floor, new_floor) = (&stored[FIXED..], &new[FIXED..]);
+    if new_floor.is_empty() {
+        // No floor is the lowest: a floor that went back to none dropped.
+        return old_floor.is_empty();
+    }
+    old_floor.is_empty() || new_floor > old_floor
+}
+
 /// Whether stored counters leave the leased payloads out of `bytes`
 /// ([`encode_counters`]); older ones count them.
 pub fn counters_exclude_leased(v: &[u8]) -> bool {
@@ -675,6 +704,94 @@ mod tests {
         assert_eq!(parse_name_key(&name_key(&a)), Some(a));
         assert_eq!(parse_name_key(&counters_key(1)), None);
         assert_eq!(parse_name_key(&[b'n', 200, b'x']), None);
+    }
+
+    #[test]
+    fn only_a_rising_floor_is_left_unwritten() {
+        let at = |n: u8| Some(ready_key(1, u64::from(n), &mid(n)).to_vec());
+        let base = Counters {
+            ready: 2,
+            bytes: Some(10),
+            dead: 1,
+            dropped: 0,
+            floor: at(5),
+        };
+        let stored = encode_counters(&base, 0);
+        let with = |c: Counters| encode_counters(&c, 0);
+        assert!(only_floor_rose(
+            &stored,
+            &with(Counters {
+                floor: at(7),
+                ..base.clone()
+            })
+        ));
+        assert!(
+            !only_floor_rose(
+                &stored,
+                &with(Counters {
+                    floor: at(3),
+                    ..base.clone()
+                })
+            ),
+            "a floor that drops is written"
+        );
+        assert!(
+            !only_floor_rose(&stored, &stored),
+            "unchanged is not a rise (and is skipped anyway)"
+        );
+        assert!(
+            !only_floor_rose(
+                &stored,
+                &with(Counters {
+                    floor: None,
+                    ..base.clone()
+                })
+            ),
+            "back to no floor is a drop"
+        );
+        assert!(
+            !only_floor_rose(
+                &stored,
+                &with(Counters {
+                    ready: 3,
+                    floor: at(7),
+                    ..base.clone()
+                })
+            ),
+            "another counter changed"
+        );
+        assert!(!only_floor_rose(
+            &stored,
+            &with(Counters {
+                bytes: Some(11),
+                floor: at(7),
+                ..base.clone()
+            })
+        ));
+        let none = with(Counters {
+            floor: None,
+            ..base.clone()
+        });
+        assert!(
+            only_floor_rose(
+                &none,
+                &with(Counters {
+                    floor: at(1),
+                    ..base.clone()
+                })
+            ),
+            "no floor is the lowest"
+        );
+        // Counters of an older format are always rewritten.
+        let mut v4 = stored.clone();
+        v4[0] = COUNTERS_V4;
+        assert!(!only_floor_rose(
+            &v4,
+            &with(Counters {
+                floor: at(7),
+                ..base.clone()
+            })
+        ));
     }
 
     #[test]

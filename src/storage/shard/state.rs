@@ -74,6 +74,11 @@ pub(super) struct QueueState {
     /// twice.
     pub(super) batch_low: Option<ReadyKey>,
     pub(super) dirty: bool,
+    /// Batches since the counters were last written in which only the floor
+    /// rose, so the stored floor lags (see [`super::tables`]'s
+    /// `put_counters`): bounded, so a scan after a restart never starts far
+    /// below the true floor.
+    pub(super) floor_lag: u32,
     /// Moves with every change to the queue's ready records (a record
     /// written or taken, a purge): while it stands still the ready index of
     /// the queue is what it was, and so is its head.
@@ -143,6 +148,7 @@ impl QueueState {
             policy_version: 0,
             batch_low: None,
             dirty: false,
+            floor_lag: 0,
             ready_generation: 0,
             head_seen: std::cell::Cell::new(None),
             retention: None,

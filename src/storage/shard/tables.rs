@@ -13,6 +13,12 @@
 
 use rocksdb::ColumnFamily;
 
+/// How many batches in a row may leave a queue's stored floor behind the
+/// true one (see [`keys::only_floor_rose`]). A restart then scans at most
+/// the records those batches took (put and deleted) before it reaches the
+/// true floor; the floor is written with the batch after.
+pub(super) const FLOOR_LAG_BATCHES: u32 = 64;
+
 #[allow(unused_imports)]
 use super::*;
 
@@ -294,15 +300,25 @@ impl<'e> Registry<'e> {
         );
     }
 
-    /// Persists a queue's counters if they changed since the last batch.
     /// Writes a changed queue's counters, unless they are stored as they
-    /// are (a batch of removes only: see [`keys::encode_counters`]).
+    /// are (a batch of removes only: see [`keys::encode_counters`]) or
+    /// differ only by a floor that rose, for at most [`FLOOR_LAG_BATCHES`]
+    /// batches in a row (see [`keys::only_floor_rose`]).
     pub(super) fn put_counters(&self, writes: &mut WriteBatch, q: &mut QueueState) {
         if std::mem::take(&mut q.dirty) {
             let encoded = keys::encode_counters(&q.counters, q.leased_bytes);
-            if q.persisted.as_deref() != Some(&encoded[..]) {
+            let skip = match q.persisted.as_deref() {
+                Some(stored) if stored == &encoded[..] => true,
+                Some(stored) if q.floor_lag < FLOOR_LAG_BATCHES && keys::only_floor_rose(stored, &encoded) => {
+                    q.floor_lag += 1;
+                    true
+                }
+                _ => false,
+            };
+            if !skip {
                 writes.put_cf(self.0, keys::counters_key(q.qid), &encoded);
                 q.persisted = Some(encoded);
+                q.floor_lag = 0;
             }
         }
     }
