@@ -181,6 +181,11 @@ impl Daemon {
 impl Drop for Daemon {
     /// A failing test must not leave a server running.
     fn drop(&mut self) {
+        // A failing test shows what the server said before its log goes.
+        if std::thread::panicking() {
+            let status = self.child.try_wait();
+            eprintln!("queueberd ({status:?}) log:\n{}", self.log_text());
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
