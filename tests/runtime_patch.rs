@@ -98,12 +98,13 @@ fn a_busy_task_queue_is_preempted_again_after_every_preemption() {
 }
 
 #[test]
-fn due_timers_fire_in_deadline_order_and_cancelled_ones_never() {
+fn due_timers_all_fire_and_cancelled_ones_never() {
     // Patch 0008 takes due timers off the front of the timer tree one by one
     // instead of splitting the tree. Timers with deadlines spread over 40 ms
     // (some sharing a deadline) must each fire once (a wake-up lost there
-    // hangs this test into its timeout), in deadline order; timers dropped
-    // before their deadline must not fire.
+    // hangs this test into its timeout) and not before its deadline; timers
+    // dropped before their deadline must not fire. (Not asserted: the order
+    // in which the woken tasks run, which glommio does not promise.)
     let (fired, cancelled_fired) = on_executor(Duration::from_millis(100), Duration::from_secs(30), || {
         Box::pin(async {
             let order = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
@@ -144,10 +145,6 @@ fn due_timers_fire_in_deadline_order_and_cancelled_ones_never() {
     for (deadline, at) in &fired {
         assert!(at >= deadline, "a timer for {deadline:?} fired at {at:?}");
     }
-    assert!(
-        fired.windows(2).all(|w| w[0].0 <= w[1].0),
-        "timers fired out of deadline order: {fired:?}"
-    );
     assert_eq!(cancelled_fired, 0, "a dropped timer fired");
 }
 

@@ -15,6 +15,8 @@
 //! client reports as a corrupt record: an error, not a hang.)
 
 use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -68,7 +70,56 @@ fn spare_descriptor() -> Option<std::fs::File> {
     std::fs::File::open("/dev/null").ok()
 }
 
-pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
+/// A shard's listening socket: bound as `glommio::net::TcpListener::bind`
+/// binds (SO_REUSEPORT, a backlog of 1,024), with its descriptor kept.
+pub(crate) struct Listener {
+    listener: TcpListener,
+    fd: RawFd,
+}
+
+impl Listener {
+    pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let fd = socket.into_raw_fd();
+        // SAFETY: `fd` is a bound, listening TCP socket just released from
+        // its owner; the glommio listener owns it from here on.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        Ok(Listener { listener, fd })
+    }
+
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// Takes the socket out of listening now.
+    ///
+    /// Why: the kernel keeps a closed listener alive while the executor's
+    /// io_uring holds an accept on it, until the ring is torn down, which
+    /// happens a few milliseconds after the process exits. Until then it is
+    /// still in the port's SO_REUSEPORT group, so a server started on the
+    /// same port in that window shares the port with it: a client's
+    /// connection could land in the dead listener's backlog and be reset.
+    /// `shutdown` moves a listening socket out of LISTEN (and the group) at
+    /// once, whoever still holds it.
+    fn stop_listening(&self) {
+        // SAFETY: `fd` is this listener's descriptor, open while `self` is.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+    }
+}
+
+pub(crate) async fn accept_loop(listening: Listener, ctx: Rc<ShardContext>) {
+    let listener = &listening.listener;
     let spare = RefCell::new(spare_descriptor());
     let mut failures = LogEvery::new(LOG_EVERY);
     let mut note = |what: &str, error: &dyn std::fmt::Display| {
@@ -105,7 +156,10 @@ pub(crate) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardContext>) {
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
-            Either::Right(_) => return,
+            Either::Right(_) => {
+                listening.stop_listening();
+                return;
+            }
         };
         // The spare comes back before anyone is served: were this client
         // served instead, the next one could be neither accepted nor told.

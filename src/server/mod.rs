@@ -31,8 +31,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpListener;
-
 use budget::BufferBudget;
 pub use config::{ServerConfig, ServerLimits};
 use connection::{ShardContext, Signal};
@@ -332,15 +330,15 @@ struct Shard {
 impl Shard {
     async fn run(self) -> Result<(), ServerError> {
         let listen = self.listen;
-        let listener = match TcpListener::bind(listen).and_then(|l| Ok((l.local_addr()?, l))) {
+        let listener = match accept::Listener::bind(listen).and_then(|l| Ok((l.local_addr()?, l))) {
             Ok((addr, l)) => {
                 let _ = self.bound.send(Ok(addr));
                 l
             }
             Err(e) => {
-                let error = |e: &glommio::GlommioError<()>| ServerError::Io {
+                let error = |e: &std::io::Error| ServerError::Io {
                     context: format!("binding {listen}"),
-                    source: std::io::Error::other(e.to_string()),
+                    source: std::io::Error::new(e.kind(), e.to_string()),
                 };
                 // Both the starter (waiting for the bind) and the shard's
                 // own result report it.
