@@ -509,6 +509,9 @@ const COUNTERS_V4: u8 = 4;
 /// As v4, but `bytes` leaves out the payloads of leased messages, which
 /// recovery counts from the lease blocks it reads anyway.
 const COUNTERS_V5: u8 = 5;
+/// Where the floor starts in v4 and v5 counters: the tag, then `ready`,
+/// `bytes`, `dead` and `dropped` (8 bytes each).
+const COUNTERS_FLOOR_AT: usize = 1 + 4 * 8;
 
 /// Encodes counters with `leased` (the payload bytes of the queue's leased
 /// messages) left out of `bytes`.
@@ -518,7 +521,7 @@ const COUNTERS_V5: u8 = 5;
 /// persisted counters do not change, and a batch of removes writes none
 /// (the shard skips a write that would not change the stored value).
 pub fn encode_counters(c: &Counters, leased: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + 32 + 32);
+    let mut v = Vec::with_capacity(COUNTERS_FLOOR_AT + 32);
     v.push(COUNTERS_V5);
     v.extend_from_slice(&c.ready.to_be_bytes());
     v.extend_from_slice(&c.bytes.unwrap_or(0).saturating_sub(leased).to_be_bytes());
@@ -544,14 +547,14 @@ pub fn encode_counters(c: &Counters, leased: u64) -> Vec<u8> {
 /// (`tables::FLOOR_LAG_BATCHES`), which saves a counters write per message
 /// on those paths.
 pub fn only_floor_rose(stored: &[u8], new: &[u8]) -> bool {
-    const FIXED: usize = 1 + 32;
-    if stored.first() != Some(&COUNTERS_V5) || stored.len() < FIXED || new.len() < FIXED {
+    const AT: usize = COUNTERS_FLOOR_AT;
+    if stored.first() != Some(&COUNTERS_V5) || stored.len() < AT || new.len() < AT {
         return false;
     }
-    if stored[..FIXED] != new[..FIXED] {
+    if stored[..AT] != new[..AT] {
         return false;
     }
-    let (old_floor, new_floor) = (&stored[FIXED..], &new[FIXED..]);
+    let (old_floor, new_floor) = (&stored[AT..], &new[AT..]);
     if new_floor.is_empty() {
         // No floor is the lowest: a floor that went back to none dropped.
         return old_floor.is_empty();
@@ -576,7 +579,7 @@ pub fn parse_counters(v: &[u8]) -> Option<Counters> {
             bytes: Some(u64_at(9)?),
             dead: u64_at(17)?,
             dropped: u64_at(25)?,
-            floor: floor_from(33),
+            floor: floor_from(COUNTERS_FLOOR_AT),
         }),
         // Written before retention existed: nothing was dropped.
         Some(&COUNTERS_V3) => Some(Counters {
