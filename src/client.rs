@@ -376,7 +376,9 @@ impl Client {
     }
 
     pub async fn get_policy(&self, queue: &QueueName) -> Result<PolicyInfo, ClientError> {
-        self.send(ops::GetPolicy { queue: queue.clone() }).await
+        self.send(ops::GetPolicy { queue: queue.clone() })
+            .await
+            .map(|info| *info)
     }
 
     /// Replaces the queue's policy whole; returns it with its new version.
@@ -386,6 +388,7 @@ impl Client {
             policy: Box::new(policy),
         })
         .await
+        .map(|info| *info)
     }
 
     pub async fn delete(&self, queue: &QueueName) -> Result<(), ClientError> {

@@ -19,11 +19,13 @@ pub struct CreateQueue {
 }
 
 /// What `createQueue` answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueCreated {
     /// The queue is new (false: it existed with this policy).
     pub created: bool,
-    pub policy: PolicyInfo,
+    /// Boxed: a policy is the largest reply by far, and every reply the
+    /// server passes between tasks is as large as the largest.
+    pub policy: Box<PolicyInfo>,
 }
 
 impl Operation for CreateQueue {
@@ -52,7 +54,10 @@ impl Operation for CreateQueue {
 
     fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<QueueCreated, ResponseDecodeError> {
         let (policy, created) = read_policy_reply(arm)?;
-        Ok(QueueCreated { created, policy })
+        Ok(QueueCreated {
+            created,
+            policy: Box::new(policy),
+        })
     }
 }
 
@@ -92,10 +97,7 @@ mod serve {
 
         fn reply(outcomes: &mut Outcomes<'_>) -> Result<QueueCreated, ErrorReply> {
             one(outcomes, Self::NAME, |o| match o {
-                Outcome::Created { created, policy } => Ok(QueueCreated {
-                    created,
-                    policy: *policy,
-                }),
+                Outcome::Created { created, policy } => Ok(QueueCreated { created, policy }),
                 other => Err(other),
             })
         }

@@ -15,7 +15,9 @@ pub struct GetPolicy {
 
 impl Operation for GetPolicy {
     const NAME: &'static str = "getPolicy";
-    type Reply = PolicyInfo;
+    /// Boxed: a policy is the largest reply by far, and every reply the
+    /// server passes between tasks is as large as the largest.
+    type Reply = Box<PolicyInfo>;
     type RequestArm<'a> = capnp::Result<queue_ref::Reader<'a>>;
     type ResponseArm<'a> = capnp::Result<policy_reply::Reader<'a>>;
 
@@ -29,12 +31,12 @@ impl Operation for GetPolicy {
         set_queue(root.init_get_policy(), &self.queue);
     }
 
-    fn encode_reply(reply: &PolicyInfo, root: response::Builder<'_>) {
+    fn encode_reply(reply: &Box<PolicyInfo>, root: response::Builder<'_>) {
         set_policy_reply(root.init_get_policy(), reply, false);
     }
 
-    fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<PolicyInfo, ResponseDecodeError> {
-        read_policy_reply(arm).map(|(info, _)| info)
+    fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<Box<PolicyInfo>, ResponseDecodeError> {
+        read_policy_reply(arm).map(|(info, _)| Box::new(info))
     }
 }
 
@@ -67,9 +69,9 @@ mod serve {
             Plan::Commands(1)
         }
 
-        fn reply(outcomes: &mut Outcomes<'_>) -> Result<PolicyInfo, ErrorReply> {
+        fn reply(outcomes: &mut Outcomes<'_>) -> Result<Box<PolicyInfo>, ErrorReply> {
             one(outcomes, Self::NAME, |o| match o {
-                Outcome::Policy(p) => Ok(*p),
+                Outcome::Policy(p) => Ok(p),
                 other => Err(other),
             })
         }

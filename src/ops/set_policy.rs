@@ -20,7 +20,8 @@ pub struct SetPolicy {
 
 impl Operation for SetPolicy {
     const NAME: &'static str = "setPolicy";
-    type Reply = PolicyInfo;
+    /// Boxed, as `getPolicy`'s.
+    type Reply = Box<PolicyInfo>;
     type RequestArm<'a> = capnp::Result<set_policy_request::Reader<'a>>;
     type ResponseArm<'a> = capnp::Result<policy_reply::Reader<'a>>;
 
@@ -38,12 +39,12 @@ impl Operation for SetPolicy {
         set_policy(b.init_policy(), &self.policy);
     }
 
-    fn encode_reply(reply: &PolicyInfo, root: response::Builder<'_>) {
+    fn encode_reply(reply: &Box<PolicyInfo>, root: response::Builder<'_>) {
         set_policy_reply(root.init_set_policy(), reply, false);
     }
 
-    fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<PolicyInfo, ResponseDecodeError> {
-        read_policy_reply(arm).map(|(info, _)| info)
+    fn decode_reply(arm: Self::ResponseArm<'_>) -> Result<Box<PolicyInfo>, ResponseDecodeError> {
+        read_policy_reply(arm).map(|(info, _)| Box::new(info))
     }
 }
 
@@ -81,9 +82,9 @@ mod serve {
             Plan::Commands(1)
         }
 
-        fn reply(outcomes: &mut Outcomes<'_>) -> Result<PolicyInfo, ErrorReply> {
+        fn reply(outcomes: &mut Outcomes<'_>) -> Result<Box<PolicyInfo>, ErrorReply> {
             one(outcomes, Self::NAME, |o| match o {
-                Outcome::Policy(p) => Ok(*p),
+                Outcome::Policy(p) => Ok(p),
                 other => Err(other),
             })
         }

@@ -15,6 +15,7 @@
 //! ([`super::connection`]'s `Stop::Move`), so it stops paying a hop per
 //! request.
 
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -149,13 +150,18 @@ impl Router {
     /// Runs `op` on shard `owner` ([`Router::owner`] of it). `budget` is the
     /// calling connection's buffer account (a poll's reply is limited by
     /// it). `read_at` is when the request's frame was read.
-    pub(crate) async fn call(
+    ///
+    /// A call for this shard is submitted at once, before the returned
+    /// future is first polled (dropping the future cancels it, as ever).
+    /// That keeps the future down to the reply's receiver: it lives in
+    /// every request's task, which glommio allocates and moves whole.
+    pub(crate) fn call(
         &self,
         owner: Option<usize>,
         op: Op,
         read_at: Instant,
         budget: Option<Arc<ConnectionBudget>>,
-    ) -> Answered {
+    ) -> impl Future<Output = Answered> + '_ {
         let owner = owner.unwrap_or(self.index);
         let (reply, answer) = oneshot::channel();
         let call = Call {
@@ -164,18 +170,32 @@ impl Router {
             read_at,
             budget,
         };
-        if owner == self.index {
+        let sending = if owner == self.index {
             self.core.submit(call);
+            None
         } else {
+            // Boxed: the channel's send future holds a whole envelope. Only
+            // calls for another shard pay for the box, beside a hop that
+            // costs far more.
             self.metrics.record_cross_shard();
-            let Some(peer) = self.peers.get(owner).and_then(Option::as_ref) else {
-                return Answered::now(Err(unavailable(owner)));
-            };
-            if peer.send(Envelope::Call(call)).await.is_err() {
-                return Answered::now(Err(unavailable(owner)));
+            Some(Box::pin(self.send_call(owner, call)))
+        };
+        async move {
+            if let Some(sending) = sending {
+                if !sending.await {
+                    return Answered::now(Err(unavailable(owner)));
+                }
             }
+            answer.await.unwrap_or_else(|_| Answered::now(Err(unavailable(owner))))
         }
-        answer.await.unwrap_or_else(|_| Answered::now(Err(unavailable(owner))))
+    }
+
+    /// Puts `call` on the channel to shard `owner`; false if it is gone.
+    async fn send_call(&self, owner: usize, call: Call) -> bool {
+        match self.peers.get(owner).and_then(Option::as_ref) {
+            Some(peer) => peer.send(Envelope::Call(call)).await.is_ok(),
+            None => false,
+        }
     }
 
     /// Hands a connection to shard `to`. If that shard takes no more (it is
