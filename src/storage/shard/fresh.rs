@@ -19,7 +19,9 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use rocksdb::{ColumnFamily, WriteBatch};
+use rocksdb::WriteBatch;
+
+use crate::storage::engine::Family;
 
 use crate::names::QueueName;
 use crate::storage::keys::{self, QueueId, ReadyKey};
@@ -109,7 +111,7 @@ impl Fresh {
     }
 
     /// Writes what is still held, once the batch's commands are applied.
-    pub(super) fn flush(&mut self, writes: &mut WriteBatch, ready: &ColumnFamily) {
+    pub(super) fn flush(&mut self, writes: &mut WriteBatch, ready: &Family) {
         for (key, at) in std::mem::take(&mut self.held) {
             writes.put_cf(ready, key, &self.bytes[at]);
         }

@@ -11,7 +11,7 @@
 //! a key written twice is undefined in RocksDB, which is why it is not left
 //! to each call site.
 
-use rocksdb::ColumnFamily;
+use crate::storage::engine::Family;
 
 /// How many batches in a row may leave a queue's stored floor behind the
 /// true one (see [`keys::only_floor_rose`]). A restart then scans at most
@@ -26,7 +26,7 @@ use super::*;
 /// visible-at, id). A key is written once: ids are unique, and a message
 /// that comes back does so under a new visible-at. Each record written or
 /// taken moves the queue's retention index with it (when it keeps one).
-pub(super) struct ReadyIndex<'e>(&'e ColumnFamily, RetentionIndex<'e>);
+pub(super) struct ReadyIndex<'e>(&'e Family, RetentionIndex<'e>);
 
 impl<'e> ReadyIndex<'e> {
     /// Resolved per use (a name lookup): each call site takes only the
@@ -127,7 +127,7 @@ impl<'e> ReadyIndex<'e> {
 /// message in flight has no entry (retention does not take it from its
 /// worker). Keys are rewritten (a message that comes back is indexed again
 /// under the same key): deleted plainly.
-pub(super) struct RetentionIndex<'e>(&'e ColumnFamily);
+pub(super) struct RetentionIndex<'e>(&'e Family);
 
 impl<'e> RetentionIndex<'e> {
     pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
@@ -177,7 +177,7 @@ pub(super) type MemberKey = [u8; keys::MEMBER_KEY_LEN];
 /// inserts per lease (a third of the server's instructions per message at
 /// B=32, callgrind). Leases from before blocks (an expiry in the header, a
 /// record per member key) are still read and ended.
-pub(super) struct LeaseTable<'e>(&'e ColumnFamily);
+pub(super) struct LeaseTable<'e>(&'e Family);
 
 impl<'e> LeaseTable<'e> {
     pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
@@ -222,7 +222,7 @@ pub(super) struct Death {
 /// Dead letters, keyed (queue, died-at, id). Deleted plainly, not with
 /// `SingleDelete`: a message redriven and dead again within the same
 /// millisecond would write its key twice.
-pub(super) struct DeadSet<'e>(&'e ColumnFamily, RetentionIndex<'e>);
+pub(super) struct DeadSet<'e>(&'e Family, RetentionIndex<'e>);
 
 impl<'e> DeadSet<'e> {
     pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
@@ -263,7 +263,7 @@ impl<'e> DeadSet<'e> {
 }
 
 /// The registry: queue names to ids, and each queue's counters.
-pub(super) struct Registry<'e>(&'e ColumnFamily);
+pub(super) struct Registry<'e>(&'e Family);
 
 impl<'e> Registry<'e> {
     pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
