@@ -23,19 +23,45 @@ pub(crate) fn bad(what: &'static str, detail: impl Into<String>) -> ResponseDeco
 }
 
 /// A queue reference of a request; empty names mean `default`.
+///
+/// Clients send the same queue over and over, so the name last decoded on
+/// this thread is kept: a request naming it again gets it back without
+/// validating the name or allocating it (about 700 of the 3,500
+/// instructions a request took to decode, callgrind). The bytes match a
+/// name that passed validation, so they are valid too.
 pub(crate) fn read_queue(r: capnp::Result<queue_ref::Reader<'_>>) -> Result<QueueName, ErrorReply> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<QueueName>> = const { std::cell::RefCell::new(None) };
+    }
     let r = r.map_err(malformed)?;
-    let tenant = r
-        .get_tenant()
-        .map_err(malformed)?
+    let tenant = r.get_tenant().map_err(malformed)?;
+    let queue = r.get_queue().map_err(malformed)?;
+    let same = |last: &QueueName| {
+        or_default(tenant.as_bytes()) == last.tenant().as_bytes()
+            && or_default(queue.as_bytes()) == last.queue().as_bytes()
+    };
+    if let Some(last) = LAST.with_borrow(|last| last.as_ref().filter(|last| same(last)).cloned()) {
+        return Ok(last);
+    }
+    let tenant = tenant
         .to_str()
         .map_err(|e| ErrorReply::new(ErrorCode::InvalidName, format!("tenant is not UTF-8: {e}")))?;
-    let queue = r
-        .get_queue()
-        .map_err(malformed)?
+    let queue = queue
         .to_str()
         .map_err(|e| ErrorReply::new(ErrorCode::InvalidName, format!("queue is not UTF-8: {e}")))?;
-    QueueName::from_wire(tenant, queue).map_err(|e| ErrorReply::new(ErrorCode::InvalidName, e.to_string()))
+    let name =
+        QueueName::from_wire(tenant, queue).map_err(|e| ErrorReply::new(ErrorCode::InvalidName, e.to_string()))?;
+    LAST.with_borrow_mut(|last| *last = Some(name.clone()));
+    Ok(name)
+}
+
+/// A name part as [`QueueName::from_wire`] reads it: empty means `default`.
+fn or_default(part: &[u8]) -> &[u8] {
+    if part.is_empty() {
+        crate::names::DEFAULT_NAME.as_bytes()
+    } else {
+        part
+    }
 }
 
 /// A queue reference of a response (the server only sends valid names).
@@ -242,4 +268,52 @@ pub(crate) fn read_policy_reply(
         },
         r.get_created(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capnp::message::Builder;
+
+    fn read(tenant: &str, queue: &str) -> Result<QueueName, ErrorReply> {
+        let mut message = Builder::new_default();
+        let mut q = message.init_root::<queue_ref::Builder<'_>>();
+        q.set_tenant(tenant);
+        q.set_queue(queue);
+        read_queue(Ok(q.into_reader()))
+    }
+
+    fn name(tenant: &str, queue: &str) -> QueueName {
+        QueueName::new(tenant, queue).expect("valid name")
+    }
+
+    #[test]
+    fn the_last_name_is_reused_only_for_the_same_bytes() {
+        assert_eq!(read("acme", "jobs").expect("valid"), name("acme", "jobs"));
+        assert_eq!(read("acme", "jobs").expect("valid"), name("acme", "jobs"));
+        // Either part differing, or the split between them, is another name.
+        assert_eq!(read("acme", "jobz").expect("valid"), name("acme", "jobz"));
+        assert_eq!(read("acmf", "jobz").expect("valid"), name("acmf", "jobz"));
+        assert_eq!(read("acm", "fjobz").expect("valid"), name("acm", "fjobz"));
+    }
+
+    #[test]
+    fn empty_parts_are_the_default_whether_or_not_reused() {
+        let default = name("default", "default");
+        assert_eq!(read("", "").expect("valid"), default);
+        assert_eq!(read("", "").expect("valid"), default);
+        assert_eq!(read("default", "").expect("valid"), default);
+        assert_eq!(read("", "default").expect("valid"), default);
+        assert_eq!(read("", "jobs").expect("valid"), name("default", "jobs"));
+    }
+
+    #[test]
+    fn an_invalid_name_after_a_valid_one_is_still_refused() {
+        read("acme", "jobs").expect("valid");
+        for (tenant, queue) in [("acme", "jo bs"), ("ac/me", "jobs"), ("acme", &"j".repeat(200))] {
+            let refused = read(tenant, queue).expect_err("invalid name");
+            assert_eq!(refused.code, ErrorCode::InvalidName, "{tenant}/{queue}");
+        }
+        assert_eq!(read("acme", "jobs").expect("valid"), name("acme", "jobs"));
+    }
 }
