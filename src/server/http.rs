@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpListener;
 
-use super::core::CoreHandle;
+use super::core::CoreControl;
 use super::ServerError;
 use crate::metrics::exposition::Format;
 use crate::metrics::render::{render, Scrape};
@@ -66,7 +66,7 @@ const STOPPING: u8 = 2;
 pub(crate) struct Status {
     state: AtomicU8,
     engine: OnceLock<Arc<Engine>>,
-    cores: Mutex<Vec<(usize, CoreHandle)>>,
+    cores: Mutex<Vec<(usize, CoreControl)>>,
     connections: OnceLock<Arc<AtomicUsize>>,
     access: OnceLock<Arc<crate::auth::Access>>,
     max_queues: usize,
@@ -89,7 +89,7 @@ impl Status {
         let _ = self.access.set(access);
     }
 
-    pub(crate) fn add_core(&self, shard: usize, core: CoreHandle) {
+    pub(crate) fn add_core(&self, shard: usize, core: CoreControl) {
         if let Ok(mut cores) = self.cores.lock() {
             cores.push((shard, core));
         }
@@ -326,7 +326,7 @@ async fn route(head: &Head, status: &Status) -> Response {
 /// Collects one scrape: every shard's snapshot, then the process's and
 /// RocksDB's figures (file and property reads: on a blocking thread).
 async fn gather(status: &Status) -> Scrape {
-    let cores: Vec<(usize, CoreHandle)> = status.cores.lock().map(|c| c.clone()).unwrap_or_default();
+    let cores: Vec<(usize, CoreControl)> = status.cores.lock().map(|c| c.clone()).unwrap_or_default();
     let snapshots = futures::future::join_all(cores.iter().map(|(shard, core)| async move {
         match within(SHARD_TIMEOUT, core.snapshot()).await {
             Some(Some(snapshot)) => Some(snapshot),

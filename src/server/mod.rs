@@ -363,7 +363,7 @@ impl Shard {
             self.hand_off,
             offload,
         );
-        self.status.add_core(self.index, core.clone());
+        self.status.add_core(self.index, core.control());
         let (router, mut arrivals) =
             Router::connect(self.index, self.shards, core.clone(), metrics.clone(), self.links).await;
         let ctx = Rc::new(ShardContext {
