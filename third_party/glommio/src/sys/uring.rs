@@ -855,9 +855,13 @@ impl UringCommon for PollRing {
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
         let source_map = &mut *self.source_map.borrow_mut();
-        let now = Instant::now();
+        // queueber patch (0009): the clock is read only when there is a
+        // chain to submit. Most calls find the queue empty (each pass asks
+        // every ring), and the read was a clock_gettime each time.
+        let mut now = None;
 
         while let Some(chain) = peek_one_chain(queue, self.size) {
+            let now = *now.get_or_insert_with(Instant::now);
             return if let Some(sqes) = self.ring.sq().prepare_sqes(chain.len() as u32) {
                 let ops = extract_one_chain(source_map, queue, chain, now);
                 if ops.is_empty() {
@@ -1226,9 +1230,13 @@ impl UringCommon for SleepableRing {
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
         let source_map = &mut *self.source_map.borrow_mut();
-        let now = Instant::now();
+        // queueber patch (0009): the clock is read only when there is a
+        // chain to submit. Most calls find the queue empty (each pass asks
+        // every ring), and the read was a clock_gettime each time.
+        let mut now = None;
 
         while let Some(chain) = peek_one_chain(queue, self.size) {
+            let now = *now.get_or_insert_with(Instant::now);
             return if let Some(sqes) = self.ring.sq().prepare_sqes(chain.len() as u32) {
                 let ops = extract_one_chain(source_map, queue, chain, now);
                 if ops.is_empty() {
