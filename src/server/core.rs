@@ -24,6 +24,14 @@
 //! touches it at a time without a lock.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+/// The core's maps, hashed about 16 times per message (the waiters and
+/// the batch's deliveries by queue name, the reply rooms by connection).
+/// foldhash, as the store's (`storage::shard::Map`): SipHash was 1.5-2% of
+/// the server's instructions per message (callgrind). Each map is seeded at
+/// random, so names clients choose cannot be aimed at one bucket.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type Set<K> = HashSet<K, foldhash::fast::RandomState>;
 use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
@@ -309,7 +317,7 @@ enum Finish {
 
 /// Counts an empty poll answer of `queue` (cloning the name only the
 /// first time).
-fn count_empty(counts: &mut HashMap<QueueName, u64>, queue: &QueueName) {
+fn count_empty(counts: &mut Map<QueueName, u64>, queue: &QueueName) {
     match counts.get_mut(queue) {
         Some(n) => *n += 1,
         None => {
@@ -321,17 +329,17 @@ fn count_empty(counts: &mut HashMap<QueueName, u64>, queue: &QueueName) {
 /// Waiting polls per queue, plus their deadlines in order.
 #[derive(Default)]
 struct Waiters {
-    by_queue: HashMap<QueueName, VecDeque<(u64, Parked)>>,
+    by_queue: Map<QueueName, VecDeque<(u64, Parked)>>,
     deadlines: BTreeMap<(Instant, u64), QueueName>,
     next_seq: u64,
     /// Polls answered with nothing, per queue (metrics).
-    polls_empty: HashMap<QueueName, u64>,
+    polls_empty: Map<QueueName, u64>,
     /// Queues with nothing visible as of the last batch that polled them
     /// (`Executed::empty`), until a batch reports messages becoming visible
     /// there (`Executed::woken`). A poll of one parks (or is answered empty)
     /// without a storage call: on a quiet queue a consumer's next poll
     /// would otherwise cost a trip to the storage thread to find nothing.
-    nothing_visible: HashSet<QueueName>,
+    nothing_visible: Set<QueueName>,
 }
 
 impl Waiters {
@@ -507,7 +515,7 @@ impl Backlog {
             return;
         }
         let mut taken = 0;
-        let mut per_source: HashMap<usize, usize> = HashMap::new();
+        let mut per_source: Map<usize, usize> = Map::default();
         let mut deferred = VecDeque::new();
         while let Some(call) = self.writes.pop_front() {
             if taken >= BATCH_WRITES {
@@ -858,7 +866,7 @@ impl FollowUp {
         if waiters.by_queue.is_empty() {
             return follow;
         }
-        let mut visible: HashMap<&QueueName, u64> = HashMap::new();
+        let mut visible: Map<&QueueName, u64> = Map::default();
         for command in commands {
             let Command::Add { queue, messages } = command else {
                 continue;
@@ -905,7 +913,7 @@ fn still_to_wake(woken: Vec<(QueueName, u64)>, queues: &[QueueName], followed: &
     let Ok(outcomes) = &followed.outcomes else {
         return woken;
     };
-    let mut delivered: HashMap<&QueueName, u64> = HashMap::new();
+    let mut delivered: Map<&QueueName, u64> = Map::default();
     for (queue, outcome) in queues.iter().zip(outcomes) {
         if let Ok(Outcome::Polled(Some(lease))) = outcome {
             *delivered.entry(queue).or_default() += lease.messages.len() as u64;
@@ -924,7 +932,7 @@ fn still_to_wake(woken: Vec<(QueueName, u64)>, queues: &[QueueName], followed: &
 /// a connection's polls in one batch share one (see [`BatchReplyRoom`]).
 #[derive(Default)]
 struct ReplyRooms {
-    by_source: HashMap<usize, ReplyBudget>,
+    by_source: Map<usize, ReplyBudget>,
 }
 
 impl ReplyRooms {
@@ -968,7 +976,7 @@ fn plan_poll(parked: Parked, rooms: &mut ReplyRooms, commands: &mut Vec<Command>
 /// polls, reply rooms).
 fn plan(
     call: Call,
-    nothing_visible: &HashSet<QueueName>,
+    nothing_visible: &Set<QueueName>,
     rooms: &mut ReplyRooms,
     commands: &mut Vec<Command>,
     finishes: &mut Vec<Finish>,
