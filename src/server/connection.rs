@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+use capnp::message::ReaderOptions;
 use futures::future::{select, Either};
 use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -47,7 +47,7 @@ use crate::names::QueueName;
 use crate::ops;
 use crate::ops::Route;
 use crate::protocol::{
-    decode_request, encode_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
+    decode_request, encode_response, write_response, ErrorCode, ErrorReply, Op, Reply, Request, Response, ServerInfo,
 };
 use crate::runtime::{wait_until, within};
 use crate::storage::disk::DiskState;
@@ -191,10 +191,8 @@ impl Drop for ConnectionGuard {
 
 /// An encoded answer on its way to the socket, with the bytes it holds.
 struct Outgoing {
-    /// Serialized by the writer straight into its gather buffer: one copy,
-    /// no buffer per answer.
-    message: Builder<HeapAllocator>,
-    /// Its size on the wire.
+    /// Its size on the wire: its bytes are the next this many of the
+    /// connection's `encoded` buffer.
     bytes: usize,
     _charge: Charge,
 }
@@ -247,6 +245,10 @@ struct Connection {
     /// allocation and no atomics per answer (futures' mpsc took both, about
     /// 1% of the server's instructions at B=1). `None` once closed.
     out: std::cell::RefCell<Option<LocalSender<Outgoing>>>,
+    /// The queued answers, framed, in order. Each is encoded straight into
+    /// it (no message kept per answer); the writer takes the bytes of the
+    /// answers it takes from `out`.
+    encoded: std::cell::RefCell<Vec<u8>>,
     in_flight: Cell<usize>,
     changed: event_listener::Event,
     /// The writer hit a socket error or stalled: nothing more will be written.
@@ -314,20 +316,35 @@ impl Connection {
 
     /// Queues the answer of a reserved request.
     fn send(&self, id: u64, result: Result<Reply, ErrorReply>) {
-        let message = encode_response(&Response { id, result });
-        let bytes = capnp::serialize::compute_serialized_size_in_words(&message) * 8;
-        let charge = self.budget.charge(bytes);
+        let mut encoded = self.encoded.borrow_mut();
+        let start = encoded.len();
+        write_response(&Response { id, result }, &mut encoded);
+        let bytes = encoded.len() - start;
         let outgoing = Outgoing {
-            message,
             bytes,
-            _charge: charge,
+            _charge: self.budget.charge(bytes),
         };
         let sent = match &*self.out.borrow() {
             Some(out) => out.try_send(outgoing).is_ok(),
             None => false,
         };
         if !sent {
+            // The writer is gone: nothing will take these bytes.
+            encoded.truncate(start);
+            drop(encoded);
             self.written(1);
+        }
+    }
+
+    /// Moves the first `bytes` of the queued answers' bytes into the empty
+    /// `into`: the whole buffer, without a copy, when they are all of it.
+    fn take_encoded(&self, bytes: usize, into: &mut Vec<u8>) {
+        let mut encoded = self.encoded.borrow_mut();
+        if bytes >= encoded.len() {
+            std::mem::swap(into, &mut *encoded);
+        } else {
+            into.extend_from_slice(&encoded[..bytes]);
+            encoded.drain(..bytes);
         }
     }
 
@@ -349,6 +366,8 @@ impl Connection {
     }
 
     fn fail(&self) {
+        // Answers queued for the writer will not be written.
+        *self.encoded.borrow_mut() = Vec::new();
         self.broken.set(true);
         self.finished.fire();
         self.changed.notify(usize::MAX);
@@ -410,6 +429,7 @@ where
         budget: ctx.budget.connection(),
         ctx: ctx.clone(),
         out: std::cell::RefCell::new(Some(out)),
+        encoded: std::cell::RefCell::new(Vec::new()),
         in_flight: Cell::new(0),
         changed: event_listener::Event::new(),
         broken: Cell::new(false),
@@ -936,10 +956,7 @@ async fn write_loop<W: futures::io::AsyncWrite + Unpin>(
             bytes += next.bytes;
             held.push(next);
         }
-        for o in &held {
-            // Writing into a Vec cannot fail.
-            let _ = capnp::serialize::write_message(&mut gathered, &o.message);
-        }
+        conn.take_encoded(bytes, &mut gathered);
         let ok = write_all_within(&mut writer, &gathered, stall).await.is_ok();
         gathered.clear();
         if gathered.capacity() > WRITE_BUFFER_KEEP {
