@@ -7,7 +7,7 @@ use queueber::ids::{LeaseId, MessageId};
 use queueber::names::QueueName;
 use queueber::ops;
 use queueber::protocol::{
-    decode_request, decode_response, encode_request, encode_response, Op, Reply, Request, Response,
+    decode_request, decode_response, encode_request, encode_response, write_response, Op, Reply, Request, Response,
 };
 use queueber::types::{Delivery, Lease, NewMessage};
 
@@ -67,9 +67,42 @@ fn protocol(c: &mut Criterion) {
     group.finish();
 }
 
+/// One answer as the server queues it at B=1, the way it did (a message
+/// on a heap segment, serialized into the queue's buffer) and the way it
+/// does (`write_response`: built on the stack, appended framed).
+fn answer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("answer");
+    let mut poll = poll_response();
+    if let Ok(Reply::Polled(Some(lease))) = &mut poll.result {
+        lease.messages.truncate(1);
+    }
+    let remove = Response {
+        id: 3,
+        result: Ok(Reply::Removed(vec![true])),
+    };
+    for (name, resp) in [("poll_1", &poll), ("remove_1", &remove)] {
+        let mut out = Vec::with_capacity(4096);
+        group.bench_function(format!("{name}_heap_message"), |b| {
+            b.iter(|| {
+                out.clear();
+                capnp::serialize::write_message(&mut out, &encode_response(resp)).unwrap();
+                out.len()
+            })
+        });
+        group.bench_function(format!("{name}_write_response"), |b| {
+            b.iter(|| {
+                out.clear();
+                write_response(resp, &mut out);
+                out.len()
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(3));
-    targets = protocol
+    targets = protocol, answer
 }
 criterion_main!(benches);
