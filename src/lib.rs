@@ -23,6 +23,8 @@
 //!   Prometheus / OpenMetrics text a scrape renders.
 //! * [`runtime`]: the small helpers the server leans on (blocking offload,
 //!   a shard's own storage thread, CPU placement, locked memory, timeouts).
+//! * `hashing`: the seeded, fast hash maps of the store's and the cores'
+//!   hot paths.
 //! * [`auth`]: the token file, secret verification, grants and their
 //!   reload (what the server enforces per connection).
 //! * [`tls`]: rustls configurations for the server, the metrics endpoint
@@ -48,6 +50,8 @@ pub mod client;
 pub mod clock;
 pub mod consumer;
 pub mod frame;
+#[cfg(feature = "server")]
+mod hashing;
 pub mod ids;
 #[cfg(feature = "server")]
 pub mod metrics;

@@ -62,6 +62,15 @@ fn validate(part: &'static str, s: &str) -> Result<(), NameError> {
     }
 }
 
+/// A name part as the wire protocol reads it: empty means [`DEFAULT_NAME`].
+fn wire_part(part: &str) -> &str {
+    if part.is_empty() {
+        DEFAULT_NAME
+    } else {
+        part
+    }
+}
+
 impl QueueName {
     /// Validates both parts exactly as given (no defaulting).
     pub fn new(tenant: impl AsRef<str>, queue: impl AsRef<str>) -> Result<Self, NameError> {
@@ -88,14 +97,13 @@ impl QueueName {
 
     /// As the wire protocol reads names: an empty part means [`DEFAULT_NAME`].
     pub fn from_wire(tenant: &str, queue: &str) -> Result<Self, NameError> {
-        fn or_default(s: &str) -> &str {
-            if s.is_empty() {
-                DEFAULT_NAME
-            } else {
-                s
-            }
-        }
-        Self::new(or_default(tenant), or_default(queue))
+        Self::new(wire_part(tenant), wire_part(queue))
+    }
+
+    /// Whether [`QueueName::from_wire`] would read `tenant` and `queue` as
+    /// this name (without validating them again: equal parts are valid).
+    pub(crate) fn is_wire(&self, tenant: &str, queue: &str) -> bool {
+        wire_part(tenant) == self.tenant() && wire_part(queue) == self.queue()
     }
 
     pub fn tenant(&self) -> &str {

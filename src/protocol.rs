@@ -120,7 +120,8 @@ pub fn write_response(resp: &Response, out: &mut Vec<u8>) {
         // Writing into a Vec cannot fail.
         let _ = capnp::serialize::write_message(out, &message);
     } else {
-        let _ = capnp::serialize::write_message(out, &encode_response(resp));
+        let message = encode_response_with(resp, HeapAllocator::new().first_segment_words(words));
+        let _ = capnp::serialize::write_message(out, &message);
     }
 }
 

@@ -27,41 +27,29 @@ pub(crate) fn bad(what: &'static str, detail: impl Into<String>) -> ResponseDeco
 /// Clients send the same queue over and over, so the name last decoded on
 /// this thread is kept: a request naming it again gets it back without
 /// validating the name or allocating it (about 700 of the 3,500
-/// instructions a request took to decode, callgrind). The bytes match a
-/// name that passed validation, so they are valid too.
+/// instructions a request took to decode, callgrind).
 pub(crate) fn read_queue(r: capnp::Result<queue_ref::Reader<'_>>) -> Result<QueueName, ErrorReply> {
     thread_local! {
         static LAST: std::cell::RefCell<Option<QueueName>> = const { std::cell::RefCell::new(None) };
     }
     let r = r.map_err(malformed)?;
-    let tenant = r.get_tenant().map_err(malformed)?;
-    let queue = r.get_queue().map_err(malformed)?;
-    let same = |last: &QueueName| {
-        or_default(tenant.as_bytes()) == last.tenant().as_bytes()
-            && or_default(queue.as_bytes()) == last.queue().as_bytes()
-    };
-    if let Some(last) = LAST.with_borrow(|last| last.as_ref().filter(|last| same(last)).cloned()) {
-        return Ok(last);
-    }
-    let tenant = tenant
+    let tenant = r
+        .get_tenant()
+        .map_err(malformed)?
         .to_str()
         .map_err(|e| ErrorReply::new(ErrorCode::InvalidName, format!("tenant is not UTF-8: {e}")))?;
-    let queue = queue
+    let queue = r
+        .get_queue()
+        .map_err(malformed)?
         .to_str()
         .map_err(|e| ErrorReply::new(ErrorCode::InvalidName, format!("queue is not UTF-8: {e}")))?;
+    if let Some(last) = LAST.with_borrow(|last| last.as_ref().filter(|last| last.is_wire(tenant, queue)).cloned()) {
+        return Ok(last);
+    }
     let name =
         QueueName::from_wire(tenant, queue).map_err(|e| ErrorReply::new(ErrorCode::InvalidName, e.to_string()))?;
     LAST.with_borrow_mut(|last| *last = Some(name.clone()));
     Ok(name)
-}
-
-/// A name part as [`QueueName::from_wire`] reads it: empty means `default`.
-fn or_default(part: &[u8]) -> &[u8] {
-    if part.is_empty() {
-        crate::names::DEFAULT_NAME.as_bytes()
-    } else {
-        part
-    }
 }
 
 /// A queue reference of a response (the server only sends valid names).

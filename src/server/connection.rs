@@ -1031,7 +1031,6 @@ mod tests {
         // to the future. At 2,016 bytes every task went through malloc's
         // slow path and was copied three times on its way in.
         let size = future_size(handle);
-        eprintln!("handle future: {size} bytes");
         assert!(size <= 960, "a request's task future is {size} bytes");
     }
 }

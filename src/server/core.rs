@@ -23,15 +23,7 @@
 //! ([`OffloadThread`]) for each call and moved back, so exactly one thread
 //! touches it at a time without a lock.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-
-/// The core's maps, hashed about 16 times per message (the waiters and
-/// the batch's deliveries by queue name, the reply rooms by connection).
-/// foldhash, as the store's (`storage::shard::Map`): SipHash was 1.5-2% of
-/// the server's instructions per message (callgrind). Each map is seeded at
-/// random, so names clients choose cannot be aimed at one bucket.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type Set<K> = HashSet<K, foldhash::fast::RandomState>;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
@@ -41,6 +33,7 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use std::pin::pin;
 
 use crate::clock::Clock;
+use crate::hashing::{Map, Set};
 use crate::metrics::{QueueSeries, ShardMetrics, ShardSnapshot};
 use crate::names::QueueName;
 use crate::ops::{self, Plan, ReplyFn, Serve};

@@ -454,10 +454,9 @@ impl Engine {
     /// over the column families.
     pub fn rocks_figures(&self) -> crate::metrics::render::RocksFigures {
         let sum = |property: &str| -> u64 {
-            COLUMN_FAMILIES
+            self.families
                 .iter()
-                .filter_map(|name| self.db.cf_handle(name))
-                .filter_map(|cf| self.db.property_int_value_cf(&cf, property).ok().flatten())
+                .filter_map(|(_, family)| self.db.property_int_value_cf(family, property).ok().flatten())
                 .sum()
         };
         let db = |property: &str| self.db.property_int_value(property).ok().flatten().unwrap_or(0);
@@ -512,7 +511,6 @@ impl Drop for Engine {
 /// whether RocksDB accepts writes again (no registry reader looks at `~`).
 const PROBE_KEY: &[u8] = b"~probe";
 
-/// A small write through the WAL: succeeds only when the engine can write.
 fn missing_family(name: &'static str) -> StoreError {
     StoreError::Storage(StorageError::Corrupt {
         cf: name,
@@ -520,6 +518,7 @@ fn missing_family(name: &'static str) -> StoreError {
     })
 }
 
+/// A small write through the WAL: succeeds only when the engine can write.
 fn probe_write(db: &DB) -> Result<(), String> {
     let cf = db.cf_handle(CF_REGISTRY).ok_or("registry column family missing")?;
     let mut batch = WriteBatch::default();
@@ -529,12 +528,7 @@ fn probe_write(db: &DB) -> Result<(), String> {
 }
 
 fn list_registry(db: &DB) -> Result<Vec<(QueueName, QueueId)>, StoreError> {
-    let cf = db
-        .cf_handle(CF_REGISTRY)
-        .ok_or(StoreError::Storage(StorageError::Corrupt {
-            cf: CF_REGISTRY,
-            detail: "column family missing".into(),
-        }))?;
+    let cf = db.cf_handle(CF_REGISTRY).ok_or_else(|| missing_family(CF_REGISTRY))?;
     let mut out = Vec::new();
     let start = [keys::REGISTRY_NAME_TAG];
     for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {

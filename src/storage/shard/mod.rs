@@ -59,12 +59,8 @@ use head::HeadCache;
 use state::{Batch, Held, LeaseState, QueueState};
 use tables::{DeadSet, Death, LeaseTable, MemberKey, ReadyIndex, Registry, RetentionIndex};
 
-/// The store's in-memory maps. foldhash rather than std's SipHash: these
-/// are hashed several times per message (a remove checks its holder and
-/// lease, a poll records both), and SipHash was 8% of the server's
-/// instructions per message. Each map gets its own random seed, so queue
-/// names chosen by clients cannot be aimed at one bucket.
-pub(super) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The store's in-memory maps (see [`crate::hashing`]).
+pub(super) use crate::hashing::Map;
 
 /// Decides whether this shard owns a queue (the server's stable hash).
 pub type Ownership = Arc<dyn Fn(&QueueName) -> bool + Send + Sync>;

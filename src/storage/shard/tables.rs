@@ -29,8 +29,8 @@ use super::*;
 pub(super) struct ReadyIndex<'e>(&'e Family, RetentionIndex<'e>);
 
 impl<'e> ReadyIndex<'e> {
-    /// Resolved per use (a name lookup): each call site takes only the
-    /// families it writes.
+    /// Taken per use from the engine's handles (resolved at open): each
+    /// call site takes only the families it writes.
     pub(super) fn of(engine: &'e Engine) -> Result<Self, StoreError> {
         Ok(Self(engine.cf(CF_READY)?, RetentionIndex::of(engine)?))
     }
