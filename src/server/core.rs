@@ -800,10 +800,15 @@ async fn run(
                 },
                 batch,
             };
-            finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
+            // The follow-up polls are answered first: a consumer waiting on
+            // a long poll is the latency a queue is judged by, and its answer
+            // then goes out (and its thread is woken) before the producer's.
+            // A follow-up that found nothing parks again before the batch's
+            // wake-ups are handed out, which may wake it once more.
             if let Some((executed, finishes)) = followed {
                 finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
             }
+            finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
             // The replies are built: the connections charge them as they
             // encode them, so the reservations go.
             drop(room);
@@ -1298,6 +1303,73 @@ mod tests {
         assert_eq!(out.1, Err(ErrorCode::UnknownQueue));
         assert_eq!(out.2, Ok(Reply::Removed(vec![true, false, true])));
         assert_eq!(out.3, Ok(Reply::Queues(vec![q("a")])));
+    }
+
+    #[test]
+    fn a_woken_long_poll_is_answered_before_the_add_that_woke_it() {
+        let order = run_on_executor(|| {
+            Box::pin(async {
+                let clock = Arc::new(ManualClock::new(1_000));
+                // The model store reports no wake-ups: the poll below can only
+                // be served as a follow-up in the add's own batch.
+                let store = ModelStore::new(clock.clone());
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK, test_offload());
+                // The queue exists and is empty.
+                let seed = |op| core.call(op);
+                seed(Op::Add(ops::Add {
+                    queue: q("a"),
+                    messages: vec![NewMessage::new(b"seed".to_vec())],
+                }))
+                .await
+                .expect("the seed is added");
+                let taken = seed(Op::Poll(ops::Poll {
+                    queue: q("a"),
+                    max_items: 1,
+                    lease_ms: 60_000,
+                    wait_ms: 0,
+                }))
+                .await;
+                assert!(matches!(taken, Ok(Reply::Polled(Some(_)))), "{taken:?}");
+                let order = Rc::new(std::cell::RefCell::new(Vec::new()));
+                // Each caller is a task of its own, woken by its answer:
+                // glommio runs woken tasks in the order they were woken, so
+                // `order` is the order the answers were sent in.
+                let (caller, seen) = (core.clone(), order.clone());
+                let poll = glommio::spawn_local(async move {
+                    let polled = caller
+                        .call(Op::Poll(ops::Poll {
+                            queue: q("a"),
+                            max_items: 1,
+                            lease_ms: 1_000,
+                            wait_ms: 60_000,
+                        }))
+                        .await;
+                    seen.borrow_mut()
+                        .push(("poll", matches!(polled, Ok(Reply::Polled(Some(_))))));
+                });
+                // Long enough for the poll to find the queue empty and park.
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                let (caller, seen) = (core.clone(), order.clone());
+                let add = glommio::spawn_local(async move {
+                    let added = caller
+                        .call(Op::Add(ops::Add {
+                            queue: q("a"),
+                            messages: vec![NewMessage::new(b"m".to_vec())],
+                        }))
+                        .await;
+                    seen.borrow_mut().push(("add", added.is_ok()));
+                });
+                let within = Duration::from_secs(10);
+                crate::runtime::within(within, poll)
+                    .await
+                    .expect("the poll was answered");
+                crate::runtime::within(within, add).await.expect("the add was answered");
+                core.stop();
+                task.await;
+                order.take()
+            })
+        });
+        assert_eq!(order, vec![("poll", true), ("add", true)]);
     }
 
     #[test]
