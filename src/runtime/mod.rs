@@ -1,14 +1,17 @@
 //! Small runtime helpers the server leans on (in the spirit of Redpanda's
 //! `ssx`): blocking offload (glommio's pool for occasional work, a shard's
 //! own [`OffloadThread`] for its storage batches), CPU placement,
-//! locked-memory limits, executor construction and a timeout.
+//! locked-memory limits, executor construction, a timeout and an [`Alarm`]
+//! for waits at a moving deadline.
 
 use std::future::Future;
 use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
+mod alarm;
 mod offload_thread;
+pub use alarm::Alarm;
 pub use offload_thread::OffloadThread;
 
 /// Runs occasional blocking work (a metrics scrape's RocksDB reads, file

@@ -38,7 +38,7 @@ use crate::metrics::{QueueSeries, ShardMetrics, ShardSnapshot};
 use crate::names::QueueName;
 use crate::ops::{self, Plan, ReplyFn, Serve};
 use crate::protocol::{ErrorCode, ErrorReply, Op, Reply};
-use crate::runtime::{within, OffloadThread};
+use crate::runtime::{Alarm, OffloadThread};
 use crate::storage::{
     Command, CommandError, Executed, Outcome, QueueSnapshot, QueueStore, ReplyBudget, StorageError, StoreError,
 };
@@ -132,6 +132,8 @@ struct Inbox {
 enum Next {
     Job(Option<Job>),
     Call(Option<Call>),
+    /// A deadline may be due (a parked poll's, the store's).
+    Alarm,
 }
 
 enum Job {
@@ -658,12 +660,16 @@ async fn run(
     // Reused by every pass (an allocation each otherwise).
     let (mut jobs, mut arrived) = (Vec::new(), Vec::new());
     let mut calls_open = true;
+    // Wakes the core for the next deadline without a timer per wait.
+    let mut alarm = Alarm::new();
     loop {
         // Wait for work unless some is ready (woken waiters, deferred adds,
         // due timers).
         if retry.is_empty() && backlog.is_empty() && scrape.is_none() && !stopping {
-            let wake_at = [waiters.next_deadline(), store_due].into_iter().flatten().min();
-            let next = async {
+            if let Some(at) = [waiters.next_deadline(), store_due].into_iter().flatten().min() {
+                alarm.set_by(at);
+            }
+            let work = async {
                 if calls_open {
                     match select(incoming.next(), pin!(arriving.recv())).await {
                         Either::Left((job, _)) => Next::Job(job),
@@ -673,17 +679,18 @@ async fn run(
                     Next::Job(incoming.next().await)
                 }
             };
-            let next = match wake_at {
-                Some(at) => within(at.saturating_duration_since(Instant::now()), next).await,
-                None => Some(next.await),
+            let next = match select(pin!(work), pin!(alarm.rung())).await {
+                Either::Left((next, _)) => next,
+                Either::Right(((), _)) => Next::Alarm,
             };
             match next {
-                Some(Next::Job(Some(job))) => jobs.push(job),
-                Some(Next::Job(None)) => stopping = true,
-                Some(Next::Call(Some(call))) => arrived.push(call),
+                Next::Job(Some(job)) => jobs.push(job),
+                Next::Job(None) => stopping = true,
+                Next::Call(Some(call)) => arrived.push(call),
                 // Every handle is gone: only jobs can come now.
-                Some(Next::Call(None)) => calls_open = false,
-                None => {}
+                Next::Call(None) => calls_open = false,
+                // Whatever is due is settled below.
+                Next::Alarm => {}
             }
         }
         while let Ok(job) = incoming.try_recv() {
@@ -1225,6 +1232,7 @@ mod tests {
     }
     use super::*;
     use crate::clock::ManualClock;
+    use crate::runtime::within;
     use crate::storage::{ModelStore, NewMessage};
     use std::sync::Arc;
 
