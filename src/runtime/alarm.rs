@@ -63,7 +63,12 @@ impl Alarm {
     pub async fn rung(&mut self) {
         if self.rings.recv().await.is_some() {
             self.armed_at = None;
-            self.timer = None;
+            // Usually the timer that rang; a ring left over from a replaced
+            // one may come first, and then the live timer goes too: the
+            // next `set_by` sets it again, so nothing rings late.
+            if let Some(timer) = self.timer.take() {
+                timer.destroy();
+            }
         }
     }
 }
