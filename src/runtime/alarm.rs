@@ -4,14 +4,14 @@
 //! Why: a shard's core waits for its next call or its next deadline (the
 //! first parked long poll to time out, the first lease to expire) on every
 //! pass of its loop, several times per message. A timeout around each wait
-//! created, registered, polled and dropped a timer every time: about 3% of
-//! the server's instructions per message in the open loop (callgrind,
-//! `docs/benchmarks.md`). The deadline mostly moves later (the oldest
+//! created, registered, polled and dropped a timer every time (callgrind,
+//! open loop: about 1% of the server's instructions per message went with
+//! it, `docs/benchmarks.md`). The deadline mostly moves later (the oldest
 //! waiter is served, the oldest lease removed), so an alarm already set at
 //! or before the new deadline is kept; it then rings early, costing one
 //! pass of the loop that finds nothing due, after which it is set again.
 //! A deadline earlier than the alarm moves the alarm. So it never rings
-//! late, and it rings at most once per deadline horizon more than needed.
+//! late, and each time it is set it rings early at most once.
 
 use std::rc::Rc;
 use std::time::Instant;
@@ -90,17 +90,8 @@ impl Drop for Alarm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::run_on_test_executor as on_executor;
     use std::time::Duration;
-
-    fn on_executor<T: Send + 'static>(
-        f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
-    ) -> T {
-        crate::runtime::executor("alarm-test", None, 1 << 20)
-            .spawn(f)
-            .expect("executor")
-            .join()
-            .expect("join")
-    }
 
     /// How long after `start` the alarm rang, with a minute's bound.
     async fn ring_after(alarm: &mut Alarm, start: Instant) -> Duration {

@@ -55,6 +55,19 @@ pub fn executor(name: &str, cpu: Option<usize>, io_memory: usize) -> LocalExecut
         .blocking_thread_pool_placement(pool)
 }
 
+/// Runs the future `f` makes on a fresh, unpinned executor and returns its
+/// output (tests of code that needs an executor).
+#[cfg(test)]
+pub(crate) fn run_on_test_executor<T: Send + 'static>(
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = T>>> + Send + 'static,
+) -> T {
+    executor("test", None, 1 << 20)
+        .spawn(f)
+        .expect("a test executor starts")
+        .join()
+        .expect("the test executor's work completes")
+}
+
 /// glommio refuses to start below this much locked memory.
 pub const MIN_MEMLOCK_BYTES: u64 = 512 << 10;
 

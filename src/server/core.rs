@@ -1232,22 +1232,12 @@ mod tests {
     }
     use super::*;
     use crate::clock::ManualClock;
-    use crate::runtime::within;
+    use crate::runtime::{run_on_test_executor as run_on_executor, within};
     use crate::storage::{ModelStore, NewMessage};
     use std::sync::Arc;
 
     fn q(name: &str) -> QueueName {
         QueueName::new("t", name).unwrap()
-    }
-
-    fn run_on_executor<T: Send + 'static>(
-        f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
-    ) -> T {
-        crate::runtime::executor("core-test", None, 1 << 20)
-            .spawn(f)
-            .expect("executor")
-            .join()
-            .expect("join")
     }
 
     #[test]
