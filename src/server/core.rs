@@ -1240,6 +1240,23 @@ mod tests {
         QueueName::new("t", name).unwrap()
     }
 
+    /// A poll of one message of queue `a`.
+    fn poll_one(lease_ms: u64, wait_ms: u64) -> Op {
+        Op::Poll(ops::Poll {
+            queue: q("a"),
+            max_items: 1,
+            lease_ms,
+            wait_ms,
+        })
+    }
+
+    /// A core over the model store, on a manual clock at 1,000 ms.
+    fn spawn_model_core(hand_off: HandOff) -> (CoreHandle, glommio::task::JoinHandle<Box<dyn QueueStore>>) {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let store = ModelStore::new(clock.clone());
+        spawn(0, Box::new(store), clock, Rc::default(), hand_off, test_offload())
+    }
+
     #[test]
     fn the_hand_off_yields_only_while_batches_are_short() {
         let yield_for = Duration::from_micros(200);
@@ -1257,13 +1274,10 @@ mod tests {
     fn batches_map_back_to_their_callers() {
         let out = run_on_executor(|| {
             Box::pin(async {
-                let clock = Arc::new(ManualClock::new(1_000));
-                let store = ModelStore::new(clock.clone());
                 // The hand-off the server runs with (yielding), as the others park.
-                let hand_off = HandOff {
+                let (core, task) = spawn_model_core(HandOff {
                     yield_for: Duration::from_micros(200),
-                };
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), hand_off, test_offload());
+                });
                 let add = core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::new(b"1".to_vec()), NewMessage::new(b"2".to_vec())],
@@ -1307,61 +1321,38 @@ mod tests {
     fn a_woken_long_poll_is_answered_before_the_add_that_woke_it() {
         let order = run_on_executor(|| {
             Box::pin(async {
-                let clock = Arc::new(ManualClock::new(1_000));
                 // The model store reports no wake-ups: the poll below can only
                 // be served as a follow-up in the add's own batch.
-                let store = ModelStore::new(clock.clone());
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK, test_offload());
+                let (core, task) = spawn_model_core(HandOff::PARK);
+                let add = |body: &[u8]| {
+                    Op::Add(ops::Add {
+                        queue: q("a"),
+                        messages: vec![NewMessage::new(body.to_vec())],
+                    })
+                };
+                let poll = |wait_ms| poll_one(60_000, wait_ms);
                 // The queue exists and is empty.
-                let seed = |op| core.call(op);
-                seed(Op::Add(ops::Add {
-                    queue: q("a"),
-                    messages: vec![NewMessage::new(b"seed".to_vec())],
-                }))
-                .await
-                .expect("the seed is added");
-                let taken = seed(Op::Poll(ops::Poll {
-                    queue: q("a"),
-                    max_items: 1,
-                    lease_ms: 60_000,
-                    wait_ms: 0,
-                }))
-                .await;
+                core.call(add(b"seed")).await.expect("the seed is added");
+                let taken = core.call(poll(0)).await;
                 assert!(matches!(taken, Ok(Reply::Polled(Some(_)))), "{taken:?}");
                 let order = Rc::new(std::cell::RefCell::new(Vec::new()));
                 // Each caller is a task of its own, woken by its answer:
                 // glommio runs woken tasks in the order they were woken, so
                 // `order` is the order the answers were sent in.
-                let (caller, seen) = (core.clone(), order.clone());
-                let poll = glommio::spawn_local(async move {
-                    let polled = caller
-                        .call(Op::Poll(ops::Poll {
-                            queue: q("a"),
-                            max_items: 1,
-                            lease_ms: 1_000,
-                            wait_ms: 60_000,
-                        }))
-                        .await;
-                    seen.borrow_mut()
-                        .push(("poll", matches!(polled, Ok(Reply::Polled(Some(_))))));
-                });
+                let caller = |label: &'static str, op: Op, served: fn(&ReplyResult) -> bool| {
+                    let (core, seen) = (core.clone(), order.clone());
+                    glommio::spawn_local(async move {
+                        let answer = core.call(op).await;
+                        seen.borrow_mut().push((label, served(&answer)));
+                    })
+                };
+                let polled = caller("poll", poll(60_000), |a| matches!(a, Ok(Reply::Polled(Some(_)))));
                 // Long enough for the poll to find the queue empty and park.
                 glommio::timer::sleep(Duration::from_millis(50)).await;
-                let (caller, seen) = (core.clone(), order.clone());
-                let add = glommio::spawn_local(async move {
-                    let added = caller
-                        .call(Op::Add(ops::Add {
-                            queue: q("a"),
-                            messages: vec![NewMessage::new(b"m".to_vec())],
-                        }))
-                        .await;
-                    seen.borrow_mut().push(("add", added.is_ok()));
-                });
-                let within = Duration::from_secs(10);
-                crate::runtime::within(within, poll)
-                    .await
-                    .expect("the poll was answered");
-                crate::runtime::within(within, add).await.expect("the add was answered");
+                let added = caller("add", add(b"m"), Result::is_ok);
+                let limit = Duration::from_secs(10);
+                within(limit, polled).await.expect("the poll was answered");
+                within(limit, added).await.expect("the add was answered");
                 core.stop();
                 task.await;
                 order.take()
@@ -1374,23 +1365,14 @@ mod tests {
     fn parked_polls_time_out_empty_and_drain_answers_them() {
         let (timed_out, drained) = run_on_executor(|| {
             Box::pin(async {
-                let clock = Arc::new(ManualClock::new(1_000));
-                let store = ModelStore::new(clock.clone());
-                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK, test_offload());
+                let (core, task) = spawn_model_core(HandOff::PARK);
                 core.call(Op::Add(ops::Add {
                     queue: q("a"),
                     messages: vec![NewMessage::delayed(b"later".to_vec(), 1_000_000)],
                 }))
                 .await
                 .unwrap();
-                let poll = |wait_ms| {
-                    Op::Poll(ops::Poll {
-                        queue: q("a"),
-                        max_items: 1,
-                        lease_ms: 100,
-                        wait_ms,
-                    })
-                };
+                let poll = |wait_ms| poll_one(100, wait_ms);
                 let started = Instant::now();
                 let timed_out = core.call(poll(30)).await;
                 assert!(started.elapsed() >= Duration::from_millis(30));
