@@ -658,7 +658,8 @@ async fn run(
     let (mut batches, mut commands_run) = (0u64, 0u64);
     let mut typical_batch = Duration::ZERO;
     // Reused by every pass (an allocation each otherwise).
-    let (mut jobs, mut arrived) = (Vec::new(), Vec::new());
+    let (mut jobs, mut arrived, mut calls) = (Vec::new(), Vec::new(), Vec::new());
+    let mut room = ReplyRooms::default();
     let mut calls_open = true;
     // Wakes the core for the next deadline without a timer per wait.
     let mut alarm = Alarm::new();
@@ -712,12 +713,10 @@ async fn run(
                 Job::Stop => stopping = true,
             }
         }
-        let mut calls = Vec::with_capacity(arrived.len());
         backlog.take(&mut arrived, &mut calls);
         let mut commands = Vec::new();
         let mut finishes = Vec::new();
-        let mut room = ReplyRooms::default();
-        for call in calls {
+        for call in calls.drain(..) {
             plan(call, &waiters.nothing_visible, &mut room, &mut commands, &mut finishes);
         }
         for parked in retry.drain(..) {
@@ -816,10 +815,10 @@ async fn run(
                 finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
             }
             finish(executed, finishes, &mut waiters, &mut retry, &mut scrape, &ctx);
-            // The replies are built: the connections charge them as they
-            // encode them, so the reservations go.
-            drop(room);
         }
+        // The replies are built: the connections charge them as they encode
+        // them, so the reservations go (the map keeps its room).
+        room.clear();
         if stopping && retry.is_empty() && backlog.is_empty() {
             break;
         }
@@ -941,6 +940,11 @@ struct ReplyRooms {
 }
 
 impl ReplyRooms {
+    /// Lets the batch's rooms go (their reservations with them).
+    fn clear(&mut self) {
+        self.by_source.clear();
+    }
+
     /// The room for a poll of `account`, or `None` when the caller has no
     /// room for a reply right now (over its share, or the server's budget
     /// is used up).

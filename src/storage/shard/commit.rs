@@ -94,16 +94,17 @@ impl QueueStore for ShardStore {
             )));
         }
         let now = self.now();
+        let scratch = std::mem::take(&mut self.scratch);
         let mut batch = Batch {
             writes: WriteBatch::with_capacity_bytes(self.batch_bytes.capacity()),
             needs_sync: false,
             woken: BTreeMap::new(),
-            polled: Vec::new(),
+            polled: scratch.polled,
             deleted: Vec::new(),
-            counted: Map::default(),
-            touched: Vec::new(),
-            record: Vec::new(),
-            unmarked: Vec::new(),
+            counted: scratch.counted,
+            touched: scratch.touched,
+            record: scratch.record,
+            unmarked: scratch.unmarked,
             fresh: super::fresh::Fresh::plan(&commands),
         };
         let count = commands.len();
@@ -191,11 +192,21 @@ impl QueueStore for ShardStore {
         polled.sort_unstable();
         polled.dedup();
         let empty = polled
-            .into_iter()
-            .filter_map(|qid| self.queues.get(&qid))
+            .iter()
+            .filter_map(|qid| self.queues.get(qid))
             .filter(|q| q.visible() == 0)
             .map(|q| q.name.clone())
             .collect();
+        // A failed batch returned above and drops its buffers; the next
+        // starts empty, as every batch did before.
+        self.scratch = state::BatchScratch {
+            polled,
+            touched: batch.touched,
+            record: batch.record,
+            unmarked: batch.unmarked,
+            counted: batch.counted,
+        }
+        .keep();
         Executed {
             outcomes: Ok(outcomes),
             deleted: batch.deleted,
@@ -231,7 +242,8 @@ impl ShardStore {
     pub(super) fn persist_counters(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
         let engine = self.engine.clone();
         let registry = Registry::of(&engine)?;
-        for qid in std::mem::take(&mut batch.touched) {
+        // Drained, not taken: the list keeps its room for the next batch.
+        for qid in batch.touched.drain(..) {
             let Some(q) = self.queues.get_mut(&qid) else {
                 continue;
             };

@@ -173,7 +173,7 @@ impl ShardStore {
             return Ok(());
         }
         let leases = LeaseTable::of(&self.engine)?;
-        for (qid, lease) in std::mem::take(&mut batch.unmarked) {
+        for (qid, lease) in batch.unmarked.drain(..) {
             let Some(state) = self.queues.get_mut(&qid).and_then(|q| q.leases.get_mut(&lease)) else {
                 continue;
             };

@@ -91,6 +91,8 @@ pub struct ShardStore {
     failure_log: crate::runtime::LogEvery,
     /// The bytes the queues' head caches hold between them ([`head`]).
     head_budget: head::HeadBudget,
+    /// The buffers the next batch builds in ([`state::BatchScratch`]).
+    scratch: state::BatchScratch,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -147,6 +149,7 @@ impl ShardStore {
             failed: None,
             failure_log: crate::runtime::LogEvery::new(std::time::Duration::from_secs(10)),
             head_budget: head::HeadBudget::default(),
+            scratch: state::BatchScratch::default(),
         };
         store.load_all()?;
         Ok(store)
