@@ -292,10 +292,11 @@ impl ShardStore {
         };
         // Just above the last consumed key (lowered to what this batch wrote
         // below it when the batch ends: `QueueState::settle_floor`).
-        let mut floor = Vec::with_capacity(last.len() + 1);
+        // Rewritten in place: the queue's floor keeps its buffer.
+        let floor = q.counters.floor.get_or_insert_with(Vec::new);
+        floor.clear();
         floor.extend_from_slice(&last);
         floor.push(0);
-        q.counters.floor = Some(floor);
         q.note_ready_change();
         q.counters.ready -= messages.len() as u64 + dropped;
         q.counters.dropped += dropped;
