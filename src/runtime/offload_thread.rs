@@ -59,11 +59,18 @@ pub struct OffloadThread {
 impl OffloadThread {
     /// Starts the thread. Fails only when the OS refuses a thread.
     pub fn spawn(name: String) -> std::io::Result<OffloadThread> {
+        Self::spawn_in(name, tracing::Span::none())
+    }
+
+    /// Starts the thread with every job run inside `span` (what its logs
+    /// are labelled with). Entered once for the thread's life, not per job:
+    /// entering and leaving a span per job cost a registry lookup each.
+    pub fn spawn_in(name: String, span: tracing::Span) -> std::io::Result<OffloadThread> {
         let shared = Arc::new(Shared::default());
         let theirs = shared.clone();
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || work_loop(&theirs))?;
+            .spawn(move || span.in_scope(|| work_loop(&theirs)))?;
         Ok(OffloadThread {
             shared,
             thread: handle.thread().clone(),
@@ -239,6 +246,29 @@ mod tests {
             ticks >= 5,
             "the executor served other tasks while it waited: {ticks} ticks"
         );
+    }
+
+    #[test]
+    fn jobs_run_inside_the_threads_span() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(tracing_subscriber::fmt::layer()));
+        let span = tracing::dispatcher::with_default(&dispatch, || tracing::info_span!("shard", index = 7));
+        let theirs = dispatch.clone();
+        let names = on_executor(move || async move {
+            let thread = OffloadThread::spawn_in("offload-span".into(), span).expect("a thread");
+            // The thread's own default subscriber, for `Span::current` there.
+            thread
+                .run(
+                    move || std::mem::forget(tracing::dispatcher::set_default(&theirs)),
+                    Duration::ZERO,
+                )
+                .await;
+            let current = || tracing::Span::current().metadata().map(|m| m.name());
+            let first = thread.run(current, Duration::ZERO).await;
+            let second = thread.run(current, Duration::ZERO).await;
+            (first, second)
+        });
+        assert_eq!(names, (Some("shard"), Some("shard")));
     }
 
     #[test]

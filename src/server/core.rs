@@ -645,8 +645,6 @@ async fn run(
         jobs: mut incoming,
         calls: arriving,
     } = inbox;
-    // Storage logs come from the offload thread: label them with the shard.
-    let span = tracing::info_span!("shard", index = shard);
     let mut store = Some(store);
     let mut waiters = Waiters::default();
     let mut retry: Vec<Parked> = Vec::new();
@@ -747,14 +745,12 @@ async fn run(
             commands_run += batch_commands as u64;
             let started = Instant::now();
             let yield_for = hand_off.for_batch(typical_batch);
-            let span = span.clone();
             let FollowUp {
                 commands: follow_commands,
                 finishes: follow_finishes,
                 queues: follow_queues,
             } = follow;
             let work = move || {
-                let _in_shard = span.enter();
                 // The follow-ups run last in the same batch: they see its
                 // adds, and the batch commits once.
                 let mut commands = commands;

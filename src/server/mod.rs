@@ -349,12 +349,15 @@ impl Shard {
         let metrics = Rc::new(crate::metrics::ShardMetrics::default());
         // Its storage thread: spawned here, on the executor, so it shares the
         // executor's CPU (a thread inherits its creator's affinity).
-        let offload = runtime::OffloadThread::spawn(format!("queueber-store-{}", self.index)).map_err(|source| {
-            ServerError::Io {
-                context: format!("starting shard {}'s storage thread", self.index),
-                source,
-            }
-        })?;
+        // Storage logs come from that thread: labelled with the shard.
+        let span = tracing::info_span!("shard", index = self.index);
+        let offload =
+            runtime::OffloadThread::spawn_in(format!("queueber-store-{}", self.index), span).map_err(|source| {
+                ServerError::Io {
+                    context: format!("starting shard {}'s storage thread", self.index),
+                    source,
+                }
+            })?;
         let (core, core_task) = core::spawn(
             self.index,
             self.store,
