@@ -17,6 +17,7 @@
 # and in total. A voluntary switch is a thread that slept (a park, a
 # futex wait); an involuntary one a thread that was preempted or yielded.
 source "$(dirname "$0")/help.sh"
+source "$(dirname "$0")/measured-server.sh"
 set -euo pipefail
 bin="" target="" batch=1 rounds=2 port=17880 rate_flag=()
 peerbench="${PEERBENCH_BIN:-$HOME/.cache/peerbench/target/release/peerbench}"
@@ -56,14 +57,8 @@ snapshot() {
 }
 for round in $(seq "$rounds"); do
   if [ -n "$bin" ]; then
-    rm -rf "$work/data"
-    "$bin" --listen "127.0.0.1:$port" --metrics-listen off --data-dir "$work/data" \
-      --shards 1 --durability periodic --log warn &
-    pid=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-    timeout 30 "$peerbench" --target queueber --addr "127.0.0.1:$port" --server-pid "$pid" \
-      -B "$batch" "${rate_flag[@]}" --duration 7 --warmup 1 >"$work/result.txt" 2>/dev/null &
-    bench=$!
+    measured_server_start "$bin" "$port" "$work/data"
+    measured_peerbench_start "$peerbench" "$port" "$work/result.txt" -B "$batch" "${rate_flag[@]}"
   else
     timeout 60 "$peerbench" --target "$target" -B "$batch" "${rate_flag[@]}" \
       --duration 7 --warmup 1 >"$work/result.txt" 2>/dev/null &

@@ -14,6 +14,7 @@
 # the messages acknowledged in that window, with the largest syscalls.
 # Needs perf (Debian's linux-perf) and root or perf_event_paranoid <= 1.
 source "$(dirname "$0")/help.sh"
+source "$(dirname "$0")/measured-server.sh"
 set -euo pipefail
 bin="" batch=32 rounds=2 port=17860 rate_flag=()
 peerbench="${PEERBENCH_BIN:-$HOME/.cache/peerbench/target/release/peerbench}"
@@ -37,14 +38,8 @@ cleanup() {
 }
 trap cleanup EXIT
 for round in $(seq "$rounds"); do
-  rm -rf "$work/data"
-  "$bin" --listen "127.0.0.1:$port" --metrics-listen off --data-dir "$work/data" \
-    --shards 1 --durability periodic --log warn &
-  pid=$!
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-  timeout 30 "$peerbench" --target queueber --addr "127.0.0.1:$port" --server-pid "$pid" \
-    -B "$batch" "${rate_flag[@]}" --duration 7 --warmup 1 >"$work/result.json" 2>/dev/null &
-  bench=$!
+  measured_server_start "$bin" "$port" "$work/data"
+  measured_peerbench_start "$peerbench" "$port" "$work/result.json" -B "$batch" "${rate_flag[@]}"
   sleep 2.5
   timeout 10 perf trace -s -p "$pid" -o "$work/trace.txt" -- sleep 3 >/dev/null 2>&1 || true
   wait "$bench" || true
