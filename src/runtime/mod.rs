@@ -56,15 +56,34 @@ pub fn executor(name: &str, cpu: Option<usize>, io_memory: usize) -> LocalExecut
 }
 
 /// Runs the future `f` makes on a fresh, unpinned executor and returns its
-/// output (tests of code that needs an executor).
+/// output (tests of code that needs an executor); see
+/// [`run_on_test_executor_at`].
 #[cfg(test)]
-pub(crate) fn run_on_test_executor<T: Send + 'static>(
-    f: impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = T>>> + Send + 'static,
-) -> T {
-    executor("test", None, 1 << 20)
-        .spawn(f)
-        .expect("a test executor starts")
-        .join()
+pub(crate) fn run_on_test_executor<T, Fut>(f: impl FnOnce() -> Fut + Send + 'static) -> T
+where
+    T: Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
+    run_on_test_executor_at(None, f)
+}
+
+/// Runs the future `f` makes on a fresh executor pinned to `cpu` (or
+/// floating) and returns its output. Fails the test if the executor has not
+/// finished within a minute: a lost wake-up would otherwise hang it.
+#[cfg(test)]
+pub(crate) fn run_on_test_executor_at<T, Fut>(cpu: Option<usize>, f: impl FnOnce() -> Fut + Send + 'static) -> T
+where
+    T: Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
+    let handle = executor("test", cpu, 1 << 20).spawn(f).expect("a test executor starts");
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(handle.join());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the test executor finished within a minute")
         .expect("the test executor's work completes")
 }
 

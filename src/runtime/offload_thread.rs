@@ -158,40 +158,13 @@ fn work_loop(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::{run_on_test_executor as on_executor, run_on_test_executor_at};
     use std::sync::atomic::AtomicUsize;
-
-    fn on_executor<T, Fut>(f: impl FnOnce() -> Fut + Send + 'static) -> T
-    where
-        T: Send + 'static,
-        Fut: std::future::Future<Output = T> + 'static,
-    {
-        on_placed_executor(glommio::Placement::Unbound, f)
-    }
-
-    /// Runs `f` on an executor placed as asked; fails the test if it has not
-    /// finished within a minute (a lost wake-up would hang it).
-    fn on_placed_executor<T, Fut>(placement: glommio::Placement, f: impl FnOnce() -> Fut + Send + 'static) -> T
-    where
-        T: Send + 'static,
-        Fut: std::future::Future<Output = T> + 'static,
-    {
-        let handle = glommio::LocalExecutorBuilder::new(placement)
-            .spawn(f)
-            .expect("an executor starts");
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = done.send(handle.join());
-        });
-        finished
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the executor finished within a minute")
-            .expect("the executor's work succeeded")
-    }
 
     #[test]
     fn the_thread_shares_the_pinned_executors_cpu() {
         let cpu = *crate::runtime::allowed_cpus().last().expect("a CPU");
-        let cpus = on_placed_executor(glommio::Placement::Fixed(cpu), || async {
+        let cpus = run_on_test_executor_at(Some(cpu), || async {
             let thread = OffloadThread::spawn("offload-pinned".into()).expect("a thread");
             thread
                 .run(

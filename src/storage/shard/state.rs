@@ -304,27 +304,23 @@ impl BatchScratch {
 
     /// Clears what a batch used, and keeps it unless it grew large.
     pub(super) fn keep(mut self) -> Self {
-        self.polled.clear();
-        self.touched.clear();
-        self.record.clear();
-        self.unmarked.clear();
+        emptied(&mut self.record, Self::KEEP_RECORD_BYTES);
+        emptied(&mut self.polled, Self::KEEP_QUEUES);
+        emptied(&mut self.touched, Self::KEEP_QUEUES);
+        emptied(&mut self.unmarked, Self::KEEP_QUEUES);
         self.counted.clear();
-        if self.record.capacity() > Self::KEEP_RECORD_BYTES {
-            self.record = Vec::new();
-        }
-        if self.polled.capacity() > Self::KEEP_QUEUES {
-            self.polled = Vec::new();
-        }
-        if self.touched.capacity() > Self::KEEP_QUEUES {
-            self.touched = Vec::new();
-        }
-        if self.unmarked.capacity() > Self::KEEP_QUEUES {
-            self.unmarked = Vec::new();
-        }
         if self.counted.capacity() > Self::KEEP_QUEUES {
             self.counted = Map::default();
         }
         self
+    }
+}
+
+/// Clears `v`, and lets its memory go when it holds room for more than `keep`.
+fn emptied<T>(v: &mut Vec<T>, keep: usize) {
+    v.clear();
+    if v.capacity() > keep {
+        *v = Vec::new();
     }
 }
 
