@@ -23,15 +23,10 @@ bin="" target="" batch=1 rounds=2 port=17880 rate_flag=()
 peerbench="${PEERBENCH_BIN:-$HOME/.cache/peerbench/target/release/peerbench}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --bin) bin="$2"; shift 2 ;;
-    --target) target="$2"; shift 2 ;;
-    --batch) batch="$2"; shift 2 ;;
-    --rounds) rounds="$2"; shift 2 ;;
-    --rate) rate_flag=(--rate "$2"); shift 2 ;;
-    --peerbench) peerbench="$2"; shift 2 ;;
-    --port) port="$2"; shift 2 ;;
-    *) echo "unknown flag $1" >&2; exit 2 ;;
+    --target) target="$2" ;;
+    *) measured_flag "$1" "${2:-}" || { echo "unknown flag $1" >&2; exit 2; } ;;
   esac
+  shift 2
 done
 case "$target" in
   "") [ -n "$bin" ] || { echo "--bin or --target is required" >&2; exit 2; } ;;

@@ -2,6 +2,21 @@
 # context-switches-per-message.sh): the server as they measure it, and
 # peerbench run at it. Not a script of its own.
 
+# measured_flag FLAG VALUE: takes one of the flags the per-message scripts
+# share into its variable (bin, batch, rounds, rate_flag, peerbench, port);
+# returns 1 for any other flag.
+measured_flag() {
+  case "$1" in
+    --bin) bin="$2" ;;
+    --batch) batch="$2" ;;
+    --rounds) rounds="$2" ;;
+    --rate) rate_flag=(--rate "$2") ;;
+    --peerbench) peerbench="$2" ;;
+    --port) port="$2" ;;
+    *) return 1 ;;
+  esac
+}
+
 # measured_server_start BIN PORT DIR: starts BIN with 1 shard, periodic
 # durability and its data in DIR (emptied first), listening on
 # 127.0.0.1:PORT without a metrics listener; sets `pid` once the port

@@ -19,15 +19,8 @@ set -euo pipefail
 bin="" batch=32 rounds=2 port=17860 rate_flag=()
 peerbench="${PEERBENCH_BIN:-$HOME/.cache/peerbench/target/release/peerbench}"
 while [ $# -gt 0 ]; do
-  case "$1" in
-    --bin) bin="$2"; shift 2 ;;
-    --batch) batch="$2"; shift 2 ;;
-    --rounds) rounds="$2"; shift 2 ;;
-    --rate) rate_flag=(--rate "$2"); shift 2 ;;
-    --peerbench) peerbench="$2"; shift 2 ;;
-    --port) port="$2"; shift 2 ;;
-    *) echo "unknown flag $1" >&2; exit 2 ;;
-  esac
+  measured_flag "$1" "${2:-}" || { echo "unknown flag $1" >&2; exit 2; }
+  shift 2
 done
 [ -n "$bin" ] || { echo "--bin is required" >&2; exit 2; }
 work=$(mktemp -d /tmp/queueber-syscalls.XXXXXX)
