@@ -427,9 +427,15 @@ fn the_documented_series_and_alerts_match_the_server() {
         .map(str::to_string)
         .collect();
 
-    // With access control, so that the auth series exists too.
+    // With access control and backups, so that their series exist too.
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = common::config(dir.path(), 2);
+    let mut config = common::config(&dir.path().join("data"), 2);
+    config.backup = Some(queueber::server::backup::BackupConfig {
+        dir: dir.path().join("backups"),
+        every: None,
+        keep: 1,
+        now: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    });
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let tokens = queueber::auth::Tokens::parse("", "none").expect("an empty token list");
     config.access = Some(Arc::new(queueber::auth::Access::new(tokens)));
@@ -474,4 +480,29 @@ fn the_documented_series_and_alerts_match_the_server() {
         ),
         Err(_) => eprintln!("promtool not installed: the rules check is skipped (scripts/test.sh installs it)"),
     }
+}
+
+/// The endpoint binds with SO_REUSEPORT, like the protocol port: a second
+/// server given the same metrics address must be refused, or scrapes would
+/// alternate between the two servers' figures.
+#[test]
+fn a_second_server_on_a_taken_metrics_port_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut first = common::config(&dir.path().join("first"), 1);
+    first.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let first = server::start(first).expect("the first server starts");
+    let taken = first.metrics_addr().expect("a metrics endpoint");
+    let mut second = common::config(&dir.path().join("second"), 1);
+    second.metrics_listen = Some(taken);
+    match server::start(second) {
+        Ok(second) => {
+            common::stop(second);
+            panic!("a second server started on the taken metrics port {taken}");
+        }
+        Err(e) => assert!(e.to_string().contains("already in use"), "{e}"),
+    }
+    // The first still answers its own scrapes.
+    let (code, _) = get(taken, "/healthz");
+    assert_eq!(code, 200);
+    common::stop(first);
 }

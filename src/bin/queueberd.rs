@@ -2,7 +2,7 @@
 //! each can also be set through the environment variable it names.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use queueber::clock::SystemClock;
+use queueber::server::backup::BackupConfig;
 use queueber::server::{self, ServerConfig, ServerLimits};
 use queueber::storage::Durability;
 
@@ -192,6 +193,24 @@ struct Args {
     #[arg(long, env = "QUEUEBER_DEFAULT_RETENTION_MS", default_value = "forever", value_parser = parse_retention)]
     default_retention_ms: u64,
 
+    /// Write online backups (consistent copies of the database, each a
+    /// directory a server can open as its --data-dir) into this directory:
+    /// every --backup-interval-ms, and whenever the server gets SIGUSR1.
+    /// Must not be inside --data-dir.
+    #[arg(long, env = "QUEUEBER_BACKUP_DIR")]
+    backup_dir: Option<PathBuf>,
+
+    /// Milliseconds from the end of one backup to the start of the next (the
+    /// first this long after startup), at least 1000; `off`: only on
+    /// SIGUSR1. Needs --backup-dir.
+    #[arg(long, env = "QUEUEBER_BACKUP_INTERVAL_MS", default_value = "off", value_parser = parse_backup_interval)]
+    backup_interval_ms: BackupInterval,
+
+    /// How many backups to keep in --backup-dir (the newest; older ones are
+    /// removed after each new one); 0 keeps every one.
+    #[arg(long, env = "QUEUEBER_BACKUP_KEEP", default_value_t = 3)]
+    backup_keep: usize,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -251,6 +270,30 @@ fn parse_retention(value: &str) -> Result<u64, String> {
     }
 }
 
+/// `--backup-interval-ms`: milliseconds, or off.
+#[derive(Debug, Clone, Copy)]
+struct BackupInterval(Option<Duration>);
+
+/// A shorter interval would spend the disk on backups rather than queues.
+const MIN_BACKUP_INTERVAL_MS: u64 = 1000;
+
+fn parse_backup_interval(value: &str) -> Result<BackupInterval, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(BackupInterval(None));
+    }
+    match value.parse::<u64>() {
+        Ok(ms) if ms >= MIN_BACKUP_INTERVAL_MS => Ok(BackupInterval(Some(Duration::from_millis(ms)))),
+        _ => Err(format!(
+            "{value:?}: expected milliseconds, at least {MIN_BACKUP_INTERVAL_MS}, or off"
+        )),
+    }
+}
+
+/// Whether `inner` is `outer` or inside it, once both exist.
+fn is_within(inner: &Path, outer: &Path) -> std::io::Result<bool> {
+    Ok(inner.canonicalize()?.starts_with(outer.canonicalize()?))
+}
+
 /// A queue bound: a positive number, or `unlimited`.
 fn parse_bound(value: &str) -> Result<u64, String> {
     if value.eq_ignore_ascii_case("unlimited") {
@@ -279,13 +322,17 @@ fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
 /// Reads the auth file and the TLS certificate again on every SIGHUP, from
 /// a thread of its own (a file that fails to load keeps what is in use and
 /// says why). A revoked token's connections are closed; new handshakes use
-/// the new certificate, open sessions keep theirs.
+/// the new certificate, open sessions keep theirs. With neither, SIGHUP is
+/// only caught, and ignored.
 fn reload_on_sighup(
     access: Option<Arc<queueber::auth::Access>>,
     tls: Option<queueber::tls::ServerTls>,
 ) -> std::io::Result<()> {
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+    if access.is_none() && tls.is_none() {
+        return Ok(());
+    }
     std::thread::Builder::new()
         .name("queueber-reload".into())
         .spawn(move || loop {
@@ -419,15 +466,52 @@ fn main() -> ExitCode {
             }
         }
     }
-    if config.access.is_some() || config.tls.is_some() {
-        if let Err(e) = reload_on_sighup(config.access.clone(), config.tls.clone()) {
-            tracing::error!(error = %e, "cannot install the SIGHUP handler");
-            return ExitCode::FAILURE;
-        }
+    // Installed even with nothing to reload: SIGHUP's default action would
+    // end the process with no drain and no final WAL sync (a `systemctl
+    // reload` or a closed terminal).
+    if let Err(e) = reload_on_sighup(config.access.clone(), config.tls.clone()) {
+        tracing::error!(error = %e, "cannot install the SIGHUP handler");
+        return ExitCode::FAILURE;
     }
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         tracing::error!(dir = %config.data_dir.display(), error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;
+    }
+
+    // SIGUSR1 asks for a backup. Registered even without --backup-dir (then
+    // it is ignored), so that it never ends the process, as it would by
+    // default.
+    let backup_now = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR1, backup_now.clone()) {
+        tracing::error!(error = %e, "cannot install the SIGUSR1 handler");
+        return ExitCode::FAILURE;
+    }
+    match (&args.backup_dir, args.backup_interval_ms.0) {
+        (Some(dir), every) => {
+            let inside = std::fs::create_dir_all(dir).and_then(|()| is_within(dir, &config.data_dir));
+            match inside {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::error!(dir = %dir.display(), "--backup-dir must not be inside --data-dir");
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot use the backup directory");
+                    return ExitCode::FAILURE;
+                }
+            }
+            config.backup = Some(BackupConfig {
+                dir: dir.clone(),
+                every,
+                keep: args.backup_keep,
+                now: backup_now,
+            });
+        }
+        (None, Some(_)) => {
+            tracing::error!("--backup-interval-ms needs --backup-dir");
+            return ExitCode::FAILURE;
+        }
+        (None, None) => {}
     }
 
     // Signals first, so a SIGTERM during a long recovery still stops the

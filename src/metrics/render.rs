@@ -40,6 +40,8 @@ pub struct Scrape {
     pub max_queues: usize,
     /// Failed `auth` attempts, when the server has access control.
     pub auth_failures: Option<u64>,
+    /// What the backup thread has done; `None`: backups are off.
+    pub backups: Option<crate::server::backup::BackupFigures>,
 }
 
 /// The label a folded queue takes.
@@ -266,6 +268,24 @@ fn write_series(scrape: &Scrape, w: &mut Families<'_>) -> fmt::Result {
             Kind::Counter,
             "Failed auth attempts (unknown token id or wrong secret).",
             n,
+        )?;
+    }
+    if let Some(b) = scrape.backups {
+        let mut family = w.family(
+            "queueber_backups_total",
+            Kind::Counter,
+            "Online backups (--backup-dir) written, and failed or skipped.",
+        )?;
+        family.sample(&[("result", "written")], b.written)?;
+        family.sample(&[("result", "failed")], b.failed)?;
+        // 0 until the first: an alert on its age then fires for a server
+        // that has never written one, as it should.
+        single(
+            w,
+            "queueber_backup_last_written_timestamp_seconds",
+            Kind::Gauge,
+            "When the last backup written was finished (Unix time); 0: none yet.",
+            b.last_written_ms as f64 / 1000.0,
         )?;
     }
     single(
@@ -496,6 +516,7 @@ mod tests {
             rocks: RocksFigures::default(),
             max_queues,
             auth_failures: None,
+            backups: None,
         }
     }
 

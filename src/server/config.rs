@@ -50,6 +50,8 @@ pub struct ServerConfig {
     /// unset fields take the built-in defaults
     /// ([`crate::storage::engine::complete_defaults`]).
     pub default_policy: crate::types::QueuePolicy,
+    /// Online backups (`--backup-dir`); `None`: none.
+    pub backup: Option<super::backup::BackupConfig>,
 }
 
 impl ServerConfig {
@@ -75,6 +77,7 @@ impl ServerConfig {
             tls: None,
             metrics_tls: false,
             default_policy: crate::types::QueuePolicy::default(),
+            backup: None,
         }
     }
 }

@@ -69,6 +69,7 @@ pub(crate) struct Status {
     cores: Mutex<Vec<(usize, CoreControl)>>,
     connections: OnceLock<Arc<AtomicUsize>>,
     access: OnceLock<Arc<crate::auth::Access>>,
+    backups: OnceLock<super::backup::BackupReader>,
     max_queues: usize,
 }
 
@@ -87,6 +88,10 @@ impl Status {
 
     pub(crate) fn set_access(&self, access: Arc<crate::auth::Access>) {
         let _ = self.access.set(access);
+    }
+
+    pub(crate) fn set_backups(&self, backups: super::backup::BackupReader) {
+        let _ = self.backups.set(backups);
     }
 
     pub(crate) fn add_core(&self, shard: usize, core: CoreControl) {
@@ -362,6 +367,7 @@ async fn gather(status: &Status) -> Scrape {
         rocks,
         max_queues: status.max_queues,
         auth_failures: status.access.get().map(|a| a.failures_total()),
+        backups: status.backups.get().map(|b| b.figures()),
     }
 }
 

@@ -17,6 +17,7 @@
 //! stop the cores and sync the WAL.
 
 mod accept;
+pub mod backup;
 mod budget;
 pub mod config;
 mod connection;
@@ -72,6 +73,7 @@ pub struct ServerHandle {
     shards: Vec<glommio::ExecutorJoinHandle<Result<(), ServerError>>>,
     engine: Arc<Engine>,
     metrics: Option<http::Endpoint>,
+    backups: Option<backup::Backups>,
 }
 
 impl ServerHandle {
@@ -83,6 +85,11 @@ impl ServerHandle {
     /// Where the metrics endpoint listens, if it does.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(http::Endpoint::local_addr)
+    }
+
+    /// What the backup thread has done (`None`: no `backup` configured).
+    pub fn backup_figures(&self) -> Option<backup::BackupFigures> {
+        self.backups.as_ref().map(backup::Backups::figures)
     }
 
     /// Stops the server gracefully and waits until it has.
@@ -106,6 +113,10 @@ impl ServerHandle {
         }
         // The endpoint holds the engine for its figures: it goes first.
         drop(self.metrics.take());
+        // A backup being written is finished, so the database closes cleanly.
+        if let Some(backups) = self.backups.take() {
+            backups.join();
+        }
         self.engine.sync_wal()?;
         drop(self.engine);
         first_error.map_or(Ok(()), Err)
@@ -165,6 +176,11 @@ pub fn start_with_stop(
     stop: Arc<AtomicBool>,
 ) -> Result<ServerHandle, ServerError> {
     check_port_free(config.listen)?;
+    // The endpoint binds with SO_REUSEPORT too: a second server would share
+    // the port and answer every other scrape with its own figures.
+    if let Some(metrics) = config.metrics_listen {
+        check_port_free(metrics)?;
+    }
     config.limits = config.limits.normalized();
     let shards = config.shards.max(1);
     // One executor per shard, and one for the metrics endpoint.
@@ -218,6 +234,20 @@ pub fn start_with_stop(
     if let Some(access) = &config.access {
         status.set_access(access.clone());
     }
+    let backups = match &config.backup {
+        Some(backup) => {
+            let backups = backup::Backups::start(engine.clone(), backup.clone(), stop.clone()).map_err(|source| {
+                ServerError::Io {
+                    context: format!("cannot use the backup directory {}", backup.dir.display()),
+                    source,
+                }
+            })?;
+            status.set_backups(backups.reader());
+            tracing::info!(dir = %backup.dir.display(), every_ms = backup.every.map(|e| e.as_millis() as u64), keep = backup.keep, "backups on");
+            Some(backups)
+        }
+        None => None,
+    };
     let budget = BufferBudget::new(
         config.limits.max_buffered_bytes,
         config.limits.max_buffered_bytes_per_connection,
@@ -301,6 +331,7 @@ pub fn start_with_stop(
         shards: handles,
         engine,
         metrics,
+        backups,
     })
 }
 

@@ -450,6 +450,21 @@ impl Engine {
         self.wal_syncs.snapshot()
     }
 
+    /// Writes a consistent copy of the whole database into `dir`, which must
+    /// not exist yet: a RocksDB checkpoint (memtables flushed, SST files hard
+    /// linked when `dir` is on the same filesystem and copied otherwise, the
+    /// live WAL copied). Every storage batch is one atomic write, so the copy
+    /// holds each batch whole or not at all; opened by a server, it recovers
+    /// like a crash at the moment of the copy. Blocks for the flush and the
+    /// copy: call it from a blocking thread, never an executor.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        let checkpoint =
+            rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(StoreError::rocks("prepare a checkpoint"))?;
+        checkpoint
+            .create_checkpoint(dir)
+            .map_err(StoreError::rocks("write a checkpoint"))
+    }
+
     /// RocksDB's figures for metrics (in-memory property reads), summed
     /// over the column families.
     pub fn rocks_figures(&self) -> crate::metrics::render::RocksFigures {

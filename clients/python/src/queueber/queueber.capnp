@@ -194,7 +194,7 @@ struct RemoveAndPollReply {
 
 enum ErrorCode {
   internal @0;          # a server-side failure (storage); retry later
-  invalidArgument @1;   # a number out of range, a malformed id, leaseMs = 0
+  invalidArgument @1;   # a number out of range, a malformed id, extend leaseMs = 0
   invalidName @2;       # tenant or queue name not 1-128 bytes of [A-Za-z0-9._-]
   unknownQueue @3;      # the queue does not exist (only add creates queues)
   payloadTooLarge @4;   # a message payload over the limit
