@@ -251,3 +251,43 @@ fn failed_deliveries_wait_out_the_retry_backoff() {
     });
     common::stop(server);
 }
+
+/// `--max-queues` bounds what a client that makes up queue names can make
+/// the server hold: past it an add to a new queue (or a createQueue) is
+/// `queueFull` and creates nothing, while the existing queues keep working
+/// and a delete makes room, whichever shard owns each queue.
+#[test]
+fn queues_past_max_queues_are_refused_and_a_delete_makes_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), 2);
+    config.max_queues = 5;
+    let server = server::start(config).expect("server starts");
+    common::with_client(server.local_addr(), |c| async move {
+        for i in 0..5 {
+            c.add(&q(&format!("made-up-{i}")), messages(1, 10)).await.unwrap();
+        }
+        let refused = c.add(&q("made-up-5"), messages(1, 10)).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::QueueFull), "{refused}");
+        assert!(refused.to_string().contains("--max-queues"), "{refused}");
+        let refused = c
+            .create_queue(&q("made-up-6"), QueuePolicy::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::QueueFull), "{refused}");
+        assert_eq!(c.list_queues().await.unwrap().len(), 5);
+        assert_eq!(
+            c.stats(&q("made-up-5")).await.unwrap_err().code(),
+            Some(ErrorCode::UnknownQueue)
+        );
+        // The queues that exist take adds and polls as before.
+        c.add(&q("made-up-0"), messages(1, 10)).await.unwrap();
+        assert_eq!(c.stats(&q("made-up-0")).await.unwrap().visible, 2);
+        c.delete(&q("made-up-0")).await.unwrap();
+        c.add(&q("made-up-5"), messages(1, 10)).await.unwrap();
+        assert_eq!(
+            c.add(&q("made-up-6"), messages(1, 10)).await.unwrap_err().code(),
+            Some(ErrorCode::QueueFull)
+        );
+    });
+    common::stop(server);
+}

@@ -211,6 +211,12 @@ struct Args {
     #[arg(long, env = "QUEUEBER_BACKUP_KEEP", default_value_t = 3)]
     backup_keep: usize,
 
+    /// Most queues the server holds, of all tenants; an add or createQueue
+    /// that would create one more is refused (queueFull). About 1.2 KiB of
+    /// memory each, empty: a positive number, or `unlimited`.
+    #[arg(long, env = "QUEUEBER_MAX_QUEUES", default_value_t = queueber::storage::engine::DEFAULT_MAX_QUEUES, value_parser = parse_bound)]
+    max_queues: u64,
+
     /// RocksDB block cache, in MiB.
     #[arg(long, env = "QUEUEBER_BLOCK_CACHE_MIB", default_value_t = 128)]
     block_cache_mib: usize,
@@ -411,6 +417,7 @@ fn main() -> ExitCode {
         stall_timeout_ms: args.stall_timeout_ms,
     };
     config.min_free_disk_bytes = args.min_free_disk_mib << 20;
+    config.max_queues = args.max_queues;
     config.default_policy = queueber::types::QueuePolicy {
         lease_ms: Some(args.default_lease_ms),
         max_depth: Some(args.default_max_depth),

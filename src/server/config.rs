@@ -50,6 +50,9 @@ pub struct ServerConfig {
     /// unset fields take the built-in defaults
     /// ([`crate::storage::engine::complete_defaults`]).
     pub default_policy: crate::types::QueuePolicy,
+    /// Most queues the server holds (`--max-queues`); an add or
+    /// `createQueue` that would create one more is refused (`queueFull`).
+    pub max_queues: u64,
     /// Online backups (`--backup-dir`); `None`: none.
     pub backup: Option<super::backup::BackupConfig>,
 }
@@ -77,6 +80,7 @@ impl ServerConfig {
             tls: None,
             metrics_tls: false,
             default_policy: crate::types::QueuePolicy::default(),
+            max_queues: crate::storage::engine::DEFAULT_MAX_QUEUES,
             backup: None,
         }
     }

@@ -17,7 +17,9 @@
 //!   call ([`Waiters::nothing_visible`]).
 //! * **Sweeper.** The loop sleeps until the earliest of: new work, a waiter's
 //!   deadline, or the store's next lease expiry / delay deadline, and runs an
-//!   (empty) batch then, which settles what is due and wakes waiters.
+//!   (empty) batch then, which settles what is due and wakes waiters. After
+//!   a batch that failed as a whole, the store's deadline waits at least
+//!   [`FAILED_BATCH_PAUSE`], so a due timer whose writes fail does not spin.
 //!
 //! The store is moved into the shard's own blocking-offload thread
 //! ([`OffloadThread`]) for each call and moved back, so exactly one thread
@@ -89,7 +91,7 @@ impl From<&CommandError> for ErrorReply {
             CommandError::UnknownQueue(_) => ErrorCode::UnknownQueue,
             CommandError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             CommandError::DiskFull(_) => ErrorCode::DiskFull,
-            CommandError::QueueFull { .. } => ErrorCode::QueueFull,
+            CommandError::QueueFull { .. } | CommandError::TooManyQueues { .. } => ErrorCode::QueueFull,
             CommandError::QueueExists(_) => ErrorCode::InvalidArgument,
             CommandError::WrongShard(_) | CommandError::QueueIdsExhausted => ErrorCode::Internal,
         };
@@ -447,6 +449,10 @@ pub(crate) fn spawn(
     (CoreHandle { control, calls }, task)
 }
 
+/// How long after a batch that failed as a whole the store's deadlines are
+/// tried again at the earliest. Requests still run at once.
+const FAILED_BATCH_PAUSE: Duration = Duration::from_millis(100);
+
 /// How the core waits for a storage batch on its offload thread (see
 /// [`OffloadThread::run`]). No batch waits for the disk there
 /// (WAL syncs run on the engine's syncer), so every batch may be yielded to.
@@ -768,6 +774,13 @@ async fn run(
             metrics.record_batch(took, batch_commands);
             store = Some(owned);
             store_due = store_deadline(&*clock, next);
+            // What was due may be what fails (writes settling an expired
+            // lease on a full disk; a shard whose storage failed for good):
+            // retried after a pause, not at once, which would spin the shard.
+            if executed.outcomes.is_err() {
+                let later = Instant::now() + FAILED_BATCH_PAUSE;
+                store_due = store_due.map(|due| due.max(later));
+            }
             let batch = BatchTiming { started, took };
             // (Follow-ups without a command are polls without room: they park.)
             let followed = (!follow_finishes.is_empty()).then(|| {
@@ -1413,6 +1426,60 @@ mod tests {
         fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
             self.inner.list_queues()
         }
+    }
+
+    /// A store whose every batch fails as a whole, with a deadline that is
+    /// always due: a disk that refuses the writes settling an expired lease,
+    /// or a shard whose storage failed for good.
+    struct AlwaysFailing {
+        batches: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl QueueStore for AlwaysFailing {
+        fn execute(&mut self, _: Vec<Command>) -> Executed {
+            self.batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Executed::failed(crate::storage::StorageError::Unavailable("the disk is gone".into()))
+        }
+
+        fn next_deadline(&self) -> Option<u64> {
+            Some(0)
+        }
+
+        fn list_queues(&self) -> Result<Vec<QueueName>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_store_that_keeps_failing_is_retried_not_spun_and_requests_still_run() {
+        let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = batches.clone();
+        let (idle_batches, answer) = run_on_executor(move || {
+            Box::pin(async move {
+                let clock = Arc::new(ManualClock::new(1_000));
+                let store = AlwaysFailing {
+                    batches: counted.clone(),
+                };
+                let (core, task) = spawn(0, Box::new(store), clock, Rc::default(), HandOff::PARK, test_offload());
+                // 300 ms with nothing asked: only the due deadline runs batches.
+                glommio::timer::sleep(Duration::from_millis(300)).await;
+                let idle_batches = counted.load(std::sync::atomic::Ordering::SeqCst);
+                // A request is not held back by the retry's pause.
+                let answer = within(
+                    Duration::from_millis(50),
+                    core.call(Op::Stats(ops::Stats { queue: q("a") })),
+                )
+                .await;
+                core.stop();
+                task.await;
+                (idle_batches, answer)
+            })
+        });
+        // Every 100 ms at most, not back to back (thousands in 300 ms).
+        assert!((1..=5).contains(&idle_batches), "{idle_batches} batches in 300 ms");
+        let answer = answer.expect("answered at once");
+        assert!(answer.is_err(), "{answer:?}");
+        assert!(batches.load(std::sync::atomic::Ordering::SeqCst) > idle_batches);
     }
 
     #[test]

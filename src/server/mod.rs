@@ -226,6 +226,7 @@ pub fn start_with_stop(
             write_buffer_bytes: config.write_buffer_bytes,
             min_free_disk_bytes: config.min_free_disk_bytes,
             default_policy: config.default_policy,
+            max_queues: config.max_queues,
         },
         clock,
     )?;

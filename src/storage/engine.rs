@@ -7,7 +7,7 @@
 //! [`ShardStore`]: super::ShardStore
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::metrics::AtomicHistogram;
@@ -106,7 +106,16 @@ pub struct EngineOptions {
     /// `queueberd --default-*` flags). Its `max_payload_bytes` is at most
     /// `max_payload_bytes`.
     pub default_policy: crate::types::QueuePolicy,
+    /// Most queues the database holds (`--max-queues`); a queue past it is
+    /// not created. [`crate::types::UNLIMITED`]: no limit.
+    pub max_queues: u64,
 }
+
+/// The default of `--max-queues`. An empty queue costs about 1.2 KiB of
+/// memory (its state at its shard, its registry entry), so a client that
+/// makes up queue names could otherwise grow the server without bound:
+/// 100,000 queues is about 120 MiB.
+pub const DEFAULT_MAX_QUEUES: u64 = 100_000;
 
 /// The default of the server-wide default lease (`--default-lease-ms`).
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
@@ -148,6 +157,7 @@ impl Default for EngineOptions {
             // Off for tools and tests; the server sets its own default.
             min_free_disk_bytes: 0,
             default_policy: crate::types::QueuePolicy::default(),
+            max_queues: crate::types::UNLIMITED,
         }
     }
 }
@@ -161,6 +171,10 @@ pub struct Engine {
     options: EngineOptions,
     clock: Arc<dyn Clock>,
     next_qid: AtomicU32,
+    /// The queues that exist, as the stores open on this engine count them
+    /// (each adds what it creates, loads and deletes), checked against
+    /// `options.max_queues` when a queue is created.
+    live_queues: AtomicU64,
     syncer: Option<Syncer>,
     /// In `fsync` durability: syncs the WAL for the batches that need it.
     wal_syncer: Option<WalSyncer>,
@@ -359,6 +373,7 @@ impl Engine {
             options,
             clock,
             next_qid: AtomicU32::new(max_qid + 1),
+            live_queues: AtomicU64::new(0),
             syncer,
             wal_syncer,
             disk,
@@ -406,6 +421,32 @@ impl Engine {
             return Err(StoreError::Command(CommandError::QueueIdsExhausted));
         }
         Ok(qid)
+    }
+
+    /// Takes room for one more queue, or refuses when the database holds
+    /// `max_queues` (counting the queues of every shard). Exact across
+    /// shards: the check and the count are one atomic step.
+    pub(crate) fn reserve_queue(&self) -> Result<(), StoreError> {
+        let max = self.options.max_queues;
+        self.live_queues
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map(drop)
+            .map_err(|_| StoreError::Command(CommandError::TooManyQueues { max }))
+    }
+
+    /// Gives back room taken by [`Self::reserve_queue`], or counts queues a
+    /// store found (`delta` > 0) or lost (< 0) when it loaded its state.
+    pub(crate) fn count_queues(&self, delta: i64) {
+        if delta >= 0 {
+            self.live_queues.fetch_add(delta.unsigned_abs(), Ordering::AcqRel);
+        } else {
+            self.live_queues.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
+        }
+    }
+
+    /// How many queues the open stores hold between them.
+    pub fn live_queues(&self) -> u64 {
+        self.live_queues.load(Ordering::Acquire)
     }
 
     /// An iterator over `[lower, upper)` of one queue's keys in `cf`,

@@ -462,6 +462,9 @@ pub enum CommandError {
     /// nothing of it was stored.
     #[error("queue {queue} is full: {detail}")]
     QueueFull { queue: QueueName, detail: String },
+    /// Creating the queue would take the database past `--max-queues`.
+    #[error("the server holds its maximum of {max} queues (--max-queues): no queue is created")]
+    TooManyQueues { max: u64 },
     /// `createQueue` of a queue that exists with another policy.
     #[error("queue {0} exists with another policy (setPolicy changes it)")]
     QueueExists(QueueName),

@@ -176,8 +176,10 @@ impl QueueStore for ShardStore {
                 tracing::error!(%reload, "rebuilding shard state failed; the shard is unavailable until restart");
                 self.failed = Some(format!("{error}; reload failed: {reload}"));
             }
+            self.count_queues();
             return Executed::failed(error);
         }
+        self.count_queues();
         for (qid, counted) in &batch.counted {
             if let Some(q) = self.queues.get_mut(qid) {
                 q.metrics.merge(counted);
@@ -217,6 +219,11 @@ impl QueueStore for ShardStore {
     }
 
     fn next_deadline(&self) -> Option<u64> {
+        // A shard whose storage failed for good settles nothing until
+        // restart: no deadline to wake it for.
+        if self.failed.is_some() {
+            return None;
+        }
         let lease = self.lease_deadlines.first().map(|d| d.0);
         let delay = self.delay_deadlines.first_key_value().map(|(d, _)| d.0);
         let retention = self.retention_deadlines.first().map(|d| d.0);

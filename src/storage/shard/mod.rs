@@ -93,6 +93,18 @@ pub struct ShardStore {
     head_budget: head::HeadBudget,
     /// The buffers the next batch builds in ([`state::BatchScratch`]).
     scratch: state::BatchScratch,
+    /// How many queues this store has counted in the engine's total
+    /// ([`Engine::reserve_queue`]): one per queue it created, loaded or
+    /// reserved room for, until [`ShardStore::count_queues`] settles it.
+    counted_queues: u64,
+}
+
+impl Drop for ShardStore {
+    /// A store closed on a live engine (tests, tools that reopen) takes its
+    /// queues out of the engine's count.
+    fn drop(&mut self) {
+        self.engine.count_queues(-(self.counted_queues as i64));
+    }
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -150,9 +162,22 @@ impl ShardStore {
             failure_log: crate::runtime::LogEvery::new(std::time::Duration::from_secs(10)),
             head_budget: head::HeadBudget::default(),
             scratch: state::BatchScratch::default(),
+            counted_queues: 0,
         };
         store.load_all()?;
+        store.count_queues();
         Ok(store)
+    }
+
+    /// Brings this store's share of the engine's queue count to the queues
+    /// it holds: room reserved by a batch that failed, or by a create that
+    /// did not happen, is given back; a deleted queue's is too.
+    pub(super) fn count_queues(&mut self) {
+        let held = self.names.len() as u64;
+        if held != self.counted_queues {
+            self.engine.count_queues(held as i64 - self.counted_queues as i64);
+            self.counted_queues = held;
+        }
     }
 
     /// A store owning every queue (one shard, tools, tests).

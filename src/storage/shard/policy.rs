@@ -10,6 +10,10 @@ impl ShardStore {
         if !(self.owns)(queue) {
             return Err(StoreError::Command(CommandError::WrongShard(queue.clone())));
         }
+        // Room first: a refused queue takes no id. The batch's end settles
+        // the count if the create goes no further (ShardStore::count_queues).
+        self.engine.reserve_queue()?;
+        self.counted_queues += 1;
         let qid = self.engine.allocate_qid()?;
         Registry::of(&self.engine)?.register(&mut batch.writes, queue, qid);
         self.names.insert(queue.clone(), qid);

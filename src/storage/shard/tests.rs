@@ -1066,3 +1066,69 @@ fn leases_written_before_blocks_are_read_removed_and_expired() {
     let again = f.store.poll(&jobs, 5, 1000).unwrap().unwrap();
     assert_eq!(payloads(&again), vec![b"b", b"c"]);
 }
+
+fn create(store: &mut ShardStore, name: &str) -> Result<Outcome, StoreError> {
+    store.execute_one(Command::CreateQueue {
+        queue: q(name),
+        policy: QueuePolicy::default(),
+    })
+}
+
+#[test]
+fn queues_past_max_queues_are_refused_across_shards_until_one_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let limited = EngineOptions {
+        max_queues: 3,
+        ..options()
+    };
+    let engine = Engine::open(dir.path(), limited.clone(), Arc::new(clock.clone())).unwrap();
+    // Two shards on one engine, as the server runs them: the limit is the
+    // database's, not each shard's.
+    let even = |q: &QueueName| q.queue().len().is_multiple_of(2);
+    let mut a = ShardStore::open(engine.clone(), Arc::new(move |q: &QueueName| even(q))).unwrap();
+    let mut b = ShardStore::open(engine.clone(), Arc::new(move |q: &QueueName| !even(q))).unwrap();
+    a.add(&q("aa"), msgs(&["1"])).unwrap();
+    b.add(&q("b"), msgs(&["1"])).unwrap();
+    create(&mut a, "cc").unwrap();
+    assert_eq!(engine.live_queues(), 3);
+    let refused = [
+        b.add(&q("d"), msgs(&["1"])).unwrap_err(),
+        a.add(&q("ee"), msgs(&["1"])).unwrap_err(),
+        create(&mut b, "f").unwrap_err(),
+    ];
+    for e in refused {
+        assert_eq!(e, StoreError::Command(CommandError::TooManyQueues { max: 3 }));
+    }
+    // Nothing of a refused queue was kept; queues that exist take adds.
+    assert_eq!(a.list_queues().unwrap(), vec![q("aa"), q("b"), q("cc")]);
+    b.add(&q("b"), msgs(&["2"])).unwrap();
+    assert_eq!(engine.live_queues(), 3);
+    // A delete makes room, on whichever shard.
+    a.delete(&q("cc")).unwrap();
+    assert_eq!(engine.live_queues(), 2);
+    b.add(&q("d"), msgs(&["1"])).unwrap();
+    assert!(a.add(&q("ee"), msgs(&["1"])).is_err());
+    // Reopened, the stores count what is stored.
+    drop((a, b));
+    assert_eq!(engine.live_queues(), 0);
+    drop(engine);
+    let engine = Engine::open(dir.path(), limited, Arc::new(clock)).unwrap();
+    let mut all = ShardStore::open_all(engine.clone()).unwrap();
+    assert_eq!(engine.live_queues(), 3);
+    assert!(all.add(&q("gg"), msgs(&["1"])).is_err());
+}
+
+#[test]
+fn a_shard_that_failed_for_good_has_no_deadline_to_wake_for() {
+    let mut f = fixture();
+    f.store.add(&q("a"), msgs(&["1"])).unwrap();
+    f.store.poll(&q("a"), 1, 1000).unwrap().unwrap();
+    assert_eq!(f.store.next_deadline(), Some(T0 + 1000));
+    // What a failed reload leaves (white box: forcing RocksDB to fail a
+    // reload here would need a corrupt file).
+    f.store.failed = Some("reload failed".into());
+    assert_eq!(f.store.next_deadline(), None);
+    let executed = f.store.execute(Vec::new());
+    assert!(matches!(executed.outcomes, Err(StorageError::Unavailable(_))));
+}
