@@ -235,20 +235,6 @@ pub fn start_with_stop(
     if let Some(access) = &config.access {
         status.set_access(access.clone());
     }
-    let backups = match &config.backup {
-        Some(backup) => {
-            let backups = backup::Backups::start(engine.clone(), backup.clone(), stop.clone()).map_err(|source| {
-                ServerError::Io {
-                    context: format!("cannot use the backup directory {}", backup.dir.display()),
-                    source,
-                }
-            })?;
-            status.set_backups(backups.reader());
-            tracing::info!(dir = %backup.dir.display(), every_ms = backup.every.map(|e| e.as_millis() as u64), keep = backup.keep, "backups on");
-            Some(backups)
-        }
-        None => None,
-    };
     let budget = BufferBudget::new(
         config.limits.max_buffered_bytes,
         config.limits.max_buffered_bytes_per_connection,
@@ -324,6 +310,24 @@ pub fn start_with_stop(
             }
         }
     }
+    // Last, so that a start that fails earlier leaves no backup thread.
+    let backups = match &config.backup {
+        Some(backup) => {
+            let started = backup::Backups::start(engine.clone(), backup.clone(), stop.clone());
+            let backups = started.map_err(|source| {
+                // The shards are up: they stop with the flag.
+                stop.store(true, Ordering::SeqCst);
+                ServerError::Io {
+                    context: format!("cannot use the backup directory {}", backup.dir.display()),
+                    source,
+                }
+            })?;
+            status.set_backups(backups.reader());
+            tracing::info!(dir = %backup.dir.display(), every_ms = backup.every.map(|e| e.as_millis() as u64), keep = backup.keep, "backups on");
+            Some(backups)
+        }
+        None => None,
+    };
     tracing::info!(%addr, shards, tls = config.tls.is_some(), durability = ?config.durability, data_dir = %config.data_dir.display(), "queueber listening");
     status.set_ready();
     Ok(ServerHandle {
