@@ -121,6 +121,19 @@ fn add(w: &mut Wire, id: u64, payload: &[u8]) -> Response {
     )
 }
 
+/// A poll of the test queue that does not wait.
+fn poll(w: &mut Wire, id: u64, max_items: u32, lease_ms: u64) -> Response {
+    w.call(
+        id,
+        Op::Poll(ops::Poll {
+            queue: q(),
+            max_items,
+            lease_ms,
+            wait_ms: 0,
+        }),
+    )
+}
+
 fn disk_full_in_hello(w: &mut Wire) -> bool {
     match w.call(1, Op::Hello(ops::Hello)).result {
         Ok(Reply::Hello(info)) => info.disk_full,
@@ -156,15 +169,7 @@ fn start(data: &Path, port: u16, reserve_mib: u64) -> Daemon {
 fn drain(w: &mut Wire) -> BTreeSet<MessageId> {
     let mut found = BTreeSet::new();
     loop {
-        let r = w.call(
-            50,
-            Op::Poll(ops::Poll {
-                queue: q(),
-                max_items: 500,
-                lease_ms: 60_000,
-                wait_ms: 0,
-            }),
-        );
+        let r = poll(w, 50, 500, 60_000);
         let Some(lease) = wire::leased(&r) else {
             return found;
         };
@@ -222,15 +227,7 @@ fn a_full_disk_refuses_adds_keeps_everything_else_and_recovers_by_itself() {
         other => panic!("{other:?}"),
     }
     // Consumers keep draining: that is what frees space.
-    let r = w.call(
-        302,
-        Op::Poll(ops::Poll {
-            queue: q(),
-            max_items: 40,
-            lease_ms: 60_000,
-            wait_ms: 0,
-        }),
-    );
+    let r = poll(&mut w, 302, 40, 60_000);
     let lease = wire::leased(&r).expect("polls work while full");
     assert_eq!(lease.messages.len(), 40);
     let ids: Vec<MessageId> = lease.messages.iter().map(|m| m.id).collect();
@@ -275,15 +272,7 @@ fn a_full_disk_refuses_adds_keeps_everything_else_and_recovers_by_itself() {
     let mut w = Wire::connect(server.addr);
     // A short lease that comes due while the disk is full: settling it is a
     // write that fails, which must not make the shard retry back to back.
-    let r = w.call(
-        450,
-        Op::Poll(ops::Poll {
-            queue: q(),
-            max_items: 5,
-            lease_ms: 300,
-            wait_ms: 0,
-        }),
-    );
+    let r = poll(&mut w, 450, 5, 300);
     assert_eq!(wire::leased(&r).expect("leased").messages.len(), 5);
     mount.fill_leaving(0);
     let big = vec![0x42u8; 200 << 10];
