@@ -65,6 +65,16 @@ struct Counters {
     last_written_ms: AtomicU64,
 }
 
+impl Counters {
+    fn figures(&self) -> BackupFigures {
+        BackupFigures {
+            written: self.written.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            last_written_ms: self.last_written_ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The running backup thread.
 pub struct Backups {
     counters: Arc<Counters>,
@@ -89,11 +99,7 @@ impl Backups {
     }
 
     pub fn figures(&self) -> BackupFigures {
-        BackupFigures {
-            written: self.counters.written.load(Ordering::Relaxed),
-            failed: self.counters.failed.load(Ordering::Relaxed),
-            last_written_ms: self.counters.last_written_ms.load(Ordering::Relaxed),
-        }
+        self.counters.figures()
     }
 
     /// A reader of the figures that outlives `self` (the metrics endpoint's).
@@ -116,11 +122,7 @@ pub(crate) struct BackupReader(Arc<Counters>);
 
 impl BackupReader {
     pub(crate) fn figures(&self) -> BackupFigures {
-        BackupFigures {
-            written: self.0.written.load(Ordering::Relaxed),
-            failed: self.0.failed.load(Ordering::Relaxed),
-            last_written_ms: self.0.last_written_ms.load(Ordering::Relaxed),
-        }
+        self.0.figures()
     }
 }
 
