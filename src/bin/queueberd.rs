@@ -2,7 +2,7 @@
 //! each can also be set through the environment variable it names.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -295,11 +295,6 @@ fn parse_backup_interval(value: &str) -> Result<BackupInterval, String> {
     }
 }
 
-/// Whether `inner` is `outer` or inside it, once both exist.
-fn is_within(inner: &Path, outer: &Path) -> std::io::Result<bool> {
-    Ok(inner.canonicalize()?.starts_with(outer.canonicalize()?))
-}
-
 /// A queue bound: a positive number, or `unlimited`.
 fn parse_bound(value: &str) -> Result<u64, String> {
     if value.eq_ignore_ascii_case("unlimited") {
@@ -494,19 +489,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     match (&args.backup_dir, args.backup_interval_ms.0) {
+        // The directory is checked by the server as it starts
+        // (`BackupConfig::prepare`).
         (Some(dir), every) => {
-            let inside = std::fs::create_dir_all(dir).and_then(|()| is_within(dir, &config.data_dir));
-            match inside {
-                Ok(false) => {}
-                Ok(true) => {
-                    tracing::error!(dir = %dir.display(), "--backup-dir must not be inside --data-dir");
-                    return ExitCode::FAILURE;
-                }
-                Err(e) => {
-                    tracing::error!(dir = %dir.display(), error = %e, "cannot use the backup directory");
-                    return ExitCode::FAILURE;
-                }
-            }
             config.backup = Some(BackupConfig {
                 dir: dir.clone(),
                 every,

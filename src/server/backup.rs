@@ -81,12 +81,31 @@ pub struct Backups {
     thread: Option<JoinHandle<()>>,
 }
 
+impl BackupConfig {
+    /// Creates the backup directory, refuses one inside `data_dir` (a
+    /// backup there would be part of the database it copies), and removes
+    /// what an interrupted backup left in it. Before the server opens its
+    /// database, so a bad directory stops the start with nothing running.
+    pub(crate) fn prepare(&self, data_dir: &Path) -> Result<(), String> {
+        let inside = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| Ok(self.dir.canonicalize()?.starts_with(data_dir.canonicalize()?)))
+            .map_err(|e| format!("cannot use the backup directory {}: {e}", self.dir.display()))?;
+        if inside {
+            return Err(format!(
+                "--backup-dir {} must not be inside --data-dir {}",
+                self.dir.display(),
+                data_dir.display()
+            ));
+        }
+        remove_staging_leftovers(&self.dir);
+        Ok(())
+    }
+}
+
 impl Backups {
-    /// Starts the thread; it stops once `stop` is set. Creates the backup
-    /// directory, and removes what an interrupted backup left in it.
+    /// Starts the thread (after [`BackupConfig::prepare`]); it stops once
+    /// `stop` is set.
     pub fn start(engine: Arc<Engine>, config: BackupConfig, stop: Arc<AtomicBool>) -> std::io::Result<Backups> {
-        std::fs::create_dir_all(&config.dir)?;
-        remove_staging_leftovers(&config.dir);
         let counters = Arc::new(Counters::default());
         let theirs = counters.clone();
         let thread = std::thread::Builder::new()

@@ -230,6 +230,11 @@ pub fn start_with_stop(
         },
         clock,
     )?;
+    // The data directory exists now: the backup directory is checked
+    // against it before any shard starts.
+    if let Some(backup) = &config.backup {
+        backup.prepare(&config.data_dir).map_err(ServerError::Config)?;
+    }
     let connections = Arc::new(AtomicUsize::new(0));
     status.set_engine(engine.clone(), connections.clone());
     if let Some(access) = &config.access {
@@ -318,7 +323,7 @@ pub fn start_with_stop(
                 // The shards are up: they stop with the flag.
                 stop.store(true, Ordering::SeqCst);
                 ServerError::Io {
-                    context: format!("cannot use the backup directory {}", backup.dir.display()),
+                    context: "starting the backup thread".into(),
                     source,
                 }
             })?;

@@ -434,13 +434,14 @@ impl Engine {
             .map_err(|_| StoreError::Command(CommandError::TooManyQueues { max }))
     }
 
-    /// Gives back room taken by [`Self::reserve_queue`], or counts queues a
-    /// store found (`delta` > 0) or lost (< 0) when it loaded its state.
-    pub(crate) fn count_queues(&self, delta: i64) {
-        if delta >= 0 {
-            self.live_queues.fetch_add(delta.unsigned_abs(), Ordering::AcqRel);
+    /// Moves a store's share of the count from `was` to `now` queues: the
+    /// queues it loaded, or room taken by [`Self::reserve_queue`] for a
+    /// create that did not happen, or a deleted queue's, given back.
+    pub(crate) fn recount_queues(&self, was: u64, now: u64) {
+        if now >= was {
+            self.live_queues.fetch_add(now - was, Ordering::AcqRel);
         } else {
-            self.live_queues.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
+            self.live_queues.fetch_sub(was - now, Ordering::AcqRel);
         }
     }
 

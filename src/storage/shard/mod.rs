@@ -103,7 +103,7 @@ impl Drop for ShardStore {
     /// A store closed on a live engine (tests, tools that reopen) takes its
     /// queues out of the engine's count.
     fn drop(&mut self) {
-        self.engine.count_queues(-(self.counted_queues as i64));
+        self.engine.recount_queues(self.counted_queues, 0);
     }
 }
 
@@ -175,7 +175,7 @@ impl ShardStore {
     pub(super) fn count_queues(&mut self) {
         let held = self.names.len() as u64;
         if held != self.counted_queues {
-            self.engine.count_queues(held as i64 - self.counted_queues as i64);
+            self.engine.recount_queues(self.counted_queues, held);
             self.counted_queues = held;
         }
     }
